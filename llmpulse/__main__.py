@@ -1,0 +1,5 @@
+import sys
+
+from llmpulse.cli import main
+
+sys.exit(main())

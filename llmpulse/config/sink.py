@@ -1,0 +1,19 @@
+"""The ClickHouse sink: INSERT batches, separate from processing batches."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from llmpulse.config.base import Section
+
+
+class SinkConfig(Section):
+    batch_rows: Annotated[int, Field(ge=1)] = 50_000
+    batch_seconds: Annotated[float, Field(gt=0)] = 1.0
+    max_buffered_rows: Annotated[int, Field(ge=1)] = 500_000
+    retry_initial_s: Annotated[float, Field(gt=0)] = 0.5
+    retry_max_s: Annotated[float, Field(gt=0)] = 30.0
+    query_host: str = "127.0.0.1"
+    query_port: Annotated[int, Field(ge=0, le=65535)] = 0

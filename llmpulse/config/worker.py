@@ -1,0 +1,37 @@
+"""The stream worker: event-time windows, dimensions and their closing."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+
+from llmpulse.config.base import Section
+
+CALL_DIMENSIONS = ("model", "provider", "app", "user", "api_key_hash", "operation")
+
+
+class WorkerConfig(Section):
+    windows_s: Annotated[list[Annotated[int, Field(gt=0, le=86400)]], Field(min_length=1)] = [10, 60]
+    grace_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
+    idle_close_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    dimensions: list[list[str]] = Field(
+        default_factory=lambda: [[], ["model"], ["provider"], ["app"], ["user"], ["api_key_hash"]],
+        description="dimension sets of call windows; [] is the global set",
+    )
+    batch_max_messages: Annotated[int, Field(ge=1)] = 2000
+    batch_within_s: Annotated[float, Field(gt=0)] = 0.2
+    flush_open_windows_on_exit: bool = Field(
+        default=False,
+        description="close open windows on a clean stop (set by `up`: the embedded broker keeps no state)",
+    )
+    web_port: Annotated[int, Field(ge=0, le=65535)] = 0
+
+    @field_validator("dimensions")
+    @classmethod
+    def _known_dimensions(cls, v: list[list[str]]) -> list[list[str]]:
+        for dims in v:
+            for d in dims:
+                if d not in CALL_DIMENSIONS:
+                    raise ValueError(f"unknown dimension {d!r}; expected one of {', '.join(CALL_DIMENSIONS)}")
+        return v

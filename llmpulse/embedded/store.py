@@ -1,0 +1,126 @@
+"""Open ClickHouse: embedded chDB in the data directory (one owning process), or a server."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlparse
+
+from llmpulse.config.clickhouse import ClickHouseConfig
+from llmpulse.errors import StoreError
+
+
+class StoreLock:
+    """An exclusive lock on the chDB directory, held for the owner's lifetime."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "llmpulse.lock"
+        self._fh: IO[str] | None = None
+
+    def acquire(self, info: dict[str, Any] | None = None) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip()
+            fh.close()
+            raise StoreError(
+                f"the ClickHouse data directory {self.path.parent} is in use by another process"
+                + (f" ({holder})" if holder else "")
+                + "; only one process may hold an embedded store: query it through that process"
+                " (llmpulse query does so while `llmpulse up` runs) or stop it first"
+            ) from None
+        self._fh = fh
+        self.write_info(info or {})
+
+    def write_info(self, info: dict[str, Any]) -> None:
+        if self._fh is None:
+            return
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(json.dumps({"pid": os.getpid(), **info}))
+        self._fh.flush()
+
+    def release(self) -> None:
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+def store_dir(data_dir: Path) -> Path:
+    return (data_dir / "clickhouse").resolve()
+
+
+def store_owner(data_dir: Path) -> dict[str, Any] | None:
+    """What the process holding the embedded store wrote about itself, or None if nobody holds it."""
+    path = store_dir(data_dir) / "llmpulse.lock"
+    if not path.exists():
+        return None
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            try:
+                info = json.loads(fh.read() or "{}")
+            except ValueError:
+                info = {}
+            return info if isinstance(info, dict) else {}
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return None
+
+
+class Store:
+    """A clickhouse-connect client plus, in embedded mode, the lock that makes it ours."""
+
+    def __init__(self, client: Any, lock: StoreLock | None, cfg: ClickHouseConfig) -> None:
+        self.client = client
+        self.lock = lock
+        self.cfg = cfg
+
+    @property
+    def database(self) -> str:
+        return self.cfg.database
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()
+        if self.lock is not None:
+            self.lock.release()
+
+
+def open_store(cfg: ClickHouseConfig, data_dir: Path, owner_info: dict[str, Any] | None = None) -> Store:
+    try:
+        import clickhouse_connect
+    except ImportError:
+        raise StoreError("ClickHouse access needs clickhouse-connect: pip install 'llmpulse[all]'") from None
+    if cfg.embedded:
+        directory = store_dir(data_dir)
+        lock = StoreLock(directory)
+        lock.acquire(owner_info)
+        try:
+            client = clickhouse_connect.get_client(dsn=f"chdb://{directory}")
+        except Exception as exc:
+            lock.release()
+            raise StoreError(f"cannot open the embedded ClickHouse store in {directory}: {exc}") from None
+        return Store(client, lock, cfg)
+    url = urlparse(cfg.url)
+    try:
+        client = clickhouse_connect.get_client(
+            host=url.hostname or "localhost",
+            port=url.port or (8443 if url.scheme == "https" else 8123),
+            username=url.username or os.environ.get("LLMPULSE_SECRET_CLICKHOUSE_USER", "default"),
+            password=url.password or os.environ.get("LLMPULSE_SECRET_CLICKHOUSE_PASSWORD", ""),
+            secure=url.scheme == "https",
+        )
+    except Exception as exc:
+        raise StoreError(f"cannot reach ClickHouse at {url.hostname}:{url.port}: {exc}") from None
+    return Store(client, None, cfg)

@@ -1,0 +1,1 @@
+"""Kafka plumbing shared by every component: topics, client settings, the broker address."""

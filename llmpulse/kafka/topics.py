@@ -1,0 +1,69 @@
+"""The topics of the public contract, and their creation up front."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from llmpulse.config.kafka import KafkaConfig
+from llmpulse.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+CALLS = "calls"
+GPU = "gpu"
+FEEDBACK = "feedback"
+AGGREGATES = "aggregates"
+ALERTS = "alerts"
+ACTIONS = "actions"
+DEADLETTER = "deadletter"
+# internal: per-partition window partials on their way to the finalizer, keyed by dimension set
+PARTIALS = "partials"
+
+PUBLIC_TOPICS = (CALLS, GPU, FEEDBACK, AGGREGATES, ALERTS, ACTIONS, DEADLETTER)
+ALL_TOPICS = (*PUBLIC_TOPICS, PARTIALS)
+COMPACTED = {ACTIONS}
+
+
+def ensure_topics(bootstrap: str, cfg: KafkaConfig, timeout: float = 30.0) -> list[str]:
+    """Create every missing topic with the configured partitions; returns the created names.
+
+    Consumers that subscribe before their topic exists may get no assignment on
+    some brokers (Tansu), so every component calls this before it subscribes.
+    """
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, **client_security(cfg)})
+    wanted = {cfg.topic(name): name for name in ALL_TOPICS}
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            existing = set(admin.list_topics(timeout=5).topics)
+            break
+        except Exception as exc:  # noqa: BLE001
+            if time.monotonic() > deadline:
+                raise BrokerError(f"cannot reach Kafka at {bootstrap}: {exc}") from None
+            time.sleep(0.5)
+    missing = [t for t in wanted if t not in existing]
+    if not missing:
+        return []
+    new = []
+    for topic in missing:
+        config = {"cleanup.policy": "compact"} if wanted[topic] in COMPACTED else {}
+        new.append(NewTopic(topic, cfg.partitions, cfg.replication_factor, config=config))
+    created = []
+    for topic, fut in admin.create_topics(new, request_timeout=timeout).items():
+        try:
+            fut.result()
+            created.append(topic)
+        except Exception as exc:  # noqa: BLE001
+            if "TOPIC_ALREADY_EXISTS" in str(exc) or "already exists" in str(exc):
+                continue
+            raise BrokerError(f"cannot create topic {topic}: {exc}") from None
+    log.info("created topics %s", ", ".join(created))
+    return created
+
+
+def client_security(cfg: KafkaConfig) -> dict[str, str | int | float | bool]:
+    """The librdkafka settings passed through from `kafka.client` (SASL, SSL, ...)."""
+    return dict(cfg.client)

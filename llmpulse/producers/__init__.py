@@ -1,0 +1,1 @@
+"""Everything that puts events on Kafka: proxy, SDK, HTTP ingest, GPU sampler, demo traffic."""

@@ -1,0 +1,37 @@
+"""Alert: a rule's verdict on a window, with its lifecycle state."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from llmpulse.schemas.base import IdStr, UtcDatetime, WireModel, new_event_id, utc_now
+
+Severity = Literal["warning", "critical"]
+AlertState = Literal["firing", "resolved"]
+
+
+def alert_fingerprint(rule: str, dimensions: dict[str, str]) -> str:
+    """Rule plus dimensions: one alert stream per fingerprint."""
+    dims = ",".join(f"{k}={dimensions[k]}" for k in sorted(dimensions)) or "*"
+    return f"{rule}|{dims}"
+
+
+class Alert(WireModel):
+    alert_id: IdStr = Field(default_factory=new_event_id)
+    fingerprint: Annotated[str, Field(min_length=1, max_length=1024)]
+    rule: Annotated[str, Field(min_length=1, max_length=256)]
+    severity: Severity
+    state: AlertState
+    metric: Annotated[str, Field(max_length=128)]
+    value: float | None = None
+    threshold: float | None = None
+    baseline: float | None = None
+    dimensions: dict[str, str] = Field(default_factory=dict)
+    window_start: UtcDatetime
+    window_end: UtcDatetime
+    started_at: UtcDatetime
+    ts: UtcDatetime = Field(default_factory=utc_now)
+    summary: Annotated[str, Field(max_length=4096)] = ""
+    root_cause: dict[str, str | float] | None = None
