@@ -6,13 +6,16 @@ from pathlib import Path
 
 from pydantic import Field
 
+from llmpulse.config.actions import ActionsConfig
 from llmpulse.config.base import Section
+from llmpulse.config.capture import CaptureConfig
 from llmpulse.config.clickhouse import ClickHouseConfig
 from llmpulse.config.dashboard import DashboardConfig
 from llmpulse.config.gpu import GpuConfig
 from llmpulse.config.ingest import IngestConfig
 from llmpulse.config.kafka import KafkaConfig
 from llmpulse.config.notify import NotifyConfig
+from llmpulse.config.pricing import PricingConfig
 from llmpulse.config.proxy import ProxyConfig
 from llmpulse.config.sdk import SdkConfig
 from llmpulse.config.sink import SinkConfig
@@ -33,3 +36,6 @@ class Settings(Section):
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
     dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
     sdk: SdkConfig = Field(default_factory=SdkConfig)
+    pricing: PricingConfig = Field(default_factory=PricingConfig)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
+    actions: ActionsConfig = Field(default_factory=ActionsConfig)

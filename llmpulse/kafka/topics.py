@@ -19,10 +19,13 @@ ACTIONS = "actions"
 DEADLETTER = "deadletter"
 # internal: per-partition window partials on their way to the finalizer, keyed by dimension set
 PARTIALS = "partials"
+# internal: the notifier's delivery log and silences (compacted)
+NOTIFICATIONS = "notifications"
+SILENCES = "silences"
 
 PUBLIC_TOPICS = (CALLS, GPU, FEEDBACK, AGGREGATES, ALERTS, ACTIONS, DEADLETTER)
-ALL_TOPICS = (*PUBLIC_TOPICS, PARTIALS)
-COMPACTED = {ACTIONS}
+ALL_TOPICS = (*PUBLIC_TOPICS, PARTIALS, NOTIFICATIONS, SILENCES)
+COMPACTED = {ACTIONS, NOTIFICATIONS, SILENCES}
 
 
 def ensure_topics(bootstrap: str, cfg: KafkaConfig, timeout: float = 30.0) -> list[str]:
