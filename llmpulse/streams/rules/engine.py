@@ -1,0 +1,379 @@
+"""The rules engine: judges each final WindowAggregate, returns the Alert events to publish.
+
+Usage (one state per dimension set, e.g. a changelog-backed table keyed by ``dims_key``)::
+
+    engine = RulesEngine(load_rules(settings.rules_file, settings.worker.windows_s))
+    state = table.get(agg.dims_key) or new_state()
+    alerts = engine.evaluate(agg, state)      # mutates `state` in place
+    table[agg.dims_key] = state               # plain JSON data: dicts, lists, str, int, float
+    for alert in alerts: publish(alert)
+
+Call it with each dimension set's windows in window order. A window at or before the last
+one judged for the same (kind, window size) is ignored, so a re-delivered window after a
+crash neither repeats nor loses an alert. Everything is deterministic: timestamps come
+from the window (``ts`` is the window end), and ``alert_id`` is a hash of the fingerprint,
+the transition and the window, so a re-published alert carries the same id.
+
+State format (version 1)::
+
+    {"v": 1,
+     "sig": "<rule set signature>",          # rules changed -> reconciled on next use
+     "seen": {"calls/60": 1700000040000},    # last window start judged, ms, per kind/size
+     "rules": {"<rule name>": {
+         "k": "<data signature>",            # baseline/budget reset when this changes
+         "streak": 0, "streak_start": 0,     # lifecycle (see lifecycle.py)
+         "alert": null | {"severity", "started_at", "clear", "metric", "publish"},
+         "baseline": {...},                  # anomaly rules (see baseline.py)
+         "budget": {"day": 19700, "total": 0.0}}}}   # budget rules
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from llmpulse.schemas import Alert, WindowAggregate, alert_fingerprint
+from llmpulse.streams.rules.baseline import add_to_baseline, baseline_of
+from llmpulse.streams.rules.lifecycle import Transition, advance, firing_severity
+from llmpulse.streams.rules.model import (
+    DAY_S,
+    VOLUME_FIELD,
+    AnomalyRule,
+    BudgetRule,
+    CompositeRule,
+    Rule,
+    RuleSet,
+    Severity,
+    ThresholdRule,
+    WindowRule,
+)
+from llmpulse.streams.rules.summary import fmt_dims, fmt_span, fmt_time, fmt_value, fmt_window
+
+STATE_VERSION = 1
+State = dict[str, Any]
+_RANK = {"warning": 1, "critical": 2}
+
+
+def new_state() -> State:
+    """An empty per-dimension-set state."""
+    return {"v": STATE_VERSION, "sig": "", "seen": {}, "rules": {}}
+
+
+def _ms(ts: datetime) -> int:
+    return round(ts.timestamp() * 1000)
+
+
+def _from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+class _Verdict:
+    """One rule's judgement of one window."""
+
+    __slots__ = ("baseline", "judged", "level", "threshold", "value")
+
+    def __init__(
+        self,
+        level: Severity | None,
+        value: float | None,
+        threshold: float | None,
+        baseline: float | None = None,
+        judged: bool = True,
+    ) -> None:
+        self.level = level
+        self.value = value
+        self.threshold = threshold
+        self.baseline = baseline
+        self.judged = judged
+
+
+class RulesEngine:
+    """Judges aggregates against a RuleSet. Cheap to build: rebuild it when the rules reload."""
+
+    def __init__(self, rules: RuleSet | Iterable[Rule], windows_s: Iterable[int] | None = None) -> None:
+        self.rules = rules if isinstance(rules, RuleSet) else RuleSet(rules=tuple(rules))
+        if windows_s is not None:
+            allowed = set(windows_s)
+            bad = [r.name for r in self.rules.rules if not isinstance(r, CompositeRule) and r.window not in allowed]
+            if bad:
+                raise ValueError(f"rules {bad} judge windows the worker does not make ({sorted(allowed)})")
+        self._by_name = self.rules.by_name()
+        self.signature = hashlib.sha1(
+            "|".join(f"{r.name}:{r.signature()}" for r in self.rules.rules).encode()
+        ).hexdigest()[:16]
+        self._data_sig = {r.name: r.data_signature() for r in self.rules.rules}
+        index: dict[tuple[str, int, tuple[str, ...]], list[WindowRule]] = {}
+        composites: dict[str, list[CompositeRule]] = {}
+        for r in self.rules.rules:
+            if isinstance(r, CompositeRule):
+                for m in r.members:
+                    composites.setdefault(m, []).append(r)
+            else:
+                index.setdefault((r.kind, r.window, r.dims), []).append(r)
+        self._index = {k: tuple(v) for k, v in index.items()}
+        self._composites_of = {k: tuple(v) for k, v in composites.items()}
+
+    # -- public ---------------------------------------------------------------------------
+
+    def applies(self, agg: WindowAggregate) -> bool:
+        """Whether any rule judges this aggregate's kind, window size and dimension names."""
+        return (agg.kind, agg.window_s, tuple(sorted(agg.dimensions))) in self._index
+
+    def evaluate(self, agg: WindowAggregate, state: State) -> list[Alert]:
+        """Judge one final window of one dimension set; mutates ``state``; the alerts to publish."""
+        rules = self._index.get((agg.kind, agg.window_s, tuple(sorted(agg.dimensions))))
+        if not rules:
+            return []
+        alerts: list[Alert] = []
+        if state.get("sig") != self.signature:
+            self._reconcile(agg, state, alerts)
+        start_ms = _ms(agg.window_start)
+        seen: dict[str, int] = state["seen"]
+        seen_key = f"{agg.kind}/{agg.window_s}"
+        last = seen.get(seen_key)
+        if last is not None and start_ms <= last:
+            return alerts
+        seen[seen_key] = start_ms
+        all_states: dict[str, State] = state["rules"]
+        touched: list[CompositeRule] = []
+        dims = agg.dimensions
+        for rule in rules:
+            if rule.match and any(dims.get(k) != v for k, v in rule.match.items()):
+                continue
+            rst = all_states.get(rule.name)
+            if rst is None:
+                rst = all_states[rule.name] = {"k": self._data_sig[rule.name], "streak": 0}
+            if isinstance(rule, ThresholdRule):
+                verdict = _judge_threshold(rule, agg)
+                for_windows = rule.for_
+            elif isinstance(rule, AnomalyRule):
+                verdict = _judge_anomaly(rule, agg, rst)
+                for_windows = rule.for_
+            else:
+                verdict = _judge_budget(rule, agg, rst)
+                for_windows = 1
+            tr = advance(
+                rst, verdict.level, start_ms, metric=rule.metric,
+                for_windows=for_windows, resolve_after=rule.resolve_after,
+            )  # fmt: skip
+            if tr is not None:
+                if tr.change == "fired":
+                    rst["alert"]["publish"] = rule.publish
+                if rule.publish:
+                    alerts.append(self._alert(rule, tr, verdict, agg))
+            for comp in self._composites_of.get(rule.name, ()):
+                if comp not in touched:
+                    touched.append(comp)
+        for comp in touched:
+            self._evaluate_composite(comp, agg, all_states, start_ms, alerts)
+        return alerts
+
+    # -- rules changed --------------------------------------------------------------------
+
+    def _reconcile(self, agg: WindowAggregate, state: State, alerts: list[Alert]) -> None:
+        state.setdefault("v", STATE_VERSION)
+        state.setdefault("seen", {})
+        all_states: dict[str, State] = state.setdefault("rules", {})
+        for name in list(all_states):
+            rst = all_states[name]
+            if name not in self._by_name:
+                del all_states[name]
+                alert = rst.get("alert")
+                if alert is not None and alert.get("publish", True):
+                    tr = Transition("resolved", alert["severity"], int(alert["started_at"]))
+                    alerts.append(
+                        _build(
+                            name, str(alert.get("metric", "")), tr, None, None, None, agg,
+                            f"resolved: rule {name} was removed from the rules {fmt_dims(agg.dimensions)} "
+                            f"(firing since {fmt_time(_from_ms(tr.started_at_ms))})",
+                        )
+                    )  # fmt: skip
+            elif rst.get("k") != self._data_sig[name]:
+                rst.pop("baseline", None)
+                rst.pop("budget", None)
+                rst["k"] = self._data_sig[name]
+        state["sig"] = self.signature
+
+    # -- alerts ---------------------------------------------------------------------------
+
+    def _alert(self, rule: WindowRule, tr: Transition, v: _Verdict, agg: WindowAggregate) -> Alert:
+        return _build(rule.name, rule.metric, tr, v.value, v.threshold, v.baseline, agg, _summary(rule, tr, v, agg))
+
+    def _evaluate_composite(
+        self,
+        comp: CompositeRule,
+        agg: WindowAggregate,
+        all_states: dict[str, State],
+        start_ms: int,
+        alerts: list[Alert],
+    ) -> None:
+        firing = {m: firing_severity(all_states.get(m)) for m in comp.members}
+        active: list[Severity] = [s for s in firing.values() if s is not None]
+        level: Severity | None = None
+        if comp.mode == "all_of" and len(active) == len(comp.members):
+            level = comp.severity or min(active, key=_RANK.__getitem__)
+        elif comp.mode == "any_of" and active:
+            level = comp.severity or max(active, key=_RANK.__getitem__)
+        rst = all_states.get(comp.name)
+        if rst is None:
+            rst = all_states[comp.name] = {"k": self._data_sig[comp.name], "streak": 0}
+        tr = advance(rst, level, start_ms, metric="composite", resolve_after=comp.resolve_after)
+        if tr is None:
+            return
+        if tr.change == "fired":
+            rst["alert"]["publish"] = comp.publish
+        if not comp.publish:
+            return
+        listed = ", ".join(f"{m} ({s})" if s else f"{m} (clear)" for m, s in firing.items())
+        what = "all of" if comp.mode == "all_of" else "any of"
+        where = f"{fmt_dims(agg.dimensions)} {fmt_window(agg.window_s, agg.window_end)}"
+        if tr.change == "resolved":
+            text = f"resolved: {comp.name}: {what} [{listed}] no longer firing {where}"
+        else:
+            text = f"{comp.name}: {what} [{listed}] firing ({tr.severity}) {where}"
+        need = len(comp.members) if comp.mode == "all_of" else 1
+        alerts.append(_build(comp.name, "composite", tr, float(len(active)), float(need), None, agg, text))
+
+
+# -- judging ------------------------------------------------------------------------------
+
+
+def _volume_ok(rule: ThresholdRule | AnomalyRule, agg: WindowAggregate) -> bool:
+    return rule.min_requests <= 0 or getattr(agg, VOLUME_FIELD[rule.kind]) >= rule.min_requests
+
+
+def _judge_threshold(rule: ThresholdRule, agg: WindowAggregate) -> _Verdict:
+    shown = rule.warning if rule.warning is not None else rule.critical
+    if not _volume_ok(rule, agg):
+        return _Verdict(None, None, shown, judged=False)
+    value = getattr(agg, rule.metric)
+    if value is None:
+        return _Verdict(None, None, shown, judged=False)
+    v = float(value)
+    crit, warn = rule.critical, rule.warning
+    if rule.direction == "above":
+        if crit is not None and v > crit:
+            return _Verdict("critical", v, crit)
+        if warn is not None and v > warn:
+            return _Verdict("warning", v, warn)
+    else:
+        if crit is not None and v < crit:
+            return _Verdict("critical", v, crit)
+        if warn is not None and v < warn:
+            return _Verdict("warning", v, warn)
+    return _Verdict(None, v, shown)
+
+
+def _judge_anomaly(rule: AnomalyRule, agg: WindowAggregate, rst: State) -> _Verdict:
+    value = getattr(agg, rule.metric)
+    if value is None:
+        return _Verdict(None, None, None, judged=False)
+    v = float(value)
+    start_s = _ms(agg.window_start) // 1000
+    bst: State = rst.setdefault("baseline", {})
+    base = baseline_of(rule, bst, start_s)
+    add_to_baseline(rule, bst, start_s, v)
+    if base is None or base[1] < rule.min_baseline_windows or not _volume_ok(rule, agg):
+        return _Verdict(None, v, None, None if base is None else base[0], judged=False)
+    mean = base[0]
+    if rule.direction == "above":
+        limit = mean * rule.factor
+        if v < rule.min_value or v <= limit:
+            return _Verdict(None, v, limit, mean)
+        if rule.critical_factor is not None and v > mean * rule.critical_factor:
+            return _Verdict("critical", v, mean * rule.critical_factor, mean)
+        return _Verdict(rule.severity, v, limit, mean)
+    limit = mean / rule.factor
+    if mean < rule.min_value or v >= limit:
+        return _Verdict(None, v, limit, mean)
+    if rule.critical_factor is not None and v < mean / rule.critical_factor:
+        return _Verdict("critical", v, mean / rule.critical_factor, mean)
+    return _Verdict(rule.severity, v, limit, mean)
+
+
+def _judge_budget(rule: BudgetRule, agg: WindowAggregate, rst: State) -> _Verdict:
+    day = (_ms(agg.window_start) // 1000) // DAY_S
+    bst: State | None = rst.get("budget")
+    if bst is None or day > int(bst["day"]):
+        bst = rst["budget"] = {"day": day, "total": 0.0}
+    if day == int(bst["day"]):  # a window of an earlier day arriving late is not counted today
+        bst["total"] = float(bst["total"]) + float(getattr(agg, rule.metric))
+    total = float(bst["total"])
+    if rule.critical is not None and total > rule.critical:
+        return _Verdict("critical", total, rule.critical)
+    if rule.warning is not None and total > rule.warning:
+        return _Verdict("warning", total, rule.warning)
+    return _Verdict(None, total, rule.warning if rule.warning is not None else rule.critical)
+
+
+# -- alert building -----------------------------------------------------------------------
+
+
+def _build(
+    rule: str,
+    metric: str,
+    tr: Transition,
+    value: float | None,
+    threshold: float | None,
+    baseline: float | None,
+    agg: WindowAggregate,
+    summary: str,
+) -> Alert:
+    fp = alert_fingerprint(rule, agg.dimensions)
+    end_ms = _ms(agg.window_end)
+    alert_id = hashlib.sha1(f"{fp}|{tr.change}|{tr.severity}|{end_ms}".encode()).hexdigest()[:32]
+    return Alert(
+        alert_id=alert_id,
+        fingerprint=fp,
+        rule=rule,
+        severity=tr.severity,
+        state=tr.state,
+        metric=metric,
+        value=value,
+        threshold=threshold,
+        baseline=baseline,
+        dimensions=dict(agg.dimensions),
+        window_start=agg.window_start,
+        window_end=agg.window_end,
+        started_at=_from_ms(tr.started_at_ms),
+        ts=agg.window_end,
+        summary=summary[:4096],
+    )
+
+
+def _summary(rule: WindowRule, tr: Transition, v: _Verdict, agg: WindowAggregate) -> str:
+    m = rule.metric
+    where = f"{fmt_dims(agg.dimensions)} {fmt_window(agg.window_s, agg.window_end)}"
+    since = f"(firing since {fmt_time(_from_ms(tr.started_at_ms))})"
+    value = fmt_value(m, v.value)
+    if isinstance(rule, BudgetRule):
+        limit = fmt_value(m, v.threshold, level=True)
+        if tr.change == "resolved":
+            return f"resolved: {m} {value} today within the daily budget {where} {since}"
+        return f"{m} {value} today > daily budget {limit} ({tr.severity}) {where}"
+    if isinstance(rule, AnomalyRule):
+        span = fmt_span(rule.baseline)
+        method = "seasonal baseline (same time of day)" if rule.method == "seasonal" else f"{span} baseline"
+        base = fmt_value(m, v.baseline)
+        if tr.change == "resolved":
+            if v.baseline is None or v.value is None:
+                return f"resolved: {m} {value} not anomalous {where} {since}"
+            return f"resolved: {m} {value} back near its {method} {base} {where} {since}"
+        ratio = (v.value or 0.0) / v.baseline if v.baseline else float("inf")
+        op = ">" if rule.direction == "above" else "<"
+        factor = rule.factor
+        if tr.severity == "critical" and rule.critical_factor is not None and rule.severity != "critical":
+            factor = rule.critical_factor
+        lim = f"{factor:g}x" if rule.direction == "above" else f"1/{factor:g}x"
+        return f"{m} {value} is {ratio:.2f}x its {method} {base} ({op} {lim}) ({tr.severity}) {where}"
+    op = ">" if rule.direction == "above" else "<"
+    back = "<=" if rule.direction == "above" else ">="
+    if tr.change == "resolved":
+        if v.value is None:
+            return f"resolved: {m} not breaching (too little data to judge) {where} {since}"
+        limit = fmt_value(m, v.threshold, level=True)
+        return f"resolved: {m} {value} {back} {limit} {where} {since}"
+    limit = fmt_value(m, v.threshold, level=True)
+    return f"{m} {value} {op} {limit} ({tr.severity}) {where}"

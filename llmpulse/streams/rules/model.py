@@ -1,0 +1,354 @@
+"""Pydantic models of the rules file: thresholds, anomalies, budgets, composites.
+
+A rules file is ``{"version": 1, "rules": [...]}``; each rule has a unique ``name`` and a
+``type`` (threshold | anomaly | budget | composite). Unknown keys are errors. Durations
+are seconds or text such as ``90s``, ``5m``, ``24h``, ``7d``.
+
+Comparisons are strict: a threshold ``above`` fires when the value is greater than its
+level, ``below`` when it is less, so a value equal to the target meets the target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from llmpulse.config.worker import CALL_DIMENSIONS
+
+Kind = Literal["calls", "gpu", "feedback"]
+Direction = Literal["above", "below"]
+Severity = Literal["warning", "critical"]
+RuleType = Literal["threshold", "anomaly", "budget", "composite"]
+
+CALL_METRICS = frozenset(
+    {
+        "requests", "errors", "qps", "error_rate", "success_rate",
+        "latency_avg_ms", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "ttft_p95_ms",
+        "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "unpriced_requests",
+    }
+)  # fmt: skip
+FEEDBACK_METRICS = frozenset({"feedback_count", "intent_accuracy", "relevance_avg"})
+GPU_METRICS = frozenset(
+    {
+        "samples", "gpu_util_avg_pct", "gpu_util_max_pct", "memory_used_max_bytes",
+        "memory_util_avg_pct", "temperature_max_c", "power_avg_w",
+    }
+)  # fmt: skip
+METRICS_BY_KIND: dict[str, frozenset[str]] = {
+    "calls": CALL_METRICS,
+    "feedback": FEEDBACK_METRICS,
+    "gpu": GPU_METRICS,
+}
+DIMENSIONS_BY_KIND: dict[str, tuple[str, ...]] = {
+    "calls": CALL_DIMENSIONS,
+    "feedback": ("model", "app", "user"),
+    "gpu": ("host", "gpu"),
+}
+# The count that `min_requests` is compared with, per kind.
+VOLUME_FIELD: dict[str, str] = {"calls": "requests", "feedback": "feedback_count", "gpu": "samples"}
+# Sums over a window: a window without data is a zero, not a missing value.
+ADDITIVE_METRICS = frozenset(
+    {
+        "requests", "errors", "qps", "prompt_tokens", "completion_tokens", "total_tokens",
+        "cost_usd", "unpriced_requests", "feedback_count", "samples",
+    }
+)  # fmt: skip
+BUDGET_METRICS = frozenset({"total_tokens", "prompt_tokens", "completion_tokens", "cost_usd", "requests"})
+
+DAY_S = 86400
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": DAY_S, None: 1}
+
+
+def parse_duration(value: Any) -> Any:
+    """Seconds from ``90``, ``"90s"``, ``"5m"``, ``"24h"`` or ``"7d"``; anything else is left to fail."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return int(value) if float(value).is_integer() else value
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if not m:
+            raise ValueError(f"not a duration: {value!r} (use seconds or e.g. 90s, 5m, 24h, 7d)")
+        seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
+        if not seconds.is_integer():
+            raise ValueError(f"duration {value!r} is not a whole number of seconds")
+        return int(seconds)
+    return value
+
+
+Duration = Annotated[int, BeforeValidator(parse_duration), Field(gt=0)]
+RuleName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+
+
+class _Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: RuleName
+    description: str = ""
+    publish: bool = Field(
+        default=True, description="publish this rule's alerts; false: it only feeds composite rules"
+    )
+    resolve_after: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        default=2, description="consecutive clear windows before a firing alert resolves"
+    )
+
+    def signature(self) -> str:
+        """Hash of the whole definition (changes when anything in the rule changes)."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+    def data_signature(self) -> str:
+        """Hash of what the rule's accumulated state (baseline, budget) depends on."""
+        return self.signature()
+
+
+class _Windowed(_Rule):
+    kind: Kind = "calls"
+    window: Duration = Field(default=60, description="the worker window (seconds) this rule judges")
+    by: tuple[str, ...] = Field(default=(), description="the dimension set judged; () is global")
+    match: dict[str, str] = Field(
+        default_factory=dict, description="judge only dimension sets with these values"
+    )
+
+    @field_validator("by", mode="before")
+    @classmethod
+    def _by_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return (v,)
+        return v
+
+    @model_validator(mode="after")
+    def _check_dims(self) -> _Windowed:
+        known = DIMENSIONS_BY_KIND[self.kind]
+        for d in self.by:
+            if d not in known:
+                raise ValueError(
+                    f"'by': unknown {self.kind} dimension {d!r}; expected some of {', '.join(known)}"
+                )
+        if len(set(self.by)) != len(self.by):
+            raise ValueError("'by': a dimension is named twice")
+        for d in self.match:
+            if d not in self.by:
+                raise ValueError(f"'match': dimension {d!r} is not in 'by' {list(self.by)}")
+        return self
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        return tuple(sorted(self.by))
+
+
+class _Judged(_Windowed):
+    metric: str
+    min_requests: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description="below this many requests (feedbacks for kind feedback, samples for gpu) the rule does not judge",
+    )
+    for_: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        default=1, alias="for", description="consecutive breaching windows before firing"
+    )
+
+    @model_validator(mode="after")
+    def _check_metric(self) -> _Judged:
+        metrics = METRICS_BY_KIND[self.kind]
+        if self.metric not in metrics:
+            raise ValueError(
+                f"'metric': {self.metric!r} is not a {self.kind} metric; expected one of {', '.join(sorted(metrics))}"
+            )
+        return self
+
+
+class ThresholdRule(_Judged):
+    type: Literal["threshold"] = "threshold"
+    direction: Direction = "above"
+    warning: float | None = None
+    critical: float | None = None
+
+    @model_validator(mode="after")
+    def _check_levels(self) -> ThresholdRule:
+        if self.warning is None and self.critical is None:
+            raise ValueError("a threshold needs 'warning' or 'critical' (or both)")
+        if self.warning is not None and self.critical is not None:
+            if self.direction == "above" and self.critical < self.warning:
+                raise ValueError("'critical' must be >= 'warning' for direction above")
+            if self.direction == "below" and self.critical > self.warning:
+                raise ValueError("'critical' must be <= 'warning' for direction below")
+        return self
+
+    def data_signature(self) -> str:
+        return "threshold"  # no accumulated data: levels can change without losing the streak
+
+
+class AnomalyRule(_Judged):
+    type: Literal["anomaly"] = "anomaly"
+    direction: Direction = Field(
+        default="above", description="above: value > factor x baseline; below: value < baseline / factor"
+    )
+    factor: Annotated[float, Field(gt=1)] = 1.5
+    critical_factor: Annotated[float, Field(gt=1)] | None = Field(
+        default=None, description="critical beyond this factor; without it anomalies are warnings"
+    )
+    severity: Severity = Field(default="warning", description="severity below critical_factor")
+    method: Literal["rolling", "seasonal"] = "rolling"
+    baseline: Duration = Field(
+        default=DAY_S,
+        description="rolling: the span averaged before the window; seasonal: the days of history (whole days)",
+    )
+    bucket: Duration | None = Field(
+        default=None,
+        description="baseline granularity: rolling default baseline/288 (5 min for 24h); seasonal default 15m",
+    )
+    min_baseline_windows: Annotated[int, Field(ge=1)] = 10
+    min_value: Annotated[float, Field(ge=0)] = Field(
+        default=0.0, description="values below this are not judged (direction above)"
+    )
+    zero_fill: bool | None = Field(
+        default=None,
+        description="count windows without data as zeros in the baseline; default: true for additive metrics",
+    )
+
+    @model_validator(mode="after")
+    def _check_anomaly(self) -> AnomalyRule:
+        if self.critical_factor is not None and self.critical_factor < self.factor:
+            raise ValueError("'critical_factor' must be >= 'factor'")
+        b = self.bucket_s
+        if b % self.window != 0:
+            raise ValueError(f"'bucket' ({b} s) must be a multiple of the window ({self.window} s)")
+        if self.method == "seasonal":
+            if DAY_S % b != 0:
+                raise ValueError(f"'bucket' ({b} s) must divide a day for the seasonal method")
+            if self.baseline % DAY_S != 0:
+                raise ValueError("'baseline' must be whole days for the seasonal method (e.g. 7d)")
+        elif self.baseline < b:
+            raise ValueError("'baseline' must be at least one 'bucket'")
+        return self
+
+    @property
+    def bucket_s(self) -> int:
+        if self.bucket is not None:
+            return self.bucket
+        if self.method == "seasonal":
+            return max(900, self.window)
+        per = max(self.window, self.baseline // 288)
+        return per - per % self.window  # a multiple of the window
+
+    @property
+    def zero_filled(self) -> bool:
+        return self.metric in ADDITIVE_METRICS if self.zero_fill is None else self.zero_fill
+
+    def data_signature(self) -> str:
+        key = [self.kind, self.metric, self.window, self.method, self.baseline, self.bucket_s]
+        return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
+
+
+class BudgetRule(_Windowed):
+    """A running total per UTC day of an additive calls metric, per dimension set."""
+
+    type: Literal["budget"] = "budget"
+    kind: Literal["calls"] = "calls"
+    metric: str = "total_tokens"
+    warning: Annotated[float, Field(ge=0)] | None = None
+    critical: Annotated[float, Field(ge=0)] | None = None
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> BudgetRule:
+        if self.metric not in BUDGET_METRICS:
+            raise ValueError(
+                f"'metric': {self.metric!r} cannot be budgeted; expected one of {', '.join(sorted(BUDGET_METRICS))}"
+            )
+        if self.warning is None and self.critical is None:
+            raise ValueError("a budget needs 'warning' or 'critical' (or both)")
+        if self.warning is not None and self.critical is not None and self.critical < self.warning:
+            raise ValueError("'critical' must be >= 'warning'")
+        return self
+
+    def data_signature(self) -> str:
+        key = [self.kind, self.metric, self.window]
+        return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
+
+
+class CompositeRule(_Rule):
+    """Fires while all (all_of) or any (any_of) of other rules fire for the same dimension set."""
+
+    type: Literal["composite"] = "composite"
+    all_of: tuple[RuleName, ...] | None = None
+    any_of: tuple[RuleName, ...] | None = None
+    severity: Severity | None = Field(
+        default=None,
+        description="fixed severity; default: the lowest of the members (all_of) or the highest (any_of)",
+    )
+
+    @model_validator(mode="after")
+    def _one_list(self) -> CompositeRule:
+        if (self.all_of is None) == (self.any_of is None):
+            raise ValueError("a composite needs exactly one of 'all_of' or 'any_of'")
+        if not self.members:
+            raise ValueError("a composite needs at least one member rule")
+        if self.name in self.members:
+            raise ValueError("a composite cannot name itself")
+        return self
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return self.all_of if self.all_of is not None else (self.any_of or ())
+
+    @property
+    def mode(self) -> Literal["all_of", "any_of"]:
+        return "all_of" if self.all_of is not None else "any_of"
+
+
+JudgedRule = ThresholdRule | AnomalyRule
+WindowRule = ThresholdRule | AnomalyRule | BudgetRule
+Rule = ThresholdRule | AnomalyRule | BudgetRule | CompositeRule
+RULE_MODELS: dict[str, type[_Rule]] = {
+    "threshold": ThresholdRule,
+    "anomaly": AnomalyRule,
+    "budget": BudgetRule,
+    "composite": CompositeRule,
+}
+
+
+class RuleSet(BaseModel):
+    """A validated set of rules: unique names, composites that name existing rules."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = 1
+    rules: tuple[Rule, ...] = ()
+    source: str = Field(default="", exclude=True, description="where the rules came from")
+
+    @model_validator(mode="after")
+    def _check_set(self) -> RuleSet:
+        by_name: dict[str, Rule] = {}
+        for r in self.rules:
+            if r.name in by_name:
+                raise ValueError(f"rule {r.name!r}: the name is used twice")
+            by_name[r.name] = r
+        for r in self.rules:
+            if not isinstance(r, CompositeRule):
+                continue
+            dims: tuple[str, ...] | None = None
+            for m in r.members:
+                member = by_name.get(m)
+                if member is None:
+                    raise ValueError(f"rule {r.name!r}: key '{r.mode}': no rule named {m!r}")
+                if isinstance(member, CompositeRule):
+                    raise ValueError(f"rule {r.name!r}: key '{r.mode}': {m!r} is a composite; name plain rules")
+                if dims is None:
+                    dims = member.dims
+                elif member.dims != dims:
+                    raise ValueError(
+                        f"rule {r.name!r}: key '{r.mode}': members judge different dimension sets "
+                        f"({list(dims)} and {list(member.dims)}); a composite needs the same 'by'"
+                    )
+        return self
+
+    def by_name(self) -> dict[str, Rule]:
+        return {r.name: r for r in self.rules}
+
+    def windows(self) -> set[int]:
+        return {r.window for r in self.rules if not isinstance(r, CompositeRule)}
