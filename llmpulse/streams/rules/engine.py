@@ -212,10 +212,11 @@ class RulesEngine:
         firing = {m: firing_severity(all_states.get(m)) for m in comp.members}
         active: list[Severity] = [s for s in firing.values() if s is not None]
         level: Severity | None = None
+        ranked: list[Severity] = sorted(active, key=_RANK.__getitem__)
         if comp.mode == "all_of" and len(active) == len(comp.members):
-            level = comp.severity or min(active, key=_RANK.__getitem__)
+            level = comp.severity or ranked[0]
         elif comp.mode == "any_of" and active:
-            level = comp.severity or max(active, key=_RANK.__getitem__)
+            level = comp.severity or ranked[-1]
         rst = all_states.get(comp.name)
         if rst is None:
             rst = all_states[comp.name] = {"k": self._data_sig[comp.name], "streak": 0}

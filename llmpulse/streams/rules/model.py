@@ -206,9 +206,12 @@ class AnomalyRule(_Judged):
     min_value: Annotated[float, Field(ge=0)] = Field(
         default=0.0, description="values below this are not judged (direction above)"
     )
-    zero_fill: bool | None = Field(
-        default=None,
-        description="count windows without data as zeros in the baseline; default: true for additive metrics",
+    zero_fill: bool = Field(
+        default=False,
+        description=(
+            "count windows without data as zeros in the baseline (additive metrics such as requests"
+            " or cost); default: the baseline averages the windows that had data"
+        ),
     )
 
     @model_validator(mode="after")
@@ -238,7 +241,7 @@ class AnomalyRule(_Judged):
 
     @property
     def zero_filled(self) -> bool:
-        return self.metric in ADDITIVE_METRICS if self.zero_fill is None else self.zero_fill
+        return self.zero_fill and self.metric in ADDITIVE_METRICS
 
     def data_signature(self) -> str:
         key = [self.kind, self.metric, self.window, self.method, self.baseline, self.bucket_s]

@@ -1,0 +1,268 @@
+"""Thresholds, `for`, min_requests, per-key rates, budgets, composites and the alert lifecycle."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+from llmpulse.schemas import alert_fingerprint
+from llmpulse.streams.rules import RulesEngine, load_rules, new_state
+from tests.rules_helpers import T0, Runner, agg, calls, engine
+
+ERROR_RATE = """
+rules:
+  - name: errors
+    type: threshold
+    metric: error_rate
+    warning: 0.05
+    critical: 0.10
+    window: 60
+    by: [model]
+    min_requests: 20
+    resolve_after: 2
+"""
+GPT = {"model": "gpt-4o"}
+
+
+def incident() -> list:
+    """clear, warning, warning, critical, warning (de-escalation), critical, clear, clear, clear."""
+    errors = [0, 7, 8, 12, 6, 15, 1, 0, 0]
+    return [calls(i, 100, e, dims=GPT) for i, e in enumerate(errors)]
+
+
+def test_warning_escalation_resolution_each_publish_exactly_once() -> None:
+    r = Runner(engine(ERROR_RATE))
+    r.feed(*incident())
+    assert r.events() == [
+        ("errors", "firing", "warning"),
+        ("errors", "firing", "critical"),
+        ("errors", "resolved", "critical"),
+    ]
+    fired, escalated, resolved = r.alerts
+    fp = alert_fingerprint("errors", GPT)
+    assert {a.fingerprint for a in r.alerts} == {fp}
+    assert fired.window_start == T0 + timedelta(minutes=1)
+    assert fired.started_at == escalated.started_at == resolved.started_at == T0 + timedelta(minutes=1)
+    assert escalated.ts == escalated.window_end == T0 + timedelta(minutes=4)
+    assert (escalated.value, escalated.threshold) == (0.12, 0.10)
+    assert escalated.summary == (
+        "error_rate 12.0% > 10% (critical) for model=gpt-4o in 60 s window ending 12:04:00 UTC"
+    )
+    assert fired.summary.startswith("error_rate 7.0% > 5% (warning) for model=gpt-4o")
+    # resolve_after=2: the second clear window (index 7) resolves
+    assert resolved.window_start == T0 + timedelta(minutes=7)
+    assert resolved.summary.startswith("resolved: error_rate 0.0% <= 5% for model=gpt-4o")
+    assert len({a.alert_id for a in r.alerts}) == 3
+
+
+def test_restart_mid_incident_neither_repeats_nor_loses() -> None:
+    seq = incident()
+    truth = Runner(engine(ERROR_RATE))
+    truth.feed(*seq)
+    for cut in range(1, len(seq)):
+        # worker 1 judges up to `cut`, its state is stored; worker 2 starts from the stored state,
+        # is handed the last window again (re-delivery after the crash) and goes on.
+        first = Runner(engine(ERROR_RATE))
+        first.feed(*seq[:cut])
+        second = Runner(engine(ERROR_RATE))
+        second.states = dict(first.states)
+        second.feed(seq[cut - 1], *seq[cut:])
+        got = first.alerts + second.alerts
+        assert [a.model_dump() for a in got] == [a.model_dump() for a in truth.alerts], cut
+
+
+def test_de_escalation_and_flapping_do_not_spam() -> None:
+    r = Runner(engine(ERROR_RATE))
+    # critical, warning, critical, warning, one clear window (not enough to resolve), critical
+    r.feed(*[calls(i, 100, e, dims=GPT) for i, e in enumerate([15, 7, 15, 7, 0, 15])])
+    assert r.events() == [("errors", "firing", "critical")]
+
+
+def test_for_needs_consecutive_windows_and_started_at_is_the_streak_start() -> None:
+    r = Runner(
+        engine(
+            """
+rules:
+  - {name: slow, metric: latency_avg_ms, warning: 2000, window: 60, for: 3}
+"""
+        )
+    )
+    lat = [2500, 2600, 100, 2500, 2500, 2500, 2500]
+    out = [r.feed(agg(i, requests=10, latency_avg_ms=v)) for i, v in enumerate(lat)]
+    assert [len(o) for o in out] == [0, 0, 0, 0, 0, 1, 0]
+    assert out[5][0].started_at == T0 + timedelta(minutes=3)
+    assert out[5][0].summary.startswith("latency_avg_ms 2,500 ms > 2,000 ms (warning) overall")
+
+
+def test_min_requests_below_which_the_rule_does_not_judge() -> None:
+    r = Runner(engine(ERROR_RATE))
+    assert r.feed(calls(0, 10, 9, dims=GPT)) == []  # 90% errors, but 10 < 20 requests
+    assert r.feed(calls(1, 20, 9, dims=GPT))[0].severity == "critical"
+    # too little traffic to judge counts as clear for resolution
+    assert r.feed(calls(2, 5, 5, dims=GPT)) == []
+    assert [a.state for a in r.feed(calls(3, 5, 5, dims=GPT))] == ["resolved"]
+    assert "too little data" in r.alerts[-1].summary
+
+
+def test_below_direction_and_missing_value() -> None:
+    r = Runner(
+        engine(
+            """
+rules:
+  - {name: rel, kind: feedback, metric: relevance_avg, direction: below, warning: 4.5, critical: 4.0,
+     min_requests: 5, resolve_after: 1}
+"""
+        )
+    )
+    assert r.feed(agg(0, kind="feedback", feedback_count=9, relevance_avg=4.5)) == []  # equal meets it
+    assert r.feed(agg(1, kind="feedback", feedback_count=9, intent_accuracy=0.5)) == []  # no relevance
+    [a] = r.feed(agg(2, kind="feedback", feedback_count=9, relevance_avg=3.9))
+    assert (a.severity, a.threshold) == ("critical", 4.0)
+    assert a.summary.startswith("relevance_avg 3.90/5 < 4/5 (critical) overall")
+    assert [x.state for x in r.feed(agg(3, kind="feedback", feedback_count=9, relevance_avg=4.8))] == ["resolved"]
+
+
+def test_rules_ignore_aggregates_they_do_not_judge() -> None:
+    e = engine(ERROR_RATE)
+    state = new_state()
+    for a in [
+        calls(0, 1000, 900),  # global: the rule is by model
+        calls(0, 1000, 900, dims={"app": "x"}),
+        calls(0, 1000, 900, dims=GPT, window=10),  # the 10 s window
+        agg(0, kind="gpu", dims={"host": "h", "gpu": "0"}, samples=10, gpu_util_avg_pct=99.0),
+    ]:
+        assert not e.applies(a)
+        assert e.evaluate(a, state) == []
+    assert state == new_state()
+    assert e.applies(calls(0, 1000, 900, dims=GPT))
+
+
+def test_match_restricts_dimension_values() -> None:
+    r = Runner(
+        engine(
+            """
+rules:
+  - {name: gpt_errors, metric: error_rate, warning: 0.05, by: [model], match: {model: gpt-4o}}
+"""
+        )
+    )
+    assert r.feed(calls(0, 100, 50, dims={"model": "llama"})) == []
+    assert len(r.feed(calls(0, 100, 50, dims=GPT))) == 1
+
+
+def test_per_key_rate_from_the_default_rules() -> None:
+    r = Runner(RulesEngine(load_rules(None)))
+    key_a, key_b = {"api_key_hash": "a" * 16}, {"api_key_hash": "b" * 16}
+    assert r.feed(calls(0, 100, dims=key_a)) == []  # exactly 100 a minute is allowed
+    [a] = r.feed(calls(1, 150, dims=key_a))
+    assert (a.rule, a.severity, a.value, a.threshold) == ("key_rate", "warning", 150, 100)
+    assert a.summary == (
+        f"requests 150 > 100 (warning) for api_key_hash={'a' * 16} in 60 s window ending 12:02:00 UTC"
+    )
+    assert r.feed(calls(1, 99, dims=key_b)) == []
+    [c] = r.feed(calls(2, 1000, dims=key_a))
+    assert (c.severity, c.threshold) == ("critical", 300)
+    # the global window with far more calls is not a per-key rate
+    assert [x.rule for x in r.feed(calls(0, 100_000))] == []
+
+
+BUDGET = """
+rules:
+  - name: tokens_per_app
+    type: budget
+    metric: total_tokens
+    by: [app]
+    warning: 80000
+    critical: 100000
+    window: 60
+    resolve_after: 1
+"""
+
+
+def test_daily_budget_warning_then_critical_then_reset_next_utc_day() -> None:
+    r = Runner(engine(BUDGET))
+    app = {"app": "chat"}
+    day_end = T0.replace(hour=23, minute=50)
+    out = [r.feed(agg(0, start=day_end + timedelta(minutes=i), dims=app, requests=10, total_tokens=30_000)) for i in range(4)]
+    # 30k, 60k, 90k (warning), 120k (critical)
+    assert [[(a.state, a.severity) for a in o] for o in out] == [[], [], [("firing", "warning")], [("firing", "critical")]]
+    assert out[3][0].value == 120_000
+    assert out[3][0].summary.startswith("total_tokens 120,000 today > daily budget 100,000 (critical) for app=chat")
+    # another app has a budget of its own
+    assert r.feed(agg(0, start=day_end, dims={"app": "batch"}, requests=1, total_tokens=90_000))[0].severity == "warning"
+    # the next UTC day starts from zero: the alert resolves, then fires only when exceeded again
+    next_day = T0.replace(day=2, hour=0, minute=0)
+    [res] = r.feed(agg(0, start=next_day, dims=app, requests=1, total_tokens=10_000))
+    assert (res.state, res.value) == ("resolved", 10_000)
+    assert r.feed(agg(0, start=next_day + timedelta(minutes=1), dims=app, requests=1, total_tokens=60_000)) == []
+    [again] = r.feed(agg(0, start=next_day + timedelta(minutes=2), dims=app, requests=1, total_tokens=20_000))
+    assert (again.state, again.severity, again.value) == ("firing", "warning", 90_000)
+    assert again.started_at == next_day + timedelta(minutes=2)
+
+
+def test_budget_counts_one_window_size_only() -> None:
+    r = Runner(engine(BUDGET))
+    app = {"app": "chat"}
+    # 10 s windows of the same traffic are not summed again
+    for i in range(12):
+        assert r.feed(agg(i, window=10, dims=app, total_tokens=50_000)) == []
+    state = json.loads(r.states["app=chat"])
+    assert state["rules"] == {}
+
+
+COMPOSITE = """
+rules:
+  - {name: errs, metric: error_rate, warning: 0.05, critical: 0.2, by: [model], publish: false, resolve_after: 1}
+  - {name: slow, metric: latency_avg_ms, warning: 2000, by: [model], publish: false, resolve_after: 1}
+  - {name: both, type: composite, all_of: [errs, slow], resolve_after: 1}
+  - {name: either, type: composite, any_of: [errs, slow], resolve_after: 1}
+"""
+
+
+def test_composite_all_of_and_any_of() -> None:
+    r = Runner(engine(COMPOSITE))
+    w = dict(dims=GPT)
+    r.feed(calls(0, 100, 0, latency_avg_ms=100, **w))
+    assert r.events() == []
+    r.feed(calls(1, 100, 30, latency_avg_ms=100, **w))  # errors critical only
+    assert r.events() == [("either", "firing", "critical")]
+    r.feed(calls(2, 100, 30, latency_avg_ms=3000, **w))  # both
+    assert r.events()[1:] == [("both", "firing", "warning")]  # lowest of members for all_of
+    r.feed(calls(3, 100, 0, latency_avg_ms=3000, **w))  # errors clear
+    assert r.events()[2:] == [("both", "resolved", "warning")]
+    r.feed(calls(4, 100, 0, latency_avg_ms=100, **w))  # all clear
+    assert r.events()[3:] == [("either", "resolved", "critical")]
+    both = [a for a in r.alerts if a.rule == "both"][0]
+    assert both.metric == "composite" and (both.value, both.threshold) == (2.0, 2.0)
+    assert both.summary.startswith("both: all of [errs (critical), slow (warning)] firing (warning) for model=gpt-4o")
+    assert not any(a.rule in ("errs", "slow") for a in r.alerts)  # publish: false
+
+
+def test_removed_rule_resolves_its_open_alert_and_changed_levels_keep_state() -> None:
+    r = Runner(engine(ERROR_RATE))
+    r.feed(calls(0, 100, 50, dims=GPT))
+    assert r.events() == [("errors", "firing", "critical")]
+    # hot reload: the levels change; the open alert is kept (no new firing)
+    r.engine = engine(ERROR_RATE.replace("critical: 0.10", "critical: 0.30"))
+    assert r.feed(calls(1, 100, 50, dims=GPT)) == []
+    # the rule is removed: its alert resolves instead of staying open forever
+    r.engine = engine(ERROR_RATE.replace("name: errors", "name: errors2").replace("min_requests: 20", "min_requests: 1000"))
+    [res] = r.feed(calls(2, 100, 50, dims=GPT))
+    assert (res.rule, res.state, res.severity) == ("errors", "resolved", "critical")
+    assert "was removed" in res.summary
+    assert list(json.loads(r.states["model=gpt-4o"])["rules"]) == ["errors2"]
+
+
+def test_default_rules_judge_the_operational_targets() -> None:
+    r = Runner(RulesEngine(load_rules(None)))
+    r.feed(calls(0, 200, 4, dims=GPT, latency_avg_ms=900.0))  # 98% success
+    r.feed(agg(0, kind="gpu", dims={"host": "h1", "gpu": "0"}, samples=60, gpu_util_avg_pct=85.0))
+    r.feed(agg(1, kind="gpu", dims={"host": "h1", "gpu": "0"}, samples=60, gpu_util_avg_pct=85.0))
+    r.feed(agg(0, kind="feedback", feedback_count=40, intent_accuracy=0.9, relevance_avg=4.6))
+    r.feed(agg(1, total_tokens=100_001, requests=50))
+    assert sorted(r.events()) == [
+        ("daily_tokens", "firing", "critical"),
+        ("gpu_utilisation", "firing", "warning"),
+        ("intent_accuracy", "firing", "warning"),
+        ("success_rate", "firing", "warning"),
+    ]
