@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from datetime import timedelta
+from typing import Any
 
 from llmpulse.streams.rules.baseline import add_to_baseline, baseline_of
 from llmpulse.streams.rules.model import AnomalyRule
@@ -77,7 +78,7 @@ rules:
 def test_baseline_covers_the_span_only_and_is_kept_incrementally() -> None:
     rule = AnomalyRule(name="x", metric="requests", baseline=3600, window=60, zero_fill=False)
     assert rule.bucket_s == 60  # max(window, 3600 / 288) rounded to the window
-    st: dict = {}
+    st: dict[str, Any] = {}
     # two hours: the first hour at 1000, the second at 100
     for i in range(120):
         add_to_baseline(rule, st, 1_700_000_000 + i * 60, 1000.0 if i < 60 else 100.0)
@@ -155,7 +156,9 @@ def test_seasonal_quiet_on_a_daily_peak_3x_the_mean_and_fires_above_it() -> None
         if m < peak:
             assert [a for a in out if a.rule == "seasonal"] == []
     fired = [a for a in r.alerts if a.rule == "seasonal"]
-    assert [(a.state, a.window_start) for a in fired] == [("firing", day3 + timedelta(minutes=peak))]
+    assert [(a.state, a.window_start) for a in fired] == [
+        ("firing", day3 + timedelta(minutes=peak))
+    ]
     assert 280 < (fired[0].baseline or 0) <= 300
     assert "seasonal baseline (same time of day)" in fired[0].summary
 
@@ -163,15 +166,27 @@ def test_seasonal_quiet_on_a_daily_peak_3x_the_mean_and_fires_above_it() -> None
 def test_seasonal_does_not_judge_on_the_first_day() -> None:
     r = Runner(engine(SEASONAL.split("  - name: rolling")[0]))
     for m in range(0, 600):
-        r.feed(agg(0, start=T0.replace(hour=0) + timedelta(minutes=m), requests=10 if m < 300 else 1000))
+        r.feed(
+            agg(
+                0, start=T0.replace(hour=0) + timedelta(minutes=m), requests=10 if m < 300 else 1000
+            )
+        )
     assert r.alerts == []
 
 
 def test_anomaly_state_survives_a_restart() -> None:
-    seq = [calls(i, 100) for i in range(30)] + [calls(30, 200), calls(31, 210), calls(32, 100), calls(33, 100)]
+    seq = [calls(i, 100) for i in range(30)] + [
+        calls(30, 200),
+        calls(31, 210),
+        calls(32, 100),
+        calls(33, 100),
+    ]
     truth = Runner(engine(ROLLING))
     truth.feed(*seq)
-    assert [(a.state, a.severity) for a in truth.alerts] == [("firing", "warning"), ("resolved", "warning")]
+    assert [(a.state, a.severity) for a in truth.alerts] == [
+        ("firing", "warning"),
+        ("resolved", "warning"),
+    ]
     a = Runner(engine(ROLLING))
     a.feed(*seq[:31])
     b = Runner(engine(ROLLING))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
-from llmpulse.schemas import alert_fingerprint
+from llmpulse.schemas import WindowAggregate, alert_fingerprint
 from llmpulse.streams.rules import RulesEngine, load_rules, new_state
 from tests.rules_helpers import T0, Runner, agg, calls, engine
 
@@ -24,7 +24,7 @@ rules:
 GPT = {"model": "gpt-4o"}
 
 
-def incident() -> list:
+def incident() -> list[WindowAggregate]:
     """clear, warning, warning, critical, warning (de-escalation), critical, clear, clear, clear."""
     errors = [0, 7, 8, 12, 6, 15, 1, 0, 0]
     return [calls(i, 100, e, dims=GPT) for i, e in enumerate(errors)]
@@ -42,7 +42,9 @@ def test_warning_escalation_resolution_each_publish_exactly_once() -> None:
     fp = alert_fingerprint("errors", GPT)
     assert {a.fingerprint for a in r.alerts} == {fp}
     assert fired.window_start == T0 + timedelta(minutes=1)
-    assert fired.started_at == escalated.started_at == resolved.started_at == T0 + timedelta(minutes=1)
+    assert (
+        fired.started_at == escalated.started_at == resolved.started_at == T0 + timedelta(minutes=1)
+    )
     assert escalated.ts == escalated.window_end == T0 + timedelta(minutes=4)
     assert (escalated.value, escalated.threshold) == (0.12, 0.10)
     assert escalated.summary == (
@@ -114,12 +116,18 @@ rules:
 """
         )
     )
-    assert r.feed(agg(0, kind="feedback", feedback_count=9, relevance_avg=4.5)) == []  # equal meets it
-    assert r.feed(agg(1, kind="feedback", feedback_count=9, intent_accuracy=0.5)) == []  # no relevance
+    assert (
+        r.feed(agg(0, kind="feedback", feedback_count=9, relevance_avg=4.5)) == []
+    )  # equal meets it
+    assert (
+        r.feed(agg(1, kind="feedback", feedback_count=9, intent_accuracy=0.5)) == []
+    )  # no relevance
     [a] = r.feed(agg(2, kind="feedback", feedback_count=9, relevance_avg=3.9))
     assert (a.severity, a.threshold) == ("critical", 4.0)
     assert a.summary.startswith("relevance_avg 3.90/5 < 4/5 (critical) overall")
-    assert [x.state for x in r.feed(agg(3, kind="feedback", feedback_count=9, relevance_avg=4.8))] == ["resolved"]
+    assert [
+        x.state for x in r.feed(agg(3, kind="feedback", feedback_count=9, relevance_avg=4.8))
+    ] == ["resolved"]
 
 
 def test_rules_ignore_aggregates_they_do_not_judge() -> None:
@@ -183,19 +191,43 @@ def test_daily_budget_warning_then_critical_then_reset_next_utc_day() -> None:
     r = Runner(engine(BUDGET))
     app = {"app": "chat"}
     day_end = T0.replace(hour=23, minute=50)
-    out = [r.feed(agg(0, start=day_end + timedelta(minutes=i), dims=app, requests=10, total_tokens=30_000)) for i in range(4)]
+    out = [
+        r.feed(
+            agg(0, start=day_end + timedelta(minutes=i), dims=app, requests=10, total_tokens=30_000)
+        )
+        for i in range(4)
+    ]
     # 30k, 60k, 90k (warning), 120k (critical)
-    assert [[(a.state, a.severity) for a in o] for o in out] == [[], [], [("firing", "warning")], [("firing", "critical")]]
+    assert [[(a.state, a.severity) for a in o] for o in out] == [
+        [],
+        [],
+        [("firing", "warning")],
+        [("firing", "critical")],
+    ]
     assert out[3][0].value == 120_000
-    assert out[3][0].summary.startswith("total_tokens 120,000 today > daily budget 100,000 (critical) for app=chat")
+    assert out[3][0].summary.startswith(
+        "total_tokens 120,000 today > daily budget 100,000 (critical) for app=chat"
+    )
     # another app has a budget of its own
-    assert r.feed(agg(0, start=day_end, dims={"app": "batch"}, requests=1, total_tokens=90_000))[0].severity == "warning"
+    assert (
+        r.feed(agg(0, start=day_end, dims={"app": "batch"}, requests=1, total_tokens=90_000))[
+            0
+        ].severity
+        == "warning"
+    )
     # the next UTC day starts from zero: the alert resolves, then fires only when exceeded again
     next_day = T0.replace(day=2, hour=0, minute=0)
     [res] = r.feed(agg(0, start=next_day, dims=app, requests=1, total_tokens=10_000))
     assert (res.state, res.value) == ("resolved", 10_000)
-    assert r.feed(agg(0, start=next_day + timedelta(minutes=1), dims=app, requests=1, total_tokens=60_000)) == []
-    [again] = r.feed(agg(0, start=next_day + timedelta(minutes=2), dims=app, requests=1, total_tokens=20_000))
+    assert (
+        r.feed(
+            agg(0, start=next_day + timedelta(minutes=1), dims=app, requests=1, total_tokens=60_000)
+        )
+        == []
+    )
+    [again] = r.feed(
+        agg(0, start=next_day + timedelta(minutes=2), dims=app, requests=1, total_tokens=20_000)
+    )
     assert (again.state, again.severity, again.value) == ("firing", "warning", 90_000)
     assert again.started_at == next_day + timedelta(minutes=2)
 
@@ -232,9 +264,11 @@ def test_composite_all_of_and_any_of() -> None:
     assert r.events()[2:] == [("both", "resolved", "warning")]
     r.feed(calls(4, 100, 0, latency_avg_ms=100, **w))  # all clear
     assert r.events()[3:] == [("either", "resolved", "critical")]
-    both = [a for a in r.alerts if a.rule == "both"][0]
+    both = next(a for a in r.alerts if a.rule == "both")
     assert both.metric == "composite" and (both.value, both.threshold) == (2.0, 2.0)
-    assert both.summary.startswith("both: all of [errs (critical), slow (warning)] firing (warning) for model=gpt-4o")
+    assert both.summary.startswith(
+        "both: all of [errs (critical), slow (warning)] firing (warning) for model=gpt-4o"
+    )
     assert not any(a.rule in ("errs", "slow") for a in r.alerts)  # publish: false
 
 
@@ -246,7 +280,11 @@ def test_removed_rule_resolves_its_open_alert_and_changed_levels_keep_state() ->
     r.engine = engine(ERROR_RATE.replace("critical: 0.10", "critical: 0.30"))
     assert r.feed(calls(1, 100, 50, dims=GPT)) == []
     # the rule is removed: its alert resolves instead of staying open forever
-    r.engine = engine(ERROR_RATE.replace("name: errors", "name: errors2").replace("min_requests: 20", "min_requests: 1000"))
+    r.engine = engine(
+        ERROR_RATE.replace("name: errors", "name: errors2").replace(
+            "min_requests: 20", "min_requests: 1000"
+        )
+    )
     [res] = r.feed(calls(2, 100, 50, dims=GPT))
     assert (res.rule, res.state, res.severity) == ("errors", "resolved", "critical")
     assert "was removed" in res.summary

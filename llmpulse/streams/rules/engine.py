@@ -92,13 +92,21 @@ class _Verdict:
 class RulesEngine:
     """Judges aggregates against a RuleSet. Cheap to build: rebuild it when the rules reload."""
 
-    def __init__(self, rules: RuleSet | Iterable[Rule], windows_s: Iterable[int] | None = None) -> None:
+    def __init__(
+        self, rules: RuleSet | Iterable[Rule], windows_s: Iterable[int] | None = None
+    ) -> None:
         self.rules = rules if isinstance(rules, RuleSet) else RuleSet(rules=tuple(rules))
         if windows_s is not None:
             allowed = set(windows_s)
-            bad = [r.name for r in self.rules.rules if not isinstance(r, CompositeRule) and r.window not in allowed]
+            bad = [
+                r.name
+                for r in self.rules.rules
+                if not isinstance(r, CompositeRule) and r.window not in allowed
+            ]
             if bad:
-                raise ValueError(f"rules {bad} judge windows the worker does not make ({sorted(allowed)})")
+                raise ValueError(
+                    f"rules {bad} judge windows the worker does not make ({sorted(allowed)})"
+                )
         self._by_name = self.rules.by_name()
         self.signature = hashlib.sha1(
             "|".join(f"{r.name}:{r.signature()}" for r in self.rules.rules).encode()
@@ -199,7 +207,16 @@ class RulesEngine:
     # -- alerts ---------------------------------------------------------------------------
 
     def _alert(self, rule: WindowRule, tr: Transition, v: _Verdict, agg: WindowAggregate) -> Alert:
-        return _build(rule.name, rule.metric, tr, v.value, v.threshold, v.baseline, agg, _summary(rule, tr, v, agg))
+        return _build(
+            rule.name,
+            rule.metric,
+            tr,
+            v.value,
+            v.threshold,
+            v.baseline,
+            agg,
+            _summary(rule, tr, v, agg),
+        )
 
     def _evaluate_composite(
         self,
@@ -235,7 +252,9 @@ class RulesEngine:
         else:
             text = f"{comp.name}: {what} [{listed}] firing ({tr.severity}) {where}"
         need = len(comp.members) if comp.mode == "all_of" else 1
-        alerts.append(_build(comp.name, "composite", tr, float(len(active)), float(need), None, agg, text))
+        alerts.append(
+            _build(comp.name, "composite", tr, float(len(active)), float(need), None, agg, text)
+        )
 
 
 # -- judging ------------------------------------------------------------------------------
@@ -356,7 +375,11 @@ def _summary(rule: WindowRule, tr: Transition, v: _Verdict, agg: WindowAggregate
         return f"{m} {value} today > daily budget {limit} ({tr.severity}) {where}"
     if isinstance(rule, AnomalyRule):
         span = fmt_span(rule.baseline)
-        method = "seasonal baseline (same time of day)" if rule.method == "seasonal" else f"{span} baseline"
+        method = (
+            "seasonal baseline (same time of day)"
+            if rule.method == "seasonal"
+            else f"{span} baseline"
+        )
         base = fmt_value(m, v.baseline)
         if tr.change == "resolved":
             if v.baseline is None or v.value is None:
@@ -365,10 +388,16 @@ def _summary(rule: WindowRule, tr: Transition, v: _Verdict, agg: WindowAggregate
         ratio = (v.value or 0.0) / v.baseline if v.baseline else float("inf")
         op = ">" if rule.direction == "above" else "<"
         factor = rule.factor
-        if tr.severity == "critical" and rule.critical_factor is not None and rule.severity != "critical":
+        if (
+            tr.severity == "critical"
+            and rule.critical_factor is not None
+            and rule.severity != "critical"
+        ):
             factor = rule.critical_factor
         lim = f"{factor:g}x" if rule.direction == "above" else f"1/{factor:g}x"
-        return f"{m} {value} is {ratio:.2f}x its {method} {base} ({op} {lim}) ({tr.severity}) {where}"
+        return (
+            f"{m} {value} is {ratio:.2f}x its {method} {base} ({op} {lim}) ({tr.severity}) {where}"
+        )
     op = ">" if rule.direction == "above" else "<"
     back = "<=" if rule.direction == "above" else ">="
     if tr.change == "resolved":

@@ -41,7 +41,11 @@ def _fmt_error(err: Mapping[str, Any]) -> tuple[str, str]:
         return loc, "required key is missing"
     msg = str(err["msg"]).removeprefix("Value error, ")
     got = err.get("input")
-    if err["loc"] and not isinstance(got, (dict, list)) and err["type"] not in ("value_error", "assertion_error"):
+    if (
+        err["loc"]
+        and not isinstance(got, (dict, list))
+        and err["type"] not in ("value_error", "assertion_error")
+    ):
         msg += f" (got {got!r})"
     return loc, msg
 
@@ -49,14 +53,18 @@ def _fmt_error(err: Mapping[str, Any]) -> tuple[str, str]:
 def _parse_rule(source: str, index: int, raw: Any) -> Rule:
     where = f"{source}: rules[{index}]"
     if not isinstance(raw, dict):
-        raise RulesError(f"{where}: expected a mapping with 'name' and 'type', got {type(raw).__name__}")
+        raise RulesError(
+            f"{where}: expected a mapping with 'name' and 'type', got {type(raw).__name__}"
+        )
     name = raw.get("name")
     if isinstance(name, str) and name:
         where = f"{source}: rule {name!r}"
     rtype = raw.get("type", "threshold")
     model = RULE_MODELS.get(rtype) if isinstance(rtype, str) else None
     if model is None:
-        raise RulesError(f"{where}: key 'type': expected one of {', '.join(RULE_MODELS)} (got {rtype!r})")
+        raise RulesError(
+            f"{where}: key 'type': expected one of {', '.join(RULE_MODELS)} (got {rtype!r})"
+        )
     try:
         rule = model.model_validate(raw)
     except ValidationError as exc:
@@ -83,9 +91,13 @@ def parse_rules(
         raise RulesError(f"{source}: expected a mapping with a 'rules' list at the top level")
     for key in tree:
         if key not in _TOP_KEYS:
-            raise RulesError(f"{source}: key {key!r}: unknown key (expected {', '.join(sorted(_TOP_KEYS))})")
+            raise RulesError(
+                f"{source}: key {key!r}: unknown key (expected {', '.join(sorted(_TOP_KEYS))})"
+            )
     if tree.get("version", 1) != 1:
-        raise RulesError(f"{source}: key 'version': only version 1 is known (got {tree.get('version')!r})")
+        raise RulesError(
+            f"{source}: key 'version': only version 1 is known (got {tree.get('version')!r})"
+        )
     raw_rules = tree.get("rules") or []
     if not isinstance(raw_rules, list):
         raise RulesError(f"{source}: key 'rules': expected a list of rules")
@@ -105,10 +117,14 @@ def parse_rules(
         raise RulesError(f"{source}: " + "; ".join(msgs)) from None
 
 
-def load_rules(path: str | Path | None, windows_s: Iterable[int] | None = DEFAULT_WINDOWS_S) -> RuleSet:
+def load_rules(
+    path: str | Path | None, windows_s: Iterable[int] | None = DEFAULT_WINDOWS_S
+) -> RuleSet:
     """The rules of a YAML file, or the built-in defaults when ``path`` is None."""
     if path is None:
-        return parse_rules(default_rules_text(), "built-in rules (llmpulse/defaults/rules.yaml)", windows_s)
+        return parse_rules(
+            default_rules_text(), "built-in rules (llmpulse/defaults/rules.yaml)", windows_s
+        )
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -159,7 +175,9 @@ class RulesReloader:
             rules = load_rules(self.path, self.windows_s)
         except RulesError as exc:
             self.last_error = str(exc)
-            self.log.error("rules not reloaded, keeping the %d previous rules: %s", len(self.rules.rules), exc)
+            self.log.error(
+                "rules not reloaded, keeping the %d previous rules: %s", len(self.rules.rules), exc
+            )
             return None
         self.last_error = None
         self.rules = rules

@@ -57,7 +57,9 @@ ADDITIVE_METRICS = frozenset(
         "cost_usd", "unpriced_requests", "feedback_count", "samples",
     }
 )  # fmt: skip
-BUDGET_METRICS = frozenset({"total_tokens", "prompt_tokens", "completion_tokens", "cost_usd", "requests"})
+BUDGET_METRICS = frozenset(
+    {"total_tokens", "prompt_tokens", "completion_tokens", "cost_usd", "requests"}
+)
 
 DAY_S = 86400
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
@@ -128,13 +130,13 @@ class _Windowed(_Rule):
         for d in self.by:
             if d not in known:
                 raise ValueError(
-                    f"'by': unknown {self.kind} dimension {d!r}; expected some of {', '.join(known)}"
+                    f"key 'by': unknown {self.kind} dimension {d!r}; expected some of {', '.join(known)}"
                 )
         if len(set(self.by)) != len(self.by):
-            raise ValueError("'by': a dimension is named twice")
+            raise ValueError("key 'by': a dimension is named twice")
         for d in self.match:
             if d not in self.by:
-                raise ValueError(f"'match': dimension {d!r} is not in 'by' {list(self.by)}")
+                raise ValueError(f"key 'match': dimension {d!r} is not in 'by' {list(self.by)}")
         return self
 
     @property
@@ -157,7 +159,7 @@ class _Judged(_Windowed):
         metrics = METRICS_BY_KIND[self.kind]
         if self.metric not in metrics:
             raise ValueError(
-                f"'metric': {self.metric!r} is not a {self.kind} metric; expected one of {', '.join(sorted(metrics))}"
+                f"key 'metric': {self.metric!r} is not a {self.kind} metric; expected one of {', '.join(sorted(metrics))}"
             )
         return self
 
@@ -186,7 +188,8 @@ class ThresholdRule(_Judged):
 class AnomalyRule(_Judged):
     type: Literal["anomaly"] = "anomaly"
     direction: Direction = Field(
-        default="above", description="above: value > factor x baseline; below: value < baseline / factor"
+        default="above",
+        description="above: value > factor x baseline; below: value < baseline / factor",
     )
     factor: Annotated[float, Field(gt=1)] = 1.5
     critical_factor: Annotated[float, Field(gt=1)] | None = Field(
@@ -261,7 +264,7 @@ class BudgetRule(_Windowed):
     def _check_budget(self) -> BudgetRule:
         if self.metric not in BUDGET_METRICS:
             raise ValueError(
-                f"'metric': {self.metric!r} cannot be budgeted; expected one of {', '.join(sorted(BUDGET_METRICS))}"
+                f"key 'metric': {self.metric!r} cannot be budgeted; expected one of {', '.join(sorted(BUDGET_METRICS))}"
             )
         if self.warning is None and self.critical is None:
             raise ValueError("a budget needs 'warning' or 'critical' (or both)")
@@ -340,7 +343,9 @@ class RuleSet(BaseModel):
                 if member is None:
                     raise ValueError(f"rule {r.name!r}: key '{r.mode}': no rule named {m!r}")
                 if isinstance(member, CompositeRule):
-                    raise ValueError(f"rule {r.name!r}: key '{r.mode}': {m!r} is a composite; name plain rules")
+                    raise ValueError(
+                        f"rule {r.name!r}: key '{r.mode}': {m!r} is a composite; name plain rules"
+                    )
                 if dims is None:
                     dims = member.dims
                 elif member.dims != dims:

@@ -6,7 +6,9 @@ from datetime import datetime
 
 PERCENT_OF_ONE = frozenset({"error_rate", "success_rate", "intent_accuracy"})
 PERCENT = frozenset({"gpu_util_avg_pct", "gpu_util_max_pct", "memory_util_avg_pct"})
-MILLIS = frozenset({"latency_avg_ms", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "ttft_p95_ms"})
+MILLIS = frozenset(
+    {"latency_avg_ms", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "ttft_p95_ms"}
+)
 
 
 def fmt_value(metric: str, v: float | None, *, level: bool = False) -> str:
