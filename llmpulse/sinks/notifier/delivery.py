@@ -1,0 +1,126 @@
+"""Delivery: retries with exponential backoff, Retry-After honoured, and the delivery log.
+
+Each (group, receiver) delivers on its own task, so a receiver that stays down only
+delays its own notifications. A transient failure (timeouts, 5xx, 429) is retried
+for as long as it takes, waiting the larger of the backoff and the receiver's
+Retry-After; a permanent one (bad credentials, unknown channel, 4xx) is logged,
+counted and recorded as failed instead of being retried forever.
+
+The delivery log is the compacted topic `notifications`: one `DeliveryRecord` per
+aggregation group, written right after the receiver accepted the notification and
+before any Kafka offset of the alerts it covers is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from llmpulse import metrics
+from llmpulse.schemas.codec import decode_one, encode
+from llmpulse.sinks.notifier.grouping import Notification
+from llmpulse.sinks.notifier.logtopic import LogReader, LogWriter
+from llmpulse.sinks.notifier.models import DeliveryRecord
+from llmpulse.sinks.notifier.receivers.base import DeliveryError, Receiver
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    status: Literal["delivered", "failed"]
+    attempts: int
+    error: str = ""
+
+
+class Backoff:
+    """initial, 2x, 4x ... capped at `maximum`, with up to 10% jitter."""
+
+    def __init__(self, initial: float, maximum: float, jitter: Callable[[], float] = random.random) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self._next = initial
+        self._jitter = jitter
+
+    def next(self) -> float:
+        delay = min(self._next, self.maximum)
+        self._next = min(self._next * 2, self.maximum)
+        return delay * (1 + 0.1 * self._jitter())
+
+
+async def deliver(
+    receiver: Receiver,
+    notification: Notification,
+    retry_initial_s: float,
+    retry_max_s: float,
+    sleep: Callable[[float], Any] = asyncio.sleep,
+) -> Outcome:
+    """Send until it lands or fails permanently (cancellation stops it)."""
+    backoff = Backoff(retry_initial_s, retry_max_s)
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            await receiver.send(notification)
+        except DeliveryError as exc:
+            if exc.permanent:
+                metrics.NOTIFICATIONS.labels(receiver.name, "failed").inc()
+                log.error(
+                    "notification %s to %s failed permanently (not retried): %s",
+                    notification.notification_id,
+                    receiver.name,
+                    exc,
+                )
+                return Outcome("failed", attempts, str(exc))
+            delay = backoff.next()
+            if exc.retry_after is not None:
+                delay = max(delay, exc.retry_after)
+            metrics.NOTIFICATIONS.labels(receiver.name, "retried").inc()
+            log.warning(
+                "notification %s to %s: attempt %d failed (%s); retrying in %.1fs",
+                notification.notification_id,
+                receiver.name,
+                attempts,
+                exc,
+                delay,
+            )
+            await sleep(delay)
+            continue
+        metrics.NOTIFICATIONS.labels(receiver.name, "delivered").inc()
+        return Outcome("delivered", attempts)
+
+
+class DeliveryLog:
+    """The `notifications` topic: read it whole at start, append a record per notification."""
+
+    def __init__(self, writer: LogWriter, reader: LogReader) -> None:
+        self.writer = writer
+        self.reader = reader
+
+    def load(self, timeout: float = 60.0) -> dict[str, DeliveryRecord]:
+        records: dict[str, DeliveryRecord] = {}
+
+        def take(key: str, value: bytes | None) -> None:
+            if value is None:
+                records.pop(key, None)
+                return
+            try:
+                record = decode_one(value, DeliveryRecord)
+            except ValueError as exc:
+                log.warning("ignoring an invalid delivery-log record %r: %s", key, exc)
+                return
+            records[record.group_id] = record
+
+        self.reader.read_to_end(take, timeout)
+        return records
+
+    async def append(self, record: DeliveryRecord) -> None:
+        await self.writer.write(record.group_id, encode(record))
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()

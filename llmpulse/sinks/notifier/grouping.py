@@ -1,0 +1,307 @@
+"""Aggregation groups in the manner of Prometheus Alertmanager.
+
+An aggregation group is one (route, receiver, group_by values). Its first alert
+waits `group_wait` so that a burst arrives as one digest; after a flush the group
+is looked at every `group_interval`, and it notifies only when something changed
+for its receiver (a new or escalated firing alert, a resolution of what the receiver
+was told is firing) or when `repeat_interval` passed with alerts still firing.
+
+What each receiver was told lives in the delivery log (`DeliveryRecord`, one per
+group), which is the whole of the state a restart needs: the groups come back from
+it, and replayed alerts that were already notified are recognised and not resent.
+
+Muting happens at flush time: silences, and inhibition (a fingerprint that is
+firing as critical mutes its warning everywhere until it resolves).
+
+Kafka offsets ("refs") of the alerts a group holds are handed back only once the
+group has notified them, resolved them, or decided they need no message; a muted
+alert that was never notified keeps its ref, so a restart replays it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from llmpulse.schemas.alert import Alert
+from llmpulse.schemas.base import utc_now
+from llmpulse.sinks.notifier.models import SEVERITY_RANK, DeliveryRecord, FiringEntry
+from llmpulse.sinks.notifier.routing import Route, Router, group_key_of
+from llmpulse.sinks.notifier.silences import SilenceStore
+
+Ref = tuple[int, int]
+"""(partition, offset) of an alert message on the alerts topic."""
+
+RESOLVED_MAX = 1000
+
+
+def group_id_of(route: str, receiver: str, group_key: str) -> str:
+    return f"{route}|{receiver}|{group_key}"
+
+
+@dataclass
+class Group:
+    gid: str
+    route: Route
+    receiver: str
+    key: str
+    labels: dict[str, str]
+    alerts: dict[str, Alert] = field(default_factory=dict)
+    refs: dict[str, list[Ref]] = field(default_factory=dict)
+    next_flush: float = 0.0
+    busy: bool = False
+
+
+@dataclass
+class Notification:
+    """One message to one receiver (or, when `send` is False, a delivery-log update only)."""
+
+    notification_id: str
+    group_id: str
+    route: str
+    receiver: str
+    group_key: str
+    group_labels: dict[str, str]
+    firing: list[Alert]
+    new: set[str]
+    resolved: list[Alert]
+    record: DeliveryRecord
+    send: bool = True
+
+    @property
+    def severity(self) -> str:
+        if any(a.severity == "critical" for a in self.firing):
+            return "critical"
+        return "warning" if self.firing else "resolved"
+
+
+@dataclass
+class Flush:
+    group: Group
+    snapshot: dict[str, Alert]
+    refs: dict[str, list[Ref]]
+    held_back: set[str]
+    notification: Notification | None
+
+
+def notification_id_of(gid: str, seq: int, alerts: list[Alert]) -> str:
+    """Deterministic: the same group, sequence number and alert states give the same id."""
+    h = hashlib.sha256(f"{gid}\n{seq}\n".encode())
+    for item in sorted(f"{a.alert_id}:{a.state}:{a.severity}" for a in alerts):
+        h.update(item.encode())
+        h.update(b"\n")
+    return h.hexdigest()[:32]
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        router: Router,
+        silences: SilenceStore,
+        send_resolved: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        wallclock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.router = router
+        self.silences = silences
+        self.send_resolved = send_resolved
+        self.clock = clock
+        self.wallclock = wallclock
+        self.groups: dict[str, Group] = {}
+        self.holding: dict[str, set[str]] = {}
+        self.critical: set[str] = set()
+        self.nflog: dict[str, DeliveryRecord] = {}
+
+    # -- state -------------------------------------------------------------------------
+
+    def _group(self, route: Route, receiver: str, labels: dict[str, str], wait: float) -> Group:
+        key = group_key_of(labels)
+        gid = group_id_of(route.name, receiver, key)
+        group = self.groups.get(gid)
+        if group is None:
+            group = Group(gid, route, receiver, key, labels, next_flush=self.clock() + wait)
+            self.groups[gid] = group
+        return group
+
+    def restore(self, record: DeliveryRecord) -> None:
+        """Take one delivery-log record read at start (the latest per group wins)."""
+        self.nflog[record.group_id] = record
+        route = self.router.by_name.get(record.route)
+        if route is None or record.receiver not in route.receivers or not record.alerts:
+            self.groups.pop(record.group_id, None)
+            return
+        elapsed = (self.wallclock() - record.ts).total_seconds()
+        wait = max(0.0, route.group_interval_s - elapsed)
+        group = self._group(route, record.receiver, dict(record.group_labels), wait)
+        group.alerts = {a.fingerprint: a for a in record.alerts}
+        for a in record.alerts:
+            self.holding.setdefault(a.fingerprint, set()).add(group.gid)
+            if a.state == "firing" and a.severity == "critical":
+                self.critical.add(a.fingerprint)
+
+    def apply(self, alert: Alert, ref: Ref) -> int:
+        """Add an alert to its groups; returns how many groups now hold `ref`."""
+        fp = alert.fingerprint
+        targets: list[Group] = []
+        if alert.state == "firing":
+            for route in self.router.match(alert):
+                labels = route.group_labels(alert)
+                key = group_key_of(labels)
+                for receiver in route.receivers:
+                    gid = group_id_of(route.name, receiver, key)
+                    prev = self.nflog.get(gid)
+                    if prev is not None and prev.resolved.get(fp) == alert.started_at:
+                        continue  # a replayed firing alert whose resolution was already sent
+                    targets.append(self._group(route, receiver, labels, route.group_wait_s))
+        seen = {g.gid for g in targets}
+        for gid in sorted(self.holding.get(fp, ())):
+            group = self.groups.get(gid)
+            if group is not None and gid not in seen:
+                targets.append(group)
+                seen.add(gid)
+        if alert.state == "firing" and alert.severity == "critical":
+            self.critical.add(fp)
+        elif alert.state == "resolved":
+            self.critical.discard(fp)
+        for group in targets:
+            group.alerts[fp] = alert
+            group.refs.setdefault(fp, []).append(ref)
+            self.holding.setdefault(fp, set()).add(group.gid)
+        return len(targets)
+
+    def due(self) -> list[Group]:
+        now = self.clock()
+        return [g for g in self.groups.values() if not g.busy and g.next_flush <= now]
+
+    def next_due_in(self) -> float | None:
+        idle = [g.next_flush for g in self.groups.values() if not g.busy]
+        return max(0.0, min(idle) - self.clock()) if idle else None
+
+    # -- flushing ------------------------------------------------------------------------
+
+    def muted(self, alert: Alert, now: datetime) -> bool:
+        if alert.severity == "warning" and alert.fingerprint in self.critical:
+            return True
+        return self.silences.silenced_by(alert, now) is not None
+
+    def plan(self, group: Group) -> Flush:
+        """Decide what the group tells its receiver now; marks the group busy."""
+        now = self.wallclock()
+        group.busy = True
+        group.next_flush = self.clock() + group.route.group_interval_s
+        snapshot = dict(group.alerts)
+        refs, group.refs = group.refs, {}
+        prev = self.nflog.get(group.gid)
+        told = prev.firing if prev is not None else {}
+        visible: list[Alert] = []
+        hidden_told: list[Alert] = []
+        held_back: set[str] = set()
+        resolved: list[Alert] = []
+        resolved_quietly: list[Alert] = []
+        for fp, a in snapshot.items():
+            if a.state == "firing":
+                if self.muted(a, now):
+                    if fp in told:
+                        hidden_told.append(a)
+                    else:
+                        held_back.add(fp)
+                else:
+                    visible.append(a)
+            elif fp in told:
+                if self.send_resolved and self.silences.silenced_by(a, now) is None:
+                    resolved.append(a)
+                else:
+                    resolved_quietly.append(a)
+        new: set[str] = set()
+        for a in visible:
+            entry = told.get(a.fingerprint)
+            if (
+                entry is None
+                or entry.started_at != a.started_at
+                or SEVERITY_RANK[a.severity] > SEVERITY_RANK[entry.severity]
+            ):
+                new.add(a.fingerprint)
+        repeat = bool(visible) and prev is not None and (
+            (now - prev.ts).total_seconds() >= group.route.repeat_interval_s
+        )
+        send = bool(new or resolved or repeat)
+        if not send and not resolved_quietly:
+            return Flush(group, snapshot, refs, held_back, None)
+        firing: dict[str, FiringEntry] = {}
+        for a in visible:
+            entry = told.get(a.fingerprint)
+            severity = a.severity
+            if entry is not None and entry.started_at == a.started_at:
+                severity = max(severity, entry.severity, key=lambda s: SEVERITY_RANK[s])  # type: ignore[assignment]
+            firing[a.fingerprint] = FiringEntry(severity=severity, started_at=a.started_at)
+        for a in hidden_told:
+            firing[a.fingerprint] = told[a.fingerprint]
+        memory = dict(prev.resolved) if prev is not None else {}
+        for a in (*resolved, *resolved_quietly):
+            memory[a.fingerprint] = a.started_at
+        if len(memory) > RESOLVED_MAX:
+            memory = dict(sorted(memory.items(), key=lambda kv: kv[1])[-RESOLVED_MAX:])
+        seq = (prev.seq if prev is not None else 0) + 1
+        listed = [*visible, *resolved]
+        record = DeliveryRecord(
+            group_id=group.gid,
+            route=group.route.name,
+            receiver=group.receiver,
+            group_key=group.key,
+            group_labels=group.labels,
+            notification_id=notification_id_of(group.gid, seq, listed or resolved_quietly),
+            seq=seq,
+            ts=now,
+            firing=firing,
+            alerts=[*visible, *hidden_told],
+            resolved=memory,
+            covered=[a.alert_id for a in listed],
+        )
+        notification = Notification(
+            notification_id=record.notification_id,
+            group_id=group.gid,
+            route=group.route.name,
+            receiver=group.receiver,
+            group_key=group.key,
+            group_labels=group.labels,
+            firing=sorted(visible, key=lambda a: (-SEVERITY_RANK[a.severity], a.fingerprint)),
+            new=new,
+            resolved=sorted(resolved, key=lambda a: a.fingerprint),
+            record=record,
+            send=send,
+        )
+        return Flush(group, snapshot, refs, held_back, notification)
+
+    def complete(self, flush: Flush, record: DeliveryRecord | None) -> list[Ref]:
+        """The flush is over (`record` is what was logged, if anything); returns refs to release."""
+        group = flush.group
+        if record is not None:
+            self.nflog[group.gid] = record
+        release: list[Ref] = []
+        for fp, refs in flush.refs.items():
+            if fp in flush.held_back and group.alerts.get(fp) is flush.snapshot.get(fp):
+                group.refs[fp] = [*refs, *group.refs.get(fp, [])]
+            else:
+                release.extend(refs)
+        for fp, a in flush.snapshot.items():
+            if a.state == "resolved" and group.alerts.get(fp) is a:
+                del group.alerts[fp]
+                holders = self.holding.get(fp)
+                if holders is not None:
+                    holders.discard(group.gid)
+                    if not holders:
+                        del self.holding[fp]
+        group.busy = False
+        if not group.alerts and not group.refs:
+            self.groups.pop(group.gid, None)
+        return release
+
+    def abandon(self, flush: Flush) -> None:
+        """The flush did not finish (shutdown): keep its refs unreleased, the alerts in place."""
+        group = flush.group
+        for fp, refs in flush.refs.items():
+            group.refs[fp] = [*refs, *group.refs.get(fp, [])]
+        group.busy = False
