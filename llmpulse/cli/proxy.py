@@ -1,0 +1,55 @@
+"""`llmpulse proxy`: the OpenAI-compatible monitoring proxy."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+
+from llmpulse.cli import settings_of
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "proxy",
+        help="run the OpenAI-compatible monitoring proxy",
+        description="Serve /v1/* (OpenAI-compatible, streaming included), forward to the configured "
+        "upstreams (proxy.upstreams) and publish one CallEvent per call to Kafka. Point an OpenAI "
+        "client's base_url at http://HOST:PORT/v1. Also serves /metrics and /healthz.",
+    )
+    p.add_argument("--host", default=None, help="listen address (default: proxy.host)")
+    p.add_argument("--port", type=int, default=None, help="listen port (default: proxy.port; 0 = free)")
+    p.add_argument(
+        "--upstream",
+        metavar="URL",
+        default=None,
+        help="one OpenAI-compatible base URL for every request (replaces proxy.upstreams)",
+    )
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.upstream:
+        overrides = dict(getattr(args, "_overrides", {}) or {})
+        overrides["proxy.upstreams"] = [{"name": "upstream", "base_url": args.upstream}]
+        args._overrides = overrides
+    settings = settings_of(args)
+
+    async def main() -> None:
+        from llmpulse.producers.proxy import start_proxy
+
+        server = await start_proxy(settings, host=args.host, port=args.port)
+        print(f"llmpulse proxy on {server.base_url} (Ctrl-C stops it)", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,402 @@
+"""An OpenAI-compatible mock model server for the demo, the tests and the benchmark.
+
+Serves ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
+``/v1/responses`` (each streamed or not, as the body asks) and ``/v1/models``.
+Streams send one SSE chunk per token and, when ``stream_options.include_usage`` is
+set, the final usage chunk (``choices: []``) as OpenAI does.
+
+Options (`MockOptions`) set the latency before the first byte, the delay between
+stream chunks, the error rate and status, and the token sizes. A request may
+override them with headers: ``x-mock-status``, ``x-mock-latency-ms``,
+``x-mock-chunk-delay-ms``, ``x-mock-tokens`` (completion tokens),
+``x-mock-cached-tokens``, ``x-mock-reasoning-tokens``, ``x-mock-no-usage: 1``.
+
+In-process: ``mock = await start_mock_upstream("127.0.0.1", 0)``, ``mock.base_url``,
+``mock.stats`` (requests, disconnects seen mid-stream, last headers), ``await mock.stop()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+_enc = msgspec.json.Encoder()
+_dec = msgspec.json.Decoder()
+WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
+
+
+@dataclass
+class MockOptions:
+    latency_ms: float = 0.0
+    chunk_delay_ms: float = 0.0
+    error_rate: float = 0.0
+    error_status: int = 500
+    completion_tokens: int = 16
+    embedding_dim: int = 8
+    seed: int | None = None
+
+
+@dataclass
+class MockStats:
+    requests: int = 0
+    by_path: dict[str, int] = field(default_factory=dict)
+    streams_completed: int = 0
+    disconnects: int = 0
+    errors: int = 0
+    last_headers: dict[str, str] = field(default_factory=dict)
+    last_body: dict[str, Any] = field(default_factory=dict)
+
+
+def _texts(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    out: list[str] = []
+    if isinstance(value, list):
+        for item in value:
+            out.extend(_texts(item))
+    elif isinstance(value, dict):
+        for k in ("content", "text", "input"):
+            if k in value:
+                out.extend(_texts(value[k]))
+    return out
+
+
+def prompt_tokens_of(body: dict[str, Any]) -> int:
+    """The mock's (deterministic) prompt token count: 1 per 4 characters, at least 1."""
+    chars = 0
+    for k in ("messages", "prompt", "input"):
+        if k in body:
+            chars += sum(len(t) for t in _texts(body[k]))
+    return max(1, chars // 4)
+
+
+def _error(status: int, message: str, etype: str = "server_error") -> web.Response:
+    return web.Response(
+        status=status,
+        body=_enc.encode({"error": {"message": message, "type": etype, "param": None, "code": None}}),
+        content_type="application/json",
+    )
+
+
+class MockUpstream:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, options: MockOptions | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.options = options or MockOptions()
+        self.stats = MockStats()
+        self._rng = random.Random(self.options.seed)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-style base URL (with /v1)."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    async def start(self) -> MockUpstream:
+        app = web.Application(client_max_size=256 * 1024 * 1024)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/mock/stats", self._stats)
+        app.router.add_post("/v1/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=1024, reuse_address=True)
+        await site.start()
+        if self.port == 0:
+            self.port = int(self._runner.addresses[0][1])
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _models(self, request: web.Request) -> web.Response:
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "mock"} for m in ("gpt-4o-mini", "mock-model")]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        s = self.stats
+        return web.json_response(
+            {"requests": s.requests, "disconnects": s.disconnects, "streams_completed": s.streams_completed,
+             "errors": s.errors, "by_path": s.by_path}
+        )
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        s = self.stats
+        s.requests += 1
+        path = request.path
+        s.by_path[path] = s.by_path.get(path, 0) + 1
+        s.last_headers = dict(request.headers)
+        h = request.headers
+        o = self.options
+        try:
+            body = _dec.decode(await request.read())
+        except msgspec.DecodeError:
+            return _error(400, "invalid JSON body", "invalid_request_error")
+        if not isinstance(body, dict):
+            return _error(400, "body must be a JSON object", "invalid_request_error")
+        s.last_body = body
+        latency = float(h.get("x-mock-latency-ms", o.latency_ms))
+        if latency > 0:
+            await asyncio.sleep(latency / 1000)
+        status = int(h.get("x-mock-status", 0))
+        if not status and o.error_rate > 0 and self._rng.random() < o.error_rate:
+            status = o.error_status
+        if status >= 400:
+            s.errors += 1
+            return _error(status, f"mock error {status}")
+        model = str(body.get("model") or "mock-model")
+        n_out = int(h.get("x-mock-tokens", o.completion_tokens))
+        usage = {
+            "prompt": prompt_tokens_of(body),
+            "completion": n_out,
+            "cached": int(h.get("x-mock-cached-tokens", 0)),
+            "reasoning": int(h.get("x-mock-reasoning-tokens", 0)),
+            "omit": h.get("x-mock-no-usage") == "1",
+        }
+        delay = float(h.get("x-mock-chunk-delay-ms", o.chunk_delay_ms)) / 1000
+        tail = path[len("/v1/"):]
+        stream = bool(body.get("stream"))
+        if tail == "embeddings":
+            return self._embeddings(body, model, usage)
+        if tail == "chat/completions":
+            if stream:
+                return await self._stream_chat(request, body, model, usage, delay)
+            return self._chat(model, usage)
+        if tail == "completions":
+            if stream:
+                return await self._stream_completion(request, body, model, usage, delay)
+            return self._completion(model, usage)
+        if tail == "responses":
+            if stream:
+                return await self._stream_responses(request, model, usage, delay)
+            return web.Response(body=_enc.encode(self._response_obj(model, usage)), content_type="application/json")
+        return _error(404, f"unknown path {path}", "invalid_request_error")
+
+    # ---- bodies ----
+
+    @staticmethod
+    def _words(n: int) -> list[str]:
+        return [WORDS[i % len(WORDS)] for i in range(n)]
+
+    @staticmethod
+    def _usage(u: dict[str, Any]) -> dict[str, Any]:
+        p, c = u["prompt"], u["completion"]
+        return {
+            "prompt_tokens": p,
+            "completion_tokens": c,
+            "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": u["cached"]},
+            "completion_tokens_details": {"reasoning_tokens": u["reasoning"]},
+        }
+
+    def _chat(self, model: str, u: dict[str, Any]) -> web.Response:
+        obj: dict[str, Any] = {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": " ".join(self._words(u["completion"]))},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+            ],
+        }
+        if not u["omit"]:
+            obj["usage"] = self._usage(u)
+        return web.Response(body=_enc.encode(obj), content_type="application/json")
+
+    def _completion(self, model: str, u: dict[str, Any]) -> web.Response:
+        obj: dict[str, Any] = {
+            "id": f"cmpl-{uuid.uuid4().hex[:12]}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "text": " ".join(self._words(u["completion"])), "finish_reason": "stop", "logprobs": None}],
+        }
+        if not u["omit"]:
+            obj["usage"] = self._usage(u)
+        return web.Response(body=_enc.encode(obj), content_type="application/json")
+
+    def _embeddings(self, body: dict[str, Any], model: str, u: dict[str, Any]) -> web.Response:
+        inputs = body.get("input")
+        items = inputs if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else [inputs]
+        dim = self.options.embedding_dim
+        data = [
+            {"object": "embedding", "index": i, "embedding": [round(((i + 1) * (j + 1) % 97) / 97, 4) for j in range(dim)]}
+            for i in range(len(items))
+        ]
+        obj: dict[str, Any] = {"object": "list", "data": data, "model": model}
+        if not u["omit"]:
+            obj["usage"] = {"prompt_tokens": u["prompt"], "total_tokens": u["prompt"]}
+        return web.Response(body=_enc.encode(obj), content_type="application/json")
+
+    def _response_obj(self, model: str, u: dict[str, Any], rid: str | None = None) -> dict[str, Any]:
+        text = " ".join(self._words(u["completion"]))
+        obj: dict[str, Any] = {
+            "id": rid or f"resp_{uuid.uuid4().hex[:12]}",
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "model": model,
+            "output": [
+                {
+                    "type": "message",
+                    "id": "msg_1",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}],
+                }
+            ],
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+        }
+        if not u["omit"]:
+            p, c = u["prompt"], u["completion"]
+            obj["usage"] = {
+                "input_tokens": p,
+                "input_tokens_details": {"cached_tokens": u["cached"]},
+                "output_tokens": c,
+                "output_tokens_details": {"reasoning_tokens": u["reasoning"]},
+                "total_tokens": p + c,
+            }
+        return obj
+
+    # ---- streams ----
+
+    async def _open_stream(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        return resp
+
+    async def _send(self, resp: web.StreamResponse, events: list[bytes], delay: float) -> bool:
+        """Write events one by one; False when the client went away (counted)."""
+        try:
+            for i, ev in enumerate(events):
+                if delay > 0 and i:
+                    await asyncio.sleep(delay)
+                await resp.write(ev)
+            await resp.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            self.stats.disconnects += 1
+            return False
+        self.stats.streams_completed += 1
+        return True
+
+    async def _stream_chat(
+        self, request: web.Request, body: dict[str, Any], model: str, u: dict[str, Any], delay: float
+    ) -> web.StreamResponse:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and not u["omit"]
+        cid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
+        created = int(time.time())
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+            obj: dict[str, Any] = {
+                "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            }
+            if include_usage:
+                obj["usage"] = None
+            return b"data: " + _enc.encode(obj) + b"\n\n"
+
+        words = self._words(u["completion"])
+        events = [chunk({"role": "assistant", "content": ""}, None)]
+        events += [chunk({"content": (" " if i else "") + w}, None) for i, w in enumerate(words)]
+        events.append(chunk({}, "stop"))
+        if include_usage:
+            last = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [], "usage": self._usage(u)}
+            events.append(b"data: " + _enc.encode(last) + b"\n\n")
+        events.append(b"data: [DONE]\n\n")
+        resp = await self._open_stream(request)
+        await self._send(resp, events, delay)
+        return resp
+
+    async def _stream_completion(
+        self, request: web.Request, body: dict[str, Any], model: str, u: dict[str, Any], delay: float
+    ) -> web.StreamResponse:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and not u["omit"]
+        cid = f"cmpl-{uuid.uuid4().hex[:12]}"
+        created = int(time.time())
+        events = []
+        words = self._words(u["completion"])
+        for i, w in enumerate(words):
+            obj: dict[str, Any] = {
+                "id": cid, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": (" " if i else "") + w, "logprobs": None,
+                             "finish_reason": "stop" if i == len(words) - 1 else None}],
+            }
+            if include_usage:
+                obj["usage"] = None
+            events.append(b"data: " + _enc.encode(obj) + b"\n\n")
+        if include_usage:
+            last = {"id": cid, "object": "text_completion", "created": created, "model": model,
+                    "choices": [], "usage": self._usage(u)}
+            events.append(b"data: " + _enc.encode(last) + b"\n\n")
+        events.append(b"data: [DONE]\n\n")
+        resp = await self._open_stream(request)
+        await self._send(resp, events, delay)
+        return resp
+
+    async def _stream_responses(
+        self, request: web.Request, model: str, u: dict[str, Any], delay: float
+    ) -> web.StreamResponse:
+        rid = f"resp_{uuid.uuid4().hex[:12]}"
+        final = self._response_obj(model, u, rid)
+        started = {**final, "status": "in_progress", "output": []}
+        started.pop("usage", None)
+        seq = 0
+
+        def ev(name: str, data: dict[str, Any]) -> bytes:
+            nonlocal seq
+            data = {"type": name, "sequence_number": seq, **data}
+            seq += 1
+            return b"event: " + name.encode() + b"\ndata: " + _enc.encode(data) + b"\n\n"
+
+        events = [ev("response.created", {"response": started})]
+        for i, w in enumerate(self._words(u["completion"])):
+            events.append(ev("response.output_text.delta", {
+                "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": (" " if i else "") + w}))
+        events.append(ev("response.completed", {"response": final}))
+        resp = await self._open_stream(request)
+        await self._send(resp, events, delay)
+        return resp
+
+
+async def start_mock_upstream(
+    host: str = "127.0.0.1", port: int = 0, options: MockOptions | None = None, **kwargs: Any
+) -> MockUpstream:
+    """Start the mock on host:port (0 = a free port) in the running event loop.
+
+    `kwargs` are MockOptions fields (latency_ms, chunk_delay_ms, error_rate, ...).
+    """
+    opts = options or MockOptions(**kwargs)
+    return await MockUpstream(host, port, opts).start()
+
+
+def run_mock_upstream(host: str, port: int, options: MockOptions, ready: Any = None) -> None:
+    """Serve until interrupted (the `llmpulse mock-upstream` command)."""
+
+    async def main() -> None:
+        mock = await start_mock_upstream(host, port, options)
+        if ready is not None:
+            ready(mock)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await mock.stop()
+
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        asyncio.run(main())

@@ -1,0 +1,188 @@
+"""From a finished request to a CallEvent on Kafka, off the request's path.
+
+The handler fills a `CallRecord` (plain attribute writes) and hands it to
+`CallRecorder.record()`, which only appends it to a list and schedules one
+`loop.call_soon` flush. The flush runs after the response bytes were handed to the
+socket: it estimates tokens when the upstream sent no usage, prices the call,
+redacts captured text, validates the CallEvent and gives its JSON to the
+publisher (non-blocking). Nothing here can fail or delay a user's request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+import msgspec
+from prometheus_client import Counter
+
+from llmpulse.config import Settings
+from llmpulse.producers.pricing import PriceTable
+from llmpulse.producers.proxy.tokens import (
+    Usage,
+    delta_text,
+    estimate_usage,
+    request_text,
+    response_text,
+)
+from llmpulse.producers.redaction import Redactor
+from llmpulse.schemas.call import CallEvent
+
+log = logging.getLogger(__name__)
+_dec = msgspec.json.Decoder()
+
+UNPRICED_CALLS = Counter("llmpulse_proxy_unpriced_calls_total", "Calls of models without a price")
+EVENTS_NOT_BUILT = Counter("llmpulse_proxy_events_invalid_total", "Calls whose CallEvent could not be built")
+KNOWN_OPS = frozenset({"chat", "completion", "embedding", "responses"})
+_PARTIAL_OK = frozenset({"client_disconnected", "upstream_disconnected"})
+
+
+class RawPublisher(Protocol):
+    """What the proxy needs of a publisher (EventPublisher and SpoolingPublisher fit)."""
+
+    def publish_raw(self, topic: str, value: bytes, key: bytes | str | None = None) -> bool: ...
+
+
+@dataclass(slots=True)
+class CallRecord:
+    ts: datetime
+    model: str
+    operation: str
+    provider: str
+    app: str
+    user: str | None
+    api_key_hash: str | None
+    streamed: bool = False
+    status_code: int = 200
+    error_type: str | None = None
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    response_model: str | None = None
+    usage: Usage | None = None
+    request_raw: bytes | None = None
+    response_raw: bytes | None = None
+    stream_payloads: list[bytes] | None = field(default=None)
+
+
+def _cut(v: str | None, n: int) -> str | None:
+    return v if v is None or len(v) <= n else v[:n]
+
+
+class CallRecorder:
+    def __init__(self, settings: Settings, publisher: RawPublisher, prices: PriceTable) -> None:
+        self.topic = settings.kafka.topic("calls")
+        self.publisher = publisher
+        self.prices = prices
+        self.capture = settings.capture.enabled
+        self.capture_max = settings.capture.max_chars
+        self.redactor = Redactor(settings.capture.extra_patterns)
+        self._pending: list[CallRecord] = []
+        self._scheduled = False
+        self.recorded = 0
+        self.invalid = 0
+
+    def record(self, rec: CallRecord) -> None:
+        self._pending.append(rec)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, []
+        for rec in pending:
+            try:
+                value = self.encode(rec)
+            except Exception as exc:  # monitoring never fails the proxy
+                self.invalid += 1
+                EVENTS_NOT_BUILT.inc()
+                log.warning("call event not built (%s): %s", rec.model, exc)
+                continue
+            self.publisher.publish_raw(self.topic, value, rec.model)
+            self.recorded += 1
+
+    # ---- the deferred work ----
+
+    def _request_body(self, rec: CallRecord) -> dict[str, Any] | None:
+        if not rec.request_raw:
+            return None
+        try:
+            body = _dec.decode(rec.request_raw)
+        except msgspec.DecodeError:
+            return None
+        return body if isinstance(body, dict) else None
+
+    def _completion_text(self, rec: CallRecord) -> str:
+        if rec.stream_payloads is not None:
+            parts = []
+            for p in rec.stream_payloads:
+                try:
+                    chunk = _dec.decode(p)
+                except msgspec.DecodeError:
+                    continue
+                if isinstance(chunk, dict):
+                    parts.append(delta_text(chunk))
+            return "".join(parts)
+        if rec.response_raw:
+            try:
+                body = _dec.decode(rec.response_raw)
+            except msgspec.DecodeError:
+                return ""
+            if isinstance(body, dict):
+                return response_text(body)
+        return ""
+
+    def encode(self, rec: CallRecord) -> bytes:
+        usage = rec.usage
+        ok = rec.status_code < 400 or rec.error_type in _PARTIAL_OK
+        req_body: dict[str, Any] | None = None
+        completion: str | None = None
+        if usage is None and ok and rec.operation in KNOWN_OPS:
+            req_body = self._request_body(rec)
+            completion = self._completion_text(rec)
+            usage = estimate_usage(req_body, completion)
+        cost: float | None = None
+        if usage is not None:
+            cost = self.prices.cost(
+                rec.model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.reasoning_tokens
+            )
+            if cost is None:
+                UNPRICED_CALLS.inc()
+        u = usage or Usage()
+        prompt_text = response_text_out = None
+        if self.capture:
+            if req_body is None:
+                req_body = self._request_body(rec)
+            if completion is None:
+                completion = self._completion_text(rec)
+            prompt_text = self.redactor.capture(request_text(req_body) if req_body else None, self.capture_max)
+            response_text_out = self.redactor.capture(completion or None, self.capture_max)
+        event = CallEvent(
+            ts=rec.ts,
+            source="proxy",
+            provider=_cut(rec.provider, 128) or "unknown",
+            model=_cut(rec.model, 256) or "unknown",
+            response_model=_cut(rec.response_model, 256),
+            operation=rec.operation,  # type: ignore[arg-type]
+            app=_cut(rec.app, 128) or "default",
+            user=_cut(rec.user, 256),
+            api_key_hash=rec.api_key_hash,
+            status_code=rec.status_code,
+            error_type=rec.error_type,
+            latency_ms=rec.latency_ms,
+            ttft_ms=rec.ttft_ms,
+            streamed=rec.streamed,
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            total_tokens=u.total_tokens if u.total_tokens is not None else u.prompt_tokens + u.completion_tokens,
+            cached_tokens=u.cached_tokens,
+            reasoning_tokens=u.reasoning_tokens,
+            tokens_estimated=u.estimated,
+            cost_usd=cost,
+            prompt=prompt_text,
+            response=response_text_out,
+        )
+        return event.model_dump_json(exclude_none=True).encode()

@@ -1,0 +1,382 @@
+"""A publisher that never blocks, never fails the caller, and loses nothing while it can spool.
+
+``publish_raw()`` appends to a bounded in-memory queue (a deque; O(1), thread-safe)
+and returns. A background thread hands the queue to confluent-kafka's producer.
+When the broker is unreachable (librdkafka reports all brokers down, or a message
+is not delivered within `delivery_timeout_s`), events go to an append-only spool
+file instead, ``<spool_dir>/spool.bin``; the thread probes the broker every
+`retry_s` and, once it answers, replays the spool from the last replayed offset
+(kept in ``spool.offset``, so a restarted process replays what an earlier one
+spooled). Only when the unreplayed spool would exceed `spool_max_bytes` is an event
+dropped, and each drop is counted (``llmpulse_publish_dropped_total``).
+
+Delivery is at least once: an event is never both delivered and spooled except when
+a process stops while a message is in flight (it is then spooled, and may have
+arrived too); consumers dedupe by `event_id`.
+
+Spool record: header ``<IHiI`` (crc32 of the rest, topic length, key length or -1,
+value length) followed by topic, key and value bytes. A torn record at the end (a
+crash mid-write) is cut off when the spool is opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmpulse.schemas.base import WireModel
+from llmpulse.schemas.codec import encode, encode_batch
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("<IHiI")
+SPOOL_FILE = "spool.bin"
+OFFSET_FILE = "spool.offset"
+Item = tuple[str, bytes | None, bytes]
+
+try:
+    from llmpulse.metrics import EVENTS_OUT, PUBLISH_DROPPED, PUBLISH_SPOOL_BYTES
+
+    _METRICS = True
+except ImportError:  # pragma: no cover - light install without prometheus-client
+    _METRICS = False
+
+
+@dataclass
+class SpoolStats:
+    queued: int = 0
+    delivered: int = 0
+    spooled: int = 0
+    replayed: int = 0
+    dropped: int = 0
+    failed_deliveries: int = 0
+
+
+def _record(topic: str, key: bytes | None, value: bytes) -> bytes:
+    t = topic.encode()
+    k = key or b""
+    body = struct.pack("<HiI", len(t), -1 if key is None else len(k), len(value)) + t + k + value
+    return struct.pack("<I", zlib.crc32(body)) + body
+
+
+class SpoolFile:
+    """The append-only spool and its replay offset. Not thread-safe: the caller locks."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / SPOOL_FILE
+        self.offset_path = directory / OFFSET_FILE
+        self.path.touch(exist_ok=True)
+        self.size = self._valid_size()
+        self.offset = min(self._read_offset(), self.size)
+        self._writer = open(self.path, "ab")  # noqa: SIM115 - kept open for appends
+        self._reader = open(self.path, "rb")  # noqa: SIM115
+
+    def _read_offset(self) -> int:
+        try:
+            return int(self.offset_path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _valid_size(self) -> int:
+        """Size up to the last whole, intact record; a torn or corrupt tail is cut off."""
+        size = self.path.stat().st_size
+        pos = 0
+        with open(self.path, "rb") as f:
+            while pos < size:
+                head = f.read(_HEADER.size)
+                if len(head) < _HEADER.size:
+                    break
+                crc, tl, kl, vl = _HEADER.unpack(head)
+                rest = f.read(tl + max(kl, 0) + vl)
+                if len(rest) < tl + max(kl, 0) + vl or zlib.crc32(head[4:] + rest) != crc:
+                    break
+                pos += _HEADER.size + len(rest)
+        if pos < size:
+            log.warning("spool %s: cut %d bytes of a torn or corrupt record", self.path, size - pos)
+            with open(self.path, "r+b") as f:
+                f.truncate(pos)
+        return pos
+
+    @property
+    def pending(self) -> int:
+        return self.size - self.offset
+
+    def append(self, records: Sequence[bytes]) -> None:
+        data = b"".join(records)
+        self._writer.write(data)
+        self._writer.flush()
+        self.size += len(data)
+
+    def read(self, max_records: int) -> list[tuple[int, Item]]:
+        """Up to `max_records` unreplayed records, each with the offset just past it."""
+        out: list[tuple[int, Item]] = []
+        pos = self.offset
+        self._reader.seek(pos)
+        while pos < self.size and len(out) < max_records:
+            head = self._reader.read(_HEADER.size)
+            if len(head) < _HEADER.size:
+                break
+            _crc, tl, kl, vl = _HEADER.unpack(head)
+            topic = self._reader.read(tl).decode()
+            key = self._reader.read(kl) if kl >= 0 else None
+            value = self._reader.read(vl)
+            pos += _HEADER.size + tl + max(kl, 0) + vl
+            out.append((pos, (topic, key, value)))
+        return out
+
+    def commit(self, offset: int) -> None:
+        self.offset = offset
+        if self.offset >= self.size:  # all replayed: start afresh
+            self._writer.truncate(0)
+            self._writer.seek(0)
+            self.size = self.offset = 0
+        tmp = self.offset_path.with_suffix(".tmp")
+        tmp.write_text(str(self.offset))
+        os.replace(tmp, self.offset_path)
+
+    def close(self) -> None:
+        self._writer.close()
+        self._reader.close()
+
+
+class SpoolingPublisher:
+    """Non-blocking Kafka publisher with a bounded queue and a disk spool for broker outages."""
+
+    def __init__(
+        self,
+        kafka_settings: dict[str, Any],
+        spool_dir: Path,
+        *,
+        spool_max_bytes: int = 1 << 30,
+        queue_size: int = 100_000,
+        delivery_timeout_s: float = 15.0,
+        retry_s: float = 2.0,
+        component: str = "proxy",
+        batch: int = 256,
+    ) -> None:
+        from confluent_kafka import KafkaError, Producer
+
+        self._KafkaError = KafkaError
+        settings = {
+            "message.timeout.ms": int(delivery_timeout_s * 1000),
+            "reconnect.backoff.max.ms": 1000,
+            "log_level": 3,
+            **kafka_settings,
+            "error_cb": self._on_error,
+        }
+        self._producer = Producer(settings)
+        self._queue: deque[Item] = deque()
+        self._queue_size = queue_size
+        self._spool_max = spool_max_bytes
+        self._retry_s = retry_s
+        self._batch = batch
+        self.component = component
+        self.stats = SpoolStats()
+        self._lock = threading.Lock()
+        self._spool = SpoolFile(spool_dir)
+        self._up = True
+        self._next_probe = 0.0
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"llmpulse-publisher-{component}", daemon=True)
+        if self._spool.pending:
+            log.info("spool %s holds %d bytes from earlier; replaying when Kafka answers", spool_dir, self._spool.pending)
+        self._gauge()
+        self._thread.start()
+
+    # ---- caller side (any thread, never blocks on the network) ----
+
+    def publish_raw(self, topic: str, value: bytes, key: bytes | str | None = None) -> bool:
+        """Queue one message; it is spooled when the queue is full. False only when dropped."""
+        k = key.encode() if isinstance(key, str) else key
+        if len(self._queue) < self._queue_size and not self._stopping.is_set():
+            self._queue.append((topic, k, value))
+            return True
+        return self._spool_items([(topic, k, value)]) > 0
+
+    def publish(self, topic: str, event: WireModel, key: str | None = None) -> bool:
+        return self.publish_raw(topic, encode(event), key)
+
+    def publish_batch(self, topic: str, events: Sequence[WireModel], key: str | None = None) -> bool:
+        return self.publish_raw(topic, encode_batch(events), key)
+
+    @property
+    def broker_up(self) -> bool:
+        return self._up
+
+    @property
+    def spool_pending_bytes(self) -> int:
+        return self._spool.pending
+
+    def idle(self) -> bool:
+        """Nothing queued, in flight, or waiting in the spool."""
+        return not self._queue and len(self._producer) == 0 and self._spool.pending == 0
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything is delivered (or `timeout`); True when idle."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.idle():
+                return True
+            time.sleep(0.02)
+        return self.idle()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Deliver what can be delivered within `timeout`; spool the rest."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._thread.join(timeout + 5)
+        with self._lock:
+            self._spool.close()
+
+    # ---- background thread ----
+
+    def _gauge(self) -> None:
+        if _METRICS:
+            PUBLISH_SPOOL_BYTES.labels(self.component).set(self._spool.pending)
+
+    def _on_error(self, err: Any) -> None:
+        if err.code() == self._KafkaError._ALL_BROKERS_DOWN:
+            if self._up:
+                log.warning("Kafka unreachable (%s): spooling events", err.str())
+            self._mark_down()
+
+    def _mark_down(self) -> None:
+        if self._up:
+            self._up = False
+            self._next_probe = time.monotonic() + self._retry_s
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is None:
+            self.stats.delivered += 1
+            if _METRICS:
+                EVENTS_OUT.labels(self.component, msg.topic()).inc()
+            return
+        self.stats.failed_deliveries += 1
+        code = err.code()
+        if code == self._KafkaError.MSG_SIZE_TOO_LARGE:
+            log.error("event dropped: larger than the broker accepts (%d bytes)", len(msg.value() or b""))
+            self._count_drop(1)
+            return
+        self._mark_down()
+        self._spool_items([(msg.topic(), msg.key(), msg.value() or b"")])
+
+    def _count_drop(self, n: int) -> None:
+        self.stats.dropped += n
+        if _METRICS:
+            PUBLISH_DROPPED.labels(self.component).inc(n)
+
+    def _spool_items(self, items: Sequence[Item]) -> int:
+        """Append to the spool within its limit; returns how many were kept."""
+        records = []
+        with self._lock:
+            room = self._spool_max - self._spool.pending
+            for topic, key, value in items:
+                rec = _record(topic, key, value)
+                if len(rec) > room:
+                    continue
+                room -= len(rec)
+                records.append(rec)
+            try:
+                self._spool.append(records)
+            except (OSError, ValueError) as exc:
+                log.error("cannot write the spool %s: %s", self._spool.path, exc)
+                records = []
+            self._gauge()
+        kept = len(records)
+        self.stats.spooled += kept
+        if kept < len(items):
+            self._count_drop(len(items) - kept)
+            log.warning("spool full (%d bytes): %d events dropped", self._spool_max, len(items) - kept)
+        return kept
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes) -> bool:
+        try:
+            self._producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+            return True
+        except BufferError:
+            return False
+        except Exception as exc:  # monitoring never fails the caller
+            log.warning("cannot queue event for %s: %s", topic, exc)
+            return False
+
+    def _drain(self) -> int:
+        n = 0
+        items: list[Item] = []
+        q = self._queue
+        while q and n < self._batch:
+            items.append(q.popleft())
+            n += 1
+        if not items:
+            return 0
+        if self._up:
+            rest = [it for it in items if not self._produce(*it)]
+            if rest:
+                self._spool_items(rest)
+        else:
+            self._spool_items(items)
+        self.stats.queued += n
+        return n
+
+    def _probe(self) -> None:
+        now = time.monotonic()
+        if now < self._next_probe:
+            return
+        self._next_probe = now + self._retry_s
+        try:
+            self._producer.list_topics(timeout=min(self._retry_s, 5.0))
+        except Exception:  # still down
+            return
+        log.info("Kafka reachable again; replaying %d spooled bytes", self._spool.pending)
+        self._up = True
+
+    def _replay(self) -> None:
+        with self._lock:
+            if not self._spool.pending:
+                return
+            records = self._spool.read(self._batch)
+            done = self._spool.offset
+            for end, (topic, key, value) in records:
+                if not self._produce(topic, key, value):
+                    break
+                done = end
+                self.stats.replayed += 1
+            self._spool.commit(done)
+            self._gauge()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                busy = self._drain()
+                if self._up:
+                    self._replay()
+                else:
+                    self._probe()
+                self._producer.poll(0 if busy else 0.02)
+            except Exception:  # the publisher thread must not die
+                log.exception("publisher loop error")
+                time.sleep(0.1)
+        self._shutdown()
+
+    def _shutdown(self, timeout: float = 5.0) -> None:
+        while self._drain():
+            pass
+        if self._up:
+            self._producer.flush(timeout)
+        if len(self._producer):
+            with contextlib.suppress(Exception):
+                self._producer.purge(in_queue=True, in_flight=True)
+            self._producer.poll(0)  # failed deliveries -> spool
+            self._producer.flush(0)
