@@ -1,6 +1,6 @@
 """Rules, anomaly baselines and the alert lifecycle of the stream worker (pure logic, no Kafka)."""
 
-from llmpulse.streams.rules.engine import STATE_VERSION, RulesEngine, new_state
+from llmpulse.streams.rules.engine import STATE_VERSION, RulesEngine, has_open_alerts, new_state
 from llmpulse.streams.rules.loader import RulesError, RulesReloader, load_rules, parse_rules
 from llmpulse.streams.rules.model import (
     AnomalyRule,
@@ -22,6 +22,7 @@ __all__ = [
     "RulesError",
     "RulesReloader",
     "ThresholdRule",
+    "has_open_alerts",
     "load_rules",
     "new_state",
     "parse_rules",

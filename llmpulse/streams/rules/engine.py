@@ -38,6 +38,7 @@ from llmpulse.schemas import Alert, WindowAggregate, alert_fingerprint
 from llmpulse.streams.rules.baseline import add_to_baseline, baseline_of
 from llmpulse.streams.rules.lifecycle import Transition, advance, firing_severity
 from llmpulse.streams.rules.model import (
+    ADDITIVE_METRICS,
     DAY_S,
     VOLUME_FIELD,
     AnomalyRule,
@@ -178,6 +179,87 @@ class RulesEngine:
             self._evaluate_composite(comp, agg, all_states, start_ms, alerts)
         return alerts
 
+    def sweep(self, state: State, dimensions: dict[str, str], now: datetime) -> list[Alert]:
+        """Resolve the open alerts of a dimension set whose windows stopped coming.
+
+        A dimension set without traffic gets no aggregates, so its alerts would never see
+        a clear window. Windows without data count as clear: an alert resolves once
+        ``resolve_after`` of them have ended by ``now`` (pass the worker's event-time clock,
+        e.g. the end of the last window it closed, to stay deterministic). A budget alert
+        resolves with the next UTC day. Rules for which silence is itself the breach
+        (``below`` on requests, tokens, cost...) are left alone. Mutates ``state``.
+        """
+        alerts: list[Alert] = []
+        all_states: dict[str, State] = state.get("rules") or {}
+        seen: dict[str, int] = state.setdefault("seen", {})
+        now_ms = _ms(now)
+        last_window: tuple[datetime, datetime] | None = None
+        for name, rst in all_states.items():
+            alert = rst.get("alert")
+            rule = self._by_name.get(name)
+            if alert is None or rule is None or isinstance(rule, CompositeRule):
+                continue
+            if (
+                isinstance(rule, (ThresholdRule, AnomalyRule))
+                and rule.direction == "below"
+                and rule.metric in ADDITIVE_METRICS
+            ):
+                continue
+            key = f"{rule.kind}/{rule.window}"
+            last = seen.get(key)
+            if last is None:
+                continue
+            w_ms = rule.window * 1000
+            if isinstance(rule, BudgetRule):
+                next_day_ms = ((last // 1000) // DAY_S + 1) * DAY_S * 1000
+                start = next_day_ms + (rule.resolve_after - 1) * w_ms
+                why = "the daily budget starts again at 00:00 UTC"
+            else:
+                start = last + (rule.resolve_after - int(alert.get("clear", 0))) * w_ms
+                why = f"no data since {fmt_time(_from_ms(last + w_ms))}"
+            if start + w_ms > now_ms:
+                continue
+            rst["alert"] = None
+            rst["streak"] = 0
+            seen[key] = max(int(seen[key]), start)
+            window = (_from_ms(start), _from_ms(start + w_ms))
+            if last_window is None or window[1] > last_window[1]:
+                last_window = window
+            if alert.get("publish", True):
+                tr = Transition("resolved", alert["severity"], int(alert["started_at"]))
+                text = (
+                    f"resolved: {rule.metric} {why} {fmt_dims(dimensions)} "
+                    f"(firing since {fmt_time(_from_ms(tr.started_at_ms))})"
+                )
+                alerts.append(
+                    _build_at(
+                        name, rule.metric, tr, None, None, None, dimensions, *window, text
+                    )
+                )  # fmt: skip
+        if last_window is None:
+            return alerts
+        for comp in self.rules.rules:
+            if not isinstance(comp, CompositeRule):
+                continue
+            cst = all_states.get(comp.name)
+            alert = cst.get("alert") if cst else None
+            if cst is None or alert is None:
+                continue
+            firing = {m: firing_severity(all_states.get(m)) for m in comp.members}
+            if _composite_level(comp, firing)[1] is not None:
+                continue
+            cst["alert"] = None
+            cst["streak"] = 0
+            if alert.get("publish", True):
+                tr = Transition("resolved", alert["severity"], int(alert["started_at"]))
+                text = f"resolved: {comp.name}: its rules no longer fire {fmt_dims(dimensions)}"
+                alerts.append(
+                    _build_at(
+                        comp.name, "composite", tr, None, None, None, dimensions, *last_window, text
+                    )
+                )  # fmt: skip
+        return alerts
+
     # -- rules changed --------------------------------------------------------------------
 
     def _reconcile(self, agg: WindowAggregate, state: State, alerts: list[Alert]) -> None:
@@ -227,13 +309,7 @@ class RulesEngine:
         alerts: list[Alert],
     ) -> None:
         firing = {m: firing_severity(all_states.get(m)) for m in comp.members}
-        active: list[Severity] = [s for s in firing.values() if s is not None]
-        level: Severity | None = None
-        ranked: list[Severity] = sorted(active, key=_RANK.__getitem__)
-        if comp.mode == "all_of" and len(active) == len(comp.members):
-            level = comp.severity or ranked[0]
-        elif comp.mode == "any_of" and active:
-            level = comp.severity or ranked[-1]
+        active, level = _composite_level(comp, firing)
         rst = all_states.get(comp.name)
         if rst is None:
             rst = all_states[comp.name] = {"k": self._data_sig[comp.name], "streak": 0}
@@ -255,6 +331,23 @@ class RulesEngine:
         alerts.append(
             _build(comp.name, "composite", tr, float(len(active)), float(need), None, agg, text)
         )
+
+
+def _composite_level(
+    comp: CompositeRule, firing: dict[str, Severity | None]
+) -> tuple[list[Severity], Severity | None]:
+    active: list[Severity] = [s for s in firing.values() if s is not None]
+    ranked: list[Severity] = sorted(active, key=_RANK.__getitem__)
+    if comp.mode == "all_of" and len(active) == len(comp.members):
+        return active, comp.severity or ranked[0]
+    if comp.mode == "any_of" and active:
+        return active, comp.severity or ranked[-1]
+    return active, None
+
+
+def has_open_alerts(state: State) -> bool:
+    """Whether a per-dimension-set state has a firing alert (worth a periodic ``sweep``)."""
+    return any(r.get("alert") for r in (state.get("rules") or {}).values())
 
 
 # -- judging ------------------------------------------------------------------------------
@@ -341,8 +434,26 @@ def _build(
     agg: WindowAggregate,
     summary: str,
 ) -> Alert:
-    fp = alert_fingerprint(rule, agg.dimensions)
-    end_ms = _ms(agg.window_end)
+    return _build_at(
+        rule, metric, tr, value, threshold, baseline,
+        agg.dimensions, agg.window_start, agg.window_end, summary,
+    )  # fmt: skip
+
+
+def _build_at(
+    rule: str,
+    metric: str,
+    tr: Transition,
+    value: float | None,
+    threshold: float | None,
+    baseline: float | None,
+    dimensions: dict[str, str],
+    window_start: datetime,
+    window_end: datetime,
+    summary: str,
+) -> Alert:
+    fp = alert_fingerprint(rule, dimensions)
+    end_ms = _ms(window_end)
     alert_id = hashlib.sha1(f"{fp}|{tr.change}|{tr.severity}|{end_ms}".encode()).hexdigest()[:32]
     return Alert(
         alert_id=alert_id,
@@ -354,11 +465,11 @@ def _build(
         value=value,
         threshold=threshold,
         baseline=baseline,
-        dimensions=dict(agg.dimensions),
-        window_start=agg.window_start,
-        window_end=agg.window_end,
+        dimensions=dict(dimensions),
+        window_start=window_start,
+        window_end=window_end,
         started_at=_from_ms(tr.started_at_ms),
-        ts=agg.window_end,
+        ts=window_end,
         summary=summary[:4096],
     )
 
