@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from llmpulse import metrics
 from llmpulse.schemas.codec import decode_one, encode
@@ -52,17 +53,34 @@ class Backoff:
         return delay * (1 + 0.1 * self._jitter())
 
 
+class RateGate:
+    """A receiver's "not before": a 429's Retry-After holds every notification to it."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._not_before = 0.0
+
+    def hold_for(self, seconds: float) -> None:
+        self._not_before = max(self._not_before, self._clock() + seconds)
+
+    async def wait(self) -> None:
+        while (left := self._not_before - self._clock()) > 0:
+            await asyncio.sleep(left)
+
+
 async def deliver(
     receiver: Receiver,
     notification: Notification,
     retry_initial_s: float,
     retry_max_s: float,
-    sleep: Callable[[float], Any] = asyncio.sleep,
+    gate: RateGate | None = None,
 ) -> Outcome:
     """Send until it lands or fails permanently (cancellation stops it)."""
     backoff = Backoff(retry_initial_s, retry_max_s)
+    gate = gate or RateGate()
     attempts = 0
     while True:
+        await gate.wait()
         attempts += 1
         try:
             await receiver.send(notification)
@@ -78,6 +96,7 @@ async def deliver(
                 return Outcome("failed", attempts, str(exc))
             delay = backoff.next()
             if exc.retry_after is not None:
+                gate.hold_for(exc.retry_after)
                 delay = max(delay, exc.retry_after)
             metrics.NOTIFICATIONS.labels(receiver.name, "retried").inc()
             log.warning(
@@ -88,7 +107,7 @@ async def deliver(
                 exc,
                 delay,
             )
-            await sleep(delay)
+            await asyncio.sleep(delay)
             continue
         metrics.NOTIFICATIONS.labels(receiver.name, "delivered").inc()
         return Outcome("delivered", attempts)

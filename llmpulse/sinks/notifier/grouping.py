@@ -156,12 +156,12 @@ class Dispatcher:
                     if prev is not None and prev.resolved.get(fp) == alert.started_at:
                         continue  # a replayed firing alert whose resolution was already sent
                     targets.append(self._group(route, receiver, labels, route.group_wait_s))
-        seen = {g.gid for g in targets}
-        for gid in sorted(self.holding.get(fp, ())):
-            group = self.groups.get(gid)
-            if group is not None and gid not in seen:
-                targets.append(group)
-                seen.add(gid)
+        else:
+            # a resolution goes to every group that holds the fingerprint: where the firing went
+            for gid in sorted(self.holding.get(fp, ())):
+                group = self.groups.get(gid)
+                if group is not None:
+                    targets.append(group)
         if alert.state == "firing" and alert.severity == "critical":
             self.critical.add(fp)
         elif alert.state == "resolved":

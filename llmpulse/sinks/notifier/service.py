@@ -27,7 +27,7 @@ from llmpulse.schemas.alert import Alert
 from llmpulse.schemas.codec import decode, encode
 from llmpulse.schemas.deadletter import DeadLetter
 from llmpulse.sinks.notifier.consumer import AlertConsumer, OffsetTracker
-from llmpulse.sinks.notifier.delivery import Backoff, DeliveryLog, deliver
+from llmpulse.sinks.notifier.delivery import Backoff, DeliveryLog, RateGate, deliver
 from llmpulse.sinks.notifier.grouping import Dispatcher, Flush, Group
 from llmpulse.sinks.notifier.logtopic import LogReader, LogWriter
 from llmpulse.sinks.notifier.models import DeliveryRecord
@@ -58,6 +58,7 @@ class Notifier:
         self.tracker = OffsetTracker()
         self._flushes: set[asyncio.Task[None]] = set()
         self._kafka_lock = asyncio.Lock()
+        self._gates: dict[str, RateGate] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -180,7 +181,10 @@ class Notifier:
             if n is not None:
                 record = n.record
                 if n.send:
-                    outcome = await deliver(receivers[n.receiver], n, self.cfg.retry_initial_s, self.cfg.retry_max_s)
+                    gate = self._gates.setdefault(n.receiver, RateGate())
+                    outcome = await deliver(
+                        receivers[n.receiver], n, self.cfg.retry_initial_s, self.cfg.retry_max_s, gate
+                    )
                     if outcome.status == "failed":
                         record = record.model_copy(update={"status": "failed", "error": outcome.error[:4000]})
                     else:
