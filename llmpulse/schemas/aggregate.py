@@ -62,5 +62,5 @@ class WindowAggregate(WireModel):
     memory_util_avg_pct: NonNegFloat | None = None
     temperature_max_c: NonNegFloat | None = None
     power_avg_w: NonNegFloat | None = None
-    # the window was closed by wall-clock idleness rather than by event time
-    closed_by_idle: bool = False
+    # 1 when first published; higher when backfilled events corrected the window
+    revision: Annotated[int, Field(ge=0)] = 1

@@ -338,6 +338,7 @@ class RuleSet(BaseModel):
             if not isinstance(r, CompositeRule):
                 continue
             dims: tuple[str, ...] | None = None
+            first: tuple[str, int] = ("", 0)
             for m in r.members:
                 member = by_name.get(m)
                 if member is None:
@@ -346,12 +347,19 @@ class RuleSet(BaseModel):
                     raise ValueError(
                         f"rule {r.name!r}: key '{r.mode}': {m!r} is a composite; name plain rules"
                     )
+                where = (member.kind, member.window)
                 if dims is None:
-                    dims = member.dims
+                    dims, first = member.dims, where
                 elif member.dims != dims:
                     raise ValueError(
                         f"rule {r.name!r}: key '{r.mode}': members judge different dimension sets "
                         f"({list(dims)} and {list(member.dims)}); a composite needs the same 'by'"
+                    )
+                elif where != first:
+                    raise ValueError(
+                        f"rule {r.name!r}: key '{r.mode}': members judge different windows "
+                        f"({first[0]} {first[1]} s and {where[0]} {where[1]} s); a composite "
+                        "needs members of the same kind and window"
                     )
         return self
 

@@ -1,0 +1,38 @@
+"""`llmpulse worker`: the Faust stream worker (windows, aggregates, rules, alerts)."""
+
+from __future__ import annotations
+
+import argparse
+
+from llmpulse.cli import settings_of
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "worker",
+        help="run the stream worker: event-time windows, aggregates, rules and alerts",
+        description="Consume calls, GPU samples and feedback; publish closed windows to the "
+        "aggregates topic and rule verdicts to the alerts topic. Run several to scale out: "
+        "they share the partitions through one consumer group.",
+    )
+    p.add_argument("--flush-on-exit", action="store_true", help="close and publish open windows on a clean stop")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import faust
+
+    from llmpulse.kafka.bootstrap import resolve_bootstrap
+    from llmpulse.kafka.topics import ensure_topics
+    from llmpulse.streams.rules_hook import load_rules_hook
+    from llmpulse.streams.worker_app import WorkerRuntime
+
+    settings = settings_of(args)
+    if args.flush_on_exit:
+        settings.worker.flush_open_windows_on_exit = True
+    bootstrap = resolve_bootstrap(settings)
+    ensure_topics(bootstrap, settings.kafka)
+    runtime = WorkerRuntime(settings, bootstrap, rules=load_rules_hook(settings))
+    worker = faust.Worker(runtime.app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()
+    return 0

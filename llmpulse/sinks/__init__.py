@@ -1,0 +1,1 @@
+"""Where the stream ends: the ClickHouse writer and schema, and the notifier."""

@@ -1,0 +1,1 @@
+"""ClickHouse: schema and migrations, row conversion, the batch writer and sink consumer."""

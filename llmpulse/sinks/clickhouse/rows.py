@@ -1,0 +1,114 @@
+"""Wire models to ClickHouse rows: one converter per table, columns in one place."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from llmpulse.schemas import Alert, CallEvent, DeadLetter, Feedback, GpuSample, WindowAggregate
+from llmpulse.schemas.base import WireModel
+
+_NANO = Decimal("0.000000001")
+
+
+def _usd(v: float | None) -> Decimal | None:
+    return None if v is None else Decimal(repr(v)).quantize(_NANO)
+
+
+def call_row(e: CallEvent) -> list[Any]:
+    return [
+        e.event_id, e.ts, e.source, e.provider, e.model, e.response_model or "", e.operation,
+        e.app, e.user or "", e.api_key_hash or "", e.status_code, e.error_type or "",
+        int(e.is_error), e.latency_ms, e.ttft_ms, e.streamed, e.prompt_tokens,
+        e.completion_tokens, e.total_tokens or 0, e.cached_tokens, e.reasoning_tokens,
+        e.tokens_estimated, _usd(e.cost_usd), e.prompt, e.response,
+    ]  # fmt: skip
+
+
+CALL_COLUMNS = [
+    "event_id", "ts", "source", "provider", "model", "response_model", "operation", "app",
+    "user", "api_key_hash", "status_code", "error_type", "is_error", "latency_ms", "ttft_ms",
+    "streamed", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
+    "reasoning_tokens", "tokens_estimated", "cost_usd", "prompt", "response",
+]  # fmt: skip
+
+AGG_COLUMNS = [
+    "aggregate_id", "kind", "window_s", "window_start", "window_end", "dims_key", "dimensions",
+    "requests", "errors", "errors_by_type", "qps", "error_rate", "success_rate", "latency_sum_ms",
+    "latency_avg_ms", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "ttft_p95_ms",
+    "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "unpriced_requests",
+    "feedback_count", "intent_accuracy", "relevance_avg", "samples", "gpu_util_avg_pct",
+    "gpu_util_max_pct", "memory_used_max_bytes", "memory_util_avg_pct", "temperature_max_c",
+    "power_avg_w", "revision",
+]  # fmt: skip
+
+
+def aggregate_row(a: WindowAggregate) -> list[Any]:
+    row: list[Any] = []
+    for c in AGG_COLUMNS:
+        v = getattr(a, c)
+        row.append(_usd(v) if c == "cost_usd" else v)
+    return row
+
+
+GPU_COLUMNS = [
+    "event_id", "ts", "host", "gpu_index", "gpu_uuid", "name", "utilization_gpu_pct",
+    "utilization_memory_pct", "memory_used_bytes", "memory_total_bytes", "temperature_c",
+    "power_draw_w", "power_limit_w", "processes",
+]  # fmt: skip
+
+
+def gpu_row(g: GpuSample) -> list[Any]:
+    procs = json.dumps([p.model_dump(exclude={"schema_version"}) for p in g.processes])
+    return [getattr(g, c) for c in GPU_COLUMNS[:-1]] + [procs]
+
+
+FEEDBACK_COLUMNS = [
+    "event_id", "call_event_id", "ts", "intent_correct", "relevance", "model", "app", "user", "comment",
+]  # fmt: skip
+
+
+def feedback_row(f: Feedback) -> list[Any]:
+    return [f.event_id, f.call_event_id, f.ts, f.intent_correct, f.relevance, f.model or "", f.app, f.user or "", f.comment]
+
+
+ALERT_COLUMNS = [
+    "alert_id", "fingerprint", "rule", "severity", "state", "metric", "value", "threshold",
+    "baseline", "dimensions", "window_start", "window_end", "started_at", "ts", "summary", "root_cause",
+]  # fmt: skip
+
+
+def alert_row(a: Alert) -> list[Any]:
+    return [getattr(a, c) for c in ALERT_COLUMNS[:-1]] + [json.dumps(a.root_cause) if a.root_cause else ""]
+
+
+DEADLETTER_COLUMNS = [
+    "dead_letter_id", "ts", "kind", "reason", "source", "partition", "offset", "payload", "payload_encoding",
+]  # fmt: skip
+
+
+def deadletter_row(d: DeadLetter) -> list[Any]:
+    return [getattr(d, c) for c in DEADLETTER_COLUMNS]
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    table: str
+    model: type[WireModel]
+    columns: list[str]
+    to_row: Callable[[Any], list[Any]]
+    id_column: str
+
+
+# topic name (without prefix) -> how its events become rows
+TABLES: dict[str, TableSpec] = {
+    "calls": TableSpec("llm_calls", CallEvent, CALL_COLUMNS, call_row, "event_id"),
+    "aggregates": TableSpec("llm_aggregates", WindowAggregate, AGG_COLUMNS, aggregate_row, "aggregate_id"),
+    "gpu": TableSpec("gpu_samples", GpuSample, GPU_COLUMNS, gpu_row, "event_id"),
+    "feedback": TableSpec("feedback", Feedback, FEEDBACK_COLUMNS, feedback_row, "event_id"),
+    "alerts": TableSpec("alerts", Alert, ALERT_COLUMNS, alert_row, "alert_id"),
+    "deadletter": TableSpec("deadletter", DeadLetter, DEADLETTER_COLUMNS, deadletter_row, "dead_letter_id"),
+}

@@ -1,0 +1,198 @@
+"""Tables of database `llmpulse`, as versioned migrations.
+
+Engines and keys follow the queries people run: a time range plus model, app, user or
+status. Raw tables are ReplacingMergeTree keyed by the event's id, aggregates by the
+window key, so a re-delivered row replaces its twin when parts merge; exact figures
+read with `FINAL` (or `argMax` / `uniqExact(event_id)`). Costs are Decimal, never floats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmpulse.config.clickhouse import ClickHouseConfig
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+def _engine(cfg: ClickHouseConfig, engine: str, table: str) -> str:
+    """The engine, made Replicated when a cluster is configured."""
+    if not cfg.cluster:
+        return engine
+    name, _, args = engine.partition("(")
+    args = args.rstrip(")")
+    path = f"'/clickhouse/tables/{{shard}}/{cfg.database}/{table}', '{{replica}}'"
+    return f"Replicated{name}({path}{', ' + args if args else ''})"
+
+
+def _on_cluster(cfg: ClickHouseConfig) -> str:
+    return f" ON CLUSTER {cfg.cluster}" if cfg.cluster else ""
+
+
+def migrations(cfg: ClickHouseConfig) -> list[Migration]:
+    db = cfg.database
+    oc = _on_cluster(cfg)
+    r = cfg.retention_days
+    E = lambda engine, table: _engine(cfg, engine, table)  # noqa: E731
+    return [
+        Migration(
+            1,
+            "raw events, aggregates, alerts, dead letters",
+            (
+                f"CREATE DATABASE IF NOT EXISTS {db}{oc}",
+                f"""CREATE TABLE IF NOT EXISTS {db}.llm_calls{oc} (
+                    event_id String,
+                    ts DateTime64(3, 'UTC'),
+                    source LowCardinality(String),
+                    provider LowCardinality(String),
+                    model LowCardinality(String),
+                    response_model LowCardinality(String),
+                    operation LowCardinality(String),
+                    app LowCardinality(String),
+                    user String,
+                    api_key_hash String,
+                    status_code UInt16,
+                    error_type LowCardinality(String),
+                    is_error UInt8,
+                    latency_ms Float64,
+                    ttft_ms Nullable(Float64),
+                    streamed Bool,
+                    prompt_tokens UInt32,
+                    completion_tokens UInt32,
+                    total_tokens UInt32,
+                    cached_tokens UInt32,
+                    reasoning_tokens UInt32,
+                    tokens_estimated Bool,
+                    cost_usd Nullable(Decimal(18, 9)),
+                    prompt Nullable(String),
+                    response Nullable(String),
+                    inserted_at DateTime64(3, 'UTC') DEFAULT now64(3)
+                ) ENGINE = {E("ReplacingMergeTree", "llm_calls")}
+                PARTITION BY toYYYYMMDD(ts)
+                ORDER BY (model, app, ts, event_id)
+                TTL toDateTime(ts) + INTERVAL {r.llm_calls} DAY""",
+                f"""CREATE TABLE IF NOT EXISTS {db}.llm_aggregates{oc} (
+                    aggregate_id String,
+                    kind LowCardinality(String),
+                    window_s UInt32,
+                    window_start DateTime64(3, 'UTC'),
+                    window_end DateTime64(3, 'UTC'),
+                    dims_key String,
+                    dimensions Map(LowCardinality(String), String),
+                    requests UInt64,
+                    errors UInt64,
+                    errors_by_type Map(LowCardinality(String), UInt64),
+                    qps Float64,
+                    error_rate Float64,
+                    success_rate Float64,
+                    latency_sum_ms Float64,
+                    latency_avg_ms Nullable(Float64),
+                    latency_p50_ms Nullable(Float64),
+                    latency_p95_ms Nullable(Float64),
+                    latency_p99_ms Nullable(Float64),
+                    ttft_p95_ms Nullable(Float64),
+                    prompt_tokens UInt64,
+                    completion_tokens UInt64,
+                    total_tokens UInt64,
+                    cost_usd Decimal(18, 9),
+                    unpriced_requests UInt64,
+                    feedback_count UInt64,
+                    intent_accuracy Nullable(Float64),
+                    relevance_avg Nullable(Float64),
+                    samples UInt64,
+                    gpu_util_avg_pct Nullable(Float64),
+                    gpu_util_max_pct Nullable(Float64),
+                    memory_used_max_bytes Nullable(UInt64),
+                    memory_util_avg_pct Nullable(Float64),
+                    temperature_max_c Nullable(Float64),
+                    power_avg_w Nullable(Float64),
+                    revision UInt32,
+                    inserted_at DateTime64(3, 'UTC') DEFAULT now64(3)
+                ) ENGINE = {E("ReplacingMergeTree(revision)", "llm_aggregates")}
+                PARTITION BY toYYYYMM(window_start)
+                ORDER BY (kind, window_s, dims_key, window_start)
+                TTL toDateTime(window_start) + INTERVAL {r.llm_aggregates} DAY""",
+                f"""CREATE TABLE IF NOT EXISTS {db}.gpu_samples{oc} (
+                    event_id String,
+                    ts DateTime64(3, 'UTC'),
+                    host LowCardinality(String),
+                    gpu_index UInt16,
+                    gpu_uuid LowCardinality(String),
+                    name LowCardinality(String),
+                    utilization_gpu_pct Float32,
+                    utilization_memory_pct Float32,
+                    memory_used_bytes UInt64,
+                    memory_total_bytes UInt64,
+                    temperature_c Nullable(Float32),
+                    power_draw_w Nullable(Float32),
+                    power_limit_w Nullable(Float32),
+                    processes String
+                ) ENGINE = {E("ReplacingMergeTree", "gpu_samples")}
+                PARTITION BY toYYYYMMDD(ts)
+                ORDER BY (host, gpu_index, ts, event_id)
+                TTL toDateTime(ts) + INTERVAL {r.gpu_samples} DAY""",
+                f"""CREATE TABLE IF NOT EXISTS {db}.feedback{oc} (
+                    event_id String,
+                    call_event_id String,
+                    ts DateTime64(3, 'UTC'),
+                    intent_correct Nullable(Bool),
+                    relevance Nullable(Float32),
+                    model LowCardinality(String),
+                    app LowCardinality(String),
+                    user String,
+                    comment Nullable(String)
+                ) ENGINE = {E("ReplacingMergeTree", "feedback")}
+                PARTITION BY toYYYYMM(ts)
+                ORDER BY (app, ts, event_id)
+                TTL toDateTime(ts) + INTERVAL {r.feedback} DAY""",
+                f"""CREATE TABLE IF NOT EXISTS {db}.alerts{oc} (
+                    alert_id String,
+                    fingerprint String,
+                    rule LowCardinality(String),
+                    severity LowCardinality(String),
+                    state LowCardinality(String),
+                    metric LowCardinality(String),
+                    value Nullable(Float64),
+                    threshold Nullable(Float64),
+                    baseline Nullable(Float64),
+                    dimensions Map(LowCardinality(String), String),
+                    window_start DateTime64(3, 'UTC'),
+                    window_end DateTime64(3, 'UTC'),
+                    started_at DateTime64(3, 'UTC'),
+                    ts DateTime64(3, 'UTC'),
+                    summary String,
+                    root_cause String
+                ) ENGINE = {E("ReplacingMergeTree", "alerts")}
+                PARTITION BY toYYYYMM(ts)
+                ORDER BY (fingerprint, ts, alert_id)
+                TTL toDateTime(ts) + INTERVAL {r.alerts} DAY""",
+                f"""CREATE TABLE IF NOT EXISTS {db}.deadletter{oc} (
+                    dead_letter_id String,
+                    ts DateTime64(3, 'UTC'),
+                    kind LowCardinality(String),
+                    reason String,
+                    source LowCardinality(String),
+                    partition Nullable(Int32),
+                    offset Nullable(Int64),
+                    payload String,
+                    payload_encoding LowCardinality(String)
+                ) ENGINE = {E("ReplacingMergeTree", "deadletter")}
+                PARTITION BY toYYYYMM(ts)
+                ORDER BY (ts, dead_letter_id)
+                TTL toDateTime(ts) + INTERVAL {r.deadletter} DAY""",
+            ),
+        ),
+    ]
+
+
+def migrations_table_ddl(cfg: ClickHouseConfig) -> str:
+    return f"""CREATE TABLE IF NOT EXISTS {cfg.database}.schema_migrations{_on_cluster(cfg)} (
+        version UInt32,
+        name String,
+        applied_at DateTime64(3, 'UTC') DEFAULT now64(3)
+    ) ENGINE = {_engine(cfg, "ReplacingMergeTree", "schema_migrations")} ORDER BY version"""

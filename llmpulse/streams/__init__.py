@@ -1,0 +1,1 @@
+"""The stream worker (Faust): event-time windows, partial merging, rules and alerts."""

@@ -1,0 +1,289 @@
+"""Aggregators in the shape `initialize / agg / merge / result`, one per event kind.
+
+An accumulator holds everything needed to produce a window's figures and to merge
+with another accumulator of the same window (partition partials, 10 s -> 60 s roll-ups).
+Cost is kept in integer nano-dollars so that sums are exact in any order.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from llmpulse.schemas.aggregate import WindowAggregate, aggregate_id
+from llmpulse.schemas.call import CallEvent
+from llmpulse.schemas.feedback import Feedback
+from llmpulse.schemas.gpu import GpuSample
+from llmpulse.streams.sketch import QuantileSketch
+
+NANO = 1_000_000_000
+
+
+def _ms_to_dt(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+class Accumulator:
+    kind: ClassVar[str]
+    # the finest dimension tuple of an event of this kind, and the names of its members
+    dimension_names: ClassVar[tuple[str, ...]]
+
+    def merge(self, other: Any) -> None:
+        raise NotImplementedError
+
+    def to_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def fill(self, agg: WindowAggregate) -> None:
+        raise NotImplementedError
+
+    def result(self, window_s: int, start_ms: int, dims: dict[str, str], dims_key: str) -> WindowAggregate:
+        agg = WindowAggregate(
+            aggregate_id=aggregate_id(self.kind, window_s, start_ms, dims_key),
+            kind=self.kind,  # type: ignore[arg-type]
+            window_s=window_s,
+            window_start=_ms_to_dt(start_ms),
+            window_end=_ms_to_dt(start_ms + window_s * 1000),
+            dimensions=dims,
+            dims_key=dims_key,
+        )
+        self.fill(agg)
+        return agg
+
+
+class CallAccumulator(Accumulator):
+    kind = "calls"
+    dimension_names = ("model", "provider", "app", "user", "api_key_hash", "operation")
+    __slots__ = (
+        "completion",
+        "cost_nano",
+        "err_types",
+        "errors",
+        "lat_sum",
+        "latency",
+        "prompt",
+        "requests",
+        "total",
+        "ttft",
+        "unpriced",
+    )
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.err_types: dict[str, int] = {}
+        self.lat_sum = 0.0
+        self.latency = QuantileSketch()
+        self.ttft = QuantileSketch()
+        self.prompt = 0
+        self.completion = 0
+        self.total = 0
+        self.cost_nano = 0
+        self.unpriced = 0
+
+    @staticmethod
+    def key_of(e: CallEvent) -> tuple[str, ...]:
+        return (e.model, e.provider, e.app, e.user or "", e.api_key_hash or "", e.operation)
+
+    def agg(self, e: CallEvent) -> None:
+        self.requests += 1
+        if e.error_type is not None or e.status_code >= 400 or e.status_code == 0:
+            self.errors += 1
+            t = e.error_type or f"http_{e.status_code}"
+            self.err_types[t] = self.err_types.get(t, 0) + 1
+        self.lat_sum += e.latency_ms
+        self.latency.add(e.latency_ms)
+        if e.ttft_ms is not None:
+            self.ttft.add(e.ttft_ms)
+        self.prompt += e.prompt_tokens
+        self.completion += e.completion_tokens
+        self.total += e.total_tokens or 0
+        if e.cost_usd is None:
+            self.unpriced += 1
+        else:
+            self.cost_nano += round(e.cost_usd * NANO)
+
+    def merge(self, o: CallAccumulator) -> None:
+        self.requests += o.requests
+        self.errors += o.errors
+        for t, n in o.err_types.items():
+            self.err_types[t] = self.err_types.get(t, 0) + n
+        self.lat_sum += o.lat_sum
+        self.latency.merge(o.latency)
+        self.ttft.merge(o.ttft)
+        self.prompt += o.prompt
+        self.completion += o.completion
+        self.total += o.total
+        self.cost_nano += o.cost_nano
+        self.unpriced += o.unpriced
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "r": self.requests,
+            "e": self.errors,
+            "et": self.err_types,
+            "ls": self.lat_sum,
+            "l": self.latency.to_state(),
+            "t": self.ttft.to_state(),
+            "p": self.prompt,
+            "c": self.completion,
+            "tt": self.total,
+            "cn": self.cost_nano,
+            "u": self.unpriced,
+        }
+
+    @classmethod
+    def from_state(cls, s: dict[str, Any]) -> CallAccumulator:
+        a = cls()
+        a.requests = s["r"]
+        a.errors = s["e"]
+        a.err_types = dict(s["et"])
+        a.lat_sum = s["ls"]
+        a.latency = QuantileSketch.from_state(s["l"])
+        a.ttft = QuantileSketch.from_state(s["t"])
+        a.prompt = s["p"]
+        a.completion = s["c"]
+        a.total = s["tt"]
+        a.cost_nano = s["cn"]
+        a.unpriced = s["u"]
+        return a
+
+    def fill(self, agg: WindowAggregate) -> None:
+        n = self.requests
+        agg.requests = n
+        agg.errors = self.errors
+        agg.errors_by_type = dict(self.err_types)
+        agg.qps = n / agg.window_s
+        agg.error_rate = self.errors / n if n else 0.0
+        agg.success_rate = 1.0 - agg.error_rate if n else 1.0
+        agg.latency_sum_ms = self.lat_sum
+        agg.latency_avg_ms = self.lat_sum / n if n else None
+        agg.latency_p50_ms = self.latency.quantile(0.50)
+        agg.latency_p95_ms = self.latency.quantile(0.95)
+        agg.latency_p99_ms = self.latency.quantile(0.99)
+        agg.ttft_p95_ms = self.ttft.quantile(0.95)
+        agg.prompt_tokens = self.prompt
+        agg.completion_tokens = self.completion
+        agg.total_tokens = self.total
+        agg.cost_usd = self.cost_nano / NANO
+        agg.unpriced_requests = self.unpriced
+
+
+class FeedbackAccumulator(Accumulator):
+    kind = "feedback"
+    dimension_names = ("model", "app")
+    __slots__ = ("count", "intent_n", "intent_ok", "rel_n", "rel_sum")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.intent_n = 0
+        self.intent_ok = 0
+        self.rel_n = 0
+        self.rel_sum = 0.0
+
+    @staticmethod
+    def key_of(e: Feedback) -> tuple[str, ...]:
+        return (e.model or "", e.app)
+
+    def agg(self, e: Feedback) -> None:
+        self.count += 1
+        if e.intent_correct is not None:
+            self.intent_n += 1
+            self.intent_ok += int(e.intent_correct)
+        if e.relevance is not None:
+            self.rel_n += 1
+            self.rel_sum += e.relevance
+
+    def merge(self, o: FeedbackAccumulator) -> None:
+        self.count += o.count
+        self.intent_n += o.intent_n
+        self.intent_ok += o.intent_ok
+        self.rel_n += o.rel_n
+        self.rel_sum += o.rel_sum
+
+    def to_state(self) -> dict[str, Any]:
+        return {"n": self.count, "in": self.intent_n, "io": self.intent_ok, "rn": self.rel_n, "rs": self.rel_sum}
+
+    @classmethod
+    def from_state(cls, s: dict[str, Any]) -> FeedbackAccumulator:
+        a = cls()
+        a.count, a.intent_n, a.intent_ok, a.rel_n, a.rel_sum = s["n"], s["in"], s["io"], s["rn"], s["rs"]
+        return a
+
+    def fill(self, agg: WindowAggregate) -> None:
+        agg.feedback_count = self.count
+        agg.intent_accuracy = self.intent_ok / self.intent_n if self.intent_n else None
+        agg.relevance_avg = self.rel_sum / self.rel_n if self.rel_n else None
+
+
+class GpuAccumulator(Accumulator):
+    kind = "gpu"
+    dimension_names = ("host", "gpu")
+    __slots__ = ("mem_max", "mem_util_sum", "n", "power_n", "power_sum", "temp_max", "util_max", "util_sum")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.util_sum = 0.0
+        self.util_max = 0.0
+        self.mem_max = 0
+        self.mem_util_sum = 0.0
+        self.temp_max: float | None = None
+        self.power_sum = 0.0
+        self.power_n = 0
+
+    @staticmethod
+    def key_of(e: GpuSample) -> tuple[str, ...]:
+        return (e.host, str(e.gpu_index))
+
+    def agg(self, e: GpuSample) -> None:
+        self.n += 1
+        self.util_sum += e.utilization_gpu_pct
+        self.util_max = max(self.util_max, e.utilization_gpu_pct)
+        self.mem_max = max(self.mem_max, e.memory_used_bytes)
+        self.mem_util_sum += e.utilization_memory_pct
+        if e.temperature_c is not None:
+            self.temp_max = e.temperature_c if self.temp_max is None else max(self.temp_max, e.temperature_c)
+        if e.power_draw_w is not None:
+            self.power_sum += e.power_draw_w
+            self.power_n += 1
+
+    def merge(self, o: GpuAccumulator) -> None:
+        self.n += o.n
+        self.util_sum += o.util_sum
+        self.util_max = max(self.util_max, o.util_max)
+        self.mem_max = max(self.mem_max, o.mem_max)
+        self.mem_util_sum += o.mem_util_sum
+        if o.temp_max is not None:
+            self.temp_max = o.temp_max if self.temp_max is None else max(self.temp_max, o.temp_max)
+        self.power_sum += o.power_sum
+        self.power_n += o.power_n
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "n": self.n, "us": self.util_sum, "um": self.util_max, "mm": self.mem_max,
+            "mu": self.mem_util_sum, "tm": self.temp_max, "ps": self.power_sum, "pn": self.power_n,
+        }  # fmt: skip
+
+    @classmethod
+    def from_state(cls, s: dict[str, Any]) -> GpuAccumulator:
+        a = cls()
+        a.n, a.util_sum, a.util_max, a.mem_max = s["n"], s["us"], s["um"], s["mm"]
+        a.mem_util_sum, a.temp_max, a.power_sum, a.power_n = s["mu"], s["tm"], s["ps"], s["pn"]
+        return a
+
+    def fill(self, agg: WindowAggregate) -> None:
+        n = self.n
+        agg.samples = n
+        agg.gpu_util_avg_pct = self.util_sum / n if n else None
+        agg.gpu_util_max_pct = self.util_max if n else None
+        agg.memory_used_max_bytes = self.mem_max if n else None
+        agg.memory_util_avg_pct = self.mem_util_sum / n if n else None
+        agg.temperature_max_c = self.temp_max
+        agg.power_avg_w = self.power_sum / self.power_n if self.power_n else None
+
+
+ACCUMULATORS: dict[str, type[CallAccumulator] | type[FeedbackAccumulator] | type[GpuAccumulator]] = {
+    "calls": CallAccumulator,
+    "feedback": FeedbackAccumulator,
+    "gpu": GpuAccumulator,
+}

@@ -1,0 +1,368 @@
+"""The Faust app: source partitions -> window partials -> final aggregates, rules and alerts.
+
+Stage 1 (`windows` agent) consumes calls, GPU samples and feedback, keeps event-time
+windows per source partition (llmpulse.streams.windowing) and publishes, for each
+closed window and dimension set, a partial to the internal `partials` topic keyed by
+kind, window size and dimension set, followed by the partition's close mark sent to
+every partials partition. Stage 2 (`finalize` agent) merges partials from all source
+partitions (llmpulse.streams.finalizing), publishes each final window once to
+`aggregates` under a deterministic key, and runs the rules, publishing alerts.
+
+All state lives in changelog-backed Faust tables whose keys carry their partition, so
+a restarted or rebalanced worker recovers exactly what it owned. Faust's windowed
+tables are not used: they close on wall-clock time (faust-streaming #250, PR #758).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import faust
+
+from llmpulse import metrics
+from llmpulse.config import Settings
+from llmpulse.kafka import topics as T
+from llmpulse.schemas import Alert, CallEvent, DeadLetter, Feedback, GpuSample, WindowAggregate
+from llmpulse.schemas.codec import decode, encode
+from llmpulse.streams.finalizing import Finalizer, Pending, PendingKey
+from llmpulse.streams.positions import position
+from llmpulse.streams.tables import PartitionedTable, state_key
+from llmpulse.streams.windowing import AccKey, Partial, PartitionWindows
+
+log = logging.getLogger(__name__)
+
+KINDS: dict[str, tuple[str, type[CallEvent] | type[GpuSample] | type[Feedback]]] = {
+    T.CALLS: ("calls", CallEvent),
+    T.GPU: ("gpu", GpuSample),
+    T.FEEDBACK: ("feedback", Feedback),
+}
+GPU_DIMENSIONS = [["host", "gpu"]]
+FEEDBACK_DIMENSIONS = [[], ["model"], ["app"]]
+SEP = "\x1f"
+
+# (aggregate, rule state or None) -> (alerts, new rule state or None)
+RulesHook = Callable[[WindowAggregate, dict[str, Any] | None], tuple[list[Alert], dict[str, Any] | None]]
+
+
+def _acc_key_text(key: AccKey) -> str:
+    return f"{key[0]}|{SEP.join(key[1])}"
+
+
+def _acc_key_parse(text: str) -> AccKey:
+    start, _, tup = text.partition("|")
+    return int(start), tuple(tup.split(SEP))
+
+
+class WorkerRuntime:
+    def __init__(self, settings: Settings, bootstrap: str, rules: RulesHook | None = None) -> None:
+        self.settings = settings
+        kcfg = settings.kafka
+        wcfg = settings.worker
+        self.rules = rules
+        self.partitions = kcfg.partitions
+        self.app = faust.App(
+            f"{kcfg.topic_prefix}worker",
+            broker=f"kafka://{bootstrap}",
+            store="memory://",
+            topic_partitions=kcfg.partitions,
+            topic_replication_factor=kcfg.replication_factor,
+            broker_session_timeout=kcfg.session_timeout_ms / 1000,
+            broker_heartbeat_interval=max(0.5, kcfg.session_timeout_ms / 6000),
+            broker_commit_interval=1.0,
+            consumer_auto_offset_reset="earliest",
+            web_enabled=False,
+            table_standby_replicas=0,
+            producer_linger_ms=5,
+            producer_max_batch_size=1_000_000,
+            producer_max_request_size=10_000_000,
+            consumer_max_fetch_size=10_000_000,
+            stream_buffer_maxsize=max(4096, wcfg.batch_max_messages * 2),
+        )
+        self.topic_names = {name: kcfg.topic(name) for name in T.ALL_TOPICS}
+        self.kind_of_topic = {kcfg.topic(t): kind for t, (kind, _) in KINDS.items()}
+        raw = {"key_serializer": "raw", "value_serializer": "raw"}
+        self.source_topic = self.app.topic(*(kcfg.topic(t) for t in KINDS), **raw)
+        self.partials_topic = self.app.topic(kcfg.topic(T.PARTIALS), **raw)
+        self.aggregates_topic = self.app.topic(kcfg.topic(T.AGGREGATES), **raw)
+        self.alerts_topic = self.app.topic(kcfg.topic(T.ALERTS), **raw)
+        self.deadletter_topic = self.app.topic(kcfg.topic(T.DEADLETTER), **raw)
+        self.window_table = self._table("windows")
+        self.final_table = self._table("final")
+        self.windows: dict[tuple[str, int], PartitionWindows] = {}
+        self.finalizers: dict[int, Finalizer] = {}
+        self.lock = asyncio.Lock()
+        self.last_marks: dict[tuple[str, int], tuple[int | None, float]] = {}
+        self.flush_on_exit = wcfg.flush_open_windows_on_exit
+        self.sources = {kind: [f"{kind}:{p}" for p in range(self.partitions)] for kind, _ in KINDS.values()}
+        self._wire()
+
+    def _table(self, name: str) -> PartitionedTable:
+        table = PartitionedTable(
+            self.app,
+            name=name,
+            default=None,
+            partitions=self.partitions,
+            beacon=self.app.tables.beacon,
+        )
+        return self.app.tables.add(table)  # type: ignore[no-any-return]
+
+    # -- wiring ---------------------------------------------------------------------------------
+    def _wire(self) -> None:
+        wcfg = self.settings.worker
+
+        @self.app.agent(self.source_topic, name="windows")
+        async def windows_agent(stream: Any) -> None:
+            async for events in stream.take_events(wcfg.batch_max_messages, within=wcfg.batch_within_s):
+                async with self.lock:
+                    await self.process_sources(events)
+
+        @self.app.agent(self.partials_topic, name="finalize")
+        async def finalize_agent(stream: Any) -> None:
+            async for events in stream.take_events(5000, within=0.2):
+                async with self.lock:
+                    await self.process_partials(events)
+
+        @self.app.timer(interval=1.0)
+        async def tick() -> None:
+            if not self._ready():
+                return
+            async with self.lock:
+                await self.close_idle()
+
+        @self.app.on_partitions_revoked.connect
+        async def on_revoked(app: Any, revoked: set[Any], **_: Any) -> None:
+            for tp in revoked:
+                kind = self.kind_of_topic.get(tp.topic)
+                if kind is not None:
+                    self.windows.pop((kind, tp.partition), None)
+                if tp.topic == self.topic_names[T.PARTIALS]:
+                    self.finalizers.pop(tp.partition, None)
+
+        @self.app.on_before_shutdown.connect
+        async def on_shutdown(app: Any, **_: Any) -> None:
+            if self.flush_on_exit:
+                await self.flush_everything()
+
+    def _ready(self) -> bool:
+        app = self.app
+        try:
+            recovered = app.tables.recovery.completed.is_set()
+        except AttributeError:  # pragma: no cover
+            recovered = True
+        return bool(recovered and not app.rebalancing)
+
+    def _assigned(self) -> set[Any]:
+        try:
+            return set(self.app.consumer.assignment())
+        except Exception:  # noqa: BLE001 - not started yet
+            return set()
+
+    # -- stage 1 ----------------------------------------------------------------------------------
+    def windows_for(self, kind: str, partition: int) -> PartitionWindows:
+        pw = self.windows.get((kind, partition))
+        if pw is not None:
+            return pw
+        wcfg = self.settings.worker
+        dims = wcfg.dimensions if kind == "calls" else GPU_DIMENSIONS if kind == "gpu" else FEEDBACK_DIMENSIONS
+        pw = PartitionWindows(kind, f"{kind}:{partition}", wcfg.windows_s, wcfg.grace_s, wcfg.idle_close_s, dims)
+        prefix = f"{partition}|{kind}|"
+        for key, value in list(self.window_table.items()):
+            if not isinstance(key, str) or not key.startswith(prefix) or value is None:
+                continue
+            rest = key[len(prefix) :]
+            if rest == "M":
+                pw.restore_meta(value)
+            elif rest.startswith("A|"):
+                pw.restore_acc(_acc_key_parse(rest[2:]), value)
+        self.windows[(kind, partition)] = pw
+        return pw
+
+    async def process_sources(self, events: Sequence[Any]) -> None:
+        now = time.time()
+        groups: dict[tuple[str, int], list[tuple[int, Any]]] = {}
+        dead: list[DeadLetter] = []
+        for ev in events:
+            msg = ev.message
+            kind = self.kind_of_topic[msg.topic]
+            decoded = decode(msg.value, KINDS_BY_KIND[kind])
+            metrics.EVENTS_IN.labels("worker", kind).inc(len(decoded.valid) + len(decoded.rejected))
+            for i, rej in enumerate(decoded.rejected):
+                dead.append(
+                    DeadLetter.for_bytes(
+                        rej.raw, rej.reason, kind="invalid", source=msg.topic,
+                        partition=msg.partition, offset=msg.offset,
+                        dead_letter_id=f"{msg.topic}-{msg.partition}-{msg.offset}-{i}",
+                    )  # fmt: skip
+                )
+            if decoded.valid:
+                batch = groups.setdefault((kind, msg.partition), [])
+                batch.extend((position(msg.offset, i), e) for i, e in enumerate(decoded.valid))
+        for (kind, partition), batch in groups.items():
+            pw = self.windows_for(kind, partition)
+            for late in pw.apply(batch, now):
+                ev_model = late.event
+                dead.append(
+                    DeadLetter.for_bytes(
+                        encode(ev_model),
+                        f"late event: its {pw.windows_s[0]} s window ended at "
+                        f"{late.window_end_ms} ms and closed (grace {pw.grace_ms} ms)",
+                        kind="late", source=self.topic_names[_topic_of_kind(kind)],
+                        partition=partition, offset=late.offset >> 20,
+                        dead_letter_id=f"late-{kind}-{partition}-{late.offset}",
+                    )  # fmt: skip
+                )
+            self._persist(pw, partition)
+        for d in dead:
+            metrics.DEAD_LETTERS.labels("worker", d.kind).inc()
+            await self.deadletter_topic.send(key=d.source.encode(), value=encode(d))
+        for (kind, partition) in groups:
+            await self.close_and_emit(self.windows_for(kind, partition), partition)
+
+    def _persist(self, pw: PartitionWindows, partition: int) -> None:
+        table = self.window_table
+        for key in pw.take_dirty():
+            table[state_key(partition, pw.kind, "A", _acc_key_text(key))] = pw.acc_state(key)
+        table[state_key(partition, pw.kind, "M")] = pw.meta_state()
+
+    async def close_and_emit(self, pw: PartitionWindows, partition: int, force: bool = False) -> list[Partial]:
+        res = pw.close(time.time(), force=force)
+        futures = []
+        for p in res.partials:
+            key = f"{p.kind}|{p.window_s}|{p.dims_key}".encode()
+            futures.append(await self.partials_topic.send(key=key, value=json.dumps(p.to_json()).encode()))
+        mark = res.mark_ms  # None: this partition has seen no event yet
+        last = self.last_marks.get((pw.kind, partition))
+        now = time.monotonic()
+        if last is None or last[0] != mark or now - last[1] > 2.0:
+            body = json.dumps({"type": "mark", "kind": pw.kind, "src": pw.source, "mark": mark}).encode()
+            for fp in range(self.partitions):
+                futures.append(await self.partials_topic.send(key=None, value=body, partition=fp))
+            self.last_marks[(pw.kind, partition)] = (mark, now)
+        if futures:
+            await asyncio.gather(*futures)
+        table = self.window_table
+        for key in res.removed:
+            k = state_key(partition, pw.kind, "A", _acc_key_text(key))
+            if k in table:
+                del table[k]
+        if res.partials or res.removed:
+            table[state_key(partition, pw.kind, "M")] = pw.meta_state()
+        return res.partials
+
+    async def close_idle(self) -> None:
+        for tp in self._assigned():
+            kind = self.kind_of_topic.get(tp.topic)
+            if kind is not None:
+                await self.close_and_emit(self.windows_for(kind, tp.partition), tp.partition)
+
+    # -- stage 2 ----------------------------------------------------------------------------------
+    def finalizer_for(self, fp: int) -> Finalizer:
+        fin = self.finalizers.get(fp)
+        if fin is not None:
+            return fin
+        fin = Finalizer(self.sources)
+        prefix = f"{fp}|"
+        for key, value in list(self.final_table.items()):
+            if not isinstance(key, str) or not key.startswith(prefix) or value is None:
+                continue
+            parts = key.split("|")
+            if parts[1] == "P":
+                fin.pending[(parts[2], int(parts[3]), int(parts[4]), "|".join(parts[5:]))] = Pending.from_json(value)
+            elif parts[1] == "M":
+                fin.marks.setdefault(parts[2], {})[parts[3]] = int(value)
+            elif parts[1] == "F":
+                fin.finalized[parts[2]] = int(value)
+        self.finalizers[fp] = fin
+        return fin
+
+    @staticmethod
+    def _pending_key(fp: int, key: PendingKey) -> str:
+        return state_key(fp, "P", key[0], key[1], key[2], key[3])
+
+    async def process_partials(self, events: Sequence[Any]) -> None:
+        touched: set[int] = set()
+        for ev in events:
+            fp = ev.message.partition
+            fin = self.finalizer_for(fp)
+            try:
+                d = json.loads(ev.message.value)
+            except ValueError:
+                log.error("unreadable partial at %s/%s", fp, ev.message.offset)
+                continue
+            if d.get("type") == "partial":
+                key = fin.add_partial(Partial.from_json(d))
+                if key is not None:
+                    self.final_table[self._pending_key(fp, key)] = fin.pending[key].to_json()
+            elif d.get("type") == "mark":
+                fin.set_mark(d["kind"], d["src"], None if d["mark"] is None else int(d["mark"]))
+                self.final_table[state_key(fp, "M", d["kind"], d["src"])] = fin.marks[d["kind"]][d["src"]]
+            touched.add(fp)
+        for fp in touched:
+            await self.finalize_ready(fp, self.finalizers[fp])
+
+    async def finalize_ready(self, fp: int, fin: Finalizer) -> None:
+        ready = fin.ready()
+        if ready:
+            await self.publish_final([agg for _, agg in ready], fp)
+            for key, _ in ready:
+                self.final_table[self._pending_key(fp, key)] = fin.pending[key].to_json()
+            for kind, mark in fin.finalized.items():
+                self.final_table[state_key(fp, "F", kind)] = mark
+        for key in fin.expired():
+            k = self._pending_key(fp, key)
+            if k in self.final_table:
+                del self.final_table[k]
+
+    async def publish_final(self, aggregates: Iterable[WindowAggregate], fp: int) -> None:
+        futures = []
+        now = time.time()
+        for agg in aggregates:
+            futures.append(
+                await self.aggregates_topic.send(key=agg.aggregate_id.encode(), value=encode(agg))
+            )
+            metrics.WINDOWS_CLOSED.labels(agg.kind).inc()
+            metrics.WINDOW_CLOSE_DELAY.observe(max(0.0, now - agg.window_end.timestamp()))
+            if self.rules is not None and agg.revision == 1:
+                rkey = state_key(fp, "R", agg.kind, agg.window_s, agg.dims_key)
+                alerts, new_state = self.rules(agg, self.final_table.get(rkey))
+                for alert in alerts:
+                    metrics.ALERTS_PUBLISHED.labels(alert.severity, alert.state).inc()
+                    futures.append(
+                        await self.alerts_topic.send(key=alert.fingerprint.encode(), value=encode(alert))
+                    )
+                if new_state is not None:
+                    self.final_table[rkey] = new_state
+        if futures:
+            await asyncio.gather(*futures)
+
+    # -- clean stop on the embedded broker ----------------------------------------------------------
+    async def flush_everything(self) -> None:
+        """Close every open window now and publish it (the embedded broker keeps no state)."""
+        combined = Finalizer(self.sources)
+        for fin in self.finalizers.values():
+            combined.pending.update(fin.pending)
+        for (kind, partition), pw in list(self.windows.items()):
+            for p in pw.close(time.time(), force=True).partials:
+                combined.add_partial(p)
+        for kind, sources in self.sources.items():
+            for src in sources:
+                combined.set_mark(kind, src, int(math.ldexp(1, 60)))
+        ready = combined.ready()
+        log.info("flushing %d open windows on exit", len(ready))
+        await self.publish_final([agg for _, agg in ready], 0)
+
+
+KINDS_BY_KIND = {kind: model for kind, model in KINDS.values()}
+
+
+def _topic_of_kind(kind: str) -> str:
+    for topic, (k, _) in KINDS.items():
+        if k == kind:
+            return topic
+    raise KeyError(kind)
