@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from llmpulse.config import Settings
+from llmpulse.config.worker import WorkerConfig
 from llmpulse.streams.rules import (
     AnomalyRule,
     BudgetRule,
@@ -17,6 +19,8 @@ from llmpulse.streams.rules import (
     load_rules,
     parse_rules,
 )
+from llmpulse.streams.rules.hook import RulesRuntime
+from tests.rules_helpers import calls
 
 
 def test_defaults_carry_the_operational_targets() -> None:
@@ -155,6 +159,15 @@ rules:
   - {name: c, type: composite, any_of: [a, b]}
 """
         )
+    with pytest.raises(RulesError, match="members judge different windows"):
+        parse_rules(
+            """
+rules:
+  - {name: a, metric: requests, warning: 1, window: 10}
+  - {name: b, metric: requests, warning: 1}
+  - {name: c, type: composite, all_of: [a, b]}
+"""
+        )
 
 
 def test_windows_are_checked_against_the_worker_windows() -> None:
@@ -210,3 +223,23 @@ def test_reloader_without_a_file_serves_the_defaults() -> None:
     reloader = RulesReloader(None)
     assert len(reloader.rules.rules) >= 10
     assert reloader.poll() is None
+
+
+def test_runtime_from_settings_reloads_and_judges(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text("rules:\n  - {name: a, metric: requests, warning: 100, by: [model]}\n")
+    clock = [0.0]
+    rt = RulesRuntime.from_settings(Settings(rules_file=path), clock=lambda: clock[0])
+    ten = calls(0, 150, window=10, dims={"model": "m"})
+    assert rt(ten, None) == ([], None)  # no rule judges 10 s windows
+    alerts, state = rt(calls(0, 150, dims={"model": "m"}), None)
+    assert [a.rule for a in alerts] == ["a"] and state is not None
+    path.write_text("rules:\n  - {name: a, metric: requests, warning: 500, by: [model]}\n")
+    _bump(path)
+    assert rt(calls(1, 150, dims={"model": "m"}), state) == ([], state)  # not re-read yet
+    clock[0] = 6.0
+    alerts, state = rt(calls(2, 150, dims={"model": "m"}), state)  # re-read: 150 < 500
+    alerts2, state = rt(calls(3, 150, dims={"model": "m"}), state)
+    assert [(a.rule, a.state) for a in alerts + alerts2] == [("a", "resolved")]
+    with pytest.raises(RulesError, match="worker window"):
+        RulesRuntime.from_settings(Settings(rules_file=path, worker=WorkerConfig(windows_s=[30])))
