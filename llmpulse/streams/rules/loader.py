@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from llmpulse.streams.rules.model import RULE_MODELS, CompositeRule, Rule, RuleS
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOWS_S: tuple[int, ...] = (10, 60)
+DEFAULT_RULES_FILE = Path(__file__).resolve().parents[2] / "defaults" / "rules.yaml"
 _TOP_KEYS = {"version", "rules"}
 
 
@@ -30,7 +30,7 @@ class RulesError(LLMPulseError):
 
 
 def default_rules_text() -> str:
-    return (resources.files("llmpulse") / "defaults" / "rules.yaml").read_text(encoding="utf-8")
+    return DEFAULT_RULES_FILE.read_text(encoding="utf-8")
 
 
 def _fmt_error(err: Mapping[str, Any]) -> tuple[str, str]:
