@@ -312,8 +312,8 @@ def test_sweep_resolves_alerts_of_a_dimension_set_that_went_quiet() -> None:
     assert [a.state for a in e.evaluate(calls(0, 100, 50, dims=GPT), state)] == ["firing"]
     assert has_open_alerts(state)
     # the model's traffic stops: nothing before resolve_after (2) empty windows have ended
-    assert e.sweep(state, GPT, T0 + timedelta(minutes=2, seconds=59)) == []
-    [res] = e.sweep(state, GPT, T0 + timedelta(minutes=3))
+    assert e.sweep(state, T0 + timedelta(minutes=2, seconds=59), GPT) == []
+    [res] = e.sweep(state, T0 + timedelta(minutes=3))
     assert (res.rule, res.state, res.severity) == ("errors", "resolved", "critical")
     assert (res.window_start, res.window_end, res.ts) == (
         T0 + timedelta(minutes=2),
@@ -324,12 +324,12 @@ def test_sweep_resolves_alerts_of_a_dimension_set_that_went_quiet() -> None:
         "resolved: error_rate no data since 12:01:00 UTC for model=gpt-4o"
     )
     assert not has_open_alerts(state)
-    assert e.sweep(state, GPT, T0 + timedelta(hours=1)) == []
+    assert e.sweep(state, T0 + timedelta(hours=1)) == []
     # a budget alert of a quiet dimension set resolves with the next UTC day, not before
     e.evaluate(agg(5, dims=GPT, requests=1, total_tokens=200_000), state)
     assert has_open_alerts(state)
-    assert e.sweep(state, GPT, T0.replace(hour=23, minute=59)) == []
-    [day] = e.sweep(state, GPT, T0.replace(day=2, hour=0, minute=1))
+    assert e.sweep(state, T0.replace(hour=23, minute=59)) == []
+    [day] = e.sweep(state, T0.replace(day=2, hour=0, minute=1))
     assert (day.rule, day.state, day.window_start) == (
         "tokens_per_app",
         "resolved",

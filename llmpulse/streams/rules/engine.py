@@ -8,6 +8,9 @@ Usage (one state per dimension set, e.g. a changelog-backed table keyed by ``dim
     table[agg.dims_key] = state               # plain JSON data: dicts, lists, str, int, float
     for alert in alerts: publish(alert)
 
+A window a rule cannot judge (fewer than ``min_requests``, no value, too little baseline)
+counts as clear: it breaks a ``for`` streak and counts towards ``resolve_after``.
+
 Call it with each dimension set's windows in window order. A window at or before the last
 one judged for the same (kind, window size) is ignored, so a re-delivered window after a
 crash neither repeats nor loses an alert. Everything is deterministic: timestamps come
@@ -18,6 +21,7 @@ State format (version 1)::
 
     {"v": 1,
      "sig": "<rule set signature>",          # rules changed -> reconciled on next use
+     "dims": {"model": "gpt-4o"},            # the dimension set (for sweep)
      "seen": {"calls/60": 1700000040000},    # last window start judged, ms, per kind/size
      "rules": {"<rule name>": {
          "k": "<data signature>",            # baseline/budget reset when this changes
@@ -145,6 +149,8 @@ class RulesEngine:
         if last is not None and start_ms <= last:
             return alerts
         seen[seen_key] = start_ms
+        if "dims" not in state:
+            state["dims"] = dict(agg.dimensions)
         all_states: dict[str, State] = state["rules"]
         touched: list[CompositeRule] = []
         dims = agg.dimensions
@@ -179,7 +185,9 @@ class RulesEngine:
             self._evaluate_composite(comp, agg, all_states, start_ms, alerts)
         return alerts
 
-    def sweep(self, state: State, dimensions: dict[str, str], now: datetime) -> list[Alert]:
+    def sweep(
+        self, state: State, now: datetime, dimensions: dict[str, str] | None = None
+    ) -> list[Alert]:
         """Resolve the open alerts of a dimension set whose windows stopped coming.
 
         A dimension set without traffic gets no aggregates, so its alerts would never see
@@ -189,6 +197,8 @@ class RulesEngine:
         resolves with the next UTC day. Rules for which silence is itself the breach
         (``below`` on requests, tokens, cost...) are left alone. Mutates ``state``.
         """
+        if dimensions is None:
+            dimensions = dict(state.get("dims") or {})
         alerts: list[Alert] = []
         all_states: dict[str, State] = state.get("rules") or {}
         seen: dict[str, int] = state.setdefault("seen", {})

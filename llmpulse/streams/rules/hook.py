@@ -66,8 +66,6 @@ class RulesRuntime:
         st = state if state is not None else new_state()
         return self.engine.evaluate(agg, st), st
 
-    def sweep(
-        self, state: dict[str, Any], dimensions: dict[str, str], now: datetime
-    ) -> list[Alert]:
+    def sweep(self, state: dict[str, Any], now: datetime) -> list[Alert]:
         """See RulesEngine.sweep: resolve alerts of a dimension set that went quiet."""
-        return self.engine.sweep(state, dimensions, now)
+        return self.engine.sweep(state, now)
