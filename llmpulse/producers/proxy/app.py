@@ -298,7 +298,7 @@ class ProxyServer:
                     rec.response_model = rh.model
             except (msgspec.DecodeError, msgspec.ValidationError):
                 pass
-            if rec.usage is None:
+            if rec.usage is None or self.settings.capture.enabled:
                 rec.response_raw = raw
         out = web.Response(status=status, reason=resp.reason, body=raw)
         oh = out.headers
