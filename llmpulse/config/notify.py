@@ -97,7 +97,8 @@ class NotifyConfig(Section):
     receivers: dict[ReceiverName, ReceiverConfig] = Field(default_factory=_default_receivers)
     routes: list[RouteConfig] = Field(default_factory=list)
     default_receivers: list[ReceiverName] = Field(
-        default_factory=lambda: ["log"], description="receivers of alerts no route takes"
+        default_factory=lambda: ["log"],
+        description="receivers of alerts no route takes ('log' is built in)",
     )
     group_by: list[str] = Field(
         default_factory=lambda: ["rule"],
@@ -127,6 +128,8 @@ class NotifyConfig(Section):
         names = [r.name for r in self.routes if r.name]
         if len(set(names)) != len(names) or "default" in names:
             raise ValueError("route names must be unique and not 'default'")
+        if "log" in named and "log" not in self.receivers:
+            self.receivers["log"] = LogReceiverConfig(type="log")  # built in
         unknown = sorted({n for n in named if n not in self.receivers})
         if unknown:
             raise ValueError(

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,9 +31,18 @@ from llmpulse.sinks.notifier.receivers.base import DeliveryError, Receiver
 log = logging.getLogger(__name__)
 
 
+Pause = Callable[[float], Awaitable[bool]]
+"""Sleep that returns False (early) when the notifier is stopping."""
+
+
+async def _sleep(seconds: float) -> bool:
+    await asyncio.sleep(seconds)
+    return True
+
+
 @dataclass
 class Outcome:
-    status: Literal["delivered", "failed"]
+    status: Literal["delivered", "failed", "aborted"]
     attempts: int
     error: str = ""
 
@@ -63,9 +72,11 @@ class RateGate:
     def hold_for(self, seconds: float) -> None:
         self._not_before = max(self._not_before, self._clock() + seconds)
 
-    async def wait(self) -> None:
+    async def wait(self, pause: Pause = _sleep) -> bool:
         while (left := self._not_before - self._clock()) > 0:
-            await asyncio.sleep(left)
+            if not await pause(left):
+                return False
+        return True
 
 
 async def deliver(
@@ -74,13 +85,19 @@ async def deliver(
     retry_initial_s: float,
     retry_max_s: float,
     gate: RateGate | None = None,
+    pause: Pause = _sleep,
 ) -> Outcome:
-    """Send until it lands or fails permanently (cancellation stops it)."""
+    """Send until it lands or fails permanently.
+
+    An attempt in progress always completes (so what was sent gets logged); waiting
+    for the next attempt ends early, as "aborted", when `pause` reports a stop.
+    """
     backoff = Backoff(retry_initial_s, retry_max_s)
     gate = gate or RateGate()
     attempts = 0
     while True:
-        await gate.wait()
+        if not await gate.wait(pause):
+            return Outcome("aborted", attempts)
         attempts += 1
         try:
             await receiver.send(notification)
@@ -107,7 +124,8 @@ async def deliver(
                 exc,
                 delay,
             )
-            await asyncio.sleep(delay)
+            if not await pause(delay):
+                return Outcome("aborted", attempts)
             continue
         metrics.NOTIFICATIONS.labels(receiver.name, "delivered").inc()
         return Outcome("delivered", attempts)

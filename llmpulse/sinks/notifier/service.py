@@ -112,15 +112,15 @@ class Notifier:
                 asyncio.create_task(self._follow_silences(silences)),
             ]
             stop_wait = asyncio.create_task(self._stopping.wait())
-            done, _ = await asyncio.wait([*tasks, stop_wait], return_when=asyncio.FIRST_COMPLETED)
-            for t in [*tasks, stop_wait, *self._flushes]:
-                t.cancel()
-            results = await asyncio.gather(*tasks, *self._flushes, return_exceptions=True)
-            for t in done:
-                if t is not stop_wait and not t.cancelled() and t.exception() is not None:
-                    raise t.exception()  # type: ignore[misc]
-            del results
+            await asyncio.wait([*tasks, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+            # Stop: loops end at their next turn; a flush that is sending finishes its
+            # attempt and logs it, one that waits to retry gives up (its alerts replay).
+            self._stopping.set()
+            failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+            await asyncio.gather(*tasks, *list(self._flushes), return_exceptions=True)
             await self._commit(consumer)
+            if failed:
+                raise failed[0].exception()  # type: ignore[misc]
         finally:
             if consumer is not None:
                 await asyncio.to_thread(consumer.close)
@@ -134,8 +134,20 @@ class Notifier:
 
     # -- loops -------------------------------------------------------------------------
 
+    def _running(self) -> bool:
+        return self._stopping is not None and not self._stopping.is_set()
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep; False when the notifier is stopping (at once, or during the sleep)."""
+        assert self._stopping is not None
+        if self._stopping.is_set():
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return not self._stopping.is_set()
+
     async def _consume(self, consumer: AlertConsumer, dispatcher: Dispatcher, dead_letters: LogWriter) -> None:
-        while True:
+        while self._running():
             async with self._kafka_lock:
                 msgs = await asyncio.to_thread(consumer.consume, 500, 0.2)
             for m in msgs:
@@ -151,20 +163,20 @@ class Notifier:
                         partition=partition,
                         offset=offset,
                     )
-                    await self._write_until_done(dead_letters, None, encode(dl))
+                    await self._write_until_done(dead_letters, None, encode(dl))  # before the offset moves
                     metrics.DEAD_LETTERS.labels(COMPONENT, "invalid").inc()
                     log.warning("alert at %s[%d]@%d dead-lettered: %s", consumer.topic, partition, offset, rejected.reason)
                 held = sum(dispatcher.apply(alert, (partition, offset)) for alert in decoded.valid)
                 self.tracker.hold(partition, offset, held)
 
     async def _tick(self, dispatcher: Dispatcher, receivers: dict[str, Receiver], delivery_log: DeliveryLog) -> None:
-        while True:
+        while self._running():
             for group in dispatcher.due():
                 task = asyncio.create_task(self._flush(dispatcher, group, receivers, delivery_log))
                 self._flushes.add(task)
                 task.add_done_callback(self._flush_done)
             wait = dispatcher.next_due_in()
-            await asyncio.sleep(min(0.1, wait) if wait is not None else 0.1)
+            await self._pause(min(0.1, wait) if wait is not None else 0.1)
 
     def _flush_done(self, task: asyncio.Task[None]) -> None:
         self._flushes.discard(task)
@@ -183,8 +195,16 @@ class Notifier:
                 if n.send:
                     gate = self._gates.setdefault(n.receiver, RateGate())
                     outcome = await deliver(
-                        receivers[n.receiver], n, self.cfg.retry_initial_s, self.cfg.retry_max_s, gate
+                        receivers[n.receiver],
+                        n,
+                        self.cfg.retry_initial_s,
+                        self.cfg.retry_max_s,
+                        gate,
+                        self._pause,
                     )
+                    if outcome.status == "aborted":
+                        dispatcher.abandon(flush)
+                        return
                     if outcome.status == "failed":
                         record = record.model_copy(update={"status": "failed", "error": outcome.error[:4000]})
                     else:
@@ -192,23 +212,38 @@ class Notifier:
                             "notification %s delivered to %s (%d firing, %d resolved, %d attempts)",
                             n.notification_id, n.receiver, len(n.firing), len(n.resolved), outcome.attempts,
                         )
-                await self._write_until_done(delivery_log.writer, record.group_id, encode(record))
+                if not await self._write_until_done(delivery_log.writer, record.group_id, encode(record)):
+                    log.error(
+                        "stopping before notification %s was logged: it may be sent again after a restart",
+                        n.notification_id,
+                    )
+                    dispatcher.abandon(flush)
+                    return
         except BaseException:
             dispatcher.abandon(flush)
             raise
         for partition, offset in dispatcher.complete(flush, record):
             self.tracker.release(partition, offset)
 
-    async def _write_until_done(self, writer: LogWriter, key: str | None, value: bytes) -> None:
+    async def _write_until_done(self, writer: LogWriter, key: str | None, value: bytes) -> bool:
+        """Write, retrying while Kafka is unreachable; when stopping, try for a while only."""
         backoff = Backoff(self.cfg.retry_initial_s, self.cfg.retry_max_s)
+        give_up_at: float | None = None
         while True:
             try:
                 await writer.write(key, value)
-                return
+                return True
             except LLMPulseError as exc:
                 delay = backoff.next()
                 log.warning("cannot write to %s (%s); retrying in %.1fs", writer.topic, exc, delay)
-                await asyncio.sleep(delay)
+                if not self._running():
+                    loop = asyncio.get_running_loop()
+                    give_up_at = give_up_at or loop.time() + 10.0
+                    if loop.time() > give_up_at:
+                        return False
+                    await asyncio.sleep(delay)
+                else:
+                    await self._pause(delay)
 
     async def _commit(self, consumer: AlertConsumer) -> None:
         offsets = self.tracker.committable()
@@ -223,12 +258,11 @@ class Notifier:
         self.tracker.committed(offsets)
 
     async def _commit_loop(self, consumer: AlertConsumer) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.commit_interval_s)
+        while await self._pause(self.cfg.commit_interval_s):
             await self._commit(consumer)
 
     async def _follow_silences(self, silences: SilenceTopic) -> None:
-        while True:
+        while self._running():
             await asyncio.to_thread(silences.poll, 0.5)
 
 
