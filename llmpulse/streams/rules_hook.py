@@ -1,10 +1,12 @@
-"""Connect the rules engine to the finalizer (None until the rules engine is configured)."""
+"""Connect the rules engine (llmpulse.streams.rules) to the finalizer."""
 
 from __future__ import annotations
 
 from llmpulse.config import Settings
+from llmpulse.streams.rules.hook import RulesRuntime
 from llmpulse.streams.worker_app import RulesHook
 
 
 def load_rules_hook(settings: Settings) -> RulesHook | None:
-    return None
+    """The rules of `rules_file` (or the shipped defaults), reloaded when the file changes."""
+    return RulesRuntime.from_settings(settings)

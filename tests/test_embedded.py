@@ -1,0 +1,59 @@
+"""The embedded runtime: broker start/stop and clear errors; the store's single owner."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from llmpulse.config.clickhouse import ClickHouseConfig
+from llmpulse.embedded.broker import EmbeddedBroker
+from llmpulse.embedded.store import open_store, store_owner
+from llmpulse.errors import LLMPulseError, StoreError
+from llmpulse.sinks.clickhouse.migrate import applied_versions, emit_ddl, migrate
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(LLMPulseError, match=f"port {port}.*in use"):
+            EmbeddedBroker(port).start()
+
+
+def test_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CALF_TANSU_BIN", "/nonexistent/tansu")
+    with pytest.raises(LLMPulseError, match="Tansu broker binary is missing"):
+        EmbeddedBroker(0).start()
+
+
+def test_broker_starts_and_stops(tmp_path: Path) -> None:
+    b = EmbeddedBroker(0, log_dir=tmp_path).start()
+    assert b.alive()
+    b.stop()
+    assert not b.alive()
+
+
+def test_store_has_one_owner_and_migrations_are_idempotent(tmp_path: Path) -> None:
+    cfg = ClickHouseConfig()
+    store = open_store(cfg, tmp_path, {"role": "test", "query_url": "http://x"})
+    try:
+        assert store_owner(tmp_path) == {"pid": __import__("os").getpid(), "role": "test", "query_url": "http://x"}
+        with pytest.raises(StoreError, match="in use by another process"):
+            open_store(cfg, tmp_path)
+        assert migrate(store.client, cfg) == [1]
+        assert migrate(store.client, cfg) == []
+        assert applied_versions(store.client, cfg) == {1}
+        tables = {r[0] for r in store.client.query("SHOW TABLES FROM llmpulse").result_rows}
+        assert {"llm_calls", "llm_aggregates", "gpu_samples", "alerts", "feedback", "deadletter"} <= tables
+    finally:
+        store.close()
+    assert store_owner(tmp_path) is None
+
+
+def test_cluster_ddl_uses_replicated_engines() -> None:
+    ddl = emit_ddl(ClickHouseConfig(cluster="prod"))
+    assert "ON CLUSTER prod" in ddl
+    assert "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/llmpulse/llm_calls', '{replica}')" in ddl
