@@ -45,9 +45,9 @@ def test_unknown_key_is_an_error(tmp_path: Path) -> None:
 
 
 def test_environment_errors_name_the_variable() -> None:
-    with pytest.raises(ConfigError, match="environment variable LLMPULSE_WORKER__WINDOWS_S"):
+    with pytest.raises(ConfigError, match=r"environment variable LLMPULSE_WORKER__WINDOWS_S"):
         load_settings(None, environ={"LLMPULSE_WORKER__WINDOWS_S": "[10, -5]"})
-    with pytest.raises(ConfigError, match="LLMPULSE_NOPE.*unknown key"):
+    with pytest.raises(ConfigError, match=r"LLMPULSE_NOPE.*unknown key"):
         load_settings(None, environ={"LLMPULSE_NOPE": "1"})
 
 

@@ -115,13 +115,14 @@ def run(args: argparse.Namespace) -> int:
                 break
     finally:
         print("llmpulse up: stopping...", flush=True)
-        by_name = {c.name: c for c in children}
+        by_name: dict[str, Child | None] = {c.name: c for c in children}
         for name in STOP_ORDER:
-            c = by_name.pop(name, None)
-            if c is not None:
-                _stop_child(c)
-        for c in by_name.values():
-            _stop_child(c)
+            child = by_name.pop(name, None)
+            if child is not None:
+                _stop_child(child)
+        for rest in by_name.values():
+            if rest is not None:
+                _stop_child(rest)
         broker.stop()
         update_runtime(data_dir, kafka=None, query_url=None)
         print("llmpulse up: stopped", flush=True)

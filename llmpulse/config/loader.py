@@ -122,9 +122,9 @@ def load_settings(
         _set_path(tree, env_path, value)
         origins[env_path] = origin
     for dotted, value in (overrides or {}).items():
-        key = tuple(dotted.split("."))
-        _set_path(tree, key, value)
-        origins[key] = "command line"
+        dotted_key = tuple(dotted.split("."))
+        _set_path(tree, dotted_key, value)
+        origins[dotted_key] = "command line"
     try:
         return Settings.model_validate(tree)
     except ValidationError as exc:

@@ -34,7 +34,7 @@ def ensure_topics(bootstrap: str, cfg: KafkaConfig, timeout: float = 30.0) -> li
     Consumers that subscribe before their topic exists may get no assignment on
     some brokers (Tansu), so every component calls this before it subscribes.
     """
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
     admin = AdminClient({"bootstrap.servers": bootstrap, **client_security(cfg)})
     wanted = {cfg.topic(name): name for name in ALL_TOPICS}
@@ -43,7 +43,7 @@ def ensure_topics(bootstrap: str, cfg: KafkaConfig, timeout: float = 30.0) -> li
         try:
             existing = set(admin.list_topics(timeout=5).topics)
             break
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if time.monotonic() > deadline:
                 raise BrokerError(f"cannot reach Kafka at {bootstrap}: {exc}") from None
             time.sleep(0.5)
@@ -59,7 +59,7 @@ def ensure_topics(bootstrap: str, cfg: KafkaConfig, timeout: float = 30.0) -> li
         try:
             fut.result()
             created.append(topic)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if "TOPIC_ALREADY_EXISTS" in str(exc) or "already exists" in str(exc):
                 continue
             raise BrokerError(f"cannot create topic {topic}: {exc}") from None

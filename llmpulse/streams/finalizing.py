@@ -11,7 +11,7 @@ the same key with a higher revision, so the stored aggregate converges to the tr
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +41,7 @@ RETAIN_MS = 15 * 60 * 1000  # how long a finalized window accepts a backfilled p
 
 
 class Finalizer:
-    def __init__(self, sources: dict[str, Iterable[str]]) -> None:
+    def __init__(self, sources: Mapping[str, Iterable[str]]) -> None:
         self.sources = {kind: set(srcs) for kind, srcs in sources.items()}
         self.pending: dict[PendingKey, Pending] = {}
         self.marks: dict[str, dict[str, int]] = {kind: {} for kind in self.sources}

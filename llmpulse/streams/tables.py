@@ -12,7 +12,7 @@ from typing import Any
 import faust
 
 
-class PartitionedTable(faust.Table):  # type: ignore[misc]
+class PartitionedTable(faust.Table):  # type: ignore[misc,type-arg]
     def partition_for_key(self, key: Any) -> int | None:
         return int(str(key).split("|", 1)[0])
 

@@ -188,7 +188,7 @@ class PartitionWindows:
                 removable.append(key)
         names = self.acc_cls.dimension_names
         for (s, t), keys in sorted(groups.items()):
-            merged: dict[str, tuple[dict[str, str], Accumulator]] = {}
+            merged: dict[str, tuple[dict[str, str], Any]] = {}
             for dim_set in self.dim_sets:
                 for key in keys:
                     dims = project(names, dim_set, key[1])
@@ -196,6 +196,7 @@ class PartitionWindows:
                         continue
                     dk = dimensions_key(dims)
                     slot = merged.get(dk)
+                    acc: Any
                     if slot is None:
                         acc = self.acc_cls()
                         merged[dk] = (dims, acc)

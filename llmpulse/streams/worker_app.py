@@ -86,12 +86,14 @@ class WorkerRuntime:
         )
         self.topic_names = {name: kcfg.topic(name) for name in T.ALL_TOPICS}
         self.kind_of_topic = {kcfg.topic(t): kind for t, (kind, _) in KINDS.items()}
-        raw = {"key_serializer": "raw", "value_serializer": "raw"}
-        self.source_topic = self.app.topic(*(kcfg.topic(t) for t in KINDS), **raw)
-        self.partials_topic = self.app.topic(kcfg.topic(T.PARTIALS), **raw)
-        self.aggregates_topic = self.app.topic(kcfg.topic(T.AGGREGATES), **raw)
-        self.alerts_topic = self.app.topic(kcfg.topic(T.ALERTS), **raw)
-        self.deadletter_topic = self.app.topic(kcfg.topic(T.DEADLETTER), **raw)
+        def raw_topic(*names: str) -> Any:
+            return self.app.topic(*names, key_serializer="raw", value_serializer="raw")
+
+        self.source_topic = raw_topic(*(kcfg.topic(t) for t in KINDS))
+        self.partials_topic = raw_topic(kcfg.topic(T.PARTIALS))
+        self.aggregates_topic = raw_topic(kcfg.topic(T.AGGREGATES))
+        self.alerts_topic = raw_topic(kcfg.topic(T.ALERTS))
+        self.deadletter_topic = raw_topic(kcfg.topic(T.DEADLETTER))
         self.window_table = self._table("windows")
         self.final_table = self._table("final")
         self.windows: dict[tuple[str, int], PartitionWindows] = {}
@@ -99,7 +101,9 @@ class WorkerRuntime:
         self.lock = asyncio.Lock()
         self.last_marks: dict[tuple[str, int], tuple[int | None, float]] = {}
         self.flush_on_exit = wcfg.flush_open_windows_on_exit
-        self.sources = {kind: [f"{kind}:{p}" for p in range(self.partitions)] for kind, _ in KINDS.values()}
+        self.sources: dict[str, Iterable[str]] = {
+            kind: [f"{kind}:{p}" for p in range(self.partitions)] for kind, _ in KINDS.values()
+        }
         self._wire()
 
     def _table(self, name: str) -> PartitionedTable:
@@ -110,7 +114,8 @@ class WorkerRuntime:
             partitions=self.partitions,
             beacon=self.app.tables.beacon,
         )
-        return self.app.tables.add(table)  # type: ignore[no-any-return]
+        self.app.tables.add(table)
+        return table
 
     # -- wiring ---------------------------------------------------------------------------------
     def _wire(self) -> None:
@@ -128,14 +133,14 @@ class WorkerRuntime:
                 async with self.lock:
                     await self.process_partials(events)
 
-        @self.app.timer(interval=1.0)
+        @self.app.timer(interval=1.0)  # type: ignore[untyped-decorator]
         async def tick() -> None:
             if not self._ready():
                 return
             async with self.lock:
                 await self.close_idle()
 
-        @self.app.on_partitions_revoked.connect
+        @self.app.on_partitions_revoked.connect  # type: ignore[arg-type]
         async def on_revoked(app: Any, revoked: set[Any], **_: Any) -> None:
             for tp in revoked:
                 kind = self.kind_of_topic.get(tp.topic)
@@ -144,7 +149,7 @@ class WorkerRuntime:
                 if tp.topic == self.topic_names[T.PARTIALS]:
                     self.finalizers.pop(tp.partition, None)
 
-        @self.app.on_before_shutdown.connect
+        @self.app.on_before_shutdown.connect  # type: ignore[arg-type]
         async def on_shutdown(app: Any, **_: Any) -> None:
             if self.flush_on_exit:
                 await self.flush_everything()
@@ -152,7 +157,7 @@ class WorkerRuntime:
     def _ready(self) -> bool:
         app = self.app
         try:
-            recovered = app.tables.recovery.completed.is_set()
+            recovered = app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
         except AttributeError:  # pragma: no cover
             recovered = True
         return bool(recovered and not app.rebalancing)
@@ -160,7 +165,7 @@ class WorkerRuntime:
     def _assigned(self) -> set[Any]:
         try:
             return set(self.app.consumer.assignment())
-        except Exception:  # noqa: BLE001 - not started yet
+        except Exception:
             return set()
 
     # -- stage 1 ----------------------------------------------------------------------------------
@@ -198,7 +203,7 @@ class WorkerRuntime:
                         rej.raw, rej.reason, kind="invalid", source=msg.topic,
                         partition=msg.partition, offset=msg.offset,
                         dead_letter_id=f"{msg.topic}-{msg.partition}-{msg.offset}-{i}",
-                    )  # fmt: skip
+                    )
                 )
             if decoded.valid:
                 batch = groups.setdefault((kind, msg.partition), [])
@@ -215,7 +220,7 @@ class WorkerRuntime:
                         kind="late", source=self.topic_names[_topic_of_kind(kind)],
                         partition=partition, offset=late.offset >> 20,
                         dead_letter_id=f"late-{kind}-{partition}-{late.offset}",
-                    )  # fmt: skip
+                    )
                 )
             self._persist(pw, partition)
         for d in dead:
@@ -247,8 +252,8 @@ class WorkerRuntime:
         if futures:
             await asyncio.gather(*futures)
         table = self.window_table
-        for key in res.removed:
-            k = state_key(partition, pw.kind, "A", _acc_key_text(key))
+        for removed in res.removed:
+            k = state_key(partition, pw.kind, "A", _acc_key_text(removed))
             if k in table:
                 del table[k]
         if res.partials or res.removed:
@@ -347,7 +352,7 @@ class WorkerRuntime:
         combined = Finalizer(self.sources)
         for fin in self.finalizers.values():
             combined.pending.update(fin.pending)
-        for (kind, partition), pw in list(self.windows.items()):
+        for (kind, _partition), pw in list(self.windows.items()):
             for p in pw.close(time.time(), force=True).partials:
                 combined.add_partial(p)
         for kind, sources in self.sources.items():

@@ -38,7 +38,9 @@ def migrations(cfg: ClickHouseConfig) -> list[Migration]:
     db = cfg.database
     oc = _on_cluster(cfg)
     r = cfg.retention_days
-    E = lambda engine, table: _engine(cfg, engine, table)  # noqa: E731
+    def E(engine: str, table: str) -> str:
+        return _engine(cfg, engine, table)
+
     return [
         Migration(
             1,

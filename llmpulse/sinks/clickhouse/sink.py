@@ -10,6 +10,7 @@ nothing is lost. Re-delivered rows are harmless: tables replace rows by event id
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -120,7 +121,7 @@ class ClickHouseSink:
         tps = [TopicPartition(t, p, off + 1) for (t, p), off in self.offsets.items()]
         try:
             self.consumer.commit(offsets=tps, asynchronous=False)
-        except Exception as exc:  # noqa: BLE001 - rows are in; a replay is harmless
+        except Exception as exc:
             log.warning("offset commit failed (%s); the rows will be re-delivered and replaced", exc)
         self.offsets.clear()
 
@@ -130,7 +131,7 @@ class ClickHouseSink:
             try:
                 self.consumer.pause(self.consumer.assignment())
                 self.paused = True
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         end = time.monotonic() + delay
         while time.monotonic() < end:
@@ -138,10 +139,8 @@ class ClickHouseSink:
 
     def _resume(self) -> None:
         if self.paused:
-            try:
+            with contextlib.suppress(Exception):
                 self.consumer.resume(self.consumer.assignment())
-            except Exception:  # noqa: BLE001
-                pass
             self.paused = False
 
     def poll_once(self, timeout: float = 0.2) -> int:

@@ -42,7 +42,7 @@ def retry_forever(
         try:
             action()
             return True
-        except Exception as exc:  # noqa: BLE001 - any driver error: keep the batch, retry
+        except Exception as exc:
             log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
             if should_stop():
                 return False
