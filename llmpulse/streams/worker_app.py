@@ -352,7 +352,7 @@ class WorkerRuntime:
         combined = Finalizer(self.sources)
         for fin in self.finalizers.values():
             combined.pending.update(fin.pending)
-        for (kind, _partition), pw in list(self.windows.items()):
+        for pw in list(self.windows.values()):
             for p in pw.close(time.time(), force=True).partials:
                 combined.add_partial(p)
         for kind, sources in self.sources.items():
