@@ -1,0 +1,129 @@
+"""Broker down: the proxy keeps serving, spools, replays exactly once when the broker is back."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import openai
+
+from llmpulse.config import Settings
+from llmpulse.embedded.broker import EmbeddedBroker, broker_binary
+from llmpulse.kafka.clients import producer_settings
+from llmpulse.kafka.topics import ensure_topics
+from llmpulse.producers.spool import SPOOL_FILE, SpoolFile, SpoolingPublisher
+from tests.kafkatools import read_messages
+from tests.mock_servers import Servers, call_events, upstream_settings
+
+
+def _tansu_on(port: int) -> subprocess.Popen[bytes]:
+    """The same broker binary and arguments as EmbeddedBroker, on a port just left by one.
+
+    (EmbeddedBroker.start refuses a port with connections in TIME_WAIT: its free-port
+    check binds without SO_REUSEADDR; Tansu itself binds fine.)
+    """
+    url = f"tcp://127.0.0.1:{port}"
+    return subprocess.Popen(
+        [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+    )
+
+
+def test_broker_down_requests_succeed_and_spooled_events_arrive_once(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    own = EmbeddedBroker(0, log_dir=tmp_path / "own-broker").start()
+    restarted: subprocess.Popen[bytes] | None = None
+    try:
+        settings_holder: list[Settings] = []
+
+        def settings_for(url: str) -> Settings:
+            st = make_settings(
+                **upstream_settings(url),
+                **{"kafka.url": f"kafka://{own.bootstrap}", "proxy.delivery_timeout_s": 3, "proxy.broker_retry_s": 0.5},
+            )
+            ensure_topics(own.bootstrap, st.kafka)
+            settings_holder.append(st)
+            return st
+
+        with Servers(settings_for) as s:
+            topic = s.settings.kafka.topic("calls")
+            client = openai.OpenAI(base_url=s.base_url, api_key="sk-x", max_retries=0)
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "up"}], user="before")  # type: ignore[list-item]
+            assert len(read_messages(own.bootstrap, topic, expect=1, timeout=30)) == 1
+            own.stop()
+            started = time.monotonic()
+            for i in range(20):
+                r = client.chat.completions.with_raw_response.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "down"}], user=f"down-{i}"  # type: ignore[list-item]
+                )
+                assert r.status_code == 200
+            assert time.monotonic() - started < 10  # monitoring did not slow the requests down
+            pub = s.proxy.publisher
+            deadline = time.monotonic() + 30
+            while getattr(pub, "spool_pending_bytes", 0) == 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert getattr(pub, "spool_pending_bytes", 0) > 0, "nothing spooled"
+            assert getattr(pub, "broker_up", True) is False
+            restarted = _tansu_on(own.port)  # same port, empty (Tansu keeps memory only)
+            ensure_topics(own.bootstrap, s.settings.kafka)
+            msgs = read_messages(
+                own.bootstrap, topic, until=lambda ms: len(ms) >= 20, timeout=90, quiet_s=3.0
+            )
+            events = call_events(msgs)
+            assert getattr(pub, "spool_pending_bytes", -1) == 0
+    finally:
+        own.stop()
+        if restarted is not None:
+            restarted.terminate()
+            restarted.wait(10)
+    down = [e for e in events if (e.user or "").startswith("down-")]
+    assert sorted(e.user or "" for e in down) == sorted(f"down-{i}" for i in range(20))
+    assert len({e.event_id for e in events}) == len(events)  # exactly once
+    assert all(e.status_code == 200 and e.completion_tokens == 16 for e in down)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_spool_limit_drops_and_counts_and_a_restart_replays(
+    broker: EmbeddedBroker, make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = make_settings()
+    topic = settings.kafka.topic("calls")
+    spool_dir = tmp_path / "spool"
+    dead = producer_settings(f"127.0.0.1:{_closed_port()}", settings.kafka)
+    pub = SpoolingPublisher(dead, spool_dir, spool_max_bytes=2000, delivery_timeout_s=1, retry_s=0.2)
+    try:
+        for i in range(40):
+            assert pub.publish_raw(topic, b'{"n":%d,"pad":"%s"}' % (i, b"x" * 60), "k") is True
+        deadline = time.monotonic() + 20
+        while pub.stats.spooled + pub.stats.dropped < 40 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        pub.close(timeout=1)
+    assert pub.stats.delivered == 0
+    assert pub.stats.spooled > 0 and pub.stats.dropped > 0
+    assert pub.stats.spooled + pub.stats.dropped == 40
+    assert (spool_dir / SPOOL_FILE).stat().st_size <= 2000
+    # a torn record at the end (crash mid-write) is cut off, the rest survives
+    with open(spool_dir / SPOOL_FILE, "ab") as f:
+        f.write(b"\x01\x02\x03")
+    sf = SpoolFile(spool_dir)
+    assert sf.pending == (spool_dir / SPOOL_FILE).stat().st_size
+    sf.close()
+    # a new publisher (a restarted proxy) replays the spool to a reachable broker
+    live = SpoolingPublisher(producer_settings(broker.bootstrap, settings.kafka), spool_dir)
+    try:
+        assert live.flush(30)
+    finally:
+        live.close()
+    msgs = read_messages(broker.bootstrap, topic, expect=pub.stats.spooled, timeout=60, quiet_s=1.0)
+    values = [m.value() for m in msgs]
+    assert len(values) == pub.stats.spooled == len(set(values))
