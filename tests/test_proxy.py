@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-import json
-import urllib.error
-import urllib.request
 import openai
 import pytest
 
