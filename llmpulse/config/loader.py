@@ -28,6 +28,8 @@ ENV_ALIASES: dict[str, tuple[str, ...]] = {
     "DATA_DIR": ("data_dir",),
     "RULES_FILE": ("rules_file",),
     "LOG_LEVEL": ("log_level",),
+    "APP": ("sdk", "app"),
+    "TOPIC_PREFIX": ("kafka", "topic_prefix"),
 }
 # Read elsewhere (not config keys): the config path itself and secrets read by name.
 ENV_NOT_CONFIG = {"CONFIG"}

@@ -85,7 +85,7 @@ class EmbeddedBroker:
                 try:
                     admin.list_topics(timeout=2)
                     return
-                except Exception:  # noqa: BLE001 - not ready yet
+                except Exception:
                     pass
             time.sleep(0.05)
         self.stop()

@@ -15,6 +15,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def ensure_port_free(port: int, what: str, host: str = "127.0.0.1") -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
         try:
             s.bind((host, port))
         except OSError as exc:

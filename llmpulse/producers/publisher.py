@@ -53,7 +53,7 @@ class EventPublisher:
             with self._lock:
                 self.stats.dropped += 1
             return False
-        except Exception as exc:  # noqa: BLE001 - monitoring never fails the caller
+        except Exception as exc:
             log.warning("cannot queue event for %s: %s", topic, exc)
             with self._lock:
                 self.stats.dropped += 1

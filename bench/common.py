@@ -1,0 +1,120 @@
+"""Shared pieces of the benchmarks: a broker, a config, components as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmpulse.analysis.client import query
+from llmpulse.config import Settings, load_settings
+from llmpulse.embedded.broker import EmbeddedBroker
+from llmpulse.errors import LLMPulseError
+from llmpulse.kafka.topics import ensure_topics
+from llmpulse.schemas import CallEvent, encode, encode_batch
+
+MODELS = ["gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet", "llama-3-70b", "mistral-large", "gemini-1.5-pro"]
+
+
+@contextmanager
+def broker(workdir: Path) -> Iterator[EmbeddedBroker]:
+    b = EmbeddedBroker(0, log_dir=workdir).start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def make_config(workdir: Path, bootstrap: str, **sections: Any) -> tuple[Path, Settings]:
+    data: dict[str, Any] = {
+        "data_dir": str(workdir / "data"),
+        "kafka": {"url": f"kafka://{bootstrap}", "topic_prefix": "bench.", "partitions": 3},
+        "worker": {"windows_s": [10, 60], "grace_s": 1.0, "idle_close_s": 2.0, "batch_max_messages": 500},
+        "sink": {"batch_rows": 50_000, "batch_seconds": 1.0},
+    }
+    for k, v in sections.items():
+        data.setdefault(k, {}).update(v)
+    path = workdir / "llmpulse.yaml"
+    path.write_text(yaml.safe_dump(data))
+    settings = load_settings(path, environ={})
+    ensure_topics(bootstrap, settings.kafka)
+    return path, settings
+
+
+def start(config: Path, *argv: str, log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPULSE_")}
+    fh = open(log, "ab")  # noqa: SIM115
+    p = subprocess.Popen([sys.executable, "-m", "llmpulse", "--config", str(config), *argv],
+                         stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
+    fh.close()
+    return p
+
+
+def stop(p: subprocess.Popen[bytes]) -> None:
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def events(n: int, t0: datetime | None = None, span_s: float = 300.0) -> list[CallEvent]:
+    t0 = t0 or datetime.now(UTC) - timedelta(seconds=span_s + 120)
+    step = span_s / n
+    return [
+        CallEvent(
+            event_id=f"b{i:09d}", ts=t0 + timedelta(seconds=i * step), model=MODELS[i % len(MODELS)],
+            provider="openai", app=f"app{i % 5}", user=f"u{i % 50}", api_key_hash=f"k{i % 20}",
+            status_code=500 if i % 50 == 0 else 200, error_type="upstream_5xx" if i % 50 == 0 else None,
+            latency_ms=100 + (i % 900), ttft_ms=50 + (i % 200), prompt_tokens=100 + i % 300,
+            completion_tokens=50 + i % 100, cost_usd=0.0001,
+        )  # fmt: skip
+        for i in range(n)
+    ]
+
+
+def messages(evs: list[CallEvent], batch: int) -> list[tuple[bytes, bytes]]:
+    """Single-event messages (batch=1) or batch envelopes of `batch` events keyed by model."""
+    if batch <= 1:
+        return [(e.model.encode(), encode(e)) for e in evs]
+    by_model: dict[str, list[CallEvent]] = {}
+    for e in evs:
+        by_model.setdefault(e.model, []).append(e)
+    out = []
+    for model, group in by_model.items():
+        for i in range(0, len(group), batch):
+            out.append((model.encode(), encode_batch(group[i : i + batch])))
+    return out
+
+
+def wait_rows(settings: Settings, sql: str, ok: Callable[[Any], bool], timeout: float = 900) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            rows = query(settings, sql).rows
+            if ok(rows):
+                return time.monotonic()
+        except LLMPulseError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for: {sql}")
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
