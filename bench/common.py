@@ -78,7 +78,7 @@ def events(n: int, t0: datetime | None = None, span_s: float = 300.0) -> list[Ca
             status_code=500 if i % 50 == 0 else 200, error_type="upstream_5xx" if i % 50 == 0 else None,
             latency_ms=100 + (i % 900), ttft_ms=50 + (i % 200), prompt_tokens=100 + i % 300,
             completion_tokens=50 + i % 100, cost_usd=0.0001,
-        )  # fmt: skip
+        )
         for i in range(n)
     ]
 
