@@ -122,9 +122,9 @@ def load_rules(
 ) -> RuleSet:
     """The rules of a YAML file, or the built-in defaults when ``path`` is None."""
     if path is None:
-        return parse_rules(
-            default_rules_text(), "built-in rules (llmpulse/defaults/rules.yaml)", windows_s
-        )
+        source = "built-in rules (llmpulse/defaults/rules.yaml)"
+        builtin = parse_rules(default_rules_text(), source, None)
+        return builtin if windows_s is None else _fit_windows(builtin, sorted(set(windows_s)))
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -183,3 +183,18 @@ class RulesReloader:
         self.rules = rules
         self.log.info("rules reloaded from %s: %d rules", self.path, len(rules.rules))
         return rules
+
+
+def _fit_windows(rules: RuleSet, allowed: list[int]) -> RuleSet:
+    """The built-in rules judged on the configured windows: each rule takes the largest
+    configured window not above its own (the smallest when all are above)."""
+    fitted = []
+    for r in rules.rules:
+        if isinstance(r, CompositeRule) or r.window in allowed:
+            fitted.append(r)
+            continue
+        below = [w for w in allowed if w <= r.window]
+        window = below[-1] if below else allowed[0]
+        log.warning("built-in rule %r judges %d s windows (its %d s window is not configured)", r.name, window, r.window)
+        fitted.append(r.model_copy(update={"window": window}))
+    return RuleSet(rules=tuple(fitted), source=rules.source)
