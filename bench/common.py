@@ -38,7 +38,7 @@ def make_config(workdir: Path, bootstrap: str, **sections: Any) -> tuple[Path, S
     data: dict[str, Any] = {
         "data_dir": str(workdir / "data"),
         "kafka": {"url": f"kafka://{bootstrap}", "topic_prefix": "bench.", "partitions": 3},
-        "worker": {"windows_s": [10, 60], "grace_s": 1.0, "idle_close_s": 2.0, "batch_max_messages": 500},
+        "worker": {"windows_s": [10, 60], "grace_s": 5.0, "idle_close_s": 2.0, "batch_max_messages": 500},
         "sink": {"batch_rows": 50_000, "batch_seconds": 1.0},
     }
     for k, v in sections.items():
@@ -84,16 +84,16 @@ def events(n: int, t0: datetime | None = None, span_s: float = 300.0) -> list[Ca
 
 
 def messages(evs: list[CallEvent], batch: int) -> list[tuple[bytes, bytes]]:
-    """Single-event messages (batch=1) or batch envelopes of `batch` events keyed by model."""
+    """Single-event messages (batch=1), or batch envelopes as a producer at a high rate sends
+    them: each time slice of `batch` events, split by model (the partition key)."""
     if batch <= 1:
         return [(e.model.encode(), encode(e)) for e in evs]
-    by_model: dict[str, list[CallEvent]] = {}
-    for e in evs:
-        by_model.setdefault(e.model, []).append(e)
     out = []
-    for model, group in by_model.items():
-        for i in range(0, len(group), batch):
-            out.append((model.encode(), encode_batch(group[i : i + batch])))
+    for i in range(0, len(evs), batch):
+        by_model: dict[str, list[CallEvent]] = {}
+        for e in evs[i : i + batch]:
+            by_model.setdefault(e.model, []).append(e)
+        out += [(model.encode(), encode_batch(group)) for model, group in by_model.items()]
     return out
 
 
@@ -108,6 +108,19 @@ def wait_rows(settings: Settings, sql: str, ok: Callable[[Any], bool], timeout: 
             pass
         time.sleep(0.2)
     raise TimeoutError(f"timed out waiting for: {sql}")
+
+
+def wait_sink_ready(settings: Settings, timeout: float = 60) -> None:
+    """Until the sink owns the store and serves queries (never open the store ourselves first)."""
+    from llmpulse.embedded.store import store_owner
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        owner = store_owner(settings.data_dir)
+        if owner and owner.get("query_url"):
+            return
+        time.sleep(0.2)
+    raise TimeoutError("the sink did not start")
 
 
 def rss_mb(pid: int) -> float:

@@ -12,7 +12,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import broker, events, make_config, messages, rss_mb, start, stop, wait_rows
+from common import (
+    broker,
+    events,
+    make_config,
+    messages,
+    rss_mb,
+    start,
+    stop,
+    wait_rows,
+    wait_sink_ready,
+)
 
 from tests.kafkatools import produce
 
@@ -30,7 +40,7 @@ def main() -> dict[str, Any]:
             sink = start(config, "sink", log=work / "sink.log")
             worker = start(config, "worker", log=work / "worker.log")
             try:
-                wait_rows(settings, "SELECT 1", lambda r: True, timeout=60)
+                wait_sink_ready(settings)
                 time.sleep(8)  # let the worker join its group (Tansu answers JoinGroup after ~3 s)
                 msgs = messages(events(n), args.batch)
                 t0 = time.monotonic()

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_ddl:
         sys.stdout.write(emit_ddl(ch))
         return 0
-    store = open_store(ch, settings.data_dir, {"role": "sink"})
+    store = open_store(ch, settings.data_dir, {"role": "sink"}, wait_s=15.0)
     try:
         migrate(store.client, ch)
         if args.migrate_only:

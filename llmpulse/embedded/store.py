@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
@@ -97,7 +98,9 @@ class Store:
             self.lock.release()
 
 
-def open_store(cfg: ClickHouseConfig, data_dir: Path, owner_info: dict[str, Any] | None = None) -> Store:
+def open_store(
+    cfg: ClickHouseConfig, data_dir: Path, owner_info: dict[str, Any] | None = None, wait_s: float = 0.0
+) -> Store:
     try:
         import clickhouse_connect
     except ImportError:
@@ -105,7 +108,16 @@ def open_store(cfg: ClickHouseConfig, data_dir: Path, owner_info: dict[str, Any]
     if cfg.embedded:
         directory = store_dir(data_dir)
         lock = StoreLock(directory)
-        lock.acquire(owner_info)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                lock.acquire(owner_info)
+                break
+            except StoreError:
+                # a short-lived holder (a direct `llmpulse query`) lets go within moments
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
         try:
             client = clickhouse_connect.get_client(dsn=f"chdb://{directory}")
         except Exception as exc:

@@ -1,5 +1,6 @@
 """Pydantic models of every event, aggregate and alert: the only wire format."""
 
+from llmpulse.schemas.action import ActionEvent
 from llmpulse.schemas.aggregate import WindowAggregate, aggregate_id, dimensions_key
 from llmpulse.schemas.alert import Alert, alert_fingerprint
 from llmpulse.schemas.base import SCHEMA_VERSION
@@ -11,6 +12,7 @@ from llmpulse.schemas.gpu import GpuProcess, GpuSample
 
 __all__ = [
     "SCHEMA_VERSION",
+    "ActionEvent",
     "Alert",
     "CallEvent",
     "DeadLetter",
