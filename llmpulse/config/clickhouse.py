@@ -13,6 +13,8 @@ Days = Annotated[int, Field(ge=1, le=36500)]
 
 class RetentionConfig(Section):
     llm_calls: Days = 30
+    llm_calls_1m: Days = 35
+    llm_calls_1h: Days = 400
     gpu_samples: Days = 30
     llm_aggregates: Days = 400
     alerts: Days = 400

@@ -189,6 +189,107 @@ def migrations(cfg: ClickHouseConfig) -> list[Migration]:
                 TTL toDateTime(ts) + INTERVAL {r.deadletter} DAY""",
             ),
         ),
+        Migration(
+            2,
+            "per-minute and per-hour roll-ups of llm_calls, actions, sink intents, insert deduplication",
+            (
+                *_dedup_settings(cfg, ("llm_calls", "llm_aggregates", "gpu_samples", "feedback", "alerts", "deadletter")),
+                *(stmt for bucket in ROLLUPS for stmt in _rollup(cfg, bucket)),
+                f"""CREATE TABLE IF NOT EXISTS {db}.actions{oc} (
+                    event_id String,
+                    action_id String,
+                    ts DateTime64(3, 'UTC'),
+                    status LowCardinality(String),
+                    kind LowCardinality(String),
+                    rule LowCardinality(String),
+                    alert_fingerprint String,
+                    alert_id String,
+                    target Map(LowCardinality(String), String),
+                    params String,
+                    expires_at Nullable(DateTime64(3, 'UTC')),
+                    actor LowCardinality(String),
+                    reason String
+                ) ENGINE = {E("ReplacingMergeTree", "actions")}
+                PARTITION BY toYYYYMM(ts)
+                ORDER BY (action_id, ts, event_id)
+                TTL toDateTime(ts) + INTERVAL {r.actions} DAY{_dedup_clause(cfg)}""",
+                f"""CREATE TABLE IF NOT EXISTS {db}.sink_intents{oc} (
+                    table LowCardinality(String),
+                    token String,
+                    topic String,
+                    ranges Array(Tuple(partition Int32, first Int64, last Int64)),
+                    rows UInt32,
+                    ts DateTime64(3, 'UTC') DEFAULT now64(3)
+                ) ENGINE = {E("ReplacingMergeTree", "sink_intents")}
+                ORDER BY (topic, token)
+                TTL toDateTime(ts) + INTERVAL 7 DAY""",
+            ),
+        ),
+    ]
+
+
+ROLLUPS = {"1m": "toStartOfMinute", "1h": "toStartOfHour"}
+"""Roll-up tables llm_calls_<bucket>: AggregatingMergeTree filled by a materialized view."""
+
+QUANTILES = "0.5, 0.95, 0.99"
+"""Levels kept by the latency and ttft digests: read them with quantilesTDigestMerge(0.5, 0.95, 0.99)."""
+
+
+def _dedup_clause(cfg: ClickHouseConfig) -> str:
+    # Replicated tables deduplicate inserts by default; plain MergeTree only within this window
+    return "" if cfg.cluster else "\n                SETTINGS non_replicated_deduplication_window = 1000"
+
+
+def _dedup_settings(cfg: ClickHouseConfig, tables: tuple[str, ...]) -> list[str]:
+    if cfg.cluster:
+        return []
+    return [
+        f"ALTER TABLE {cfg.database}.{t} MODIFY SETTING non_replicated_deduplication_window = 1000"
+        for t in tables
+    ]
+
+
+def _rollup(cfg: ClickHouseConfig, bucket: str) -> list[str]:
+    db = cfg.database
+    oc = _on_cluster(cfg)
+    table = f"llm_calls_{bucket}"
+    days = getattr(cfg.retention_days, table)
+    fn = ROLLUPS[bucket]
+    return [
+        f"""CREATE TABLE IF NOT EXISTS {db}.{table}{oc} (
+            bucket DateTime('UTC'),
+            model LowCardinality(String),
+            provider LowCardinality(String),
+            app LowCardinality(String),
+            requests AggregateFunction(count),
+            errors AggregateFunction(sum, UInt64),
+            latency_sum_ms AggregateFunction(sum, Float64),
+            latency_q AggregateFunction(quantilesTDigest({QUANTILES}), Float64),
+            ttft_q AggregateFunction(quantilesTDigestIf({QUANTILES}), Float64, UInt8),
+            tokens_prompt AggregateFunction(sum, UInt64),
+            tokens_completion AggregateFunction(sum, UInt64),
+            tokens_total AggregateFunction(sum, UInt64),
+            cost AggregateFunction(sum, Decimal(18, 9)),
+            unpriced AggregateFunction(sum, UInt64)
+        ) ENGINE = {_engine(cfg, "AggregatingMergeTree", table)}
+        PARTITION BY toYYYYMM(bucket)
+        ORDER BY (bucket, model, provider, app)
+        TTL bucket + INTERVAL {days} DAY{_dedup_clause(cfg)}""",
+        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{table}_mv{oc} TO {db}.{table} AS
+        SELECT
+            {fn}(ts, 'UTC') AS bucket, model, provider, app,
+            countState() AS requests,
+            sumState(toUInt64(is_error)) AS errors,
+            sumState(latency_ms) AS latency_sum_ms,
+            quantilesTDigestState({QUANTILES})(latency_ms) AS latency_q,
+            quantilesTDigestIfState({QUANTILES})(ifNull(ttft_ms, 0.), toUInt8(isNotNull(ttft_ms))) AS ttft_q,
+            sumState(toUInt64(prompt_tokens)) AS tokens_prompt,
+            sumState(toUInt64(completion_tokens)) AS tokens_completion,
+            sumState(toUInt64(total_tokens)) AS tokens_total,
+            sumState(ifNull(cost_usd, toDecimal64(0, 9))) AS cost,
+            sumState(toUInt64(isNull(cost_usd))) AS unpriced
+        FROM {db}.llm_calls
+        GROUP BY bucket, model, provider, app""",
     ]
 
 
