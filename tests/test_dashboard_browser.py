@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -63,7 +62,7 @@ def demo(make_settings: Callable[..., Settings], tmp_path: Path) -> Iterator[tup
             CallEvent(event_id=f"captured-{i}", ts=start + timedelta(seconds=200 + i), model="gpt-4o-mini",
                       app="support-bot", user="captured-user", status_code=200, latency_ms=420.0, ttft_ms=95.0,
                       prompt_tokens=12, completion_tokens=8, cost_usd=0.00001,
-                      prompt=CAPTURED_PROMPT, response="Paris.")  # fmt: skip
+                      prompt=CAPTURED_PROMPT, response="Paris.")
             for i in range(2)
         ]
         produce(settings.kafka.bootstrap_servers(), settings.kafka.topic("calls"),
@@ -102,7 +101,7 @@ def _panel_states(page: Any) -> dict[str, str]:
 def test_dashboard_in_chromium(demo: tuple[Settings, str]) -> None:
     from playwright.sync_api import sync_playwright
 
-    settings, url = demo
+    _settings, url = demo
     ARTIFACTS.mkdir(exist_ok=True)
     # the API beside the page answers the same data
     with urllib.request.urlopen(f"{url}/api/summary?from=now-15m") as resp:
