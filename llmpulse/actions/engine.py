@@ -171,8 +171,7 @@ class ActionEngine:
             payload = ev.params.get("alert", {})
             result = run_hook(rule.hook, payload if isinstance(payload, dict) else {})
             params = {**ev.params, "result": result.detail}
-            status = "applied" if result.ok else "failed"
-            out = step(ev, status, actor=actor, params=params, now=at, reason="hook ran" if result.ok else "hook failed")
+            out = step(ev, "applied" if result.ok else "failed", actor=actor, params=params, now=at, reason="hook ran" if result.ok else "hook failed")
         else:
             out = step(ev, "applied", actor=actor, expires_at=applied_until(ev, at), now=at, reason=ev.reason)
         self.publish(out)

@@ -41,7 +41,11 @@ class ActionStore:
         self._lock = threading.Lock()
         self.version = 0
 
-    def apply(self, key: str, value: bytes | None) -> bool:
+    def apply(self, key: str, value: bytes | None) -> None:
+        """Take one message of the topic (a LogReader handler)."""
+        self.take(key, value)
+
+    def take(self, key: str, value: bytes | None) -> bool:
         """Take one message of the topic; True when it changed an action's state."""
         if value is None:
             return False  # tombstones and read barriers
@@ -189,7 +193,7 @@ class ActionFollower:
                         continue
                     raw_key = m.key()
                     key = raw_key.decode("utf-8", "replace") if raw_key is not None else ""
-                    changed |= self.store.apply(key, m.value())
+                    changed |= self.store.take(key, m.value())
                 if (changed or first) and self.on_change is not None:
                     try:
                         self.on_change(self.store)

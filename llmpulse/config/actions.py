@@ -66,9 +66,7 @@ class AlertMatch(Section):
     rule: Annotated[str, Field(min_length=1, max_length=256)] = Field(
         default="*", description="alert rule name pattern (shell-style)"
     )
-    severity: list[Literal["warning", "critical"]] = Field(
-        default_factory=lambda: ["warning", "critical"], min_length=1
-    )
+    severity: list[Literal["warning", "critical"]] = Field(default=["warning", "critical"], min_length=1)
     dimensions: dict[str, str] = Field(
         default_factory=dict, description="dimension -> value pattern; the alert must have each"
     )

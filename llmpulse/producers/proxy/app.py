@@ -34,6 +34,7 @@ from llmpulse.metrics import PROXY_OVERHEAD_SECONDS
 from llmpulse.producers.keyhash import KeyHasher, api_key_from_headers, load_secret
 from llmpulse.producers.pricing import PriceTable
 from llmpulse.producers.proxy import errors
+from llmpulse.producers.proxy.enforce import ProxyActions, Refusal
 from llmpulse.producers.proxy.events import CallRecord, CallRecorder, RawPublisher
 from llmpulse.producers.proxy.forwarding import CircuitOpenError, send
 from llmpulse.producers.proxy.streaming import SseTap
@@ -101,6 +102,7 @@ class ProxyServer:
         self.hasher = KeyHasher(load_secret(settings.data_dir))
         self.recorder: CallRecorder | None = None
         self._runner: web.AppRunner | None = None
+        self.actions = ProxyActions()
 
     # ---- lifecycle ----
 
@@ -134,6 +136,8 @@ class ProxyServer:
             self.publisher = self._make_publisher()
         self.recorder = CallRecorder(self.settings, self.publisher, self.prices)
         await self.router.open()
+        if self.settings.actions.enforce_in_proxy:
+            self._follow_actions()
         app = web.Application(client_max_size=self.cfg.max_body_bytes)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
@@ -153,7 +157,19 @@ class ProxyServer:
         log.info("llmpulse proxy on %s -> %s", self.url, ", ".join(f"{u.name}={u.base_url}" for u in self.router.upstreams))
         return self
 
+    def _follow_actions(self) -> None:
+        """Enforce the active actions of the `actions` topic (skipped when no broker is known)."""
+        from llmpulse.kafka.bootstrap import resolve_bootstrap
+
+        try:
+            bootstrap = resolve_bootstrap(self.settings)
+        except Exception as exc:
+            log.warning("the proxy enforces no actions: %s", exc)
+            return
+        self.actions.follow(self.settings, bootstrap)
+
     async def stop(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.actions.stop)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -178,6 +194,12 @@ class ProxyServer:
             "kafka_up": bool(getattr(pub, "broker_up", True)),
             "spool_bytes": int(getattr(pub, "spool_pending_bytes", 0)),
             "upstreams": {u.name: u.circuit.state for u in self.router.upstreams},
+            "actions": {
+                "rate_limits": sum(len(v) for v in self.actions.snapshot.limits.values()),
+                "blocks": sum(len(v) for v in self.actions.snapshot.blocks.values()),
+                "fallbacks": len(self.actions.snapshot.routes),
+                "open_circuits": len(self.actions.snapshot.cuts),
+            },
         }
         return web.Response(body=_enc.encode(body), content_type="application/json")
 
@@ -188,6 +210,16 @@ class ProxyServer:
             rec.status_code = status
             rec.error_type = etype
         return self._finish(web.Response(status=status, body=errors.error_body(message, etype), content_type="application/json"), rec, t0, 0.0)
+
+    def _refuse(self, r: Refusal, rec: CallRecord, t0: float) -> web.Response:
+        rec.status_code = r.status
+        rec.error_type = r.error_type
+        resp = web.Response(
+            status=r.status, body=errors.error_body(r.message, r.error_type, r.code), content_type="application/json"
+        )
+        for k, v in r.headers.items():
+            resp.headers[k] = v
+        return self._finish(resp, rec, t0, 0.0)
 
     def _finish(self, resp: R, rec: CallRecord | None, t0: float, upstream_s: float) -> R:
         overhead = time.perf_counter() - t0 - upstream_s
@@ -240,11 +272,40 @@ class ProxyServer:
             rec.model = head.model
         if rec.user is None and self.cfg.trust_body_user and isinstance(head.user, str) and head.user:
             rec.user = head.user
+        acts = self.actions.snapshot
+        served: str | None = None
+        if acts.any:
+            refusal, charge = acts.refusal((rec.api_key_hash, rec.user, rec.app))
+            if refusal is not None:
+                return self._refuse(refusal, rec, t0)
+            if charge:
+                rec.charge = charge
+            gate = acts.route(rec.model) if acts.routes else None
+            if gate is not None:
+                if gate.upstream is not None:
+                    up = self.router.by_name.get(gate.upstream, up)
+                if gate.model is not None and gate.model != rec.model:
+                    try:
+                        full = _dec.decode(body)
+                        full["model"] = gate.model
+                        body = _enc.encode(full)
+                        served = gate.model
+                    except (msgspec.DecodeError, TypeError):
+                        pass
         if up is None:
-            up = self.router.by_model(rec.model if isinstance(head.model, str) else None)
+            up = self.router.by_model(served or (rec.model if isinstance(head.model, str) else None))
             if up is None:
                 return self._error(404, f"no upstream configured for model {rec.model!r}", errors.INVALID_REQUEST, rec, t0)
-            rec.provider = up.provider
+        rec.provider = up.provider
+        if served is not None:
+            rec.response_model = served
+        if acts.cuts:
+            cut = acts.cut(up.name, up.provider)
+            if cut is not None:
+                return self._error(
+                    503, f"upstream {up.name} is cut off by llmpulse action {cut.action_id}; circuit open",
+                    errors.ACTION_CIRCUIT_OPEN, rec, t0,
+                )
         rec.request_raw = body if operation != "other" else None
         stream = head.stream is True and operation != "embedding"
         hide_usage = False
@@ -391,7 +452,7 @@ class ProxyServer:
             if tap.first_token_at is not None:
                 rec.ttft_ms = (tap.first_token_at - t0) * 1000
             rec.usage = tap.usage
-            rec.response_model = tap.response_model
+            rec.response_model = tap.response_model or rec.response_model
             rec.latency_ms = (time.perf_counter() - t0) * 1000
             assert self.recorder is not None
             self.recorder.record(rec)

@@ -9,7 +9,9 @@ error_type values:
   (502), ``connection_error`` (502: reset, DNS, TLS, ...), ``upstream_disconnected``
   (502: the upstream closed a stream before its end), ``circuit_open`` (503: failing fast
   while the upstream is down), ``invalid_request`` (400/413: body the proxy cannot read),
-  ``client_disconnected`` (499: the client went away before the response ended).
+  ``client_disconnected`` (499: the client went away before the response ended);
+- refused by an active llmpulse action: ``action_rate_limited`` (429 with Retry-After),
+  ``action_blocked`` (403), ``action_circuit_open`` (503).
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ UPSTREAM_DISCONNECTED = "upstream_disconnected"
 CIRCUIT_OPEN = "circuit_open"
 INVALID_REQUEST = "invalid_request"
 CLIENT_DISCONNECTED = "client_disconnected"
+# refused by an llmpulse action (issue 10): 429 + Retry-After, 403, 503
+ACTION_RATE_LIMITED = "action_rate_limited"
+ACTION_BLOCKED = "action_blocked"
+ACTION_CIRCUIT_OPEN = "action_circuit_open"
 
 
 def error_type_of_status(status: int) -> str | None:

@@ -65,6 +65,7 @@ class CallRecord:
     request_raw: bytes | None = None
     response_raw: bytes | None = None
     stream_payloads: list[bytes] | None = field(default=None)
+    charge: list[Any] | None = field(default=None)  # rate limits (enforce.Limit) to charge tokens to
 
 
 def _cut(v: str | None, n: int) -> str | None:
@@ -152,6 +153,10 @@ class CallRecorder:
             if cost is None:
                 UNPRICED_CALLS.inc()
         u = usage or Usage()
+        if rec.charge:
+            spent = u.total_tokens if u.total_tokens is not None else u.prompt_tokens + u.completion_tokens
+            for lim in rec.charge:
+                lim.tokens.charge(spent)
         prompt_text = response_text_out = None
         if self.capture:
             if req_body is None:

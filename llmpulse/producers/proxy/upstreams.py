@@ -69,6 +69,7 @@ class Router:
         self._by_prefix = {u.cfg.path_prefix: u for u in self.upstreams if u.cfg.path_prefix}
         self._by_model = [u for u in self.upstreams if u.cfg.models]
         by_name = {u.name: u for u in self.upstreams}
+        self.by_name = by_name
         if cfg.default_upstream is not None:
             self.default: Upstream | None = by_name[cfg.default_upstream]
         else:
