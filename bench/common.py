@@ -97,6 +97,17 @@ def messages(evs: list[CallEvent], batch: int) -> list[tuple[bytes, bytes]]:
     return out
 
 
+def closers(evs: list[CallEvent], after_s: float = 200.0) -> list[tuple[bytes, bytes]]:
+    """One event per model far past the data, so every partition's event time passes every
+    window of the data at once: the time to closed windows is then the processing time,
+    not the idle-closing delay."""
+    last = max(e.ts for e in evs)
+    return [
+        (m.encode(), encode(CallEvent(event_id=f"closer-{m}", ts=last + timedelta(seconds=after_s), model=m)))
+        for m in sorted({e.model for e in evs})
+    ]
+
+
 def wait_rows(settings: Settings, sql: str, ok: Callable[[Any], bool], timeout: float = 900) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:

@@ -24,12 +24,14 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import faust
+import msgspec
 
 from llmpulse import metrics
 from llmpulse.config import Settings
 from llmpulse.kafka import topics as T
 from llmpulse.schemas import Alert, CallEvent, DeadLetter, Feedback, GpuSample, WindowAggregate
 from llmpulse.schemas.codec import decode, encode
+from llmpulse.schemas.fast import decode_calls
 from llmpulse.streams.finalizing import Finalizer, Pending, PendingKey
 from llmpulse.streams.positions import position
 from llmpulse.streams.tables import PartitionedTable, state_key
@@ -195,7 +197,7 @@ class WorkerRuntime:
         for ev in events:
             msg = ev.message
             kind = self.kind_of_topic[msg.topic]
-            decoded = decode(msg.value, KINDS_BY_KIND[kind])
+            decoded = decode_calls(msg.value) if kind == "calls" else decode(msg.value, KINDS_BY_KIND[kind])
             metrics.EVENTS_IN.labels("worker", kind).inc(len(decoded.valid) + len(decoded.rejected))
             for i, rej in enumerate(decoded.rejected):
                 dead.append(
@@ -214,7 +216,7 @@ class WorkerRuntime:
                 ev_model = late.event
                 dead.append(
                     DeadLetter.for_bytes(
-                        encode(ev_model),
+                        msgspec.json.encode(ev_model) if isinstance(ev_model, msgspec.Struct) else encode(ev_model),
                         f"late event: its {pw.windows_s[0]} s window ended at "
                         f"{late.window_end_ms} ms and closed (grace {pw.grace_ms} ms)",
                         kind="late", source=self.topic_names[_topic_of_kind(kind)],

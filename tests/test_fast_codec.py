@@ -1,0 +1,66 @@
+"""The worker's msgspec twin of CallEvent accepts exactly what the pydantic model accepts."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from llmpulse.schemas import CallEvent, decode, encode, encode_batch
+from llmpulse.schemas.fast import CallEventFast, decode_calls
+
+GOOD = {"event_id": "e1", "model": "gpt-4o", "ts": "2026-01-01T10:00:00+02:00", "prompt_tokens": 3, "completion_tokens": 4,
+        "latency_ms": 12.5, "cost_usd": 0.001, "user": "u", "api_key_hash": "hk_1", "status_code": 503,
+        "error_type": "upstream_5xx", "ttft_ms": 3.0, "streamed": True}  # fmt: skip
+BAD = [
+    {"model": "gpt-4o", "prompt_tokens": -1},
+    {"model": "gpt-4o", "prompt_tokens": "many"},
+    {"model": "gpt-4o", "ts": "2026-01-01T00:00:00"},
+    {"prompt_tokens": 1},
+    {"model": ""},
+    {"model": "gpt-4o", "unknown_field": 1},
+    {"model": "gpt-4o", "status_code": 1000},
+    {"model": "gpt-4o", "source": "carrier-pigeon"},
+    {"model": "gpt-4o", "event_id": "has spaces"},
+    {"model": "gpt-4o", "latency_ms": -0.5},
+    {"model": "x" * 300},
+    {"model": "gpt-4o", "app": "a" * 200},
+]
+BAD_RAW = [b'{"model": "gpt-4o", "latency_ms": 1e400}', b"{not json", b"null", b"[1, 2]"]
+
+
+def test_valid_events_decode_to_the_same_values() -> None:
+    raw = json.dumps(GOOD).encode()
+    fast = decode_calls(raw).valid[0]
+    slow = decode(raw, CallEvent).valid[0]
+    assert isinstance(fast, CallEventFast)
+    assert fast.to_model() == slow
+    assert fast.ts == datetime(2026, 1, 1, 8, 0, tzinfo=UTC) and fast.ts.tzinfo is UTC
+    assert fast.total_tokens == 7
+
+
+@pytest.mark.parametrize("item", BAD)
+def test_invalid_events_are_rejected_with_pydantic_reasons(item: dict[str, object]) -> None:
+    raw = json.dumps(item).encode()
+    slow = decode(raw, CallEvent)
+    assert slow.rejected, item
+    fast = decode_calls(raw)
+    assert fast.valid == [] and [r.reason for r in fast.rejected] == [r.reason for r in slow.rejected]
+
+
+def test_batches_and_mixed_batches() -> None:
+    evs = [CallEvent(model=f"m{i}", prompt_tokens=i) for i in range(10)]
+    out = decode_calls(encode_batch(evs))
+    assert [e.to_model() for e in out.valid] == evs
+    mixed = json.dumps({"schema_version": 1, "events": [json.loads(encode(evs[0])), BAD[0]]}).encode()
+    out = decode_calls(mixed)
+    assert len(out.valid) == 1 and len(out.rejected) == 1 and "prompt_tokens" in out.rejected[0].reason
+
+
+@pytest.mark.parametrize("raw", BAD_RAW)
+def test_invalid_raw_values_are_rejected_alike(raw: bytes) -> None:
+    slow = decode(raw, CallEvent)
+    fast = decode_calls(raw)
+    assert slow.rejected and fast.valid == []
+    assert [r.reason for r in fast.rejected] == [r.reason for r in slow.rejected]
