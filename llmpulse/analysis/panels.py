@@ -125,6 +125,10 @@ def bucket_seconds(f: Filters, max_points: int) -> int:
     return int(math.ceil(want / 86400) * 86400)
 
 
+Source = Literal["llm_aggregates", "llm_calls", "llm_calls_1m", "llm_calls_1h"]
+ROLLUP_SECONDS = {"llm_calls_1h": 3600, "llm_calls_1m": 60}
+
+
 class Series(BaseModel):
     name: str
     t: list[str]
@@ -140,7 +144,7 @@ class Series(BaseModel):
 class Timeseries(BaseModel):
     by: GroupBy
     step_s: int
-    source: Literal["llm_aggregates", "llm_calls"]
+    source: Source
     series: list[Series]
 
 
@@ -179,17 +183,51 @@ def _aggregate_source(f: Filters, by: GroupBy, step: int, window_s: int) -> str 
     return f"startsWith(dims_key, {lit(by + '=')}) AND position(dims_key, ',') = 0"
 
 
+def _rollup_fits(f: Filters, by: GroupBy, step: int, bucket_s: int) -> bool:
+    """The roll-ups keep (bucket, model, provider, app): no user, status or error-type cut."""
+    return not (step % bucket_s or f.user or f.status or f.error_type or by == "user")
+
+
 def timeseries(run: Runner, db: str, f: Filters, by: GroupBy, max_points: int, max_series: int, window_s: int) -> Timeseries:
+    """Per-bucket figures, from the cheapest table that answers exactly enough:
+    the hourly roll-up for buckets of hours, the worker's windows, the per-minute roll-up,
+    the raw calls (a source with no rows in the range falls through to the next)."""
     step = bucket_seconds(f, max_points)
+    if _rollup_fits(f, by, step, 3600):
+        ts = _timeseries_from_rollup(run, db, "llm_calls_1h", f, by, step, max_series)
+        if ts.series:
+            return ts
     agg_cond = _aggregate_source(f, by, step, window_s)
     if agg_cond is not None:
         ts = _timeseries_from_aggregates(run, db, f, by, step, window_s, agg_cond, max_series)
         if ts.series:
             return ts
+    if _rollup_fits(f, by, step, 60):
+        ts = _timeseries_from_rollup(run, db, "llm_calls_1m", f, by, step, max_series)
+        if ts.series:
+            return ts
     return _timeseries_from_calls(run, db, f, by, step, max_series)
 
 
-def _build(rows: list[list[Any]], by: GroupBy, step: int, source: Literal["llm_aggregates", "llm_calls"]) -> Timeseries:
+def _timeseries_from_rollup(run: Runner, db: str, table: Source, f: Filters, by: GroupBy, step: int, max_series: int) -> Timeseries:
+    group = "''" if by == "none" else by
+    conds = [f"bucket >= {ts_lit(f.start)}", f"bucket < {ts_lit(f.end)}"]
+    conds += [f"{d} = {lit(v)}" for d, v in f.dims.items()]
+    where = " AND ".join(conds)
+    top = ""
+    if by != "none":
+        top = (f" AND {group} IN (SELECT {group} FROM {db}.{table} WHERE {where} GROUP BY {group} "
+               f"ORDER BY countMerge(requests) DESC LIMIT {max_series})")  # fmt: skip
+    sql = (
+        f"SELECT toStartOfInterval(bucket, INTERVAL {step} SECOND) AS t, {group} AS g, countMerge(requests), "
+        "sumMerge(errors), quantilesTDigestMerge(0.5, 0.95, 0.99)(latency_q)[2], "
+        "quantilesTDigestIfMerge(0.5, 0.95, 0.99)(ttft_q)[2], sumMerge(tokens_total), sumMerge(cost) "
+        f"FROM {db}.{table} WHERE {where}{top} GROUP BY t, g ORDER BY g, t"
+    )
+    return _build(run(sql).rows, by, step, table)
+
+
+def _build(rows: list[list[Any]], by: GroupBy, step: int, source: Source) -> Timeseries:
     out: dict[str, Series] = {}
     for t, g, req, err, p95, ttft, tok, cost in rows:
         name = str(g) if by != "none" else "all"
