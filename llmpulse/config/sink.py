@@ -10,9 +10,15 @@ from llmpulse.config.base import Section
 
 
 class SinkConfig(Section):
+    """Each table has its own INSERT buffer: written when it holds `batch_rows` rows or its
+    oldest row is `batch_seconds` old (about one INSERT per second per table under load).
+    `poll_messages` is the processing batch (messages decoded per poll), a separate thing.
+    When all buffers together hold `max_buffered_rows`, fetching stops until they are written."""
+
     batch_rows: Annotated[int, Field(ge=1)] = 50_000
     batch_seconds: Annotated[float, Field(gt=0)] = 1.0
     max_buffered_rows: Annotated[int, Field(ge=1)] = 500_000
+    poll_messages: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     retry_initial_s: Annotated[float, Field(gt=0)] = 0.5
     retry_max_s: Annotated[float, Field(gt=0)] = 30.0
     query_host: str = "127.0.0.1"

@@ -1,7 +1,10 @@
 """Apply the schema migrations in order, recording each in `schema_migrations`.
 
-Every statement is idempotent (IF NOT EXISTS), so two processes migrating at once,
-or a migration interrupted half-way, converge on one correct schema.
+Every statement is idempotent (IF NOT EXISTS, MODIFY SETTING), so two processes
+migrating at once, or a migration interrupted half-way, converge on one correct
+schema; a statement that loses a race to create the same object ("already exists")
+counts as done. `schema_migrations` is keyed by version (ReplacingMergeTree), so two
+processes recording the same version leave one row after merges (read it with FINAL).
 """
 
 from __future__ import annotations
@@ -30,11 +33,24 @@ def migrate(client: Any, cfg: ClickHouseConfig) -> list[int]:
         if m.version in done:
             continue
         for stmt in m.statements:
-            client.command(stmt)
+            _run(client, stmt)
         client.insert(f"{cfg.database}.schema_migrations", [[m.version, m.name]], column_names=["version", "name"])
         log.info("applied migration %d: %s", m.version, m.name)
         applied.append(m.version)
     return applied
+
+
+_ALREADY_EXISTS = ("TABLE_ALREADY_EXISTS", "DATABASE_ALREADY_EXISTS", "already exists")
+
+
+def _run(client: Any, stmt: str) -> None:
+    try:
+        client.command(stmt)
+    except Exception as exc:
+        if any(s in str(exc) for s in _ALREADY_EXISTS):
+            log.info("already created by a concurrent migration: %s", stmt.split("(")[0].strip())
+            return
+        raise
 
 
 def emit_ddl(cfg: ClickHouseConfig) -> str:

@@ -9,7 +9,10 @@ from decimal import Decimal
 from typing import Any
 
 from llmpulse.schemas import Alert, CallEvent, DeadLetter, Feedback, GpuSample, WindowAggregate
+from llmpulse.schemas.action import ActionEvent
 from llmpulse.schemas.base import WireModel
+from llmpulse.schemas.codec import decode
+from llmpulse.sinks.clickhouse import calls
 
 _NANO = Decimal("0.000000001")
 
@@ -28,12 +31,7 @@ def call_row(e: CallEvent) -> list[Any]:
     ]  # fmt: skip
 
 
-CALL_COLUMNS = [
-    "event_id", "ts", "source", "provider", "model", "response_model", "operation", "app",
-    "user", "api_key_hash", "status_code", "error_type", "is_error", "latency_ms", "ttft_ms",
-    "streamed", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
-    "reasoning_tokens", "tokens_estimated", "cost_usd", "prompt", "response",
-]  # fmt: skip
+CALL_COLUMNS = calls.CALL_COLUMNS
 
 AGG_COLUMNS = [
     "aggregate_id", "kind", "window_s", "window_start", "window_end", "dims_key", "dimensions",
@@ -94,21 +92,49 @@ def deadletter_row(d: DeadLetter) -> list[Any]:
     return [getattr(d, c) for c in DEADLETTER_COLUMNS]
 
 
+ACTION_COLUMNS = [
+    "event_id", "action_id", "ts", "status", "kind", "rule", "alert_fingerprint", "alert_id",
+    "target", "params", "expires_at", "actor", "reason",
+]  # fmt: skip
+
+
+def action_row(a: ActionEvent) -> list[Any]:
+    return [getattr(a, c) for c in ACTION_COLUMNS[:9]] + [json.dumps(a.params, default=str)] + [
+        getattr(a, c) for c in ACTION_COLUMNS[10:]
+    ]
+
+
 @dataclass(frozen=True)
 class TableSpec:
+    """How the events of one topic become rows of one table.
+
+    `items(value)` turns one message value into buffered items and a count of invalid
+    events; `arrow(items)` (when set) writes them as an Arrow stream, otherwise the
+    items are rows in `columns` order for a Native INSERT.
+    """
+
     table: str
     model: type[WireModel]
     columns: list[str]
     to_row: Callable[[Any], list[Any]]
     id_column: str
+    arrow: Callable[[list[Any]], bytes] | None = None
+
+    def items(self, raw: bytes | None) -> tuple[list[Any], int]:
+        if self.arrow is not None:
+            return calls.decode_calls(raw)
+        decoded = decode(raw, self.model)
+        to_row = self.to_row
+        return [to_row(e) for e in decoded.valid], len(decoded.rejected)
 
 
 # topic name (without prefix) -> how its events become rows
 TABLES: dict[str, TableSpec] = {
-    "calls": TableSpec("llm_calls", CallEvent, CALL_COLUMNS, call_row, "event_id"),
+    "calls": TableSpec("llm_calls", CallEvent, CALL_COLUMNS, call_row, "event_id", calls.calls_arrow),
     "aggregates": TableSpec("llm_aggregates", WindowAggregate, AGG_COLUMNS, aggregate_row, "aggregate_id"),
     "gpu": TableSpec("gpu_samples", GpuSample, GPU_COLUMNS, gpu_row, "event_id"),
     "feedback": TableSpec("feedback", Feedback, FEEDBACK_COLUMNS, feedback_row, "event_id"),
     "alerts": TableSpec("alerts", Alert, ALERT_COLUMNS, alert_row, "alert_id"),
     "deadletter": TableSpec("deadletter", DeadLetter, DEADLETTER_COLUMNS, deadletter_row, "dead_letter_id"),
+    "actions": TableSpec("actions", ActionEvent, ACTION_COLUMNS, action_row, "event_id"),
 }

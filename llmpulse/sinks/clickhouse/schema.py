@@ -213,6 +213,7 @@ def migrations(cfg: ClickHouseConfig) -> list[Migration]:
                 PARTITION BY toYYYYMM(ts)
                 ORDER BY (action_id, ts, event_id)
                 TTL toDateTime(ts) + INTERVAL {r.actions} DAY{_dedup_clause(cfg)}""",
+                *_distributed(cfg),
                 f"""CREATE TABLE IF NOT EXISTS {db}.sink_intents{oc} (
                     table LowCardinality(String),
                     token String,
@@ -246,6 +247,31 @@ def _dedup_settings(cfg: ClickHouseConfig, tables: tuple[str, ...]) -> list[str]
     return [
         f"ALTER TABLE {cfg.database}.{t} MODIFY SETTING non_replicated_deduplication_window = 1000"
         for t in tables
+    ]
+
+
+DISTRIBUTED = {
+    "llm_calls": "cityHash64(event_id)",
+    "llm_calls_1m": "rand()",
+    "llm_calls_1h": "rand()",
+    "llm_aggregates": "cityHash64(aggregate_id)",
+    "gpu_samples": "cityHash64(host)",
+    "feedback": "cityHash64(event_id)",
+    "alerts": "cityHash64(fingerprint)",
+    "deadletter": "cityHash64(dead_letter_id)",
+    "actions": "cityHash64(action_id)",
+}
+"""Cluster only: `<table>_all` Distributed tables over the shards' local tables, for queries."""
+
+
+def _distributed(cfg: ClickHouseConfig) -> list[str]:
+    if not cfg.cluster:
+        return []
+    db = cfg.database
+    return [
+        f"CREATE TABLE IF NOT EXISTS {db}.{t}_all ON CLUSTER {cfg.cluster} AS {db}.{t} "
+        f"ENGINE = Distributed({cfg.cluster}, {db}, {t}, {key})"
+        for t, key in DISTRIBUTED.items()
     ]
 
 

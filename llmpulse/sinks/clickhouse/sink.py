@@ -1,11 +1,20 @@
 """The sink consumer: Kafka topics -> ClickHouse tables, at least once, never twice.
 
-In the manner of arroyo and snuba: messages are decoded into per-table row buffers
-(the processing step); buffers are written in INSERT batches of their own size and
-age (about one INSERT per second per table under load); offsets are committed only
-after every INSERT holding their rows has returned. When ClickHouse fails, the batch
-is kept and retried with backoff while consumption is paused (backpressure), so
-nothing is lost. Re-delivered rows are harmless: tables replace rows by event id.
+In the manner of arroyo and snuba: messages are decoded into one buffer per table (the
+processing step, `poll_messages` at a time); each buffer is written in INSERT batches
+of its own size and age (`batch_rows`, `batch_seconds`: about one INSERT per second per
+table under load); a topic's offsets are committed only after the INSERT holding their
+rows has returned. While ClickHouse fails, the batch is kept and retried with backoff
+and the consumer is paused (backpressure); nothing is dropped.
+
+Exactly once in the tables, roll-ups included. Before an INSERT the sink records the
+batch's Kafka offset ranges in `sink_intents`, and the INSERT carries a deduplication
+token made of those ranges. A successor (after a crash between INSERT and commit, a
+kill in the middle of an INSERT, or a rebalance) reads the intents beyond the committed
+offsets, rebuilds those exact batches from Kafka and writes them again under the same
+tokens: every table and roll-up that already holds a block skips it, the others get it.
+The materialized-view roll-ups therefore never count an event twice, and raw tables
+are also keyed by event id (ReplacingMergeTree) for events produced twice upstream.
 """
 
 from __future__ import annotations
@@ -20,18 +29,50 @@ from typing import Any
 from llmpulse import metrics
 from llmpulse.config import Settings
 from llmpulse.kafka.clients import consumer_settings
-from llmpulse.schemas.codec import decode
 from llmpulse.sinks.clickhouse.rows import TABLES, TableSpec
 from llmpulse.sinks.clickhouse.writer import BatchWriter, retry_forever
 
 log = logging.getLogger(__name__)
 
+TopicPart = tuple[str, int]
+
 
 @dataclass
 class Buffer:
+    """Rows of one table waiting for their INSERT, and the offsets they came from."""
+
+    topic: str
     spec: TableSpec
-    rows: list[list[Any]] = field(default_factory=list)
-    ids: set[str] = field(default_factory=set)
+    items: list[Any] = field(default_factory=list)
+    ranges: dict[int, list[int]] = field(default_factory=dict)  # partition -> [first, last]
+    first_ts: int = 0  # Kafka timestamp of the first message: tells a recreated topic apart
+    oldest: float | None = None
+
+    def token(self) -> str:
+        parts = ",".join(f"{p}:{a}-{b}" for p, (a, b) in sorted(self.ranges.items()))
+        return f"{self.topic}|{parts}|{self.first_ts}"
+
+    def clear(self) -> None:
+        self.items = []
+        self.ranges = {}
+        self.first_ts = 0
+        self.oldest = None
+
+
+@dataclass
+class Replay:
+    """A batch that was recorded but maybe not (fully) written: rebuilt from the same offsets."""
+
+    topic: str
+    spec: TableSpec
+    token: str
+    ranges: dict[int, tuple[int, int]]
+    done: set[int] = field(default_factory=set)
+    items: list[Any] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) == len(self.ranges)
 
 
 class ClickHouseSink:
@@ -49,56 +90,153 @@ class ClickHouseSink:
                 group or f"{settings.kafka.topic_prefix}sink",
             )
         )
-        self.buffers: dict[str, Buffer] = {t: Buffer(spec) for t, spec in self.topic_table.items()}
-        self.offsets: dict[tuple[str, int], int] = {}
-        self.buffered = 0
-        self.oldest: float | None = None
+        self.buffers: dict[str, Buffer] = {t: Buffer(t, spec) for t, spec in self.topic_table.items()}
+        self.offsets: dict[TopicPart, int] = {}  # last offset processed per partition
+        self.replays: dict[TopicPart, list[Replay]] = {}
         self.stopping = threading.Event()
         self.paused = False
         self.skipped_invalid = 0
+        self.replayed_batches = 0
+
+    @property
+    def buffered(self) -> int:
+        return sum(len(b.items) for b in self.buffers.values())
 
     # -- Kafka callbacks ------------------------------------------------------------------------
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
-        # flush what we hold before the partitions move, so the next owner starts after it
+        # write what we hold before the partitions move, so the next owner starts after it;
+        # batches still being rebuilt stay recorded: the next owner rebuilds them
         self.flush(final=True)
+        self.replays.clear()
+        self.offsets.clear()
+
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        try:
+            self._plan_replays(consumer, partitions)
+        except Exception as exc:  # a failing store must not stop the assignment; INSERTs will retry
+            log.warning("could not read the recorded batches (%s); re-delivered events are replaced by key", exc)
+
+    def _plan_replays(self, consumer: Any, partitions: list[Any]) -> None:
+        self.replays.clear()
+        committed = consumer.committed(partitions, timeout=30)
+        pos: dict[TopicPart, int] = {(tp.topic, tp.partition): max(tp.offset, 0) for tp in committed}
+        topics = sorted({t for t, _ in pos})
+        for topic, token, ranges in reversed(self.writer.intents(topics)):
+            spec = self.topic_table.get(topic)
+            if spec is None or not ranges:
+                continue
+            if all(last < pos.get((topic, p), 0) for p, _, last in ranges):
+                continue  # written and committed
+            if any((topic, p) not in pos or first < pos[(topic, p)] for p, first, _ in ranges):
+                log.warning(
+                    "batch %s cannot be rebuilt here (partitions elsewhere or partly committed); its events are "
+                    "written again under a new token: raw rows are replaced by key, roll-ups may count them twice",
+                    token,
+                )
+                continue
+            replay = Replay(topic, spec, token, {p: (a, b) for p, a, b in ranges})
+            for p in replay.ranges:
+                self.replays.setdefault((topic, p), []).append(replay)
+        n = len({id(r) for rs in self.replays.values() for r in rs})
+        if n:
+            log.info("rebuilding %d recorded batch(es) from Kafka before new ones", n)
 
     def start(self) -> None:
-        self.consumer.subscribe(list(self.topic_table), on_revoke=self._on_revoke)
+        self.consumer.subscribe(list(self.topic_table), on_assign=self._on_assign, on_revoke=self._on_revoke)
 
     # -- processing -------------------------------------------------------------------------------
     def submit(self, msg: Any) -> None:
         topic = msg.topic()
+        part = msg.partition()
+        off = msg.offset()
+        key = (topic, part)
+        spec = self.topic_table[topic]
+        items, invalid = spec.items(msg.value())
+        # invalid source events go to the dead-letter topic from the worker; here they are skipped
+        self.skipped_invalid += invalid
+        metrics.EVENTS_IN.labels("sink", spec.table).inc(len(items))
+        self.offsets[key] = off
         buf = self.buffers[topic]
-        decoded = decode(msg.value(), buf.spec.model)
-        if decoded.rejected:
-            # the worker sends invalid source events to the dead-letter topic; here they are skipped
-            self.skipped_invalid += len(decoded.rejected)
-        to_row = buf.spec.to_row
-        for ev in decoded.valid:
-            buf.rows.append(to_row(ev))
-        n = len(decoded.valid)
-        metrics.EVENTS_IN.labels("sink", buf.spec.table).inc(n)
-        self.buffered += n
-        self.offsets[(topic, msg.partition())] = msg.offset()
-        if self.oldest is None:
-            self.oldest = time.monotonic()
+        if key in self.replays:
+            if part in buf.ranges and self._replay_of(key, part, off) is not None:
+                self.flush_buffer(buf, final=True)  # keep each batch's offsets contiguous
+            if self._replay_take(key, part, off, items):
+                return
+        rng = buf.ranges.get(part)
+        if rng is None:
+            buf.ranges[part] = [off, off]
+        else:
+            rng[1] = off
+        if buf.oldest is None:
+            buf.oldest = time.monotonic()
+            buf.first_ts = msg.timestamp()[1]
+        buf.items.extend(items)
 
-    def due(self) -> bool:
-        if self.oldest is None:
+    def _replay_of(self, key: TopicPart, part: int, off: int) -> Replay | None:
+        for r in self.replays.get(key, []):
+            first, last = r.ranges[part]
+            if first <= off <= last and part not in r.done:
+                return r
+        return None
+
+    def _replay_take(self, key: TopicPart, part: int, off: int, items: list[Any]) -> bool:
+        """True if this message belongs to a batch being rebuilt (then it went there)."""
+        taken = False
+        for r in list(self.replays[key]):
+            first, last = r.ranges[part]
+            if first <= off <= last and part not in r.done:
+                r.items.extend(items)
+                taken = True
+                if off == last:
+                    r.done.add(part)
+            elif off > last:
+                r.done.add(part)  # a compacted topic may lack the last offset
+            if r.complete:
+                self._write_replay(r)
+        if not self.replays[key]:
+            del self.replays[key]
+        return taken
+
+    def _write_replay(self, r: Replay) -> None:
+        ok = retry_forever(
+            lambda: self.writer.insert(r.spec, r.items, r.token),
+            f"INSERT of rebuilt batch {r.token} into {r.spec.table} ({len(r.items)} rows)",
+            self.cfg.retry_initial_s,
+            self.cfg.retry_max_s,
+            should_stop=lambda: False,
+            on_wait=self._wait_paused,
+        )
+        assert ok
+        self.replayed_batches += 1
+        for p in r.ranges:
+            rs = self.replays.get((r.topic, p), [])
+            if r in rs:
+                rs.remove(r)
+            if not rs:
+                self.replays.pop((r.topic, p), None)
+        self._commit(r.topic)
+
+    def due(self, buf: Buffer) -> bool:
+        if buf.oldest is None:
             return False
-        return self.buffered >= self.cfg.batch_rows or time.monotonic() - self.oldest >= self.cfg.batch_seconds
+        return len(buf.items) >= self.cfg.batch_rows or time.monotonic() - buf.oldest >= self.cfg.batch_seconds
 
-    def flush(self, final: bool = False) -> bool:
-        """INSERT every buffer, then commit the offsets; False if stopped before it succeeded."""
-        if self.oldest is None and not self.offsets:
+    def flush_buffer(self, buf: Buffer, final: bool = False) -> bool:
+        """Record, INSERT and commit one table's batch; False if stopped before it succeeded."""
+        if buf.oldest is None:
             return True
-        for buf in self.buffers.values():
-            if not buf.rows:
-                continue
-            rows = buf.rows
+        if buf.items:
+            token = buf.token()
+            ranges = [(p, a, b) for p, (a, b) in sorted(buf.ranges.items())]
+            items = buf.items
+
+            def write() -> None:
+                self.writer.record_intent(buf.spec, buf.topic, token, ranges, len(items))
+                self.writer.insert(buf.spec, items, token)
+
             ok = retry_forever(
-                lambda b=buf, r=rows: self.writer.insert(b.spec, r),  # type: ignore[misc]
-                f"INSERT into {buf.spec.table} ({len(rows)} rows)",
+                write,
+                f"INSERT into {buf.spec.table} ({len(items)} rows)",
                 self.cfg.retry_initial_s,
                 self.cfg.retry_max_s,
                 should_stop=lambda: self.stopping.is_set() and not final,
@@ -106,27 +244,40 @@ class ClickHouseSink:
             )
             if not ok:
                 return False
-            buf.rows = []
+        buf.clear()
         self._resume()
-        self._commit()
-        self.buffered = 0
-        self.oldest = None
+        self._commit(buf.topic)
         return True
 
-    def _commit(self) -> None:
-        if not self.offsets:
-            return
+    def flush(self, final: bool = False) -> bool:
+        """Write every buffer (largest first) and commit; False if stopped before it succeeded."""
+        for buf in sorted(self.buffers.values(), key=lambda b: -len(b.items)):
+            if not self.flush_buffer(buf, final):
+                return False
+        return True
+
+    def _commit(self, topic: str) -> None:
         from confluent_kafka import TopicPartition
 
-        tps = [TopicPartition(t, p, off + 1) for (t, p), off in self.offsets.items()]
+        # partitions whose recorded batches are still being rebuilt keep their committed offset
+        tps = [
+            TopicPartition(t, p, off + 1)
+            for (t, p), off in self.offsets.items()
+            if t == topic and (t, p) not in self.replays
+        ]
+        if not tps:
+            return
         try:
             self.consumer.commit(offsets=tps, asynchronous=False)
         except Exception as exc:
-            log.warning("offset commit failed (%s); the rows will be re-delivered and replaced", exc)
-        self.offsets.clear()
+            log.warning("offset commit failed (%s); the batch will be rebuilt and skipped by its token", exc)
+            return
+        for tp in tps:
+            if self.offsets.get((tp.topic, tp.partition)) == tp.offset - 1:
+                del self.offsets[(tp.topic, tp.partition)]
 
     def _wait_paused(self, delay: float) -> None:
-        """Backpressure while ClickHouse is failing: stop fetching, keep the group membership."""
+        """Backpressure: stop fetching while ClickHouse fails, keep the group membership."""
         if not self.paused:
             try:
                 self.consumer.pause(self.consumer.assignment())
@@ -144,14 +295,18 @@ class ClickHouseSink:
             self.paused = False
 
     def poll_once(self, timeout: float = 0.2) -> int:
-        msgs = self.consumer.consume(10_000, timeout)
+        msgs = self.consumer.consume(self.cfg.poll_messages, timeout)
         n = 0
         for msg in msgs:
             if msg.error() is not None:
                 continue
             self.submit(msg)
             n += 1
-        if self.due() or self.buffered >= self.cfg.max_buffered_rows:
+        for buf in self.buffers.values():
+            if self.due(buf):
+                self.flush_buffer(buf)
+        if self.buffered >= self.cfg.max_buffered_rows:
+            # backpressure: nothing more is fetched until the buffers are written
             self.flush()
         return n
 

@@ -13,19 +13,59 @@ from llmpulse.sinks.clickhouse.rows import TableSpec
 log = logging.getLogger(__name__)
 
 
+INSERT_SETTINGS = {
+    # a dependent roll-up skips a block whose token it has already seen, like the raw table
+    "deduplicate_blocks_in_dependent_materialized_views": 1,
+    "insert_deduplicate": 1,
+}
+
+
 class BatchWriter:
+    """INSERTs one table's batch, carrying a deduplication token when given one.
+
+    A token names the batch by its Kafka offsets; ClickHouse drops a block whose token
+    the table (or a roll-up fed by its materialized view) has already stored, so
+    writing the same batch again never counts it twice.
+    """
+
     def __init__(self, client: Any, database: str) -> None:
         self.client = client
         self.database = database
 
-    def insert(self, spec: TableSpec, rows: list[list[Any]]) -> None:
-        if not rows:
+    def insert(self, spec: TableSpec, items: list[Any], token: str | None = None) -> None:
+        if not items:
             return
+        settings: dict[str, Any] = dict(INSERT_SETTINGS)
+        if token is not None:
+            settings["insert_deduplication_token"] = token
         t0 = time.perf_counter()
-        self.client.insert(f"{self.database}.{spec.table}", rows, column_names=spec.columns)
+        table = f"{self.database}.{spec.table}"
+        if spec.arrow is not None:
+            self.client.raw_insert(table, spec.columns, spec.arrow(items), settings=settings, fmt="ArrowStream")
+        else:
+            self.client.insert(table, items, column_names=spec.columns, settings=settings)
         metrics.SINK_INSERT_SECONDS.labels(spec.table).observe(time.perf_counter() - t0)
-        metrics.SINK_BATCH_ROWS.labels(spec.table).observe(len(rows))
-        metrics.EVENTS_OUT.labels("sink", spec.table).inc(len(rows))
+        metrics.SINK_BATCH_ROWS.labels(spec.table).observe(len(items))
+        metrics.EVENTS_OUT.labels("sink", spec.table).inc(len(items))
+
+    def record_intent(self, spec: TableSpec, topic: str, token: str, ranges: list[tuple[int, int, int]], rows: int) -> None:
+        """Write down a batch before its INSERT, so that a successor can rebuild it exactly."""
+        self.client.insert(
+            f"{self.database}.sink_intents",
+            [[spec.table, token, topic, ranges, rows]],
+            column_names=["table", "token", "topic", "ranges", "rows"],
+        )
+
+    def intents(self, topics: list[str], limit: int = 1000) -> list[tuple[str, str, list[tuple[int, int, int]]]]:
+        """The latest recorded batches of these topics: (topic, token, ranges)."""
+        if not topics:
+            return []
+        res = self.client.query(
+            f"SELECT topic, token, ranges FROM {self.database}.sink_intents FINAL "
+            "WHERE topic IN {topics:Array(String)} ORDER BY ts DESC LIMIT {limit:UInt32}",
+            parameters={"topics": topics, "limit": limit},
+        )
+        return [(str(t), str(k), [(int(p), int(a), int(b)) for p, a, b in r]) for t, k, r in res.result_rows]
 
 
 def retry_forever(
