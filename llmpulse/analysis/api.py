@@ -78,6 +78,9 @@ class DashboardState:
         self.token = token or None
         self.query_fn: QueryFn = query_fn or query
         self.plotly = plotly_js_path()
+        from llmpulse.analysis.lag import LagSampler
+
+        self.lag = LagSampler(settings)
 
     def run(self, sql: str, max_rows: int | None = None) -> QueryResult:
         return self.query_fn(self.settings, sql, max_rows)
@@ -238,6 +241,8 @@ async def api_query(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics_handler(request: web.Request) -> web.StreamResponse:
+    state: DashboardState = request.app[_STATE]
+    await _in_thread(state.lag.sample)
     body = await _in_thread(generate_latest, REGISTRY)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
