@@ -52,7 +52,8 @@ def run_readonly(client: Any, sql: str, database: str, max_rows: int, max_second
         res = client.query(sql, settings=settings)
     except Exception as exc:
         text = str(exc)
-        if "READONLY" in text or "readonly" in text:
+        # by the error code: chDB echoes the query's SETTINGS (readonly = '2') into every message
+        if "(READONLY)" in text or "Code: 164." in text:
             raise QueryRefused(
                 "refused: queries are read-only (ClickHouse readonly mode); "
                 "INSERT, ALTER, DROP and other writes are not allowed here"
