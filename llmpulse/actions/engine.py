@@ -92,7 +92,12 @@ class ActionEngine:
             self.start()
         try:
             while not self._stop.is_set():
-                self.step(self.cfg.tick_s)
+                try:
+                    self.step(self.cfg.tick_s)
+                except Exception:
+                    # a broker hiccup: alerts not committed are read again, steps are idempotent
+                    log.exception("action engine round failed; retrying")
+                    self._stop.wait(1.0)
         finally:
             self.close()
 
@@ -100,17 +105,21 @@ class ActionEngine:
         """One round: new steps on the actions topic, new alerts, then expiries and approvals."""
         assert self.topic is not None and self._consumer is not None
         self.topic.poll(0)
+        from confluent_kafka import TopicPartition
+
         msgs = self._consumer.consume(500, wait_s)
-        handled = False
+        offsets: dict[tuple[str, int], int] = {}
         for m in msgs:
             if m.error() is not None:
                 continue
             for alert in decode(m.value(), Alert).valid:
                 self.alerts_seen += 1
                 self.on_alert(alert)
-            handled = True
-        if handled:
-            self._consumer.commit(asynchronous=False)
+            offsets[(m.topic(), m.partition())] = m.offset() + 1
+        if offsets:
+            self._consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
+            )
         self.tick()
 
     # ---- decisions ----
