@@ -224,3 +224,17 @@ def test_root_cause_of_a_global_error_rate_alert_names_the_model() -> None:
     ev = propose(fb, explained)
     assert ev is not None and ev.target == {"model": "gpt-4o"}
     assert json.loads(encode(explained))["root_cause"]["value"] == "gpt-4o"
+
+
+def test_slack_text_says_an_action_awaits_approval() -> None:
+    from llmpulse.actions.hints import configure_hints
+    from llmpulse.sinks.notifier.blocks import alert_text
+
+    a = _alert()
+    assert "approve" not in alert_text(a, "http://dash", utc_now())
+    configure_hints(_cfg({"name": "lim", "action": "rate_limit", "requests_per_minute": 5, "approve": True}))
+    try:
+        text = alert_text(a, "http://dash", utc_now())
+    finally:
+        configure_hints(None)
+    assert f"`llmpulse actions approve {action_id_of('lim', a)}`" in text and "pending approval" in text

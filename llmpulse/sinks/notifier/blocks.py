@@ -87,6 +87,9 @@ def alert_text(alert: Alert, base_url: str, now: datetime, new: bool = False) ->
     if alert.root_cause:
         cause = ", ".join(f"{k}={v}" for k, v in alert.root_cause.items())
         lines.append(f"_likely cause:_ {_escape(cause[:300])}")
+    from llmpulse.actions.hints import approval_lines  # issue 10: actions awaiting approval
+
+    lines.extend(f":hourglass: {_escape(line)}" for line in approval_lines(alert))
     return "\n".join(lines)[:2900]
 
 
