@@ -245,12 +245,12 @@ def test_three_workers_two_sinks_survive_sigkill(make_settings: Callable[..., Se
         started = time.monotonic()
         for n, chunk in enumerate(slices):
             frac = n / len(slices)
-            if workers[0].proc is not None and workers[0].proc.poll() is None and frac >= 0.3:
+            if workers[0].proc is not None and workers[0].proc.poll() is None and frac >= 0.2:
                 workers[0].kill()
-            if len(workers) == 3 and frac >= 0.45:
+            if len(workers) == 3 and frac >= 0.6:
                 workers.append(Component(cfg_a, "worker", log=tmp_path / "worker-3.log").start())
                 everything.append(workers[-1])
-            if sinks[1].proc is not None and sinks[1].proc.poll() is None and frac >= 0.6:
+            if sinks[1].proc is not None and sinks[1].proc.poll() is None and frac >= 0.4:
                 sinks[1].kill()
             pacer.send(chunk)
             ahead = started + (n + 1) * CHUNK / rate - time.monotonic()
