@@ -34,6 +34,7 @@ from llmpulse.schemas.codec import decode, encode
 from llmpulse.schemas.fast import decode_calls
 from llmpulse.streams.finalizing import Finalizer, Pending, PendingKey
 from llmpulse.streams.positions import position
+from llmpulse.streams.restore import read_changelog_partition
 from llmpulse.streams.tables import PartitionedTable, state_key
 from llmpulse.streams.windowing import AccKey, Partial, PartitionWindows
 
@@ -98,6 +99,11 @@ class WorkerRuntime:
         self.deadletter_topic = raw_topic(kcfg.topic(T.DEADLETTER))
         self.window_table = self._table("windows")
         self.final_table = self._table("final")
+        self.bootstrap = bootstrap
+        self.restored_partitions: set[tuple[str, int]] = set()
+        self.changelog_topics = {
+            t.changelog_topic.get_topic_name() for t in (self.window_table, self.final_table)
+        } | {kcfg.topic(t) for t in KINDS} | {kcfg.topic(T.PARTIALS)}
         self.windows: dict[tuple[str, int], PartitionWindows] = {}
         self.finalizers: dict[int, Finalizer] = {}
         self.lock = asyncio.Lock()
@@ -145,6 +151,8 @@ class WorkerRuntime:
         @self.app.on_partitions_revoked.connect  # type: ignore[arg-type]
         async def on_revoked(app: Any, revoked: set[Any], **_: Any) -> None:
             for tp in revoked:
+                if tp.topic in self.changelog_topics:
+                    self.restored_partitions = {k for k in self.restored_partitions if k[1] != tp.partition}
                 kind = self.kind_of_topic.get(tp.topic)
                 if kind is not None:
                     self.windows.pop((kind, tp.partition), None)
@@ -171,7 +179,28 @@ class WorkerRuntime:
             return set()
 
     # -- stage 1 ----------------------------------------------------------------------------------
-    def windows_for(self, kind: str, partition: int) -> PartitionWindows:
+    async def restored(self, table: PartitionedTable, partition: int) -> None:
+        """Load one partition of a table from its changelog, read to its true end (restore.py)."""
+        key = (table.name, partition)
+        if key in self.restored_partitions:
+            return
+        topic = table.changelog_topic.get_topic_name()
+        state = await asyncio.to_thread(
+            read_changelog_partition, self.bootstrap, topic, partition, dict(self.settings.kafka.client)
+        )
+        prefix = f"{partition}|"
+        data = table.data
+        for k in [k for k in list(data.keys()) if isinstance(k, str) and k.startswith(prefix)]:
+            del data[k]
+        for k, v in state.items():
+            data[k] = v
+        self.restored_partitions.add(key)
+
+    async def windows_for(self, kind: str, partition: int) -> PartitionWindows:
+        pw = self.windows.get((kind, partition))
+        if pw is not None:
+            return pw
+        await self.restored(self.window_table, partition)
         pw = self.windows.get((kind, partition))
         if pw is not None:
             return pw
@@ -211,7 +240,7 @@ class WorkerRuntime:
                 batch = groups.setdefault((kind, msg.partition), [])
                 batch.extend((position(msg.offset, i), e) for i, e in enumerate(decoded.valid))
         for (kind, partition), batch in groups.items():
-            pw = self.windows_for(kind, partition)
+            pw = await self.windows_for(kind, partition)
             for late in pw.apply(batch, now):
                 ev_model = late.event
                 dead.append(
@@ -229,7 +258,7 @@ class WorkerRuntime:
             metrics.DEAD_LETTERS.labels("worker", d.kind).inc()
             await self.deadletter_topic.send(key=d.source.encode(), value=encode(d))
         for (kind, partition) in groups:
-            await self.close_and_emit(self.windows_for(kind, partition), partition)
+            await self.close_and_emit(await self.windows_for(kind, partition), partition)
 
     def _persist(self, pw: PartitionWindows, partition: int) -> None:
         table = self.window_table
@@ -266,10 +295,14 @@ class WorkerRuntime:
         for tp in self._assigned():
             kind = self.kind_of_topic.get(tp.topic)
             if kind is not None:
-                await self.close_and_emit(self.windows_for(kind, tp.partition), tp.partition)
+                await self.close_and_emit(await self.windows_for(kind, tp.partition), tp.partition)
 
     # -- stage 2 ----------------------------------------------------------------------------------
-    def finalizer_for(self, fp: int) -> Finalizer:
+    async def finalizer_for(self, fp: int) -> Finalizer:
+        fin = self.finalizers.get(fp)
+        if fin is not None:
+            return fin
+        await self.restored(self.final_table, fp)
         fin = self.finalizers.get(fp)
         if fin is not None:
             return fin
@@ -296,7 +329,7 @@ class WorkerRuntime:
         touched: set[int] = set()
         for ev in events:
             fp = ev.message.partition
-            fin = self.finalizer_for(fp)
+            fin = await self.finalizer_for(fp)
             try:
                 d = json.loads(ev.message.value)
             except ValueError:
