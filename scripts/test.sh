@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh dev
+sh scripts/install-browser.sh
 .venv/bin/ruff check llmpulse tests bench
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"

@@ -23,7 +23,7 @@ def write_config(path: Path, settings: Settings, **extra: Any) -> Path:
         "data_dir": str(settings.data_dir),
         "kafka": {"url": settings.kafka.url, "topic_prefix": settings.kafka.topic_prefix,
                   "partitions": settings.kafka.partitions},
-        "worker": {"windows_s": [2, 10], "grace_s": 1.0, "idle_close_s": 2.0},
+        "worker": {"windows_s": [2, 10], "grace_s": 5.0, "idle_close_s": 2.0},
         "sink": {"batch_rows": 20_000, "batch_seconds": 0.5},
     }  # fmt: skip
     for dotted, value in extra.items():

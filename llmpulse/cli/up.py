@@ -16,7 +16,7 @@ from llmpulse.cli import settings_of
 
 # Stopped in this order on Ctrl-C: producers first, then the worker (it publishes its open
 # windows), then the sink (it drains the topics and flushes), the notifier, the broker last.
-STOP_ORDER = ["loadgen", "gpu", "proxy", "ingest", "mock-upstream", "worker", "sink", "notify", "dashboard"]
+STOP_ORDER = ["loadgen", "gpu", "proxy", "ingest", "mock-upstream", "worker", "sink", "actions", "notify", "dashboard"]
 
 
 @dataclass
@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--demo", action="store_true", help="add the mock upstream, proxy, simulated GPU and demo traffic")
     p.add_argument("--for", dest="duration", type=float, default=None, metavar="SECONDS", help="stop after this many seconds")
+    p.add_argument("--demo-scale", type=float, default=1.0, metavar="F", help="shorten the demo's incident schedule by F (0.1: about a minute)")
+    p.add_argument("--demo-rate", type=float, default=8.0, metavar="N", help="demo calls per second at the daily peak")
     p.set_defaults(handler=run)
 
 
@@ -51,6 +53,7 @@ def _available_commands() -> set[str]:
 
 def run(args: argparse.Namespace) -> int:
     from llmpulse.embedded.broker import EmbeddedBroker
+    from llmpulse.embedded.ports import free_port
     from llmpulse.embedded.runtime_file import update_runtime
     from llmpulse.errors import LLMPulseError
     from llmpulse.kafka.topics import ensure_topics
@@ -89,18 +92,22 @@ def run(args: argparse.Namespace) -> int:
             spawn("notify", ["notify"])
         if "dashboard" in commands:
             spawn("dashboard", ["dashboard"])
+        if "actions" in commands and settings.actions.rules:
+            spawn("actions", ["actions", "run"])
+        proxy_url = None
         if args.demo:
-            for name, argv in (
-                ("mock-upstream", ["mock-upstream"]),
-                ("proxy", ["proxy"]),
-                ("gpu", ["gpu", "--simulate"]),
-                ("loadgen", ["loadgen"]),
-            ):
-                if name in commands:
-                    spawn(name, argv)
+            # mock model server <- proxy <- demo traffic (which also runs the simulated GPU)
+            mock_port, proxy_port = free_port(), free_port()
+            proxy_url = f"http://127.0.0.1:{proxy_port}/v1"
+            spawn("mock-upstream", ["mock-upstream", "--port", str(mock_port), "--latency-ms", "40"])
+            spawn("proxy", ["proxy", "--port", str(proxy_port), "--upstream", f"http://127.0.0.1:{mock_port}/v1"])
+            wait_port(proxy_port)
+            spawn("loadgen", ["loadgen", "--proxy", proxy_url, "--scale", str(args.demo_scale), "--rate", str(args.demo_rate)])
         print(f"llmpulse up: Kafka (embedded Tansu) on {broker.bootstrap}; data in {data_dir}", flush=True)
         print(f"  components: {', '.join(c.name for c in children)}; logs in {logs}", flush=True)
         print('  try: llmpulse query "SELECT model, count() FROM llmpulse.llm_calls FINAL GROUP BY model"', flush=True)
+        if proxy_url:
+            print(f"  demo: proxy {proxy_url} (point an OpenAI client's base_url here), traffic with incidents", flush=True)
         print("  Ctrl-C stops everything cleanly", flush=True)
         started = time.monotonic()
         while not stop.wait(0.5):
@@ -127,6 +134,14 @@ def run(args: argparse.Namespace) -> int:
         update_runtime(data_dir, kafka=None, query_url=None)
         print("llmpulse up: stopped", flush=True)
     return 0
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    from llmpulse.embedded.ports import port_open
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not port_open(port):
+        time.sleep(0.1)
 
 
 def _stop_child(c: Child, timeout: float = 60.0) -> None:

@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from llmpulse.kafka.topics import ensure_topics
     from llmpulse.streams.rules_hook import load_rules_hook
     from llmpulse.streams.worker_app import WorkerRuntime
+    from llmpulse.web_metrics import serve_metrics
 
     settings = settings_of(args)
     if args.flush_on_exit:
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     bootstrap = resolve_bootstrap(settings)
     ensure_topics(bootstrap, settings.kafka)
     runtime = WorkerRuntime(settings, bootstrap, rules=load_rules_hook(settings))
+    serve_metrics(settings.worker.web_port)
     worker = faust.Worker(runtime.app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()
     return 0

@@ -25,7 +25,9 @@ class WorkerConfig(Section):
         default=False,
         description="close open windows on a clean stop (set by `up`: the embedded broker keeps no state)",
     )
-    web_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    web_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=0, description="serve Prometheus /metrics on this port (0: off)"
+    )
 
     @field_validator("dimensions")
     @classmethod

@@ -3,8 +3,9 @@
 Stage 1 (`windows` agent) consumes calls, GPU samples and feedback, keeps event-time
 windows per source partition (llmpulse.streams.windowing) and publishes, for each
 closed window and dimension set, a partial to the internal `partials` topic keyed by
-kind, window size and dimension set, followed by the partition's close mark sent to
-every partials partition. Stage 2 (`finalize` agent) merges partials from all source
+kind and window size (so every dimension set of a window meets in one finalizer, which
+lets an alert on the global set name the model or key behind it), followed by the
+partition's close mark sent to every partials partition. Stage 2 (`finalize` agent) merges partials from all source
 partitions (llmpulse.streams.finalizing), publishes each final window once to
 `aggregates` under a deterministic key, and runs the rules, publishing alerts.
 
@@ -21,12 +22,14 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 import faust
 import msgspec
 
 from llmpulse import metrics
+from llmpulse.actions.rootcause import explain_window
 from llmpulse.config import Settings
 from llmpulse.kafka import topics as T
 from llmpulse.schemas import Alert, CallEvent, DeadLetter, Feedback, GpuSample, WindowAggregate
@@ -270,7 +273,7 @@ class WorkerRuntime:
         res = pw.close(time.time(), force=force)
         futures = []
         for p in res.partials:
-            key = f"{p.kind}|{p.window_s}|{p.dims_key}".encode()
+            key = f"{p.kind}|{p.window_s}".encode()
             futures.append(await self.partials_topic.send(key=key, value=json.dumps(p.to_json()).encode()))
         mark = res.mark_ms  # None: this partition has seen no event yet
         last = self.last_marks.get((pw.kind, partition))
@@ -362,6 +365,10 @@ class WorkerRuntime:
     async def publish_final(self, aggregates: Iterable[WindowAggregate], fp: int) -> None:
         futures = []
         now = time.time()
+        aggregates = list(aggregates)
+        window_of: dict[tuple[str, int, datetime], list[WindowAggregate]] = {}
+        for agg in aggregates:
+            window_of.setdefault((agg.kind, agg.window_s, agg.window_start), []).append(agg)
         for agg in aggregates:
             futures.append(
                 await self.aggregates_topic.send(key=agg.aggregate_id.encode(), value=encode(agg))
@@ -371,6 +378,9 @@ class WorkerRuntime:
             if self.rules is not None and agg.revision == 1:
                 rkey = state_key(fp, "R", agg.kind, agg.window_s, agg.dims_key)
                 alerts, new_state = self.rules(agg, self.final_table.get(rkey))
+                if alerts:
+                    # root cause: which finer dimension of this window drives the deviation
+                    alerts = explain_window(window_of[(agg.kind, agg.window_s, agg.window_start)], alerts)
                 for alert in alerts:
                     metrics.ALERTS_PUBLISHED.labels(alert.severity, alert.state).inc()
                     futures.append(

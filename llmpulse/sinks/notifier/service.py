@@ -18,6 +18,7 @@ import threading
 from collections.abc import Mapping
 
 from llmpulse import metrics
+from llmpulse.actions.hints import configure_hints
 from llmpulse.config import Settings
 from llmpulse.errors import LLMPulseError
 from llmpulse.kafka.bootstrap import resolve_bootstrap
@@ -59,6 +60,8 @@ class Notifier:
         self._flushes: set[asyncio.Task[None]] = set()
         self._kafka_lock = asyncio.Lock()
         self._gates: dict[str, RateGate] = {}
+        # Slack messages of alerts whose action awaits approval say so and how to approve
+        configure_hints(settings.actions)
 
     # -- lifecycle ---------------------------------------------------------------------
 

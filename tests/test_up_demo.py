@@ -1,0 +1,109 @@
+"""`llmpulse up --demo` as a new user runs it: data in ClickHouse within a minute, and every
+incident of the (shortened) schedule present in the data as designed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import median
+
+import pytest
+import yaml
+
+from llmpulse.analysis.client import query
+from llmpulse.config import load_settings
+from llmpulse.errors import LLMPulseError
+from llmpulse.producers.loadgen import HOT_KEY_PER_MIN, default_schedule
+
+SCALE = 0.15
+
+
+@pytest.mark.e2e
+def test_up_demo_shows_data_within_a_minute_and_every_incident(tmp_path: Path) -> None:
+    config = tmp_path / "llmpulse.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data")}))
+    settings = load_settings(config, environ={})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPULSE_")}
+    schedule = default_schedule(SCALE)
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
+    started = time.monotonic()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "llmpulse", "--config", str(config), "up", "--demo",
+         "--demo-scale", str(SCALE), "--demo-rate", "12", "--for", str(schedule.total_s + 25)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True,
+    )  # fmt: skip
+    try:
+        first_data = None
+        while time.monotonic() - started < 60:
+            try:
+                if query(settings, "SELECT count() FROM llmpulse.llm_calls").rows[0][0] > 0:
+                    first_data = time.monotonic() - started
+                    break
+            except LLMPulseError:
+                pass
+            time.sleep(1)
+        assert first_data is not None, (tmp_path / "up.log").read_text()[-3000:]
+        assert up.wait(schedule.total_s + 120) == 0
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGINT)
+            up.wait(60)
+        log.close()
+    out = (tmp_path / "up.log").read_text()
+    assert "llmpulse up: stopped" in out
+
+    rows = query(settings, "SELECT ts, model, app, api_key_hash, is_error, latency_ms, total_tokens "
+                           "FROM llmpulse.llm_calls FINAL ORDER BY ts", max_rows=10_000).rows  # fmt: skip
+    assert len(rows) > 200
+    from datetime import datetime
+
+    t0 = datetime.fromisoformat(rows[0][0])
+
+    def during(kind: str, row: list) -> bool:  # type: ignore[type-arg]
+        inc = schedule.first(kind)  # type: ignore[arg-type]
+        t = (datetime.fromisoformat(row[0]) - t0).total_seconds()
+        return inc.start_s + 0.5 <= t < inc.end_s - 0.5
+
+    def outside(kind: str, row: list) -> bool:  # type: ignore[type-arg]
+        inc = schedule.first(kind)  # type: ignore[arg-type]
+        t = (datetime.fromisoformat(row[0]) - t0).total_seconds()
+        return t < inc.start_s - 2 or t >= inc.end_s + 2
+
+    burst = schedule.first("error_burst")
+    inside = [r for r in rows if r[1] == burst.target and during("error_burst", r)]
+    calm = [r for r in rows if r[1] == burst.target and outside("error_burst", r)]
+    assert inside and calm
+    assert sum(r[4] for r in inside) / len(inside) >= 0.3
+    assert sum(r[4] for r in calm) / len(calm) < 0.1
+
+    spike = schedule.first("latency_spike")
+    slow = [r[5] for r in rows if r[1] == spike.target and during("latency_spike", r) and not r[4]]
+    usual = [r[5] for r in rows if r[1] == spike.target and outside("latency_spike", r) and not r[4]]
+    assert slow and usual and median(slow) > 3 * median(usual)
+
+    tokens = schedule.first("token_spike")
+    big = [r[6] for r in rows if r[2] == tokens.target and during("token_spike", r)]
+    usual_t = [r[6] for r in rows if r[2] == tokens.target and outside("token_spike", r)]
+    assert big and usual_t and median(big) > 3 * median(usual_t)
+
+    hot = schedule.first("hot_key")
+    per_key: dict[str, int] = {}
+    for r in rows:
+        if during("hot_key", r) and r[3]:
+            per_key[r[3]] = per_key.get(r[3], 0) + 1
+    span_min = (hot.duration_s - 1) / 60
+    top, second = sorted(per_key.values(), reverse=True)[:2]
+    assert top / span_min > 100 and top > 3 * second, per_key
+    assert HOT_KEY_PER_MIN > 100
+
+    gpu = schedule.first("gpu_pinned")
+    g = query(settings, "SELECT ts, utilization_gpu_pct FROM llmpulse.gpu_samples FINAL WHERE gpu_index = 0 ORDER BY ts").rows
+    pinned = [u for ts, u in g if gpu.start_s + 1 <= (datetime.fromisoformat(ts) - t0).total_seconds() < gpu.end_s - 1]
+    assert pinned and min(pinned) >= 95
+    # and the pipeline computed windows over it
+    aggs = query(settings, "SELECT count() FROM llmpulse.llm_aggregates FINAL WHERE kind = 'calls'").rows[0][0]
+    assert aggs > 0
