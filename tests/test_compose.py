@@ -194,9 +194,9 @@ def test_servers_listen_where_health_checks_and_prometheus_look(tmp_path: Path) 
             section = getattr(settings, cmd)
             assert section.host == "0.0.0.0", f"{name} must listen on every interface"
             ports[cmd] = section.port
-        if cmd == "notify":
-            ports[cmd] = settings.notify.web_port
-            assert ports[cmd] > 0
+        if cmd in ("notify", "worker"):
+            ports[cmd] = getattr(settings, cmd).web_port
+            assert ports[cmd] > 0, f"{name}: no metrics port"
         if "healthcheck" not in svc:
             assert svc.get("restart") == "no", f"{name}: a long-running service needs a health check"
             continue
@@ -204,7 +204,7 @@ def test_servers_listen_where_health_checks_and_prometheus_look(tmp_path: Path) 
         assert check[0] in ("CMD", "CMD-SHELL")
         if check[:3] == ["CMD", "python", "-c"]:
             compile(check[3], f"{name} healthcheck", "exec")
-        if cmd in ports:
+        if cmd in ports and cmd != "worker":
             assert f"127.0.0.1:{ports[cmd]}/" in " ".join(check), f"{name}: health check on the wrong port"
         for mapping in svc.get("ports", []):
             assert int(str(mapping).split(":")[-1]) == ports[cmd], f"{name}: published port {mapping}"
@@ -218,7 +218,7 @@ def test_servers_listen_where_health_checks_and_prometheus_look(tmp_path: Path) 
     for host, port in targets.items():
         assert host in services, f"prometheus scrapes {host}, no such service"
         assert ports[services[host]["command"][0]] == port, f"prometheus scrapes {host} on {port}"
-    assert {"proxy", "dashboard", "notify"} <= set(targets)
+    assert set(targets) >= {"proxy", "dashboard", "notify", "worker"}
     assert "/etc/prometheus/alerts.yml" in prom["rule_files"]
 
 
