@@ -39,7 +39,7 @@ def test_migrations_twice_and_concurrently_leave_one_schema(tmp_path: Path) -> N
             barrier.wait()
             try:
                 results.append(migrate(c, cfg))
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=run, args=(c,)) for c in clients]

@@ -125,8 +125,8 @@ def calls_arrow(events: list[Any]) -> bytes:
     cols["status_code"] = pa.array(status, type=pa.uint16())
     cols["is_error"] = pa.array(
         [e.error_type is not None or s >= 400 or s == 0 for e, s in zip(events, status, strict=True)],
-        type=pa.uint8(),
-    )
+        type=pa.bool_(),
+    ).cast(pa.uint8())
     cols["latency_ms"] = pa.array([e.latency_ms for e in events], type=pa.float64())
     cols["ttft_ms"] = pa.array([e.ttft_ms for e in events], type=pa.float64())
     for c in ("streamed", "tokens_estimated"):

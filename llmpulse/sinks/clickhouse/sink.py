@@ -139,7 +139,7 @@ class ClickHouseSink:
                 self.replays.setdefault((topic, p), []).append(replay)
         n = len({id(r) for rs in self.replays.values() for r in rs})
         if n:
-            log.info("rebuilding %d recorded batch(es) from Kafka before new ones", n)
+            log.warning("rebuilding %d recorded batch(es) from Kafka (a previous sink stopped before committing)", n)
 
     def start(self) -> None:
         self.consumer.subscribe(list(self.topic_table), on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -182,7 +182,7 @@ class ClickHouseSink:
     def _replay_take(self, key: TopicPart, part: int, off: int, items: list[Any]) -> bool:
         """True if this message belongs to a batch being rebuilt (then it went there)."""
         taken = False
-        for r in list(self.replays[key]):
+        for r in list(self.replays.get(key, [])):
             first, last = r.ranges[part]
             if first <= off <= last and part not in r.done:
                 r.items.extend(items)
@@ -193,8 +193,8 @@ class ClickHouseSink:
                 r.done.add(part)  # a compacted topic may lack the last offset
             if r.complete:
                 self._write_replay(r)
-        if not self.replays[key]:
-            del self.replays[key]
+        if not self.replays.get(key):
+            self.replays.pop(key, None)
         return taken
 
     def _write_replay(self, r: Replay) -> None:

@@ -65,7 +65,11 @@ class BatchWriter:
             "WHERE topic IN {topics:Array(String)} ORDER BY ts DESC LIMIT {limit:UInt32}",
             parameters={"topics": topics, "limit": limit},
         )
-        return [(str(t), str(k), [(int(p), int(a), int(b)) for p, a, b in r]) for t, k, r in res.result_rows]
+        out = []
+        for topic, token, ranges in res.result_rows:
+            triples = [tuple(x.values()) if isinstance(x, dict) else tuple(x) for x in ranges]
+            out.append((str(topic), str(token), [(int(p), int(a), int(b)) for p, a, b in triples]))
+        return out
 
 
 def retry_forever(
