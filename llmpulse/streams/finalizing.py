@@ -11,6 +11,7 @@ the same key with a higher revision, so the stored aggregate converges to the tr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 from llmpulse.schemas.aggregate import WindowAggregate
 from llmpulse.streams.accumulators import ACCUMULATORS
 from llmpulse.streams.windowing import Partial
+
+log = logging.getLogger(__name__)
 
 PendingKey = tuple[str, int, int, str]  # kind, window_s, start_ms, dims_key
 
@@ -52,6 +55,11 @@ class Finalizer:
         """Keep a partial; None when its window is past the backfill retention (counted)."""
         if p.end_ms <= self.finalized.get(p.kind, EMPTY) - RETAIN_MS:
             self.stale += 1
+            log.warning(
+                "partial of %s %ss window %s from %s arrived %d s after the window was final; "
+                "the raw events are stored, the window's aggregate keeps its published figures",
+                p.kind, p.window_s, p.start_ms, p.source, (self.finalized[p.kind] - p.end_ms) // 1000,
+            )
             return None
         key = (p.kind, p.window_s, p.start_ms, p.dims_key)
         slot = self.pending.get(key)

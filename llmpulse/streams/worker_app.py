@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -135,21 +135,34 @@ class WorkerRuntime:
         @self.app.agent(self.source_topic, name="windows")
         async def windows_agent(stream: Any) -> None:
             async for events in stream.take_events(wcfg.batch_max_messages, within=wcfg.batch_within_s):
-                async with self.lock:
-                    await self.process_sources(events)
+                # shielded: take_events acks the batch when the agent stops, so a batch that
+                # was started must be finished even if the agent is cancelled (rebalance, stop)
+                await asyncio.shield(self._locked(self.process_sources, events))
 
         @self.app.agent(self.partials_topic, name="finalize")
         async def finalize_agent(stream: Any) -> None:
             async for events in stream.take_events(5000, within=0.2):
-                async with self.lock:
-                    await self.process_partials(events)
+                await asyncio.shield(self._locked(self.process_partials, events))
 
         @self.app.timer(interval=1.0)  # type: ignore[untyped-decorator]
         async def tick() -> None:
             if not self._ready():
+                # no idle closing while paused for a rebalance or a recovery
+                now = time.time()
+                for pw in self.windows.values():
+                    if pw.last_event_wall is not None:
+                        pw.last_event_wall = now
                 return
             async with self.lock:
                 await self.close_idle()
+
+        @self.app.on_partitions_assigned.connect  # type: ignore[arg-type]
+        async def on_assigned(app: Any, assigned: set[Any], **_: Any) -> None:
+            # a rebalance pauses every partition: that pause is not idleness of the traffic
+            now = time.time()
+            for pw in self.windows.values():
+                if pw.last_event_wall is not None:
+                    pw.last_event_wall = now
 
         @self.app.on_partitions_revoked.connect  # type: ignore[arg-type]
         async def on_revoked(app: Any, revoked: set[Any], **_: Any) -> None:
@@ -166,6 +179,10 @@ class WorkerRuntime:
         async def on_shutdown(app: Any, **_: Any) -> None:
             if self.flush_on_exit:
                 await self.flush_everything()
+
+    async def _locked(self, fn: Callable[[Sequence[Any]], Awaitable[None]], events: Sequence[Any]) -> None:
+        async with self.lock:
+            await fn(events)
 
     def _ready(self) -> bool:
         app = self.app
@@ -286,12 +303,14 @@ class WorkerRuntime:
         if futures:
             await asyncio.gather(*futures)
         table = self.window_table
+        # the close mark first, then the tombstones: a state restored in between never
+        # closes a window again without the accumulators it already published
+        if res.partials or res.removed:
+            table[state_key(partition, pw.kind, "M")] = pw.meta_state()
         for removed in res.removed:
             k = state_key(partition, pw.kind, "A", _acc_key_text(removed))
             if k in table:
                 del table[k]
-        if res.partials or res.removed:
-            table[state_key(partition, pw.kind, "M")] = pw.meta_state()
         return res.partials
 
     async def close_idle(self) -> None:
