@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     bootstrap = resolve_bootstrap(settings)
     ensure_topics(bootstrap, settings.kafka)
     runtime = WorkerRuntime(settings, bootstrap, rules=load_rules_hook(settings))
-    serve_metrics(settings.worker.web_port)
+    serve_metrics(settings.worker.web_port, settings.worker.web_host)
     worker = faust.Worker(runtime.app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()
     return 0

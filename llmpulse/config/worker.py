@@ -25,6 +25,7 @@ class WorkerConfig(Section):
         default=False,
         description="close open windows on a clean stop (set by `up`: the embedded broker keeps no state)",
     )
+    web_host: str = Field(default="127.0.0.1", description="address of /metrics (0.0.0.0 in containers)")
     web_port: Annotated[int, Field(ge=0, le=65535)] = Field(
         default=0, description="serve Prometheus /metrics on this port (0: off)"
     )

@@ -35,6 +35,7 @@ from llmpulse.kafka import topics as T
 from llmpulse.schemas import Alert, CallEvent, DeadLetter, Feedback, GpuSample, WindowAggregate
 from llmpulse.schemas.codec import decode, encode
 from llmpulse.schemas.fast import decode_calls
+from llmpulse.streams.credentials import faust_credentials
 from llmpulse.streams.finalizing import Finalizer, Pending, PendingKey
 from llmpulse.streams.positions import position
 from llmpulse.streams.restore import read_changelog_partition
@@ -74,7 +75,8 @@ class WorkerRuntime:
         self.partitions = kcfg.partitions
         self.app = faust.App(
             f"{kcfg.topic_prefix}worker",
-            broker=f"kafka://{bootstrap}",
+            broker=[f"kafka://{b}" for b in bootstrap.split(",")],
+            broker_credentials=faust_credentials(kcfg.client),
             store="memory://",
             topic_partitions=kcfg.partitions,
             topic_replication_factor=kcfg.replication_factor,

@@ -1,0 +1,25 @@
+"""The worker's Faust credentials come from the same librdkafka settings as every other client."""
+
+from __future__ import annotations
+
+import faust
+import pytest
+
+from llmpulse.errors import LLMPulseError
+from llmpulse.streams.credentials import faust_credentials
+
+
+def test_plaintext_needs_no_credentials() -> None:
+    assert faust_credentials({}) is None
+
+
+def test_sasl_settings_map_to_faust() -> None:
+    c = faust_credentials({"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "SCRAM-SHA-512",
+                           "sasl.username": "u", "sasl.password": "p"})  # fmt: skip
+    assert isinstance(c, faust.SASLCredentials)
+    assert (c.username, c.password, str(c.mechanism.value)) == ("u", "p", "SCRAM-SHA-512")
+
+
+def test_unknown_protocol_is_a_clear_error() -> None:
+    with pytest.raises(LLMPulseError, match=r"security\.protocol 'KERBEROS_MAGIC'"):
+        faust_credentials({"security.protocol": "kerberos_magic"})
