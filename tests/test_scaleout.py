@@ -20,8 +20,8 @@ duplicated windows must agree in every figure.
 
 from __future__ import annotations
 
-import os
 import json
+import os
 import random
 import time
 import zlib
