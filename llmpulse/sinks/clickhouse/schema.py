@@ -226,6 +226,14 @@ def migrations(cfg: ClickHouseConfig) -> list[Migration]:
                 TTL toDateTime(ts) + INTERVAL 7 DAY""",
             ),
         ),
+        Migration(
+            3,
+            "roll-ups of all traffic per minute and per hour (no dimensions)",
+            (
+                *(stmt for bucket in ROLLUPS for stmt in _rollup(cfg, bucket, dims=False)),
+                *_distributed(cfg, ("llm_calls_1m_total", "llm_calls_1h_total")),
+            ),
+        ),
     ]
 
 
@@ -264,30 +272,32 @@ DISTRIBUTED = {
 """Cluster only: `<table>_all` Distributed tables over the shards' local tables, for queries."""
 
 
-def _distributed(cfg: ClickHouseConfig) -> list[str]:
+def _distributed(cfg: ClickHouseConfig, tables: tuple[str, ...] = tuple(DISTRIBUTED)) -> list[str]:
     if not cfg.cluster:
         return []
     db = cfg.database
     return [
         f"CREATE TABLE IF NOT EXISTS {db}.{t}_all ON CLUSTER {cfg.cluster} AS {db}.{t} "
-        f"ENGINE = Distributed({cfg.cluster}, {db}, {t}, {key})"
-        for t, key in DISTRIBUTED.items()
+        f"ENGINE = Distributed({cfg.cluster}, {db}, {t}, {DISTRIBUTED.get(t, 'rand()')})"
+        for t in tables
     ]
 
 
-def _rollup(cfg: ClickHouseConfig, bucket: str) -> list[str]:
+def _rollup(cfg: ClickHouseConfig, bucket: str, dims: bool = True) -> list[str]:
+    """A roll-up table and its view: by (bucket, model, provider, app), or by bucket alone
+    (`llm_calls_<bucket>_total`, for charts of all traffic: a 30-day per-minute chart
+    then merges 43,200 states instead of one per model and app and minute)."""
     db = cfg.database
     oc = _on_cluster(cfg)
-    table = f"llm_calls_{bucket}"
-    days = getattr(cfg.retention_days, table)
+    table = f"llm_calls_{bucket}" + ("" if dims else "_total")
+    days = getattr(cfg.retention_days, f"llm_calls_{bucket}")
     fn = ROLLUPS[bucket]
+    dim_cols = "model LowCardinality(String),\n            provider LowCardinality(String),\n            app LowCardinality(String),\n            " if dims else ""
+    key = "bucket, model, provider, app" if dims else "bucket"
     return [
         f"""CREATE TABLE IF NOT EXISTS {db}.{table}{oc} (
             bucket DateTime('UTC'),
-            model LowCardinality(String),
-            provider LowCardinality(String),
-            app LowCardinality(String),
-            requests AggregateFunction(count),
+            {dim_cols}requests AggregateFunction(count),
             errors AggregateFunction(sum, UInt64),
             latency_sum_ms AggregateFunction(sum, Float64),
             latency_q AggregateFunction(quantilesTDigest({QUANTILES}), Float64),
@@ -299,11 +309,11 @@ def _rollup(cfg: ClickHouseConfig, bucket: str) -> list[str]:
             unpriced AggregateFunction(sum, UInt64)
         ) ENGINE = {_engine(cfg, "AggregatingMergeTree", table)}
         PARTITION BY toYYYYMM(bucket)
-        ORDER BY (bucket, model, provider, app)
+        ORDER BY ({key})
         TTL bucket + INTERVAL {days} DAY{_dedup_clause(cfg)}""",
         f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{table}_mv{oc} TO {db}.{table} AS
         SELECT
-            {fn}(ts, 'UTC') AS bucket, model, provider, app,
+            {fn}(ts, 'UTC') AS bucket{', model, provider, app' if dims else ''},
             countState() AS requests,
             sumState(toUInt64(is_error)) AS errors,
             sumState(latency_ms) AS latency_sum_ms,
@@ -315,7 +325,7 @@ def _rollup(cfg: ClickHouseConfig, bucket: str) -> list[str]:
             sumState(ifNull(cost_usd, toDecimal64(0, 9))) AS cost,
             sumState(toUInt64(isNull(cost_usd))) AS unpriced
         FROM {db}.llm_calls
-        GROUP BY bucket, model, provider, app""",
+        GROUP BY {key}""",
     ]
 
 

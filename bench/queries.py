@@ -1,0 +1,125 @@
+"""Dashboard queries over 10 million calls, read from the roll-ups.
+
+Loads N synthetic calls spread over 30 days into llm_calls through the sink's writer
+(the same Arrow INSERT with deduplication tokens the sink uses; the materialized
+views fill llm_calls_1m and llm_calls_1h), then times the dashboard's queries and
+prints p95_ms per query and overall (the slowest query's p95). Target: < 100 ms each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from llmpulse.config.clickhouse import ClickHouseConfig
+from llmpulse.embedded.store import open_store
+from llmpulse.sinks.clickhouse.calls import CallStruct
+from llmpulse.sinks.clickhouse.migrate import migrate
+from llmpulse.sinks.clickhouse.rows import TABLES
+from llmpulse.sinks.clickhouse.writer import BatchWriter
+
+MODELS = [("gpt-4o", "openai", 5e-6), ("gpt-4o-mini", "openai", 3e-7), ("claude-3-5-sonnet", "anthropic", 6e-6),
+          ("llama-3-70b", "self", 1e-7), ("mistral-large", "mistral", 4e-6), ("gemini-1.5-pro", "google", 3e-6),
+          ("o1", "openai", 2e-5), ("haiku", "anthropic", 5e-7)]  # fmt: skip
+APPS = [f"app{i}" for i in range(6)]
+
+QUERIES = {
+    "per_minute_30d": (
+        "SELECT bucket, countMerge(requests) AS n, sumMerge(errors) / n AS error_rate, "
+        "quantilesTDigestMerge(0.5, 0.95, 0.99)(latency_q)[2] AS p95_ms "
+        "FROM llmpulse.llm_calls_1m_total WHERE bucket >= {start:DateTime} GROUP BY bucket ORDER BY bucket"
+    ),
+    "top10_models_by_cost_30d": (
+        "SELECT model, sumMerge(cost) AS cost_usd, countMerge(requests) AS n FROM llmpulse.llm_calls_1h "
+        "WHERE bucket >= {start:DateTime} GROUP BY model ORDER BY cost_usd DESC LIMIT 10"
+    ),
+    "per_hour_by_model_30d": (
+        "SELECT bucket, model, countMerge(requests), sumMerge(errors), "
+        "quantilesTDigestMerge(0.5, 0.95, 0.99)(latency_q)[2] FROM llmpulse.llm_calls_1h "
+        "WHERE bucket >= {start:DateTime} GROUP BY bucket, model ORDER BY bucket"
+    ),
+    "per_minute_one_app_24h": (
+        "SELECT bucket, countMerge(requests), sumMerge(errors), "
+        "quantilesTDigestMerge(0.5, 0.95, 0.99)(latency_q)[2], quantilesTDigestIfMerge(0.5, 0.95, 0.99)(ttft_q)[2] "
+        "FROM llmpulse.llm_calls_1m WHERE bucket >= {start:DateTime} + INTERVAL 29 DAY AND app = 'app1' "
+        "GROUP BY bucket ORDER BY bucket"
+    ),
+}
+
+
+def load(client: Any, n: int, end: datetime, chunk: int = 200_000) -> float:
+    spec = TABLES["calls"]
+    writer = BatchWriter(client, "llmpulse")
+    rng = random.Random(1)
+    span_ms = 30 * 86_400_000 - 3_600_000  # 30 days, inside the raw rows' 30-day TTL
+    start = end - timedelta(milliseconds=span_ms)
+    t0 = time.perf_counter()
+    for c0 in range(0, n, chunk):
+        items = []
+        for i in range(c0, min(n, c0 + chunk)):
+            model, provider, price = MODELS[i % len(MODELS)]
+            err = rng.random() < 0.03
+            pt, ct = rng.randint(10, 2000), rng.randint(0, 800)
+            items.append(CallStruct(
+                model=model, event_id=f"q{i:09d}", ts=start + timedelta(milliseconds=i * span_ms // n),
+                provider=provider, app=APPS[(i // 7) % len(APPS)], user=f"u{i % 500}",
+                status_code=500 if err else 200, error_type="upstream_5xx" if err else None,
+                latency_ms=rng.lognormvariate(6.5, 0.6), ttft_ms=rng.lognormvariate(5.5, 0.5),
+                prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct, cost_usd=round((pt + ct) * price, 9),
+            ))  # fmt: skip
+        writer.insert(spec, items, f"bench-queries|{c0}")
+    return time.perf_counter() - t0
+
+
+def main() -> dict[str, Any]:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=10_000_000)
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--dir", type=Path, default=None, help="reuse a loaded store (skips loading if it holds data)")
+    args = ap.parse_args()
+    tmp = tempfile.TemporaryDirectory()
+    data_dir = args.dir or Path(tmp.name)
+    cfg = ClickHouseConfig()
+    store = open_store(cfg, data_dir)
+    out: dict[str, Any] = {"calls": args.calls}
+    try:
+        client = store.client
+        migrate(client, cfg)
+        end = datetime.now(UTC).replace(second=0, microsecond=0)
+        have = client.query("SELECT count() FROM llmpulse.llm_calls").result_rows[0][0]
+        if have < args.calls:
+            secs = load(client, args.calls, end)
+            out["load_s"] = round(secs, 1)
+            out["load_rows_per_s"] = round(args.calls / secs)
+        client.command("OPTIMIZE TABLE llmpulse.llm_calls_1m FINAL")
+        client.command("OPTIMIZE TABLE llmpulse.llm_calls_1h FINAL")
+        client.command("OPTIMIZE TABLE llmpulse.llm_calls_1m_total FINAL")
+        for t in ("llm_calls", "llm_calls_1m", "llm_calls_1h", "llm_calls_1m_total"):
+            out[f"{t}_rows"] = client.query(f"SELECT count() FROM llmpulse.{t}").result_rows[0][0]
+        latest = client.query("SELECT max(bucket) FROM llmpulse.llm_calls_1m").result_rows[0][0]
+        start = (latest - timedelta(days=30)).replace(tzinfo=None)
+        worst = 0.0
+        for name, sql in QUERIES.items():
+            client.query(sql, parameters={"start": start})  # warm
+            times = []
+            for _ in range(args.runs):
+                t0 = time.perf_counter()
+                res = client.query(sql, parameters={"start": start})
+                times.append((time.perf_counter() - t0) * 1000)
+            p95 = statistics.quantiles(times, n=20)[-1]
+            out[f"{name}_p95_ms"] = round(p95, 1)
+            out[f"{name}_median_ms"] = round(statistics.median(times), 1)
+            out[f"{name}_result_rows"] = len(res.result_rows)
+            worst = max(worst, p95)
+        out["p95_ms"] = round(worst, 1)
+        out["note"] = "embedded chDB on this 2-core machine, queries through clickhouse-connect; p95_ms is the slowest query's p95"
+    finally:
+        store.close()
+        tmp.cleanup()
+    return out
