@@ -44,9 +44,11 @@ def latest_aggregates(bootstrap: str, topic: str, until: Callable[[dict[str, Any
 def per_model(latest: dict[str, Any], window_s: int, data_end: float) -> dict[tuple[str, str], tuple[int, int, int]]:
     out = {}
     for a in latest.values():
-        if a["kind"] == "calls" and a["window_s"] == window_s and a["dims_key"].startswith("model="):
-            if datetime.fromisoformat(a["window_start"]).timestamp() <= data_end:
-                out[(a["dimensions"]["model"], a["window_start"])] = (a["requests"], a["errors"], a["total_tokens"])
+        if (
+            a["kind"] == "calls" and a["window_s"] == window_s and a["dims_key"].startswith("model=")
+            and datetime.fromisoformat(a["window_start"]).timestamp() <= data_end
+        ):
+            out[(a["dimensions"]["model"], a["window_start"])] = (a["requests"], a["errors"], a["total_tokens"])
     return out
 
 
@@ -162,3 +164,25 @@ def test_warning_escalation_resolution_publish_once_across_a_restart(make_settin
     assert len({a["alert_id"] for a in alerts}) == 3, alerts
     assert all(a["fingerprint"] == "model_errors|model=m-a" for a in alerts)
     assert ids[("firing", "warning")] != ids[("firing", "critical")]
+
+
+@pytest.mark.e2e
+def test_alert_of_a_dimension_that_goes_quiet_resolves(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    config = write_config(tmp_path / "llmpulse.yaml", make_settings(), rules_file=str(rules))
+    settings = settings_from(config)
+    bootstrap = settings.kafka.bootstrap_servers()
+    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+    failing = [CallEvent(event_id=f"q{i}", ts=t0 + timedelta(milliseconds=i * 100), model="m-quiet",
+                         status_code=500, error_type="upstream_5xx") for i in range(40)]  # fmt: skip
+    others = [CallEvent(event_id=f"o{i}", ts=t0 + timedelta(milliseconds=i * 100), model="m-busy") for i in range(300)]
+    worker = Component(config, "worker", log=tmp_path / "w.log").start()
+    try:
+        produce(bootstrap, settings.kafka.topic("calls"), [("m-quiet", encode_batch(failing)), ("m-busy", encode_batch(others))])
+        got = read_messages(bootstrap, settings.kafka.topic("alerts"),
+                            until=lambda ms: any(b'"resolved"' in m.value() for m in ms), timeout=90)  # fmt: skip
+    finally:
+        worker.stop()
+    states = [(a["state"], a["dimensions"].get("model")) for a in map(lambda m: json.loads(m.value()), got)]
+    assert ("firing", "m-quiet") in states and ("resolved", "m-quiet") in states, states

@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import faust
@@ -39,6 +39,7 @@ from llmpulse.streams.credentials import faust_credentials
 from llmpulse.streams.finalizing import Finalizer, Pending, PendingKey
 from llmpulse.streams.positions import position
 from llmpulse.streams.restore import read_changelog_partition
+from llmpulse.streams.rules.engine import has_open_alerts
 from llmpulse.streams.tables import PartitionedTable, state_key
 from llmpulse.streams.windowing import AccKey, Partial, PartitionWindows
 
@@ -106,6 +107,7 @@ class WorkerRuntime:
         self.final_table = self._table("final")
         self.bootstrap = bootstrap
         self.restored_partitions: set[tuple[str, int]] = set()
+        self.open_alerts: set[str] = set()  # rule-state keys with a firing alert
         self.changelog_topics = {
             t.changelog_topic.get_topic_name() for t in (self.window_table, self.final_table)
         } | {kcfg.topic(t) for t in KINDS} | {kcfg.topic(T.PARTIALS)}
@@ -157,6 +159,7 @@ class WorkerRuntime:
                 return
             async with self.lock:
                 await self.close_idle()
+                await self.sweep_quiet()
 
         @self.app.on_partitions_assigned.connect  # type: ignore[arg-type]
         async def on_assigned(app: Any, assigned: set[Any], **_: Any) -> None:
@@ -216,6 +219,8 @@ class WorkerRuntime:
             del data[k]
         for k, v in state.items():
             data[k] = v
+            if table is self.final_table and k.split("|", 2)[1] == "R" and has_open_alerts(v):
+                self.open_alerts.add(k)
         self.restored_partitions.add(key)
 
     async def windows_for(self, kind: str, partition: int) -> PartitionWindows:
@@ -409,6 +414,35 @@ class WorkerRuntime:
                     )
                 if new_state is not None:
                     self.final_table[rkey] = new_state
+                    if has_open_alerts(new_state):
+                        self.open_alerts.add(rkey)
+                    else:
+                        self.open_alerts.discard(rkey)
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def sweep_quiet(self) -> None:
+        """Resolve firing alerts of dimension sets whose traffic stopped (no windows, no verdicts).
+
+        The clock is the finalizer's event time for the kind, so the outcome does not depend
+        on when the sweep runs."""
+        sweep = getattr(self.rules, "sweep", None)
+        if sweep is None or not self.open_alerts:
+            return
+        futures = []
+        for rkey in list(self.open_alerts):
+            fp_text, _, kind, _rest = rkey.split("|", 3)
+            fin = self.finalizers.get(int(fp_text))
+            state = self.final_table.get(rkey)
+            if fin is None or state is None or kind not in fin.finalized:
+                continue
+            now = datetime.fromtimestamp(fin.finalized[kind] / 1000, tz=UTC)
+            for alert in sweep(state, now):
+                metrics.ALERTS_PUBLISHED.labels(alert.severity, alert.state).inc()
+                futures.append(await self.alerts_topic.send(key=alert.fingerprint.encode(), value=encode(alert)))
+            self.final_table[rkey] = state
+            if not has_open_alerts(state):
+                self.open_alerts.discard(rkey)
         if futures:
             await asyncio.gather(*futures)
 
