@@ -14,7 +14,11 @@ CALL_DIMENSIONS = ("model", "provider", "app", "user", "api_key_hash", "operatio
 class WorkerConfig(Section):
     windows_s: Annotated[list[Annotated[int, Field(gt=0, le=86400)]], Field(min_length=1)] = [10, 60]
     grace_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
-    idle_close_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    idle_close_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=30.0,
+        description="close windows by wall-clock idleness after this long without events; keep it "
+        "above the longest consumer-group rebalance",
+    )
     dimensions: list[list[str]] = Field(
         default_factory=lambda: [[], ["model"], ["provider"], ["app"], ["user"], ["api_key_hash"]],
         description="dimension sets of call windows; [] is the global set",
