@@ -82,7 +82,8 @@ def test_sigkill_at_random_points_counts_every_event_once(
     make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
     base = make_settings()
-    config = write_config(tmp_path / "llmpulse.yaml", base, sink__batch_rows=5_000, sink__batch_seconds=0.3)
+    config = write_config(tmp_path / "llmpulse.yaml", base, sink__batch_rows=1_000, sink__batch_seconds=0.3,
+                          sink__instance_id="sink-0")
     settings = settings_from(config)
     bootstrap = settings.kafka.bootstrap_servers()
     topic = settings.kafka.topic("calls")
@@ -125,11 +126,12 @@ def test_sigkill_at_random_points_counts_every_event_once(
         while kills < KILLS:
             # wait until this sink is writing, then kill it at a random point of its work:
             # decoding, recording a batch, inside an INSERT, between INSERT and commit
-            before = count()
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not (count() > max(before, 0) or (done.is_set() and before >= N)):
+            while time.monotonic() < deadline and (before := count()) < 0:
                 time.sleep(0.05)
-            time.sleep(rng.uniform(0.0, 0.6))
+            while time.monotonic() < deadline and not (count() > before or (done.is_set() and before >= N)):
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.25))
             sink.kill()
             kills += 1
             sink = Component(config, "sink", log=log).start()

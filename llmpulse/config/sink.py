@@ -19,6 +19,11 @@ class SinkConfig(Section):
     batch_seconds: Annotated[float, Field(gt=0)] = 1.0
     max_buffered_rows: Annotated[int, Field(ge=1)] = 500_000
     poll_messages: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    instance_id: str | None = Field(
+        default=None,
+        description="Kafka static group membership (group.instance.id): a restarted sink with the same id "
+        "gets its partitions back without waiting for the old session to time out",
+    )
     retry_initial_s: Annotated[float, Field(gt=0)] = 0.5
     retry_max_s: Annotated[float, Field(gt=0)] = 30.0
     query_host: str = "127.0.0.1"

@@ -88,6 +88,7 @@ class ClickHouseSink:
                 bootstrap,
                 settings.kafka,
                 group or f"{settings.kafka.topic_prefix}sink",
+                **({"group.instance.id": self.cfg.instance_id} if self.cfg.instance_id else {}),
             )
         )
         self.buffers: dict[str, Buffer] = {t: Buffer(t, spec) for t, spec in self.topic_table.items()}
@@ -297,11 +298,15 @@ class ClickHouseSink:
     def poll_once(self, timeout: float = 0.2) -> int:
         msgs = self.consumer.consume(self.cfg.poll_messages, timeout)
         n = 0
+        batch_rows = self.cfg.batch_rows
         for msg in msgs:
             if msg.error() is not None:
                 continue
             self.submit(msg)
             n += 1
+            buf = self.buffers[msg.topic()]
+            if len(buf.items) >= batch_rows:
+                self.flush_buffer(buf)
         for buf in self.buffers.values():
             if self.due(buf):
                 self.flush_buffer(buf)
