@@ -304,7 +304,7 @@ class ClickHouseSink:
                 continue
             self.submit(msg)
             n += 1
-            buf = self.buffers[msg.topic()]
+            buf = self.buffers[str(msg.topic())]
             if len(buf.items) >= batch_rows:
                 self.flush_buffer(buf)
         for buf in self.buffers.values():
