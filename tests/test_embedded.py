@@ -12,6 +12,7 @@ from llmpulse.embedded.broker import EmbeddedBroker
 from llmpulse.embedded.store import open_store, store_owner
 from llmpulse.errors import LLMPulseError, StoreError
 from llmpulse.sinks.clickhouse.migrate import applied_versions, emit_ddl, migrate
+from llmpulse.sinks.clickhouse.schema import migrations
 
 
 def test_port_in_use_is_a_clear_error() -> None:
@@ -43,9 +44,10 @@ def test_store_has_one_owner_and_migrations_are_idempotent(tmp_path: Path) -> No
         assert store_owner(tmp_path) == {"pid": __import__("os").getpid(), "role": "test", "query_url": "http://x"}
         with pytest.raises(StoreError, match="in use by another process"):
             open_store(cfg, tmp_path)
-        assert migrate(store.client, cfg) == [1]
+        versions = [m.version for m in migrations(cfg)]
+        assert migrate(store.client, cfg) == versions
         assert migrate(store.client, cfg) == []
-        assert applied_versions(store.client, cfg) == {1}
+        assert applied_versions(store.client, cfg) == set(versions)
         tables = {r[0] for r in store.client.query("SHOW TABLES FROM llmpulse").result_rows}
         assert {"llm_calls", "llm_aggregates", "gpu_samples", "alerts", "feedback", "deadletter"} <= tables
     finally:
