@@ -234,6 +234,11 @@ def migrations(cfg: ClickHouseConfig) -> list[Migration]:
                 *_distributed(cfg, ("llm_calls_1m_total", "llm_calls_1h_total")),
             ),
         ),
+        Migration(
+            4,
+            "log-bucketed latency and ttft histograms in the roll-ups",
+            tuple(stmt for bucket in ROLLUPS for dims in (True, False) for stmt in _histograms(cfg, bucket, dims)),
+        ),
     ]
 
 
@@ -335,3 +340,65 @@ def migrations_table_ddl(cfg: ClickHouseConfig) -> str:
         name String,
         applied_at DateTime64(3, 'UTC') DEFAULT now64(3)
     ) ENGINE = {_engine(cfg, "ReplacingMergeTree", "schema_migrations")} ORDER BY version"""
+
+
+HIST_RATIO = 1.11
+"""Histogram bucket i (0-based) of `latency_h` / `ttft_h` counts values in [HIST_RATIO**i, HIST_RATIO**(i+1)) ms;
+bucket 0 also takes everything under 1 ms, the last one everything from HIST_RATIO**(HIST_BUCKETS-1) ms (~9.5 min)."""
+HIST_BUCKETS = 128
+HIST_REL_ERROR = HIST_RATIO**0.5 - 1
+"""Largest relative error of a quantile read with `hist_quantile_sql` (the bucket's geometric middle),
+for values between 1 ms and HIST_RATIO**(HIST_BUCKETS-1) ms: ~5.4 %."""
+
+
+def _hist_index(value: str) -> str:
+    return f"toUInt32(least({HIST_BUCKETS - 1}, greatest(0, floor(log(greatest({value}, 1.)) / log({HIST_RATIO})))))"
+
+
+def _hist_one(value: str) -> str:
+    """A row's histogram: zeros up to its bucket, then 1 (sumForEach pads shorter arrays with zeros)."""
+    return f"arrayPushBack(arrayWithConstant({_hist_index(value)}, toUInt64(0)), toUInt64(1))"
+
+
+def hist_quantile_sql(level: float, hist: str) -> str:
+    """SQL for the `level` quantile (nearest rank) of a merged histogram `hist` (e.g.
+    `sumForEachMerge(latency_h)`), as the geometric middle of the bucket holding that rank;
+    NULL where the histogram is empty (no calls, or buckets rolled up before migration 4)."""
+    rank = f"arrayWithConstant(length({hist}), {level} * arraySum({hist}))"
+    index = f"arrayFirstIndex((c, r) -> c >= r, arrayCumSum({hist}), {rank})"
+    return f"if(empty({hist}), NULL, pow({HIST_RATIO}, {index} - 0.5))"
+
+
+def _histograms(cfg: ClickHouseConfig, bucket: str, dims: bool) -> list[str]:
+    """Migration 4: columns `latency_h` and `ttft_h` (AggregateFunction(sumForEach, Array(UInt64)),
+    a fixed log-bucketed histogram, see HIST_RATIO) on a roll-up, and its view rewritten in place
+    (ALTER ... MODIFY QUERY, so no insert is lost or counted twice while it changes). Buckets
+    rolled up before keep empty histograms (no backfill)."""
+    db = cfg.database
+    oc = _on_cluster(cfg)
+    table = f"llm_calls_{bucket}" + ("" if dims else "_total")
+    fn = ROLLUPS[bucket]
+    key = "bucket, model, provider, app" if dims else "bucket"
+    cols = ("latency_h", "ttft_h")
+    tables = [table] + ([f"{table}_all"] if cfg.cluster else [])
+    return [
+        *(f"ALTER TABLE {db}.{t}{oc} ADD COLUMN IF NOT EXISTS {c} AggregateFunction(sumForEach, Array(UInt64))"
+          for t in tables for c in cols),
+        f"""ALTER TABLE {db}.{table}_mv{oc} MODIFY QUERY
+        SELECT
+            {fn}(ts, 'UTC') AS bucket{', model, provider, app' if dims else ''},
+            countState() AS requests,
+            sumState(toUInt64(is_error)) AS errors,
+            sumState(latency_ms) AS latency_sum_ms,
+            quantilesTDigestState({QUANTILES})(latency_ms) AS latency_q,
+            quantilesTDigestIfState({QUANTILES})(ifNull(ttft_ms, 0.), toUInt8(isNotNull(ttft_ms))) AS ttft_q,
+            sumState(toUInt64(prompt_tokens)) AS tokens_prompt,
+            sumState(toUInt64(completion_tokens)) AS tokens_completion,
+            sumState(toUInt64(total_tokens)) AS tokens_total,
+            sumState(ifNull(cost_usd, toDecimal64(0, 9))) AS cost,
+            sumState(toUInt64(isNull(cost_usd))) AS unpriced,
+            sumForEachState({_hist_one('latency_ms')}) AS latency_h,
+            sumForEachState(if(isNull(ttft_ms), CAST([], 'Array(UInt64)'), {_hist_one('assumeNotNull(ttft_ms)')})) AS ttft_h
+        FROM {db}.llm_calls
+        GROUP BY {key}""",
+    ]
