@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from llmpulse.analysis.panels import Filters, timeseries
+from llmpulse.analysis.readonly import QueryResult
 from llmpulse.config.clickhouse import ClickHouseConfig
 from llmpulse.embedded.store import open_store
 from llmpulse.sinks.clickhouse.calls import CallStruct
@@ -150,3 +152,28 @@ def migrate_to_3(client: Any, cfg: ClickHouseConfig) -> None:
         for stmt in m.statements:
             client.command(stmt)
         client.insert(f"{cfg.database}.schema_migrations", [[m.version, m.name]], column_names=["version", "name"])
+
+
+def test_dashboard_timeseries_reads_p95_from_the_histograms(tmp_path: Path) -> None:
+    cfg = ClickHouseConfig()
+    store = open_store(cfg, tmp_path)
+    try:
+        client = store.client
+        migrate(client, cfg)
+        raw = calls(3000, seed=3, prefix="d")
+        BatchWriter(client, cfg.database).insert(TABLES["calls"], raw, "dash")
+
+        def run(sql: str) -> QueryResult:
+            return QueryResult(columns=[], rows=[list(r) for r in client.query(sql).result_rows])
+
+        f = Filters(start=T0 - timedelta(days=1), end=T0 + timedelta(days=1))
+        ts = timeseries(run, cfg.database, f, "model", max_points=48, max_series=10, window_s=60)
+        assert ts.source == "llm_calls_1h" and ts.step_s == 3600
+        for s in ts.series:
+            cs = [c for c in raw if c.model == s.name]
+            assert s.requests == [len(cs)]
+            assert_close(s.latency_p95_ms[0], nearest_rank([c.latency_ms for c in cs], 0.95))
+            assert_close(s.ttft_p95_ms[0], nearest_rank([c.ttft_ms for c in cs if c.ttft_ms is not None], 0.95))
+        assert {s.name for s in ts.series} == {"gpt-4o", "haiku"}
+    finally:
+        store.close()
