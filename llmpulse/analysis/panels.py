@@ -212,7 +212,7 @@ def timeseries(run: Runner, db: str, f: Filters, by: GroupBy, max_points: int, m
 
 _LAT_P95 = hist_quantile_sql(0.95, "sumForEachMerge(latency_h)")
 _TTFT_P95 = hist_quantile_sql(0.95, "sumForEachMerge(ttft_h)")
-"""p95 from the roll-ups' log-bucketed histograms (migration 4; within 5.4 %, NULL for buckets rolled up before it)."""
+"""p95 from the roll-ups' log-bucketed histograms (migration 4; within 7.2 %, NULL for buckets rolled up before it)."""
 
 
 def _timeseries_from_rollup(run: Runner, db: str, table: Source, f: Filters, by: GroupBy, step: int, max_series: int) -> Timeseries:
