@@ -130,6 +130,24 @@ def test_slice_counts_every_event_once(make_settings: Callable[..., Settings], t
         late = query(settings, "SELECT count() FROM llmpulse.deadletter FINAL WHERE kind = 'late'").rows
         assert late[0][0] == N  # every replayed event was recognised as late, none counted
 
+        # the sink's own health on /metrics: INSERT latency and batch sizes per table
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from llmpulse.embedded.store import store_owner
+
+        owner = store_owner(settings.data_dir)
+        assert owner is not None
+        with urllib.request.urlopen(f"{owner['query_url']}/metrics", timeout=10) as resp:
+            families = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+        rows_written = {
+            s.labels["table"]: s.value for s in families["llmpulse_sink_batch_rows"].samples if s.name.endswith("_sum")
+        }
+        assert rows_written["llm_calls"] >= N
+        inserts = [s for s in families["llmpulse_sink_insert_seconds"].samples if s.name.endswith("_count")]
+        assert any(s.labels["table"] == "llm_aggregates" and s.value > 0 for s in inserts)
+
         # queries are read-only
         for sql in ("INSERT INTO llmpulse.llm_calls (event_id) VALUES ('x')", "DROP TABLE llmpulse.llm_calls",
                     "ALTER TABLE llmpulse.llm_calls DELETE WHERE 1"):  # fmt: skip

@@ -1,7 +1,8 @@
 """The query endpoint of the process that owns the embedded store.
 
 Only one process may hold a chDB directory; that process (the sink) answers read-only
-queries for the others (`llmpulse query`, the dashboard) over loopback HTTP.
+queries for the others (`llmpulse query`, the dashboard) over loopback HTTP. It also
+serves the sink's Prometheus `/metrics` (batch sizes, INSERT latency, rows written).
 """
 
 from __future__ import annotations
@@ -58,6 +59,15 @@ class QueryServer:
             def do_GET(self) -> None:
                 if self.path == "/healthz":
                     self._send(200, {"ok": True})
+                elif self.path == "/metrics":
+                    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+                    data = generate_latest()
+                    self.send_response(200)
+                    self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
                 else:
                     self._send(404, {"error": "not found"})
 

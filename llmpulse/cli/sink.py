@@ -52,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
             if store.lock is not None:
                 store.lock.write_info({"role": "sink", "query_url": server.url})
             update_runtime(settings.data_dir, query_url=server.url)
+        if settings.sink.web_port:
+            from llmpulse.web_metrics import serve_metrics
+
+            serve_metrics(settings.sink.web_port, settings.sink.web_host)
         sink = ClickHouseSink(settings, bootstrap, store.client)
         signal.signal(signal.SIGTERM, lambda *_: sink.stop())
         signal.signal(signal.SIGINT, lambda *_: sink.stop())

@@ -26,5 +26,9 @@ class SinkConfig(Section):
     )
     retry_initial_s: Annotated[float, Field(gt=0)] = 0.5
     retry_max_s: Annotated[float, Field(gt=0)] = 30.0
+    web_host: str = Field(default="127.0.0.1", description="address of /metrics with a ClickHouse server (0.0.0.0 in containers)")
+    web_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=0, description="serve /metrics on this port with a ClickHouse server (embedded: on the query endpoint)"
+    )
     query_host: str = "127.0.0.1"
     query_port: Annotated[int, Field(ge=0, le=65535)] = 0
