@@ -1,94 +1,30 @@
 """The sink's hot path for calls: msgspec decoding and column-oriented Arrow inserts.
 
-pydantic's CallEvent stays the authority on what is valid. The msgspec structs below
-accept a subset of what CallEvent accepts (same fields, types, bounds and patterns;
-strict types, so e.g. "12" is not an int here); any message they refuse is decoded
-again by pydantic, which keeps its valid events and drops the invalid ones (the worker
-dead-letters those). Rows become Arrow columns in C; costs are rounded to nano-USD
+pydantic's CallEvent stays the authority on what is valid. Decoding uses the msgspec
+twin in llmpulse.schemas.fast; any message it refuses is decoded again by pydantic,
+which keeps its valid events and drops the invalid ones (the worker dead-letters those). Rows become Arrow columns in C; costs are rounded to nano-USD
 integers in Arrow and written as Decimal(18, 9) without a Python Decimal per row.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any
 
-import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
-from llmpulse.schemas import CallEvent
-from llmpulse.schemas.base import SCHEMA_VERSION, new_event_id
-from llmpulse.schemas.call import CAPTURE_MAX_CHARS
-from llmpulse.schemas.codec import MAX_BATCH_EVENTS, decode
+from llmpulse.schemas.fast import CallEventFast
+from llmpulse.schemas.fast import decode_calls as decode_fast
 
-_M = msgspec.Meta
-_ID = r"^[A-Za-z0-9_.:\-]+$"
-
-
-class CallStruct(msgspec.Struct, forbid_unknown_fields=True):
-    model: Annotated[str, _M(min_length=1, max_length=256)]
-    event_id: Annotated[str, _M(min_length=1, max_length=128, pattern=_ID)] | None = None
-    ts: datetime | None = None
-    schema_version: Annotated[int, _M(ge=1, le=SCHEMA_VERSION)] = SCHEMA_VERSION
-    source: Literal["proxy", "sdk", "ingest"] = "sdk"
-    provider: Annotated[str, _M(max_length=128)] = "unknown"
-    response_model: Annotated[str, _M(max_length=256)] | None = None
-    operation: Literal["chat", "completion", "embedding", "responses", "other"] = "chat"
-    app: Annotated[str, _M(max_length=128)] = "default"
-    user: Annotated[str, _M(max_length=256)] | None = None
-    api_key_hash: Annotated[str, _M(max_length=128)] | None = None
-    status_code: Annotated[int, _M(ge=0, le=999)] = 200
-    error_type: Annotated[str, _M(max_length=64)] | None = None
-    latency_ms: Annotated[float, _M(ge=0)] = 0.0
-    ttft_ms: Annotated[float, _M(ge=0)] | None = None
-    streamed: bool = False
-    prompt_tokens: Annotated[int, _M(ge=0)] = 0
-    completion_tokens: Annotated[int, _M(ge=0)] = 0
-    total_tokens: Annotated[int, _M(ge=0)] | None = None
-    cached_tokens: Annotated[int, _M(ge=0)] = 0
-    reasoning_tokens: Annotated[int, _M(ge=0)] = 0
-    tokens_estimated: bool = False
-    cost_usd: Annotated[float, _M(ge=0)] | None = None
-    prompt: Annotated[str, _M(max_length=CAPTURE_MAX_CHARS)] | None = None
-    response: Annotated[str, _M(max_length=CAPTURE_MAX_CHARS)] | None = None
-
-
-class CallBatch(msgspec.Struct, forbid_unknown_fields=True):
-    schema_version: Annotated[int, _M(ge=1, le=SCHEMA_VERSION)]
-    events: Annotated[list[CallStruct], _M(max_length=MAX_BATCH_EVENTS)]
-
-
-_one = msgspec.json.Decoder(CallStruct)
-_batch = msgspec.json.Decoder(CallBatch)
-
-
-def _complete(events: list[CallStruct]) -> bool:
-    """Fill the defaults pydantic computes; False if an event needs pydantic's judgement."""
-    for e in events:
-        ts = e.ts
-        if ts is None:
-            e.ts = datetime.now(UTC)
-        elif ts.tzinfo is None:
-            return False  # naive timestamps are invalid: let pydantic say so
-        if e.event_id is None:
-            e.event_id = new_event_id()
-        if e.total_tokens is None:
-            e.total_tokens = e.prompt_tokens + e.completion_tokens
-    return True
+# The worker's msgspec twin of CallEvent serves the sink too (one definition, held to
+# CallEvent's rules by tests/test_fast_codec.py). `CallStruct` is its name here.
+CallStruct = CallEventFast
 
 
 def decode_calls(raw: bytes | None) -> tuple[list[Any], int]:
-    """(events, invalid count): CallStruct or CallEvent objects with the same attributes."""
-    if raw is not None:
-        try:
-            events = _batch.decode(raw).events if raw.find(b'"events"', 0, 64) >= 0 else [_one.decode(raw)]
-            if _complete(events):
-                return events, 0
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            pass
-    decoded = decode(raw, CallEvent)
+    """(events, invalid count): CallEventFast objects, or CallEvents where pydantic had to judge."""
+    decoded = decode_fast(raw)
     return list(decoded.valid), len(decoded.rejected)
 
 
