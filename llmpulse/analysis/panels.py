@@ -372,6 +372,7 @@ class AlertRow(BaseModel):
     ts: str
     summary: str
     link: str
+    actions: list[ActionRow] = Field(default_factory=list, description="actions taken on this alert's incident")
 
 
 def alert_link(fingerprint: str, window_start: str, window_end: str, dims: dict[str, str]) -> str:
@@ -384,6 +385,40 @@ def alert_link(fingerprint: str, window_start: str, window_end: str, dims: dict[
     params = [("alert", fingerprint), ("from", short(window_start)), ("to", short(window_end))]
     params += [(k, v) for k, v in sorted(dims.items()) if k not in ("alert", "from", "to")]
     return "/?" + urlencode(params)
+
+
+class ActionRow(BaseModel):
+    action_id: str
+    kind: str
+    status: str
+    actor: str
+    target: dict[str, str]
+    ts: str
+
+
+# the order of an action's life: a later stage wins whatever the arrival order (llmpulse.actions.model)
+_ACTION_RANK = "['proposed', 'pending', 'approved', 'applied', 'rejected', 'expired', 'undone', 'failed']"
+
+
+def actions_of(run: Runner, db: str, fingerprints: set[str]) -> dict[str, list[ActionRow]]:
+    """Each fingerprint's actions at their latest stage (the `actions` table, one row per step)."""
+    if not fingerprints:
+        return {}
+    fps = ", ".join(lit(fp) for fp in sorted(fingerprints))
+    sql = (
+        f"SELECT alert_fingerprint, action_id, any(kind), "
+        f"argMax(status, (indexOf({_ACTION_RANK}, status), ts)), "
+        f"argMax(actor, (indexOf({_ACTION_RANK}, status), ts)), any(target), max(ts) "
+        f"FROM {db}.actions FINAL WHERE alert_fingerprint IN ({fps}) "
+        f"GROUP BY alert_fingerprint, action_id ORDER BY max(ts) DESC LIMIT 500"
+    )
+    out: dict[str, list[ActionRow]] = {}
+    for fp, aid, kind, status, actor, target, ts in run(sql).rows:
+        out.setdefault(str(fp), []).append(ActionRow(
+            action_id=str(aid), kind=str(kind), status=str(status), actor=str(actor),
+            target={str(k): str(v) for k, v in (target or {}).items()}, ts=_iso(ts),
+        ))  # fmt: skip
+    return out
 
 
 class AlertsPanel(BaseModel):
@@ -431,6 +466,9 @@ def alerts(run: Runner, db: str, f: Filters, limit: int = 200, fingerprint: str 
         focus = rows(f"SELECT {cols} FROM {db}.alerts FINAL WHERE fingerprint = {lit(fingerprint)} ORDER BY ts DESC LIMIT 10", False)
         for a in focus:
             a.active = a.fingerprint in firing and a.state == "firing"
+    taken = actions_of(run, db, {a.fingerprint for a in (*active_rows, *recent, *focus)})
+    for a in (*active_rows, *recent, *focus):
+        a.actions = taken.get(a.fingerprint, [])
     return AlertsPanel(active=active_rows, recent=recent, focus=focus)
 
 

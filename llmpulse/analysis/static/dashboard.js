@@ -159,7 +159,10 @@ function alertRow(a, focus) {
     <td><a class="alert-link" href="${esc(a.link)}">${esc(a.rule)}</a></td><td>${dims}</td>
     <td>${esc(a.metric)}</td><td class="num">${fmt(a.value)}</td><td>${esc(vs)}</td>
     <td>${esc(a.window_start.slice(0, 19).replace("T", " "))} – ${esc(a.window_end.slice(11, 19))}</td>
-    <td>${esc(a.ts.slice(0, 19).replace("T", " "))}</td><td>${esc(a.summary)}</td></tr>`;
+    <td>${esc(a.ts.slice(0, 19).replace("T", " "))}</td><td>${esc(a.summary)}</td>
+    <td class="actions">${(a.actions || []).map((x) => `<span class="action action-${esc(x.status)}" title="${esc(x.action_id)}">` +
+      `${esc(x.kind)} ${esc(Object.entries(x.target).map(([k, v]) => k + "=" + v).join(", "))}: <b>${esc(x.status)}</b>` +
+      (x.status === "pending" ? ` (llmpulse actions approve ${esc(x.action_id.slice(0, 12))})` : ` by ${esc(x.actor)}`) + `</span>`).join("<br>")}</td></tr>`;
 }
 
 async function loadAlerts(q) {
@@ -191,7 +194,7 @@ async function loadAlerts(q) {
   if (!rows.length) { setPanel("alerts", "empty", "no alerts in this range"); return; }
   const box = setPanel("alerts", "ready");
   box.innerHTML = `<table><thead><tr><th>severity</th><th>state</th><th>rule</th><th>dimensions</th><th>metric</th>
-    <th>value</th><th>against</th><th>window (UTC)</th><th>at</th><th>summary</th></tr></thead>
+    <th>value</th><th>against</th><th>window (UTC)</th><th>at</th><th>summary</th><th>actions</th></tr></thead>
     <tbody>${rows.map((r) => alertRow(r, r.fingerprint === fp)).join("")}</tbody></table>`;
 }
 
