@@ -97,7 +97,8 @@ def test_up_demo_shows_data_within_a_minute_and_every_incident(tmp_path: Path) -
             per_key[r[3]] = per_key.get(r[3], 0) + 1
     span_min = (hot.duration_s - 1) / 60
     top, second = sorted(per_key.values(), reverse=True)[:2]
-    assert top / span_min > 100 and top > 3 * second, per_key
+    # the hot key calls above the abuse line (100 a minute), every other key below it
+    assert top / span_min > 100 and second / span_min < 100, per_key
     assert HOT_KEY_PER_MIN > 100
 
     gpu = schedule.first("gpu_pinned")
