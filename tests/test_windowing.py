@@ -149,18 +149,3 @@ def test_sketch_quantiles_within_stated_relative_error() -> None:
         est = a.quantile(q)
         assert est is not None
         assert abs(est - true) / true <= RELATIVE_ACCURACY + 1e-9
-
-
-def test_a_smaller_resend_of_a_partial_never_replaces_the_fuller_one() -> None:
-    w = windows()
-    w.apply([(i, call(i * 0.1)) for i in range(50)], now_wall=0)
-    full = [p for p in w.close(now_wall=0, force=True).partials if p.window_s == 10 and p.dims_key == "*"]
-    w2 = windows()
-    w2.apply([(i, call(i * 0.1)) for i in range(20)], now_wall=0)
-    small = [p for p in w2.close(now_wall=0, force=True).partials if p.window_s == 10 and p.dims_key == "*"]
-    f = Finalizer({"calls": ["calls:0"]})
-    f.add_partial(full[0])
-    f.add_partial(small[0])
-    f.set_mark("calls", "calls:0", 10**15)
-    (_, agg), = [x for x in f.ready() if x[0][3] == "*"]
-    assert agg.requests == 50

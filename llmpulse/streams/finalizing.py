@@ -43,11 +43,6 @@ EMPTY = -(2**62)  # the close mark of a source that has seen no event yet
 RETAIN_MS = 15 * 60 * 1000  # how long a finalized window accepts a backfilled partial
 
 
-def _count(state: dict[str, Any]) -> int:
-    """Events in an accumulator state (calls: requests; GPU and feedback: samples)."""
-    return int(state.get("r", state.get("n", 0)))
-
-
 class Finalizer:
     def __init__(self, sources: Mapping[str, Iterable[str]]) -> None:
         self.sources = {kind: set(srcs) for kind, srcs in sources.items()}
@@ -70,11 +65,7 @@ class Finalizer:
         slot = self.pending.get(key)
         if slot is None:
             slot = self.pending[key] = Pending(p.dims)
-        known = slot.parts.get(p.source)
-        # A source's partial of one window only ever grows (a re-send after a crash is equal,
-        # a backfill adds events); a smaller one comes from a state restored before its last
-        # writes, and must not replace the fuller figures.
-        if known != p.state and (known is None or _count(p.state) >= _count(known)):
+        if slot.parts.get(p.source) != p.state:
             slot.parts[p.source] = p.state
             if slot.revision:
                 slot.revision = -slot.revision  # published before: publish again

@@ -210,9 +210,6 @@ class WorkerRuntime:
         if key in self.restored_partitions:
             return
         topic = table.changelog_topic.get_topic_name()
-        # our own changelog writes still in the producer's buffer must land before the barrier
-        # (after an eager rebalance we re-read partitions we owned a moment ago)
-        await self.app.producer.flush()
         state = await asyncio.to_thread(
             read_changelog_partition, self.bootstrap, topic, partition, dict(self.settings.kafka.client)
         )
