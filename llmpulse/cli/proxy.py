@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import signal
+import sys
 
 from llmpulse.cli import settings_of
 
@@ -27,6 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default=None,
         help="one OpenAI-compatible base URL for every request (replaces proxy.upstreams)",
     )
+    p.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="event loop: uvloop when installed (auto, the default), or the stdlib asyncio loop",
+    )
     p.set_defaults(handler=run)
 
 
@@ -46,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         gc.collect()
         gc.freeze()
         gc.set_threshold(20_000, 20, 1000)
+        # the publisher's thread hands the GIL back to the event loop within 1 ms, not 5
+        sys.setswitchinterval(0.001)
         print(f"llmpulse proxy on {server.base_url} (Ctrl-C stops it)", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -57,5 +66,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             await server.stop()
 
-    asyncio.run(main())
+    from llmpulse.producers.proxy.loop import run as run_loop
+
+    run_loop(main(), args.loop)
     return 0

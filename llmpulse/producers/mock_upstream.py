@@ -398,5 +398,7 @@ def run_mock_upstream(host: str, port: int, options: MockOptions, ready: Any = N
         finally:
             await mock.stop()
 
+    from llmpulse.producers.proxy.loop import run
+
     with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
-        asyncio.run(main())
+        run(main())
