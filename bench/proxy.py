@@ -6,25 +6,28 @@ machine with 2+ CPUs the proxy, every thread of it (librdkafka's and the publish
 included), is pinned alone to the last CPU; the load generator (this process), the
 mock upstream and the broker, every thread of each, to the other CPUs. The pinning is
 read back from /proc and recorded (`pin_*`), with each phase's per-CPU busy share
-(`cpu_busy_percent_*`: other work on the machine shows up there).
+(`..._cpuN_busy_percent`: other work on the machine shows up there).
 
 Load. Open loop at a fixed rate (500 and 1,000 requests/s), non-streamed and streamed
 (16-token SSE streams read to the end), after a one-second warm-up at the same rate.
-Request i is due at start + i/rate; the generator sends every due request at once
-when it wakes (never waiting for answers) over a pool of keep-alive connections. The
-generator is a minimal HTTP/1.1 client on raw asyncio transports (uvloop when
-installed), so that its own CPU is not the tail being measured. Latency is measured
-two ways, and the direct baseline exactly as the proxied calls:
+Request i is due at start + i/rate; the generator sends every due request when it
+wakes, never waiting for answers (a pool of keep-alive connections, more opened if
+all are busy), so a slow proxy cannot hold sends back (no coordinated omission). It
+is a minimal HTTP/1.1 client on raw asyncio transports (uvloop when installed), so
+that its own CPU is not the tail being measured. The direct baseline is measured with
+the same generator in the same way, in `--rounds` alternating direct/proxied run pairs
+(latencies pooled per side), so that both sides meet the same conditions.
 
-- `..._p99_ms`: from the request's scheduled send time to the last response byte
-  (no coordinated omission: a late generator counts against the run);
-- `..._from_send_p99_ms`: from the moment the request was written.
+- `..._p99_ms` (the headline): from the moment the request was written to the last
+  response byte read;
+- `..._from_schedule_p99_ms`: from the request's scheduled send time instead; it adds
+  the generator's own lateness (`generator_send_lag_p*_ms`: its timer wakes with 1 ms
+  granularity), the same for both sides in distribution but not run by run.
 
-Added latency at percentile p = p(through the proxy) - p(direct), each from its own
-run (the usual way: the difference of percentiles, not the percentile of
-differences, which cannot be paired per request). Also reported: the proxy's own
-`x-llmpulse-overhead-ms` header (time in the proxy, not waiting on the upstream),
-its CPU (percent of one core), RSS and peak RSS.
+Added latency at percentile p = p(through the proxy) - p(direct), each side pooled
+over its runs (the difference of percentiles, the usual way: requests cannot be
+paired). Also reported: the proxy's own `x-llmpulse-overhead-ms` header (time in the
+proxy, not waiting on the upstream), its CPU (percent of one core), RSS and peak RSS.
 
 Isolation. On a machine shared with other work (this project's 2-core dev box runs
 other engineers' tests at the same time) the pinned CPUs are not the benchmark's
@@ -35,7 +38,7 @@ machine keeps running. `sched_policy` records what was used, and each phase reco
 the proxy's run-queue wait (`..._proxy_runqueue_wait_ms_per_s`: time its threads
 were ready but another task had the CPU), the per-CPU busy share and the load.
 
-    python bench/run.py proxy [--seconds 5] [--proxy-loop auto|uvloop|asyncio]
+    python bench/run.py proxy [--seconds 3] [--rounds 3] [--proxy-loop auto|uvloop|asyncio]
                               [--realtime PRIO | --realtime 0 [--nice N]]
 """
 
@@ -358,9 +361,84 @@ def _load(host: str, port: int, rate: int, seconds: float, stream: bool) -> dict
     }
 
 
+def _merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {k: [] for k in ("lat", "lat_send", "send_lag", "overhead")}
+    for r in runs:
+        for k in out:
+            out[k] += r[k]
+    out["errors"] = sum(r["errors"] for r in runs)
+    out["opened_late"] = sum(r["opened_late"] for r in runs)
+    out["achieved_rps"] = min(r["achieved_rps"] for r in runs)
+    return out
+
+
+def _measure(mport: int, pport: int, proxy_pid: int, rate: int, stream: bool, seconds: float, rounds: int) -> dict[str, Any]:
+    """`rounds` x (direct run, proxied run), alternating so that both meet the same
+    conditions; the latencies of a side's rounds are pooled."""
+    pre = f"{'stream' if stream else 'plain'}_{rate}rps_"
+    out: dict[str, Any] = {}
+    ds, ps = [], []
+    busy_d: dict[int, float] = {}
+    busy_p: dict[int, float] = {}
+    cpu_s = wait_s = proxied_s = 0.0
+    for _ in range(rounds):
+        c0 = _cpu_times()
+        ds.append(_load("127.0.0.1", mport, rate, seconds, stream))
+        c1 = _cpu_times()
+        cpu0, t0, s0 = _cpu_seconds(proxy_pid), time.monotonic(), _sched(proxy_pid)
+        ps.append(_load("127.0.0.1", pport, rate, seconds, stream))
+        proxied_s += time.monotonic() - t0
+        cpu_s += _cpu_seconds(proxy_pid) - cpu0
+        wait_s += _sched(proxy_pid)[1] - s0[1]  # ready to run, but another task had the CPU
+        c2 = _cpu_times()
+        for c, v in _busy(c0, c1).items():
+            busy_d[c] = busy_d.get(c, 0.0) + v / rounds
+        for c, v in _busy(c1, c2).items():
+            busy_p[c] = busy_p.get(c, 0.0) + v / rounds
+    d, p = _merge(ds), _merge(ps)
+    for q in (50, 95, 99):
+        dq, pq = _pct(d["lat_send"], q), _pct(p["lat_send"], q)
+        dsq, psq = _pct(d["lat"], q), _pct(p["lat"], q)
+        out[f"{pre}direct_p{q}_ms"] = round(dq, 3)
+        out[f"{pre}proxy_p{q}_ms"] = round(pq, 3)
+        out[f"{pre}added_p{q}_ms"] = round(pq - dq, 3)
+        out[f"{pre}direct_from_schedule_p{q}_ms"] = round(dsq, 3)
+        out[f"{pre}proxy_from_schedule_p{q}_ms"] = round(psq, 3)
+        out[f"{pre}added_from_schedule_p{q}_ms"] = round(psq - dsq, 3)
+        out[f"{pre}overhead_header_p{q}_ms"] = round(_pct(p["overhead"], q), 3)
+    out[f"{pre}direct_max_ms"] = round(max(d["lat_send"], default=math.nan), 3)
+    out[f"{pre}proxy_max_ms"] = round(max(p["lat_send"], default=math.nan), 3)
+    out[f"{pre}generator_send_lag_p50_ms"] = round(_pct(d["send_lag"] + p["send_lag"], 50), 3)
+    out[f"{pre}generator_send_lag_p99_ms"] = round(_pct(d["send_lag"] + p["send_lag"], 99), 3)
+    out[f"{pre}proxy_cpu_percent"] = round(cpu_s / proxied_s * 100, 1)
+    out[f"{pre}proxy_runqueue_wait_ms_per_s"] = round(wait_s * 1000 / proxied_s, 2)
+    out[f"{pre}achieved_rps"] = round(p["achieved_rps"], 1)
+    out[f"{pre}errors"] = d["errors"] + p["errors"]
+    out[f"{pre}requests"] = len(p["lat"])
+    out[f"{pre}connections_opened_late"] = d["opened_late"] + p["opened_late"]
+    for c, v in busy_d.items():
+        out[f"{pre}direct_cpu{c}_busy_percent"] = round(v, 1)
+    for c, v in busy_p.items():
+        out[f"{pre}proxy_cpu{c}_busy_percent"] = round(v, 1)
+    out[f"{pre}load_1min"] = round(os.getloadavg()[0], 2)
+
+    def f(k: str) -> str:
+        return "/".join(f"{out[f'{pre}{k}_p{q}_ms']:.3f}" for q in (50, 95, 99))
+
+    print(
+        f"{pre[:-1]:>15}: added p50/p95/p99 {f('added')} ms (from schedule {f('added_from_schedule')}); "
+        f"direct {f('direct')}; header {f('overhead_header')}; proxy CPU {out[pre + 'proxy_cpu_percent']}%, "
+        f"run-queue wait {out[pre + 'proxy_runqueue_wait_ms_per_s']} ms/s, busy {busy_p}, "
+        f"errors {out[pre + 'errors']}, load {out[pre + 'load_1min']}",
+        flush=True,
+    )
+    return out
+
+
 def main() -> dict[str, Any]:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run (after 1 s warm-up)")
+    ap.add_argument("--rounds", type=int, default=3, help="direct/proxied run pairs per rate and kind")
     ap.add_argument("--proxy-loop", choices=("auto", "uvloop", "asyncio"), default="auto")
     ap.add_argument(
         "--nice", type=int, default=0,
@@ -376,12 +454,13 @@ def main() -> dict[str, Any]:
     proxy_cpus = {ncpu - 1}
     other_cpus = set(range(ncpu - 1)) if ncpu > 1 else proxy_cpus
     out: dict[str, Any] = {
-        "seconds_per_phase": args.seconds,
-        "warmup_seconds_per_phase": WARM_S,
+        "seconds_per_run": args.seconds,
+        "warmup_seconds_per_run": WARM_S,
+        "rounds": args.rounds,
         "cpus": ncpu,
         "load_1min_at_start": round(os.getloadavg()[0], 2),
         "generator": "open loop, raw HTTP/1.1 keep-alive, " + ("uvloop" if uvloop_available() else "asyncio"),
-        "added_is": "p(proxied run) - p(direct run), latency from scheduled send time",
+        "added_is": "p(proxied runs) - p(direct runs), latency from request written to last byte read",
     }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -440,50 +519,8 @@ def main() -> dict[str, Any]:
                 "uvloop" if uvloop_available() else "asyncio"
             )
             for stream in (False, True):
-                kind = "stream" if stream else "plain"
                 for rate in RATES:
-                    pre = f"{kind}_{rate}rps_"
-                    c0 = _cpu_times()
-                    d = _load("127.0.0.1", mport, rate, args.seconds, stream)
-                    c1 = _cpu_times()
-                    cpu0, t0, s0 = _cpu_seconds(proxy.pid), time.monotonic(), _sched(proxy.pid)
-                    p = _load("127.0.0.1", pport, rate, args.seconds, stream)
-                    elapsed = time.monotonic() - t0
-                    cpu = (_cpu_seconds(proxy.pid) - cpu0) / elapsed * 100
-                    s1 = _sched(proxy.pid)
-                    # time the proxy's threads were ready to run but another task had its CPU
-                    out[f"{pre}proxy_runqueue_wait_ms_per_s"] = round((s1[1] - s0[1]) * 1000 / elapsed, 2)
-                    c2 = _cpu_times()
-                    for q in (50, 95, 99):
-                        dp, pp = _pct(d["lat"], q), _pct(p["lat"], q)
-                        ds, ps = _pct(d["lat_send"], q), _pct(p["lat_send"], q)
-                        out[f"{pre}direct_p{q}_ms"] = round(dp, 3)
-                        out[f"{pre}proxy_p{q}_ms"] = round(pp, 3)
-                        out[f"{pre}added_p{q}_ms"] = round(pp - dp, 3)
-                        out[f"{pre}added_from_send_p{q}_ms"] = round(ps - ds, 3)
-                        out[f"{pre}overhead_header_p{q}_ms"] = round(_pct(p["overhead"], q), 3)
-                    out[f"{pre}direct_max_ms"] = round(max(d["lat"], default=math.nan), 3)
-                    out[f"{pre}proxy_max_ms"] = round(max(p["lat"], default=math.nan), 3)
-                    out[f"{pre}generator_send_lag_p99_ms"] = round(max(_pct(d["send_lag"], 99), _pct(p["send_lag"], 99)), 3)
-                    out[f"{pre}proxy_cpu_percent"] = round(cpu, 1)
-                    out[f"{pre}achieved_rps"] = round(p["achieved_rps"], 1)
-                    out[f"{pre}errors"] = d["errors"] + p["errors"]
-                    out[f"{pre}requests"] = len(p["lat"])
-                    out[f"{pre}connections_opened_late"] = d["opened_late"] + p["opened_late"]
-                    for c, v in _busy(c0, c1).items():
-                        out[f"{pre}direct_cpu{c}_busy_percent"] = v
-                    for c, v in _busy(c1, c2).items():
-                        out[f"{pre}proxy_cpu{c}_busy_percent"] = v
-                    print(
-                        f"{kind:6} {rate:5} rps: added p50 {out[pre + 'added_p50_ms']:.3f} ms, "
-                        f"p95 {out[pre + 'added_p95_ms']:.3f}, p99 {out[pre + 'added_p99_ms']:.3f} "
-                        f"(from send: {out[pre + 'added_from_send_p50_ms']:.3f} / "
-                        f"{out[pre + 'added_from_send_p95_ms']:.3f} / {out[pre + 'added_from_send_p99_ms']:.3f}); "
-                        f"proxy CPU {cpu:.0f}%, errors {out[pre + 'errors']}, "
-                        f"busy {_busy(c1, c2)}, proxy runqueue wait {out[pre + 'proxy_runqueue_wait_ms_per_s']} ms/s, "
-                        f"load {os.getloadavg()[0]:.2f}",
-                        flush=True,
-                    )
+                    out.update(_measure(mport, pport, proxy.pid, rate, stream, args.seconds, args.rounds))
             out["proxy_rss_mb"] = round(_status_mb(proxy.pid, "VmRSS"), 1)
             out["proxy_peak_rss_mb"] = round(_status_mb(proxy.pid, "VmHWM"), 1)
             health = urllib.request.urlopen(f"http://127.0.0.1:{pport}/healthz", timeout=5).read().decode()

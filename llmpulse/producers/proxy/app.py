@@ -419,7 +419,7 @@ class ProxyServer:
                 out.headers.add(k, v)
         self._finish(out, None, t0, upstream_s)
         tap = SseTap(hide_usage)
-        rec.stream_payloads = tap.payloads
+        rec.stream = tap
         try:
             try:
                 await out.prepare(request)

@@ -21,6 +21,7 @@ from prometheus_client import Counter
 
 from llmpulse.config import Settings
 from llmpulse.producers.pricing import PriceTable
+from llmpulse.producers.proxy.streaming import SseTap
 from llmpulse.producers.proxy.tokens import (
     Usage,
     delta_text,
@@ -64,7 +65,7 @@ class CallRecord:
     usage: Usage | None = None
     request_raw: bytes | None = None
     response_raw: bytes | None = None
-    stream_payloads: list[bytes] | None = field(default=None)
+    stream: SseTap | None = field(default=None)  # a streamed response's events (payloads() on demand)
     charge: list[Any] | None = field(default=None)  # rate limits (enforce.Limit) to charge tokens to
 
 
@@ -117,9 +118,9 @@ class CallRecorder:
         return body if isinstance(body, dict) else None
 
     def _completion_text(self, rec: CallRecord) -> str:
-        if rec.stream_payloads is not None:
+        if rec.stream is not None:
             parts = []
-            for p in rec.stream_payloads:
+            for p in rec.stream.payloads():
                 try:
                     chunk = _dec.decode(p)
                 except msgspec.DecodeError:
