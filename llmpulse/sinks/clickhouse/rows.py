@@ -110,7 +110,8 @@ class TableSpec:
 
     `items(value)` turns one message value into buffered items and a count of invalid
     events; `arrow(items)` (when set) writes them as an Arrow stream, otherwise the
-    items are rows in `columns` order for a Native INSERT.
+    items are rows in `columns` order for a Native INSERT. Arrow items are event objects
+    (with `id_column` and `ts` attributes).
     """
 
     table: str
@@ -119,6 +120,9 @@ class TableSpec:
     to_row: Callable[[Any], list[Any]]
     id_column: str
     arrow: Callable[[list[Any]], bytes] | None = None
+    rolled_up: bool = False
+    """Materialized views sum this table's INSERTs into roll-ups: a row written twice counts
+    twice there, even though the table itself replaces it by `id_column`."""
 
     def items(self, raw: bytes | None) -> tuple[list[Any], int]:
         if self.arrow is not None:
@@ -130,7 +134,7 @@ class TableSpec:
 
 # topic name (without prefix) -> how its events become rows
 TABLES: dict[str, TableSpec] = {
-    "calls": TableSpec("llm_calls", CallEvent, CALL_COLUMNS, call_row, "event_id", calls.calls_arrow),
+    "calls": TableSpec("llm_calls", CallEvent, CALL_COLUMNS, call_row, "event_id", calls.calls_arrow, rolled_up=True),
     "aggregates": TableSpec("llm_aggregates", WindowAggregate, AGG_COLUMNS, aggregate_row, "aggregate_id"),
     "gpu": TableSpec("gpu_samples", GpuSample, GPU_COLUMNS, gpu_row, "event_id"),
     "feedback": TableSpec("feedback", Feedback, FEEDBACK_COLUMNS, feedback_row, "event_id"),

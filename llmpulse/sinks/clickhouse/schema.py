@@ -239,6 +239,11 @@ def migrations(cfg: ClickHouseConfig) -> list[Migration]:
             "log-bucketed latency and ttft histograms in the roll-ups",
             tuple(stmt for bucket in ROLLUPS for dims in (True, False) for stmt in _histograms(cfg, bucket, dims)),
         ),
+        Migration(
+            5,
+            "chained roll-ups (only llm_calls_1m reads llm_calls), plain columns on llm_calls_1m_total",
+            (*_chain(cfg), *_plain_total(cfg)),
+        ),
     ]
 
 
@@ -404,3 +409,134 @@ def _histograms(cfg: ClickHouseConfig, bucket: str, dims: bool) -> list[str]:
         FROM {db}.llm_calls
         GROUP BY {key}""",
     ]
+
+
+CHAIN = {
+    "llm_calls_1m": ("llm_calls", "toStartOfMinute", True),
+    "llm_calls_1m_total": ("llm_calls_1m", "toStartOfMinute", False),
+    "llm_calls_1h": ("llm_calls_1m", "toStartOfHour", True),
+    "llm_calls_1h_total": ("llm_calls_1m_total", "toStartOfHour", False),
+}
+"""Migration 5: roll-up table -> (the table its view reads, bucket function, by model/provider/app).
+Only `llm_calls_1m` reads raw inserts; the others merge the states of the blocks inserted into
+the roll-up they read (a few hundred rows per raw batch), so a raw INSERT runs one view over its
+rows instead of four. Listed in the order migration 5 changes them (sources first)."""
+
+
+def _hist_resample(value: str, nullable: bool = False) -> str:
+    """A group's histogram of `value` (NULLs left out), trailing zeros cut: countResample
+    counts each row into its bucket in O(1), where a one-hot array per row costs one
+    sumForEach step per element; `initializeAggregation` makes the array a sumForEach state."""
+    key = _hist_index(value)
+    if nullable:  # bucket HIST_BUCKETS is out of the resample range: not counted
+        key = f"if(isNull({value}), {HIST_BUCKETS}, {_hist_index(f'assumeNotNull({value})')})"
+    h = f"countResample(0, {HIST_BUCKETS}, 1)({key})"
+    return f"initializeAggregation('sumForEachState', arrayResize({h}, arrayLastIndex(x -> x > 0, {h})))"
+
+
+def rollup_view_query(cfg: ClickHouseConfig, table: str) -> str:
+    """The SELECT of the view that fills roll-up `table` (migration 5 on): from raw calls for
+    `llm_calls_1m`, from another roll-up's inserted states (-MergeState) for the others."""
+    db = cfg.database
+    src, fn, dims = CHAIN[table]
+    key = "bucket, model, provider, app" if dims else "bucket"
+    if src == "llm_calls":
+        return f"""SELECT
+            {fn}(ts, 'UTC') AS bucket, model, provider, app,
+            countState() AS requests,
+            sumState(toUInt64(is_error)) AS errors,
+            sumState(latency_ms) AS latency_sum_ms,
+            quantilesTDigestState({QUANTILES})(latency_ms) AS latency_q,
+            quantilesTDigestIfState({QUANTILES})(ifNull(ttft_ms, 0.), toUInt8(isNotNull(ttft_ms))) AS ttft_q,
+            sumState(toUInt64(prompt_tokens)) AS tokens_prompt,
+            sumState(toUInt64(completion_tokens)) AS tokens_completion,
+            sumState(toUInt64(total_tokens)) AS tokens_total,
+            sumState(ifNull(cost_usd, toDecimal64(0, 9))) AS cost,
+            sumState(toUInt64(isNull(cost_usd))) AS unpriced,
+            {_hist_resample('latency_ms')} AS latency_h,
+            {_hist_resample('ttft_ms', nullable=True)} AS ttft_h
+        FROM {db}.llm_calls
+        GROUP BY {key}"""
+    return f"""SELECT
+            {fn}(bucket) AS bucket{', model, provider, app' if dims else ''},
+            countMergeState(requests) AS requests,
+            sumMergeState(errors) AS errors,
+            sumMergeState(latency_sum_ms) AS latency_sum_ms,
+            quantilesTDigestMergeState({QUANTILES})(latency_q) AS latency_q,
+            quantilesTDigestIfMergeState({QUANTILES})(ttft_q) AS ttft_q,
+            sumMergeState(tokens_prompt) AS tokens_prompt,
+            sumMergeState(tokens_completion) AS tokens_completion,
+            sumMergeState(tokens_total) AS tokens_total,
+            sumMergeState(cost) AS cost,
+            sumMergeState(unpriced) AS unpriced,
+            sumForEachMergeState(latency_h) AS latency_h,
+            sumForEachMergeState(ttft_h) AS ttft_h
+        FROM {db}.{src}
+        GROUP BY {key}"""
+
+
+def _chain(cfg: ClickHouseConfig) -> tuple[str, ...]:
+    """Each view rewritten in place (ALTER ... MODIFY QUERY also moves the view to its new
+    source table), so there is no moment without a view; running it twice changes nothing."""
+    oc = _on_cluster(cfg)
+    return tuple(f"ALTER TABLE {cfg.database}.{t}_mv{oc} MODIFY QUERY\n        {rollup_view_query(cfg, t)}" for t in CHAIN)
+
+
+PLAIN_TOTAL = {
+    "requests_n": ("SimpleAggregateFunction(sum, UInt64)", "finalizeAggregation(requests)"),
+    "errors_n": ("SimpleAggregateFunction(sum, UInt64)", "finalizeAggregation(errors)"),
+    "latency_hist": (
+        "SimpleAggregateFunction(sumMap, Tuple(Array(UInt8), Array(UInt64)))",
+        "(arrayMap(i -> toUInt8(i - 1), arrayFilter((i, c) -> c > 0, arrayEnumerate(finalizeAggregation(latency_h)),"
+        " finalizeAggregation(latency_h))), arrayFilter(c -> c > 0, finalizeAggregation(latency_h)))",
+    ),
+}
+"""Migration 5: plain (SimpleAggregateFunction) twins of `requests`, `errors` and `latency_h` on
+`llm_calls_1m_total`, computed from the states (DEFAULT) as rows are inserted and materialized
+for older parts. `latency_hist` is the histogram as (bucket indexes, counts) of its non-empty
+buckets. A minute that sits in one row (parts merged) is read without any aggregation: see
+`per_minute_total_sql`; the states stay for everything else."""
+
+
+def _plain_total(cfg: ClickHouseConfig) -> list[str]:
+    db = cfg.database
+    oc = _on_cluster(cfg)
+    table = "llm_calls_1m_total"
+    out = [
+        f"ALTER TABLE {db}.{table}{oc} ADD COLUMN IF NOT EXISTS {c} {t} DEFAULT {expr}"
+        for c, (t, expr) in PLAIN_TOTAL.items()
+    ]
+    if cfg.cluster:
+        out += [f"ALTER TABLE {db}.{table}_all{oc} ADD COLUMN IF NOT EXISTS {c} {t}" for c, (t, _) in PLAIN_TOTAL.items()]
+    # older parts: computed once now instead of at every read (a mutation; running it again changes nothing)
+    out += [f"ALTER TABLE {db}.{table}{oc} MATERIALIZE COLUMN {c} SETTINGS mutations_sync = 2" for c in PLAIN_TOTAL]
+    return out
+
+
+def hist_map_quantile_sql(level: float, hist: str) -> str:
+    """Like `hist_quantile_sql`, for a (bucket indexes, counts) histogram such as `latency_hist`
+    or `sumMap(latency_hist)`; NULL where it is empty."""
+    keys, counts = f"{hist}.1", f"{hist}.2"
+    rank = f"arrayWithConstant(length({counts}), {level} * arraySum({counts}))"
+    index = f"arrayFirstIndex((c, r) -> c >= r, arrayCumSum({counts}), {rank})"
+    return f"if(empty({counts}), NULL, pow({HIST_RATIO}, {keys}[{index}] + 0.5))"
+
+
+def per_minute_total_sql(db: str, where: str, level: float = 0.95) -> str:
+    """Requests, error rate and the `level` latency quantile per minute of all traffic, for the
+    minutes matching `where` (a condition on `bucket`), ordered by minute. A minute held in one
+    row (the usual case once parts have merged) is read as it is, without GROUP BY (no state to
+    merge: ~4 ms for 43,200 rows, plus ~20 ms for the quantiles); minutes spread over several rows
+    are merged with sum / sumMap. Both reads of the table are planned together; a part that lands
+    or merges at that very moment could show one minute as two partial rows in that answer."""
+    t = f"{db}.llm_calls_1m_total"
+    many = f"SELECT bucket FROM {t} WHERE {where} GROUP BY bucket HAVING count() > 1"
+    return f"""SELECT bucket, requests, error_rate, latency_q FROM (
+    SELECT bucket, requests_n AS requests, errors_n / requests AS error_rate,
+        {hist_map_quantile_sql(level, 'latency_hist')} AS latency_q
+    FROM {t} WHERE ({where}) AND bucket NOT IN ({many})
+    UNION ALL
+    SELECT bucket, sum(requests_n) AS requests, sum(errors_n) / requests AS error_rate,
+        {hist_map_quantile_sql(level, 'sumMap(latency_hist)')} AS latency_q
+    FROM {t} WHERE ({where}) AND bucket IN ({many}) GROUP BY bucket
+) ORDER BY bucket"""

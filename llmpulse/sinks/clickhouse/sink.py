@@ -15,11 +15,18 @@ offsets, rebuilds those exact batches from Kafka and writes them again under the
 tokens: every table and roll-up that already holds a block skips it, the others get it.
 The materialized-view roll-ups therefore never count an event twice, and raw tables
 are also keyed by event id (ReplacingMergeTree) for events produced twice upstream.
+
+When a rebalance gives the partitions of one recorded batch to different sinks (or part
+of it was already committed), nobody can rebuild it whole. Each owner then rebuilds its
+own part, and for a table with roll-ups writes only the events the table does not hold
+yet (looked up by id within the events' time range): the recorded INSERT either landed,
+and then its events are there and were rolled up, or it did not, and then they go in now.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -69,6 +76,7 @@ class Replay:
     ranges: dict[int, tuple[int, int]]
     done: set[int] = field(default_factory=set)
     items: list[Any] = field(default_factory=list)
+    only_missing: bool = False  # part of a batch rebuilt elsewhere too: write the events the table lacks
 
     @property
     def complete(self) -> bool:
@@ -129,13 +137,27 @@ class ClickHouseSink:
             if all(last < pos.get((topic, p), 0) for p, _, last in ranges):
                 continue  # written and committed
             if any((topic, p) not in pos or first < pos[(topic, p)] for p, first, _ in ranges):
+                # partitions elsewhere or partly committed: rebuild the part that is ours and not committed
+                own = {
+                    p: (max(first, pos[(topic, p)]), last)
+                    for p, first, last in ranges
+                    if (topic, p) in pos and last >= pos[(topic, p)]
+                }
+                if not spec.rolled_up or not own:
+                    log.warning(
+                        "batch %s cannot be rebuilt here (partitions elsewhere or partly committed); its events "
+                        "are written again under a new token and replaced by key",
+                        token,
+                    )
+                    continue
                 log.warning(
-                    "batch %s cannot be rebuilt here (partitions elsewhere or partly committed); its events are "
-                    "written again under a new token: raw rows are replaced by key, roll-ups may count them twice",
-                    token,
-                )
-                continue
-            replay = Replay(topic, spec, token, {p: (a, b) for p, a, b in ranges})
+                    "batch %s cannot be rebuilt whole here (partitions elsewhere or partly committed); its events "
+                    "on partitions %s are written where %s lacks them",
+                    token, sorted(own), spec.table,
+                )  # fmt: skip
+                replay = Replay(topic, spec, token, own, only_missing=True)
+            else:
+                replay = Replay(topic, spec, token, {p: (a, b) for p, a, b in ranges})
             for p in replay.ranges:
                 self.replays.setdefault((topic, p), []).append(replay)
         n = len({id(r) for rs in self.replays.values() for r in rs})
@@ -199,8 +221,23 @@ class ClickHouseSink:
         return taken
 
     def _write_replay(self, r: Replay) -> None:
+        def write() -> None:
+            if not r.only_missing:
+                self.writer.insert(r.spec, r.items, r.token)
+                return
+            col = r.spec.id_column
+            have = self.writer.present_ids(r.spec, r.items)
+            missing = [e for e in r.items if str(getattr(e, col)) not in have]
+            # the token names exactly these events: a retry of the same rows is skipped, other rows are not
+            digest = hashlib.sha256("\n".join(str(getattr(e, col)) for e in missing).encode()).hexdigest()[:32]
+            parts = ",".join(f"{p}:{a}-{b}" for p, (a, b) in sorted(r.ranges.items()))
+            if missing:
+                log.warning("rebuilt part %s of batch %s: %d of %d events were not written yet",
+                            parts, r.token, len(missing), len(r.items))  # fmt: skip
+            self.writer.insert(r.spec, missing, f"{r.token}|part|{parts}|{digest}")
+
         ok = retry_forever(
-            lambda: self.writer.insert(r.spec, r.items, r.token),
+            write,
             f"INSERT of rebuilt batch {r.token} into {r.spec.table} ({len(r.items)} rows)",
             self.cfg.retry_initial_s,
             self.cfg.retry_max_s,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC
 from typing import Any
 
 from llmpulse import metrics
@@ -47,6 +48,26 @@ class BatchWriter:
         metrics.SINK_INSERT_SECONDS.labels(spec.table).observe(time.perf_counter() - t0)
         metrics.SINK_BATCH_ROWS.labels(spec.table).observe(len(items))
         metrics.EVENTS_OUT.labels("sink", spec.table).inc(len(items))
+
+    def present_ids(self, spec: TableSpec, items: list[Any], chunk: int = 20_000) -> set[str]:
+        """The ids of these events (objects with `spec.id_column` and `ts`) already in the table;
+        the lookup is bounded by the events' time range (partition pruning)."""
+        if not items:
+            return set()
+        ts = [e.ts for e in items]
+        lo, hi = (t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f") for t in (min(ts), max(ts)))
+        col = spec.id_column
+        found: set[str] = set()
+        for i in range(0, len(items), chunk):
+            ids = [str(getattr(e, col)) for e in items[i : i + chunk]]
+            res = self.client.query(
+                f"SELECT DISTINCT {col} FROM {self.database}.{spec.table} "
+                "WHERE ts >= toDateTime64({lo:String}, 3, 'UTC') AND ts <= toDateTime64({hi:String}, 3, 'UTC') "
+                f"AND {col} IN {{ids:Array(String)}}",
+                parameters={"lo": lo, "hi": hi, "ids": ids},
+            )
+            found.update(str(r[0]) for r in res.result_rows)
+        return found
 
     def record_intent(self, spec: TableSpec, topic: str, token: str, ranges: list[tuple[int, int, int]], rows: int) -> None:
         """Write down a batch before its INSERT, so that a successor can rebuild it exactly."""
