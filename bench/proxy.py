@@ -34,7 +34,9 @@ other engineers' tests at the same time) the pinned CPUs are not the benchmark's
 alone. As root the benchmark therefore runs every thread of its processes under
 SCHED_FIFO (`--realtime PRIO`, default 10; `--realtime 0` turns it off): they run
 whenever ready, as on CPUs of their own, and since they block on I/O the rest of the
-machine keeps running. `sched_policy` records what was used, and each phase records
+machine keeps running. `sched_policy` records what was used; the 1,000 requests/s
+runs are then repeated without it (`unisolated_*`, `--unisolated-rounds`), to show
+what the other work on the machine does to the figures. Each phase records
 the proxy's run-queue wait (`..._proxy_runqueue_wait_ms_per_s`: time its threads
 were ready but another task had the CPU), the per-CPU busy share and the load.
 
@@ -140,6 +142,12 @@ def _realtime(pid: int, prio: int) -> None:
     for tid in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.sched_setscheduler(int(tid), os.SCHED_FIFO, os.sched_param(prio))
+
+
+def _unrealtime(pid: int) -> None:
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
 
 
 def _policy(pid: int) -> str:
@@ -372,10 +380,12 @@ def _merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _measure(mport: int, pport: int, proxy_pid: int, rate: int, stream: bool, seconds: float, rounds: int) -> dict[str, Any]:
+def _measure(
+    mport: int, pport: int, proxy_pid: int, rate: int, stream: bool, seconds: float, rounds: int, label: str = ""
+) -> dict[str, Any]:
     """`rounds` x (direct run, proxied run), alternating so that both meet the same
     conditions; the latencies of a side's rounds are pooled."""
-    pre = f"{'stream' if stream else 'plain'}_{rate}rps_"
+    pre = f"{label}{'stream' if stream else 'plain'}_{rate}rps_"
     out: dict[str, Any] = {}
     ds, ps = [], []
     busy_d: dict[int, float] = {}
@@ -428,7 +438,7 @@ def _measure(mport: int, pport: int, proxy_pid: int, rate: int, stream: bool, se
     print(
         f"{pre[:-1]:>15}: added p50/p95/p99 {f('added')} ms (from schedule {f('added_from_schedule')}); "
         f"direct {f('direct')}; header {f('overhead_header')}; proxy CPU {out[pre + 'proxy_cpu_percent']}%, "
-        f"run-queue wait {out[pre + 'proxy_runqueue_wait_ms_per_s']} ms/s, busy {busy_p}, "
+        f"run-queue wait {out[pre + 'proxy_runqueue_wait_ms_per_s']} ms/s, busy {({c: round(v) for c, v in busy_p.items()})}, "
         f"errors {out[pre + 'errors']}, load {out[pre + 'load_1min']}",
         flush=True,
     )
@@ -439,6 +449,10 @@ def main() -> dict[str, Any]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run (after 1 s warm-up)")
     ap.add_argument("--rounds", type=int, default=3, help="direct/proxied run pairs per rate and kind")
+    ap.add_argument(
+        "--unisolated-rounds", type=int, default=2,
+        help="with --realtime: then this many rounds at 1,000 requests/s without it (unisolated_* keys; 0 = skip)",
+    )  # fmt: skip
     ap.add_argument("--proxy-loop", choices=("auto", "uvloop", "asyncio"), default="auto")
     ap.add_argument(
         "--nice", type=int, default=0,
@@ -504,10 +518,11 @@ def main() -> dict[str, Any]:
                 assert broker.process is not None
                 _pin(broker.process.pid, other_cpus)
                 _pin(os.getpid(), other_cpus)
-            for pid in (proxy.pid, mock.pid, os.getpid(), broker.process.pid if broker.process else 0):
-                if pid and args.nice:
+            pids = [pid for pid in (proxy.pid, mock.pid, os.getpid(), broker.process.pid if broker.process else 0) if pid]
+            for pid in pids:
+                if args.nice:
                     _renice(pid, args.nice)
-                if pid and args.realtime:
+                if args.realtime:
                     _realtime(pid, args.realtime)
             out["sched_policy"] = _policy(proxy.pid)
             out["pin_proxy_cpus"] = _affinity(proxy.pid)
@@ -521,6 +536,16 @@ def main() -> dict[str, Any]:
             for stream in (False, True):
                 for rate in RATES:
                     out.update(_measure(mport, pport, proxy.pid, rate, stream, args.seconds, args.rounds))
+            if args.realtime and args.unisolated_rounds:
+                # the same at 1,000 requests/s without SCHED_FIFO: what other work on the
+                # machine does to the figures (compare with the load and busy shares)
+                for pid in pids:
+                    _unrealtime(pid)
+                out["unisolated_sched_policy"] = _policy(proxy.pid)
+                for stream in (False, True):
+                    out.update(
+                        _measure(mport, pport, proxy.pid, 1000, stream, args.seconds, args.unisolated_rounds, "unisolated_")
+                    )
             out["proxy_rss_mb"] = round(_status_mb(proxy.pid, "VmRSS"), 1)
             out["proxy_peak_rss_mb"] = round(_status_mb(proxy.pid, "VmHWM"), 1)
             health = urllib.request.urlopen(f"http://127.0.0.1:{pport}/healthz", timeout=5).read().decode()
