@@ -38,7 +38,9 @@ machine keeps running. `sched_policy` records what was used; the 1,000 requests/
 runs are then repeated without it (`unisolated_*`, `--unisolated-rounds`), to show
 what the other work on the machine does to the figures. Each phase records
 the proxy's run-queue wait (`..._proxy_runqueue_wait_ms_per_s`: time its threads
-were ready but another task had the CPU), the per-CPU busy share and the load.
+were ready but another task had the CPU; `..._proxy_loop_thread_*`: the event loop's
+thread alone, and the CPU of the publisher's and librdkafka's threads), the per-CPU
+busy share and the load.
 
     python bench/run.py proxy [--seconds 3] [--rounds 3] [--proxy-loop auto|uvloop|asyncio]
                               [--realtime PRIO | --realtime 0 [--nice N]]
@@ -167,6 +169,18 @@ def _sched(pid: int) -> tuple[float, float]:
             continue
         run, wait = run + int(f[0]), wait + int(f[1])
     return run / 1e9, wait / 1e9
+
+
+def _thread_times(pid: int) -> dict[int, tuple[float, float]]:
+    """Per thread of `pid`: (seconds on CPU, seconds waiting for a CPU)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            f = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
+        except OSError:
+            continue
+        out[int(tid)] = (int(f[0]) / 1e9, int(f[1]) / 1e9)
+    return out
 
 
 def _wait_http(url: str, timeout: float = 30) -> None:
@@ -390,16 +404,21 @@ def _measure(
     ds, ps = [], []
     busy_d: dict[int, float] = {}
     busy_p: dict[int, float] = {}
-    cpu_s = wait_s = proxied_s = 0.0
+    cpu_s = wait_s = proxied_s = loop_cpu_s = loop_wait_s = other_cpu_s = 0.0
     for _ in range(rounds):
         c0 = _cpu_times()
         ds.append(_load("127.0.0.1", mport, rate, seconds, stream))
         c1 = _cpu_times()
-        cpu0, t0, s0 = _cpu_seconds(proxy_pid), time.monotonic(), _sched(proxy_pid)
+        cpu0, t0, s0, th0 = _cpu_seconds(proxy_pid), time.monotonic(), _sched(proxy_pid), _thread_times(proxy_pid)
         ps.append(_load("127.0.0.1", pport, rate, seconds, stream))
         proxied_s += time.monotonic() - t0
         cpu_s += _cpu_seconds(proxy_pid) - cpu0
         wait_s += _sched(proxy_pid)[1] - s0[1]  # ready to run, but another task had the CPU
+        th1 = _thread_times(proxy_pid)
+        # the event loop runs in the main thread (tid = pid); the rest: publisher, librdkafka
+        loop_cpu_s += th1[proxy_pid][0] - th0[proxy_pid][0]
+        loop_wait_s += th1[proxy_pid][1] - th0[proxy_pid][1]
+        other_cpu_s += sum(v[0] - th0[t][0] for t, v in th1.items() if t != proxy_pid and t in th0)
         c2 = _cpu_times()
         for c, v in _busy(c0, c1).items():
             busy_d[c] = busy_d.get(c, 0.0) + v / rounds
@@ -422,6 +441,9 @@ def _measure(
     out[f"{pre}generator_send_lag_p99_ms"] = round(_pct(d["send_lag"] + p["send_lag"], 99), 3)
     out[f"{pre}proxy_cpu_percent"] = round(cpu_s / proxied_s * 100, 1)
     out[f"{pre}proxy_runqueue_wait_ms_per_s"] = round(wait_s * 1000 / proxied_s, 2)
+    out[f"{pre}proxy_loop_thread_cpu_percent"] = round(loop_cpu_s / proxied_s * 100, 1)
+    out[f"{pre}proxy_loop_thread_runqueue_wait_ms_per_s"] = round(loop_wait_s * 1000 / proxied_s, 2)
+    out[f"{pre}proxy_other_threads_cpu_percent"] = round(other_cpu_s / proxied_s * 100, 1)
     out[f"{pre}achieved_rps"] = round(p["achieved_rps"], 1)
     out[f"{pre}errors"] = d["errors"] + p["errors"]
     out[f"{pre}requests"] = len(p["lat"])
@@ -438,7 +460,9 @@ def _measure(
     print(
         f"{pre[:-1]:>15}: added p50/p95/p99 {f('added')} ms (from schedule {f('added_from_schedule')}); "
         f"direct {f('direct')}; header {f('overhead_header')}; proxy CPU {out[pre + 'proxy_cpu_percent']}%, "
-        f"run-queue wait {out[pre + 'proxy_runqueue_wait_ms_per_s']} ms/s, busy {({c: round(v) for c, v in busy_p.items()})}, "
+        f"(loop thread {out[pre + 'proxy_loop_thread_cpu_percent']}%, others {out[pre + 'proxy_other_threads_cpu_percent']}%), "
+        f"run-queue wait {out[pre + 'proxy_runqueue_wait_ms_per_s']} ms/s "
+        f"(loop thread {out[pre + 'proxy_loop_thread_runqueue_wait_ms_per_s']}), busy {({c: round(v) for c, v in busy_p.items()})}, "
         f"errors {out[pre + 'errors']}, load {out[pre + 'load_1min']}",
         flush=True,
     )
