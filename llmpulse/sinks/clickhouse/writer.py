@@ -18,6 +18,10 @@ INSERT_SETTINGS = {
     # a dependent roll-up skips a block whose token it has already seen, like the raw table
     "deduplicate_blocks_in_dependent_materialized_views": 1,
     "insert_deduplicate": 1,
+    # no replacing/aggregating pass over each inserted block: raw rows are unique per batch (twins of
+    # re-delivered events are replaced when parts merge, or read with FINAL), and the views' blocks
+    # are already grouped by their key; saves ~10 % of an INSERT's time
+    "optimize_on_insert": 0,
 }
 
 
