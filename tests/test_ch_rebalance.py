@@ -19,6 +19,7 @@ from llmpulse.config import Settings
 from llmpulse.schemas import encode_batch
 from llmpulse.sinks.clickhouse.rows import TABLES
 from llmpulse.sinks.clickhouse.sink import ClickHouseSink
+from llmpulse.sinks.clickhouse.writer import BatchWriter
 from tests.test_sink import calls, store_of, wait
 
 ROLLUPS = ("llm_calls_1m", "llm_calls_1h", "llm_calls_1m_total", "llm_calls_1h_total")
@@ -97,3 +98,37 @@ def test_batch_split_across_two_sinks_counts_every_event_once(
         d._on_assign(d.consumer, [TopicPartition(topic, p) for p in range(3)])
         assert not d.replays
         d.consumer.close()
+
+
+def test_rebuilding_a_batch_never_commits_rows_still_buffered(make_settings: Callable[..., Settings]) -> None:
+    """A recorded batch of partition 0 is rebuilt while partition 1's rows sit in the buffer:
+    the commit after the rebuilt INSERT covers partition 0 only, so a crash then loses nothing."""
+    settings = make_settings(**{"sink.batch_seconds": 3600.0, "sink.batch_rows": 1_000_000})
+    bootstrap = settings.kafka.bootstrap_servers()
+    topic = settings.kafka.topic("calls")
+    events = calls(2000, "s")
+    p = Producer({"bootstrap.servers": bootstrap, "log_level": 3})
+    for i in range(40):  # partition 1 first, then partition 0
+        p.produce(topic, value=encode_batch(events[i * 50 : (i + 1) * 50]), partition=1 if i < 20 else 0)
+    assert p.flush(30) == 0
+    with store_of(settings) as store:
+        spec = TABLES["calls"]
+        BatchWriter(store.client, settings.clickhouse.database).record_intent(spec, topic, "earlier", [(0, 0, 19)], 1000)
+        a = ClickHouseSink(settings, bootstrap, store.client)
+        a.start()
+        buf = a.buffers[topic]
+        assert wait(lambda: a.poll_once(0.2) >= 0 and a.replayed_batches == 1 and len(buf.items) == 1000)
+        committed = {tp.partition: tp.offset for tp in a.consumer.committed(
+            [TopicPartition(topic, 0), TopicPartition(topic, 1)], timeout=30)}  # fmt: skip
+        assert committed[0] == 20 and committed[1] < 0  # partition 1: nothing written, nothing committed
+        buf.clear()
+        a.offsets.clear()  # crash
+        a.consumer.close()
+
+        b = ClickHouseSink(settings.model_copy(update={"sink": settings.sink.model_copy(update={"batch_seconds": 0.2})}),
+                           bootstrap, store.client)  # fmt: skip
+        b.start()
+        assert wait(lambda: b.poll_once(0.2) >= 0 and totals(store.client)["llm_calls"][0] >= 2000)
+        assert b.flush(final=True)
+        b.consumer.close()
+        assert {t: v[0] for t, v in totals(store.client).items()} == dict.fromkeys(("llm_calls", *ROLLUPS), 2000)

@@ -106,7 +106,8 @@ class ClickHouseSink:
             )
         )
         self.buffers: dict[str, Buffer] = {t: Buffer(t, spec) for t, spec in self.topic_table.items()}
-        self.offsets: dict[TopicPart, int] = {}  # last offset processed per partition
+        # per partition, the last offset whose rows are written (INSERT returned) and not yet committed
+        self.offsets: dict[TopicPart, int] = {}
         self.replays: dict[TopicPart, list[Replay]] = {}
         self.stopping = threading.Event()
         self.paused = False
@@ -184,7 +185,6 @@ class ClickHouseSink:
         # invalid source events go to the dead-letter topic from the worker; here they are skipped
         self.skipped_invalid += invalid
         metrics.EVENTS_IN.labels("sink", spec.table).inc(len(items))
-        self.offsets[key] = off
         buf = self.buffers[topic]
         if key in self.replays:
             if part in buf.ranges and self._replay_of(key, part, off) is not None:
@@ -251,6 +251,7 @@ class ClickHouseSink:
             on_wait=self._wait_paused,
         )
         assert ok
+        self._written(r.topic, r.ranges.items())
         self.replayed_batches += 1
         for p in r.ranges:
             rs = self.replays.get((r.topic, p), [])
@@ -288,10 +289,19 @@ class ClickHouseSink:
             )
             if not ok:
                 return False
+        self._written(buf.topic, buf.ranges.items())
         buf.clear()
         self._resume()
         self._commit(buf.topic)
         return True
+
+    def _written(self, topic: str, ranges: Any) -> None:
+        """These (partition, (first, last)) ranges are in ClickHouse: their offsets may be committed.
+        Only written offsets are: rows still buffered (another partition's, while a recorded
+        batch is being rebuilt) are never committed ahead of their INSERT."""
+        for p, (_, last) in ranges:
+            key = (topic, p)
+            self.offsets[key] = max(self.offsets.get(key, -1), last)
 
     def flush(self, final: bool = False) -> bool:
         """Write every buffer (largest first) and commit; False if stopped before it succeeded."""
