@@ -25,6 +25,11 @@ WINDOW_CLOSE_DELAY = Histogram(
     "Wall-clock time between a window's end and its publication",
     buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
 )
+OFFSET_GAPS = Counter(
+    "llmpulse_worker_offset_gaps_total",
+    "Offsets the consumer skipped; the worker went back for them (accepted: held no messages)",
+    ["topic", "outcome"],
+)
 WINDOWS_CLOSED = Counter("llmpulse_windows_closed_total", "Windows closed and published", ["kind"])
 SINK_BATCH_ROWS = Histogram(
     "llmpulse_sink_batch_rows",

@@ -50,6 +50,7 @@ class Finalizer:
         self.marks: dict[str, dict[str, int]] = {kind: {} for kind in self.sources}
         self.finalized: dict[str, int] = {}
         self.stale = 0
+        self.applied: int | None = None  # the last partials offset this state holds
 
     def add_partial(self, p: Partial) -> PendingKey | None:
         """Keep a partial; None when its window is past the backfill retention (counted)."""

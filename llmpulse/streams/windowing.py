@@ -20,6 +20,7 @@ from typing import Any
 
 from llmpulse.schemas.aggregate import dimensions_key
 from llmpulse.streams.accumulators import ACCUMULATORS, Accumulator
+from llmpulse.streams.positions import BATCH_SLOTS
 
 AccKey = tuple[int, tuple[str, ...]]
 
@@ -149,6 +150,17 @@ class PartitionWindows:
         if seen:
             self.last_event_wall = now_wall
         return late
+
+    def consumed_through(self, offset: int) -> None:
+        """Every event of the messages up to `offset` is accounted for (applied, late or invalid)."""
+        last = (offset + 1) * BATCH_SLOTS - 1
+        if last > self.applied_offset:
+            self.applied_offset = last
+
+    @property
+    def applied_message(self) -> int | None:
+        """The last message offset the state holds; None before the first."""
+        return self.applied_offset // BATCH_SLOTS if self.applied_offset >= 0 else None
 
     def watermark(self, now_wall: float) -> int:
         """Event time of this partition; while idle it advances with the wall clock."""

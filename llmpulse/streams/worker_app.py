@@ -27,6 +27,7 @@ from typing import Any
 
 import faust
 import msgspec
+from faust.types import TP
 
 from llmpulse import metrics
 from llmpulse.actions.rootcause import explain_window
@@ -35,6 +36,7 @@ from llmpulse.kafka import topics as T
 from llmpulse.schemas import Alert, CallEvent, DeadLetter, Feedback, GpuSample, WindowAggregate
 from llmpulse.schemas.codec import decode, encode
 from llmpulse.schemas.fast import decode_calls
+from llmpulse.streams.contiguity import OffsetGuard
 from llmpulse.streams.credentials import faust_credentials
 from llmpulse.streams.finalizing import Finalizer, Pending, PendingKey
 from llmpulse.streams.positions import position
@@ -115,6 +117,7 @@ class WorkerRuntime:
         self.finalizers: dict[int, Finalizer] = {}
         self.lock = asyncio.Lock()
         self.last_marks: dict[tuple[str, int], tuple[int | None, float]] = {}
+        self.guard = OffsetGuard()
         self.flush_on_exit = wcfg.flush_open_windows_on_exit
         self.sources: dict[str, Iterable[str]] = {
             kind: [f"{kind}:{p}" for p in range(self.partitions)] for kind, _ in KINDS.values()
@@ -177,8 +180,10 @@ class WorkerRuntime:
                 kind = self.kind_of_topic.get(tp.topic)
                 if kind is not None:
                     self.windows.pop((kind, tp.partition), None)
+                    self.guard.forget((kind, tp.partition))
                 if tp.topic == self.topic_names[T.PARTIALS]:
                     self.finalizers.pop(tp.partition, None)
+                    self.guard.forget(("partials", tp.partition))
 
         @self.app.on_before_shutdown.connect  # type: ignore[arg-type]
         async def on_shutdown(app: Any, **_: Any) -> None:
@@ -248,26 +253,30 @@ class WorkerRuntime:
 
     async def process_sources(self, events: Sequence[Any]) -> None:
         now = time.time()
-        groups: dict[tuple[str, int], list[tuple[int, Any]]] = {}
-        dead: list[DeadLetter] = []
+        by_partition: dict[tuple[str, int], list[Any]] = {}
         for ev in events:
             msg = ev.message
-            kind = self.kind_of_topic[msg.topic]
-            decoded = decode_calls(msg.value) if kind == "calls" else decode(msg.value, KINDS_BY_KIND[kind])
-            metrics.EVENTS_IN.labels("worker", kind).inc(len(decoded.valid) + len(decoded.rejected))
-            for i, rej in enumerate(decoded.rejected):
-                dead.append(
-                    DeadLetter.for_bytes(
-                        rej.raw, rej.reason, kind="invalid", source=msg.topic,
-                        partition=msg.partition, offset=msg.offset,
-                        dead_letter_id=f"{msg.topic}-{msg.partition}-{msg.offset}-{i}",
-                    )
-                )
-            if decoded.valid:
-                batch = groups.setdefault((kind, msg.partition), [])
-                batch.extend((position(msg.offset, i), e) for i, e in enumerate(decoded.valid))
-        for (kind, partition), batch in groups.items():
+            by_partition.setdefault((self.kind_of_topic[msg.topic], msg.partition), []).append(msg)
+        dead: list[DeadLetter] = []
+        closing: list[tuple[PartitionWindows, int]] = []
+        for (kind, partition), msgs in by_partition.items():
             pw = await self.windows_for(kind, partition)
+            msgs = await self._admit((kind, partition), pw.applied_message, msgs)
+            if not msgs:
+                continue
+            batch: list[tuple[int, Any]] = []
+            for msg in msgs:
+                decoded = decode_calls(msg.value) if kind == "calls" else decode(msg.value, KINDS_BY_KIND[kind])
+                metrics.EVENTS_IN.labels("worker", kind).inc(len(decoded.valid) + len(decoded.rejected))
+                for i, rej in enumerate(decoded.rejected):
+                    dead.append(
+                        DeadLetter.for_bytes(
+                            rej.raw, rej.reason, kind="invalid", source=msg.topic,
+                            partition=msg.partition, offset=msg.offset,
+                            dead_letter_id=f"{msg.topic}-{msg.partition}-{msg.offset}-{i}",
+                        )
+                    )  # fmt: skip
+                batch.extend((position(msg.offset, i), e) for i, e in enumerate(decoded.valid))
             for late in pw.apply(batch, now):
                 ev_model = late.event
                 dead.append(
@@ -280,12 +289,27 @@ class WorkerRuntime:
                         dead_letter_id=f"late-{kind}-{partition}-{late.offset}",
                     )
                 )
+            pw.consumed_through(max(m.offset for m in msgs))
             self._persist(pw, partition)
+            closing.append((pw, partition))
         for d in dead:
             metrics.DEAD_LETTERS.labels("worker", d.kind).inc()
             await self.deadletter_topic.send(key=d.source.encode(), value=encode(d))
-        for (kind, partition) in groups:
-            await self.close_and_emit(await self.windows_for(kind, partition), partition)
+        for pw, partition in closing:
+            await self.close_and_emit(pw, partition)
+
+    async def _admit(self, key: tuple[str, int], applied: int | None, msgs: list[Any]) -> list[Any]:
+        """The messages to apply: new ones, continuing the state's offsets without a gap (contiguity.py)."""
+        adm = self.guard.admit(key, applied, [m.offset for m in msgs], time.monotonic())
+        if adm.seek_to is not None:
+            topic = msgs[0].topic
+            metrics.OFFSET_GAPS.labels(topic, "rewound").inc()
+            try:
+                await self.app.consumer.seek(TP(topic, msgs[0].partition), adm.seek_to)
+            except Exception as exc:  # revoked meanwhile: the next owner starts from its state
+                log.warning("could not seek %s[%d] to %d: %s", topic, msgs[0].partition, adm.seek_to, exc)
+        taken = msgs[: adm.take]
+        return taken if applied is None else [m for m in taken if m.offset > applied]
 
     def _persist(self, pw: PartitionWindows, partition: int) -> None:
         table = self.window_table
@@ -294,6 +318,7 @@ class WorkerRuntime:
         table[state_key(partition, pw.kind, "M")] = pw.meta_state()
 
     async def close_and_emit(self, pw: PartitionWindows, partition: int, force: bool = False) -> list[Partial]:
+        before = pw.close_mark_ms
         res = pw.close(time.time(), force=force)
         futures = []
         for p in res.partials:
@@ -312,7 +337,8 @@ class WorkerRuntime:
         table = self.window_table
         # the close mark first, then the tombstones: a state restored in between never
         # closes a window again without the accumulators it already published
-        if res.partials or res.removed:
+        # and a mark that moved without closing a window too: the finalizers have it already
+        if res.partials or res.removed or pw.close_mark_ms != before:
             table[state_key(partition, pw.kind, "M")] = pw.meta_state()
         for removed in res.removed:
             k = state_key(partition, pw.kind, "A", _acc_key_text(removed))
@@ -321,10 +347,28 @@ class WorkerRuntime:
         return res.partials
 
     async def close_idle(self) -> None:
+        now = time.time()
         for tp in self._assigned():
             kind = self.kind_of_topic.get(tp.topic)
             if kind is not None:
-                await self.close_and_emit(await self.windows_for(kind, tp.partition), tp.partition)
+                pw = await self.windows_for(kind, tp.partition)
+                if self._has_backlog(tp, pw):
+                    pw.last_event_wall = now  # behind, not idle: its next events are already waiting
+                await self.close_and_emit(pw, tp.partition)
+
+    def _has_backlog(self, tp: Any, pw: PartitionWindows) -> bool:
+        """Whether the broker holds messages of the partition past what the state applied.
+
+        Idle closing is for traffic that stopped; a partition that is merely behind (a
+        rebalance, a restore, a slow moment) must not have its windows closed by the clock."""
+        applied = pw.applied_message
+        if applied is None:
+            return False
+        try:
+            high = self.app.consumer.highwater(tp)
+        except Exception:
+            return False
+        return high is not None and high > applied + 1
 
     # -- stage 2 ----------------------------------------------------------------------------------
     async def finalizer_for(self, fp: int) -> Finalizer:
@@ -347,6 +391,8 @@ class WorkerRuntime:
                 fin.marks.setdefault(parts[2], {})[parts[3]] = int(value)
             elif parts[1] == "F":
                 fin.finalized[parts[2]] = int(value)
+            elif parts[1] == "O":
+                fin.applied = int(value)
         self.finalizers[fp] = fin
         return fin
 
@@ -355,25 +401,30 @@ class WorkerRuntime:
         return state_key(fp, "P", key[0], key[1], key[2], key[3])
 
     async def process_partials(self, events: Sequence[Any]) -> None:
-        touched: set[int] = set()
+        by_partition: dict[int, list[Any]] = {}
         for ev in events:
-            fp = ev.message.partition
+            by_partition.setdefault(ev.message.partition, []).append(ev.message)
+        for fp, msgs in by_partition.items():
             fin = await self.finalizer_for(fp)
-            try:
-                d = json.loads(ev.message.value)
-            except ValueError:
-                log.error("unreadable partial at %s/%s", fp, ev.message.offset)
+            msgs = await self._admit(("partials", fp), fin.applied, msgs)
+            if not msgs:
                 continue
-            if d.get("type") == "partial":
-                key = fin.add_partial(Partial.from_json(d))
-                if key is not None:
-                    self.final_table[self._pending_key(fp, key)] = fin.pending[key].to_json()
-            elif d.get("type") == "mark":
-                fin.set_mark(d["kind"], d["src"], None if d["mark"] is None else int(d["mark"]))
-                self.final_table[state_key(fp, "M", d["kind"], d["src"])] = fin.marks[d["kind"]][d["src"]]
-            touched.add(fp)
-        for fp in touched:
-            await self.finalize_ready(fp, self.finalizers[fp])
+            for msg in msgs:
+                try:
+                    d = json.loads(msg.value)
+                except ValueError:
+                    log.error("unreadable partial at %s/%s", fp, msg.offset)
+                    continue
+                if d.get("type") == "partial":
+                    key = fin.add_partial(Partial.from_json(d))
+                    if key is not None:
+                        self.final_table[self._pending_key(fp, key)] = fin.pending[key].to_json()
+                elif d.get("type") == "mark":
+                    fin.set_mark(d["kind"], d["src"], None if d["mark"] is None else int(d["mark"]))
+                    self.final_table[state_key(fp, "M", d["kind"], d["src"])] = fin.marks[d["kind"]][d["src"]]
+            fin.applied = max(fin.applied if fin.applied is not None else -1, *(m.offset for m in msgs))
+            self.final_table[state_key(fp, "O")] = fin.applied
+            await self.finalize_ready(fp, fin)
 
     async def finalize_ready(self, fp: int, fin: Finalizer) -> None:
         ready = fin.ready()
