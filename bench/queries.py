@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import statistics
 import tempfile
@@ -186,7 +187,8 @@ def main() -> dict[str, Any]:
         out["latency_p95_tdigest_rel_error_pct"] = round(100 * (tdigest - exact) / exact, 2)
         out["hist_rel_error_bound_pct"] = round(100 * HIST_REL_ERROR, 2)
         out["p95_ms"] = round(worst, 1)
-        out["note"] = "embedded chDB on this 2-core machine, queries through clickhouse-connect; p95_ms is the slowest dashboard query's p95 (the *_tdigest / *_hist keys: the same queries read from the other p95 state, not counted)"
+        out["load_avg_1m"] = round(os.getloadavg()[0], 2)
+        out["note"] = "embedded chDB on this 2-core machine, queries through clickhouse-connect; p95_ms is the slowest dashboard query's p95 (the *_states / *_tdigest / *_hist keys: the same queries read another way, not counted); minutes_in_several_rows: minutes of llm_calls_1m_total not merged into one row when the queries ran (a live tail of 20 INSERTs over the last hour)"
     finally:
         store.close()
         tmp.cleanup()

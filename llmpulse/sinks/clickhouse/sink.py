@@ -30,6 +30,7 @@ import hashlib
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,17 @@ class Replay:
         return len(self.done) == len(self.ranges)
 
 
+@dataclass
+class Batch:
+    """A buffer's rows handed to the INSERT thread, with what its commit needs."""
+
+    topic: str
+    spec: TableSpec
+    items: list[Any]
+    token: str
+    ranges: dict[int, tuple[int, int]]
+
+
 class ClickHouseSink:
     def __init__(self, settings: Settings, bootstrap: str, client: Any, group: str | None = None) -> None:
         self.settings = settings
@@ -113,6 +125,10 @@ class ClickHouseSink:
         self.paused = False
         self.skipped_invalid = 0
         self.replayed_batches = 0
+        # one INSERT at a time runs in this thread while the next batch is decoded (chDB and the
+        # driver release the GIL while ClickHouse works); its offsets are committed once it returned
+        self._inserter = ThreadPoolExecutor(1, thread_name_prefix="sink-insert")
+        self._inflight: tuple[Future[None], Batch] | None = None
 
     @property
     def buffered(self) -> int:
@@ -267,33 +283,64 @@ class ClickHouseSink:
         return len(buf.items) >= self.cfg.batch_rows or time.monotonic() - buf.oldest >= self.cfg.batch_seconds
 
     def flush_buffer(self, buf: Buffer, final: bool = False) -> bool:
-        """Record, INSERT and commit one table's batch; False if stopped before it succeeded."""
+        """Record, INSERT and commit one table's batch; False if stopped before it succeeded.
+
+        Unless `final`, the INSERT runs in the INSERT thread and this returns at once; the
+        next flush (or `settle`) waits for it, then commits its offsets.
+        """
+        if not self.settle(final):
+            return False
         if buf.oldest is None:
             return True
-        if buf.items:
-            token = buf.token()
-            ranges = [(p, a, b) for p, (a, b) in sorted(buf.ranges.items())]
-            items = buf.items
-
-            def write() -> None:
-                self.writer.record_intent(buf.spec, buf.topic, token, ranges, len(items))
-                self.writer.insert(buf.spec, items, token)
-
-            ok = retry_forever(
-                write,
-                f"INSERT into {buf.spec.table} ({len(items)} rows)",
-                self.cfg.retry_initial_s,
-                self.cfg.retry_max_s,
-                should_stop=lambda: self.stopping.is_set() and not final,
-                on_wait=self._wait_paused,
-            )
-            if not ok:
-                return False
-        self._written(buf.topic, buf.ranges.items())
+        batch = Batch(buf.topic, buf.spec, buf.items, buf.token(), {p: (a, b) for p, (a, b) in buf.ranges.items()})
         buf.clear()
-        self._resume()
-        self._commit(buf.topic)
+        if not batch.items:
+            return self._done(batch)
+        if final:
+            return self._write(batch, final)
+        self._inflight = (self._inserter.submit(self._write_once, batch), batch)
         return True
+
+    def _write_once(self, batch: Batch) -> None:
+        ranges = [(p, a, b) for p, (a, b) in sorted(batch.ranges.items())]
+        self.writer.record_intent(batch.spec, batch.topic, batch.token, ranges, len(batch.items))
+        self.writer.insert(batch.spec, batch.items, batch.token)
+
+    def _write(self, batch: Batch, final: bool) -> bool:
+        """Record and INSERT, retrying with backoff (consumption paused) until it succeeds; commit."""
+        ok = retry_forever(
+            lambda: self._write_once(batch),
+            f"INSERT into {batch.spec.table} ({len(batch.items)} rows)",
+            self.cfg.retry_initial_s,
+            self.cfg.retry_max_s,
+            should_stop=lambda: self.stopping.is_set() and not final,
+            on_wait=self._wait_paused,
+        )
+        return ok and self._done(batch)
+
+    def _done(self, batch: Batch) -> bool:
+        self._written(batch.topic, batch.ranges.items())
+        self._resume()
+        self._commit(batch.topic)
+        return True
+
+    def settle(self, final: bool = False) -> bool:
+        """Wait for the INSERT in flight and commit it; a failed one is retried here, in the
+        foreground, as `flush_buffer(final)` would (same token). False if stopped before it succeeded."""
+        if self._inflight is None:
+            return True
+        future, batch = self._inflight
+        try:
+            future.result()
+        except Exception as exc:
+            # it stays in flight while retried: a rebalance in between (served while paused)
+            # settles it first, as it flushes the buffers, before the partitions move
+            log.warning("INSERT into %s (%d rows) failed (%s); retrying", batch.spec.table, len(batch.items), exc)
+            ok = self._write(batch, final)
+            self._inflight = None
+            return ok
+        self._inflight = None
+        return self._done(batch)
 
     def _written(self, topic: str, ranges: Any) -> None:
         """These (partition, (first, last)) ranges are in ClickHouse: their offsets may be committed.
@@ -304,16 +351,24 @@ class ClickHouseSink:
             self.offsets[key] = max(self.offsets.get(key, -1), last)
 
     def flush(self, final: bool = False) -> bool:
-        """Write every buffer (largest first) and commit; False if stopped before it succeeded."""
+        """Write every buffer (largest first) and commit; False if stopped before it succeeded.
+        Unless `final`, the last INSERT may still be in flight (see `settle`)."""
         for buf in sorted(self.buffers.values(), key=lambda b: -len(b.items)):
             if not self.flush_buffer(buf, final):
                 return False
-        return True
+        return self.settle(final) if final else True
 
     def _commit(self, topic: str) -> None:
         from confluent_kafka import TopicPartition
 
-        # partitions whose recorded batches are still being rebuilt keep their committed offset
+        # partitions whose recorded batches are still being rebuilt keep their committed offset;
+        # partitions given away meanwhile are not ours to commit
+        try:
+            mine = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        except Exception:
+            return
+        for key in [k for k in self.offsets if k[0] == topic and k not in mine]:
+            del self.offsets[key]
         tps = [
             TopicPartition(t, p, off + 1)
             for (t, p), off in self.offsets.items()
@@ -365,6 +420,8 @@ class ClickHouseSink:
             buf = self.buffers[str(msg.topic())]
             if len(buf.items) >= batch_rows:
                 self.flush_buffer(buf)
+        if self._inflight is not None and self._inflight[0].done():
+            self.settle()  # commit it now (or retry it, paused), not at the next flush
         for buf in self.buffers.values():
             if self.due(buf):
                 self.flush_buffer(buf)
@@ -384,6 +441,7 @@ class ClickHouseSink:
                 quiet_since = time.monotonic()
         self.flush(final=True)
         self.consumer.close()
+        self._inserter.shutdown(wait=True)
 
     def stop(self) -> None:
         self.stopping.set()
