@@ -12,7 +12,9 @@ to every event. During each run the worker's CPU time (all threads, and its main
 thread, the asyncio loop) is read from /proc, with the broker's and the whole
 machine's: `*_worker_cpu_pct` is the worker's CPU seconds per wall second in percent
 (100 = one core busy all the time), so 100 - `*_worker_main_thread_cpu_pct` is the
-share of the run its event loop spent waiting.
+share of the run its event loop spent waiting (or, on a loaded machine, waiting for a
+core: compare `*_machine_busy_pct`); `*_cpu_bound_events_per_s` is the events over the
+worker's CPU seconds, the rate one worker would reach if it never waited.
 
 The memory run (`--rss-events`, default 5,000,000; 0 skips it) sends envelopes of
 `--batch` events over `--rss-span-s` seconds of event time, encoded straight with
@@ -20,6 +22,11 @@ msgspec (building 5 million pydantic models would take longer than the run), and
 samples the worker's resident memory every 0.5 s: `rss_5m_events_peak_mb` (VmHWM),
 `rss_5m_events_final_mb` (VmRSS once every window is closed). It takes about 4 to 5
 minutes on the 2-core bench machine; the whole default run about 7.
+
+The batched run spreads its events over `--span-s` seconds of event time (default 300:
+3,333 events per event-time second, so windows close, partials merge and rules run 15
+times more often per event than in a live stream at 50,000 events/s; `--span-s 20`
+gives a live stream's density at that rate).
 
 `--set worker.batch_max_messages=5000` (repeatable) overrides the worker's config for
 every run; `--profile DIR` records the batched run's worker with py-spy (wall clock,
@@ -213,6 +220,10 @@ def run_once(
                             seen[a["aggregate_id"]] = a["requests"]
                     if sum(seen.values()) >= n:
                         break
+                    if worker.poll() is not None:
+                        raise RuntimeError(
+                            f"the worker exited with {worker.returncode}; see its log"
+                        )
                 elapsed = time.monotonic() - t0
                 cpu = sampler.stop()
                 producer.join(60)
@@ -312,8 +323,11 @@ def _overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _cpu_keys(prefix: str, r: dict[str, float]) -> dict[str, float]:
+def _cpu_keys(prefix: str, r: dict[str, float], n: int) -> dict[str, float]:
     return {
+        # the worker's CPU cost, and the rate it would reach with one core busy all the time
+        f"{prefix}worker_cpu_s_per_million_events": round(r["worker_cpu_s"] * 1e6 / n, 1),
+        f"{prefix}cpu_bound_events_per_s": round(n / max(1e-9, r["worker_cpu_s"])),
         f"{prefix}worker_cpu_pct": round(r["worker_cpu_pct"]),
         f"{prefix}worker_main_thread_cpu_pct": round(r["worker_main_thread_cpu_pct"]),
         f"{prefix}broker_cpu_pct": round(r["broker_cpu_pct"]),
@@ -334,18 +348,28 @@ def main() -> dict[str, Any]:
     ap.add_argument(
         "--rss-span-s", type=float, default=600.0, help="event-time span of the memory run"
     )
+    ap.add_argument(
+        "--span-s",
+        type=float,
+        default=300.0,
+        help="event-time span of the batched run (events/span = events per second of event time)",
+    )
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument(
         "--profile", type=Path, default=None, help="py-spy the batched run into this folder"
     )
     args = ap.parse_args()
     overrides = _overrides(args.set)
-    out: dict[str, Any] = {"events": args.events, "events_per_message": args.batch}
+    out: dict[str, Any] = {
+        "events": args.events,
+        "events_per_message": args.batch,
+        "span_s": args.span_s,
+    }
     if args.set:
         out["overrides"] = " ".join(args.set)
     out["load_average_1m"] = os.getloadavg()[0]
 
-    evs = events(args.events)
+    evs = events(args.events, span_s=args.span_s)
     data_end = max(e.ts for e in evs).timestamp()
     msgs = messages(evs, args.batch) + closers(evs)
     del evs
@@ -359,7 +383,7 @@ def main() -> dict[str, Any]:
         "events_per_s": round(batched["events_per_s"]),
         "seconds": round(batched["seconds"], 1),
         "rss_mb": round(batched["rss_peak_mb"], 1),
-        **_cpu_keys("", batched),
+        **_cpu_keys("", batched, args.events),
     }
     if prof is not None and prof.exists():
         summary = summarize_profile(prof)
@@ -374,7 +398,7 @@ def main() -> dict[str, Any]:
             "single_events": args.single_events,
             "single_event_messages_events_per_s": round(single["events_per_s"]),
             "single_rss_mb": round(single["rss_peak_mb"], 1),
-            **_cpu_keys("single_", single),
+            **_cpu_keys("single_", single, args.single_events),
         }
 
     if args.rss_events:
@@ -394,7 +418,7 @@ def main() -> dict[str, Any]:
             "rss_5m_events_sampled_max_mb": round(big["rss_sampled_max_mb"], 1),
             "rss_5m_events_events_per_s": round(big["events_per_s"]),
             "rss_5m_events_seconds": round(big["seconds"], 1),
-            **_cpu_keys("rss_5m_", big),
+            **_cpu_keys("rss_5m_", big, n),
         }
     out["rules"] = "built-in defaults (all on)"
     out["dimension_sets"] = "global, model, provider, app, user, api key; windows 10 s and 60 s"
