@@ -23,3 +23,16 @@ def test_sasl_settings_map_to_faust() -> None:
 def test_unknown_protocol_is_a_clear_error() -> None:
     with pytest.raises(LLMPulseError, match=r"security\.protocol 'KERBEROS_MAGIC'"):
         faust_credentials({"security.protocol": "kerberos_magic"})
+
+
+def test_sasl_password_comes_from_the_secret_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmpulse.config.kafka import KafkaConfig
+    from llmpulse.kafka.topics import SASL_PASSWORD_ENV, client_security
+
+    cfg = KafkaConfig(client={"security.protocol": "SASL_SSL", "sasl.username": "svc"})
+    monkeypatch.delenv(SASL_PASSWORD_ENV, raising=False)
+    assert "sasl.password" not in client_security(cfg)
+    monkeypatch.setenv(SASL_PASSWORD_ENV, "s3cret")
+    got = client_security(cfg)
+    assert got["sasl.password"] == "s3cret" and got["sasl.username"] == "svc"
+    assert "sasl.password" not in cfg.client  # the config object never holds it

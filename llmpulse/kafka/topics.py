@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from llmpulse.config.kafka import KafkaConfig
@@ -67,6 +68,16 @@ def ensure_topics(bootstrap: str, cfg: KafkaConfig, timeout: float = 30.0) -> li
     return created
 
 
+SASL_PASSWORD_ENV = "LLMPULSE_SECRET_KAFKA_SASL_PASSWORD"
+
+
 def client_security(cfg: KafkaConfig) -> dict[str, str | int | float | bool]:
-    """The librdkafka settings passed through from `kafka.client` (SASL, SSL, ...)."""
-    return dict(cfg.client)
+    """The librdkafka settings passed through from `kafka.client` (SASL, SSL, ...).
+
+    The SASL password is a secret: it comes from LLMPULSE_SECRET_KAFKA_SASL_PASSWORD (which
+    wins over a `sasl.password` in the file, so the file need not hold it)."""
+    settings = dict(cfg.client)
+    password = os.environ.get(SASL_PASSWORD_ENV)
+    if password:
+        settings["sasl.password"] = password
+    return settings

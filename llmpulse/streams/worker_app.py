@@ -79,7 +79,7 @@ class WorkerRuntime:
         self.app = faust.App(
             f"{kcfg.topic_prefix}worker",
             broker=[f"kafka://{b}" for b in bootstrap.split(",")],
-            broker_credentials=faust_credentials(kcfg.client),
+            broker_credentials=faust_credentials(T.client_security(kcfg)),
             store="memory://",
             topic_partitions=kcfg.partitions,
             topic_replication_factor=kcfg.replication_factor,
@@ -216,7 +216,7 @@ class WorkerRuntime:
             return
         topic = table.changelog_topic.get_topic_name()
         state = await asyncio.to_thread(
-            read_changelog_partition, self.bootstrap, topic, partition, dict(self.settings.kafka.client)
+            read_changelog_partition, self.bootstrap, topic, partition, T.client_security(self.settings.kafka)
         )
         prefix = f"{partition}|"
         data = table.data
