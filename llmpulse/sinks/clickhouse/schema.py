@@ -522,14 +522,15 @@ def hist_map_quantile_sql(level: float, hist: str) -> str:
     return f"if(empty({counts}), NULL, pow({HIST_RATIO}, {keys}[{index}] + 0.5))"
 
 
-def per_minute_total_sql(db: str, where: str, level: float = 0.95) -> str:
+def per_minute_total_sql(db: str, where: str, level: float = 0.95, table: str = "llm_calls_1m_total") -> str:
     """Requests, error rate and the `level` latency quantile per minute of all traffic, for the
     minutes matching `where` (a condition on `bucket`), ordered by minute. A minute held in one
     row (the usual case once parts have merged) is read as it is, without GROUP BY (no state to
     merge: ~4 ms for 43,200 rows, plus ~20 ms for the quantiles); minutes spread over several rows
     are merged with sum / sumMap. Both reads of the table are planned together; a part that lands
-    or merges at that very moment could show one minute as two partial rows in that answer."""
-    t = f"{db}.llm_calls_1m_total"
+    or merges at that very moment could show one minute as two partial rows in that answer.
+    On a cluster pass `table="llm_calls_1m_total_all"`: a minute held by several shards is merged."""
+    t = f"{db}.{table}"
     many = f"SELECT bucket FROM {t} WHERE {where} GROUP BY bucket HAVING count() > 1"
     return f"""SELECT bucket, requests, error_rate, latency_q FROM (
     SELECT bucket, requests_n AS requests, errors_n / requests AS error_rate,
