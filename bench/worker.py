@@ -368,6 +368,16 @@ def main() -> dict[str, Any]:
     if args.set:
         out["overrides"] = " ".join(args.set)
     out["load_average_1m"] = os.getloadavg()[0]
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    )
+    dirty = (
+        subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "llmpulse"], check=False).returncode
+        != 0
+    )
+    out["code_commit"] = (commit.stdout.strip() or "unknown") + (
+        " + uncommitted llmpulse/ changes" if dirty else ""
+    )
 
     evs = events(args.events, span_s=args.span_s)
     data_end = max(e.ts for e in evs).timestamp()
