@@ -172,3 +172,13 @@ def test_guard_accepts_a_gap_that_holds_no_messages_after_several_seeks() -> Non
         assert t < 20
     assert seeks >= 3 and t >= 5.0 and g.gaps_accepted == 1
     assert g.admit("p", 14, [15], t).take == 1
+
+
+def test_guard_seeks_again_from_the_timer_when_nothing_arrives() -> None:
+    g = OffsetGuard(reseek_s=2.0)
+    assert g.admit(("calls", 3), 506, [515, 516], 0.0).seek_to == 507
+    assert g.due_reseeks(1.0) == []
+    assert g.due_reseeks(2.5) == [(("calls", 3), 507)]
+    assert g.due_reseeks(3.0) == []  # not again before reseek_s
+    assert g.admit(("calls", 3), 506, [507, 508], 3.1).take == 2
+    assert g.due_reseeks(10.0) == []

@@ -50,6 +50,26 @@ class OffsetGuard:
         self.gaps_seen = 0  # gaps found (each one sent the consumer back)
         self.gaps_accepted = 0  # gaps that held no messages
 
+    def due_reseeks(self, now: float) -> list[tuple[Hashable, int]]:
+        """Rewinds whose seek has not brought the missing offset back yet: seek them again.
+
+        Called by a timer, so that a partition that receives nothing more (the end of the
+        traffic) is still sent back: a seek can be undone by a fetch that was in flight
+        when it happened (its later messages move the consumer's read offset past the
+        missing ones again)."""
+        due = []
+        for key, rewind in self.rewinds.items():
+            if now - rewind.last_seek >= self.reseek_s:
+                rewind.seeks += 1
+                rewind.last_seek = now
+                rewind.lowest_after = None
+                due.append((key, rewind.expected))
+        return due
+
+    def waiting_since(self, key: Hashable) -> float | None:
+        rewind = self.rewinds.get(key)
+        return None if rewind is None else rewind.started
+
     def forget(self, key: Hashable) -> None:
         self.rewinds.pop(key, None)
 

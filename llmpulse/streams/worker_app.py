@@ -161,6 +161,7 @@ class WorkerRuntime:
                         pw.last_event_wall = now
                 return
             async with self.lock:
+                await self.reseek()
                 await self.close_idle()
                 await self.sweep_quiet()
 
@@ -298,16 +299,30 @@ class WorkerRuntime:
         for pw, partition in closing:
             await self.close_and_emit(pw, partition)
 
+    async def reseek(self) -> None:
+        for key, offset in self.guard.due_reseeks(time.monotonic()):
+            assert isinstance(key, tuple)
+            kind: str = key[0]
+            partition: int = key[1]
+            topic = self.topic_names[T.PARTIALS] if kind == "partials" else self.topic_names[_topic_of_kind(kind)]
+            log.info("%s[%d]: offset %d has not arrived yet; seeking to it again", topic, partition, offset)
+            await self._seek(topic, partition, offset)
+
+    async def _seek(self, topic: str, partition: int, offset: int) -> None:
+        try:
+            await self.app.consumer.seek(TP(topic, partition), offset)
+        except Exception as exc:  # revoked meanwhile: the next owner starts from its state
+            log.warning("could not seek %s[%d] to %d: %s", topic, partition, offset, exc)
+
     async def _admit(self, key: tuple[str, int], applied: int | None, msgs: list[Any]) -> list[Any]:
         """The messages to apply: new ones, continuing the state's offsets without a gap (contiguity.py)."""
+        accepted = self.guard.gaps_accepted
         adm = self.guard.admit(key, applied, [m.offset for m in msgs], time.monotonic())
+        if self.guard.gaps_accepted > accepted:
+            metrics.OFFSET_GAPS.labels(msgs[0].topic, "accepted").inc()
         if adm.seek_to is not None:
-            topic = msgs[0].topic
-            metrics.OFFSET_GAPS.labels(topic, "rewound").inc()
-            try:
-                await self.app.consumer.seek(TP(topic, msgs[0].partition), adm.seek_to)
-            except Exception as exc:  # revoked meanwhile: the next owner starts from its state
-                log.warning("could not seek %s[%d] to %d: %s", topic, msgs[0].partition, adm.seek_to, exc)
+            metrics.OFFSET_GAPS.labels(msgs[0].topic, "rewound").inc()
+            await self._seek(msgs[0].topic, msgs[0].partition, adm.seek_to)
         taken = msgs[: adm.take]
         return taken if applied is None else [m for m in taken if m.offset > applied]
 
