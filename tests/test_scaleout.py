@@ -320,7 +320,10 @@ def test_three_workers_two_sinks_survive_sigkill(make_settings: Callable[..., Se
             if got_totals != want:
                 dump_topics(bootstrap, [sa.kafka.topic("partials"), sa.kafka.topic("calls")], tmp_path / "topics.jsonl")
                 raise AssertionError(window_diff(size, got_totals, want, stores))
-        assert all(v[0] == 1 for v in aggs.values()), "a window was published with a revision above 1"
+        republished = sorted(k for k, v in aggs.items() if v[0] != 1)
+        if republished:
+            dump_topics(bootstrap, [sa.kafka.topic("partials")], tmp_path / "topics.jsonl")
+        assert not republished, f"windows published with a revision above 1: {republished[:5]}"
 
         want_alerts = expected_alerts(events, burst_model)
         assert want_alerts, "the burst must make the rule fire"

@@ -200,6 +200,9 @@ class PartitionWindows:
                 removable.append(key)
         names = self.acc_cls.dimension_names
         for (s, t), keys in sorted(groups.items()):
+            # a fixed merge order: a window closed again after a restore gives the same
+            # state to the bit (float sums depend on the order), so it is not re-published
+            keys.sort()
             merged: dict[str, tuple[dict[str, str], Any]] = {}
             for dim_set in self.dim_sets:
                 for key in keys:

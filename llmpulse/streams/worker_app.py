@@ -95,6 +95,9 @@ class WorkerRuntime:
             consumer_max_fetch_size=10_000_000,
             stream_buffer_maxsize=max(4096, wcfg.batch_max_messages * 2),
         )
+        # Faust stops feeding the streams while more than `max_messages` (100) changelog
+        # writes wait in its producer buffer; one batch writes hundreds of window states
+        self.app.producer.buffer.max_messages = 100_000
         self.topic_names = {name: kcfg.topic(name) for name in T.ALL_TOPICS}
         self.kind_of_topic = {kcfg.topic(t): kind for t, (kind, _) in KINDS.items()}
         def raw_topic(*names: str) -> Any:
@@ -115,7 +118,12 @@ class WorkerRuntime:
         } | {kcfg.topic(t) for t in KINDS} | {kcfg.topic(T.PARTIALS)}
         self.windows: dict[tuple[str, int], PartitionWindows] = {}
         self.finalizers: dict[int, Finalizer] = {}
-        self.lock = asyncio.Lock()
+        # stage 1 and stage 2 hold separate state: each has its lock, so they overlap
+        self.windows_lock = asyncio.Lock()
+        self.final_lock = asyncio.Lock()
+        # per source partition: partial sends not yet awaited, and the close mark and
+        # tombstones to write once they are delivered (before the partition's next state)
+        self.inflight: dict[tuple[str, int], list[tuple[list[Any], dict[str, Any] | None, list[AccKey]]]] = {}
         self.last_marks: dict[tuple[str, int], tuple[int | None, float]] = {}
         self.guard = OffsetGuard()
         self.flush_on_exit = wcfg.flush_open_windows_on_exit
@@ -144,12 +152,12 @@ class WorkerRuntime:
             async for events in stream.take_events(wcfg.batch_max_messages, within=wcfg.batch_within_s):
                 # shielded: take_events acks the batch when the agent stops, so a batch that
                 # was started must be finished even if the agent is cancelled (rebalance, stop)
-                await asyncio.shield(self._locked(self.process_sources, events))
+                await asyncio.shield(self._locked(self.windows_lock, self.process_sources, events))
 
         @self.app.agent(self.partials_topic, name="finalize")
         async def finalize_agent(stream: Any) -> None:
             async for events in stream.take_events(5000, within=0.2):
-                await asyncio.shield(self._locked(self.process_partials, events))
+                await asyncio.shield(self._locked(self.final_lock, self.process_partials, events))
 
         @self.app.timer(interval=1.0)  # type: ignore[untyped-decorator]
         async def tick() -> None:
@@ -160,9 +168,10 @@ class WorkerRuntime:
                     if pw.last_event_wall is not None:
                         pw.last_event_wall = now
                 return
-            async with self.lock:
+            async with self.windows_lock:
                 await self.reseek()
                 await self.close_idle()
+            async with self.final_lock:
                 await self.sweep_quiet()
 
         @self.app.on_partitions_assigned.connect  # type: ignore[arg-type]
@@ -175,24 +184,34 @@ class WorkerRuntime:
 
         @self.app.on_partitions_revoked.connect  # type: ignore[arg-type]
         async def on_revoked(app: Any, revoked: set[Any], **_: Any) -> None:
+            flush = False
             for tp in revoked:
                 if tp.topic in self.changelog_topics:
                     self.restored_partitions = {k for k in self.restored_partitions if k[1] != tp.partition}
                 kind = self.kind_of_topic.get(tp.topic)
                 if kind is not None:
                     self.windows.pop((kind, tp.partition), None)
+                    # Faust flushed the partials in flight: write their close marks and
+                    # tombstones, so that the next owner does not close those windows again
+                    await self.await_delivered(kind, tp.partition)
+                    flush = True
                     self.guard.forget((kind, tp.partition))
                 if tp.topic == self.topic_names[T.PARTIALS]:
                     self.finalizers.pop(tp.partition, None)
                     self.guard.forget(("partials", tp.partition))
+            if flush:
+                await self.app.producer.flush()  # before the next owner reads the state
 
         @self.app.on_before_shutdown.connect  # type: ignore[arg-type]
         async def on_shutdown(app: Any, **_: Any) -> None:
             if self.flush_on_exit:
                 await self.flush_everything()
 
-    async def _locked(self, fn: Callable[[Sequence[Any]], Awaitable[None]], events: Sequence[Any]) -> None:
-        async with self.lock:
+    @staticmethod
+    async def _locked(
+        lock: asyncio.Lock, fn: Callable[[Sequence[Any]], Awaitable[None]], events: Sequence[Any]
+    ) -> None:
+        async with lock:
             await fn(events)
 
     def _ready(self) -> bool:
@@ -277,7 +296,8 @@ class WorkerRuntime:
                             dead_letter_id=f"{msg.topic}-{msg.partition}-{msg.offset}-{i}",
                         )
                     )  # fmt: skip
-                batch.extend((position(msg.offset, i), e) for i, e in enumerate(decoded.valid))
+                base = position(msg.offset, 0)
+                batch.extend(zip(range(base, base + len(decoded.valid)), decoded.valid, strict=True))
             for late in pw.apply(batch, now):
                 ev_model = late.event
                 dead.append(
@@ -291,6 +311,7 @@ class WorkerRuntime:
                     )
                 )
             pw.consumed_through(max(m.offset for m in msgs))
+            await self.await_delivered(kind, partition)
             self._persist(pw, partition)
             closing.append((pw, partition))
         for d in dead:
@@ -347,19 +368,31 @@ class WorkerRuntime:
             for fp in range(self.partitions):
                 futures.append(await self.partials_topic.send(key=None, value=body, partition=fp))
             self.last_marks[(pw.kind, partition)] = (mark, now)
+        # the close mark and then the tombstones, once the partials are delivered: a state
+        # restored in between never closes a window again without the accumulators it
+        # already published. Not awaited here: the next batch is processed meanwhile.
+        meta = pw.meta_state() if (res.partials or res.removed or pw.close_mark_ms != before) else None
+        self.inflight.setdefault((pw.kind, partition), []).append((futures, meta, list(res.removed)))
+        if force:
+            await self.await_delivered(pw.kind, partition)
+        return res.partials
+
+    async def await_delivered(self, kind: str, partition: int) -> None:
+        """Wait for a partition's partials in flight, then write the close marks and tombstones."""
+        pending = self.inflight.pop((kind, partition), None)
+        if not pending:
+            return
+        futures = [f for sent, _, _ in pending for f in sent]
         if futures:
             await asyncio.gather(*futures)
         table = self.window_table
-        # the close mark first, then the tombstones: a state restored in between never
-        # closes a window again without the accumulators it already published
-        # and a mark that moved without closing a window too: the finalizers have it already
-        if res.partials or res.removed or pw.close_mark_ms != before:
-            table[state_key(partition, pw.kind, "M")] = pw.meta_state()
-        for removed in res.removed:
-            k = state_key(partition, pw.kind, "A", _acc_key_text(removed))
-            if k in table:
-                del table[k]
-        return res.partials
+        for _, meta, removed in pending:
+            if meta is not None:
+                table[state_key(partition, kind, "M")] = meta
+            for r in removed:
+                k = state_key(partition, kind, "A", _acc_key_text(r))
+                if k in table:
+                    del table[k]
 
     async def close_idle(self) -> None:
         now = time.time()
@@ -369,6 +402,7 @@ class WorkerRuntime:
                 pw = await self.windows_for(kind, tp.partition)
                 if self._has_backlog(tp, pw):
                     pw.last_event_wall = now  # behind, not idle: its next events are already waiting
+                await self.await_delivered(kind, tp.partition)
                 await self.close_and_emit(pw, tp.partition)
 
     def _has_backlog(self, tp: Any, pw: PartitionWindows) -> bool:
