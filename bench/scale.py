@@ -2,10 +2,12 @@
 
 For each worker count: a fresh topic set with 6 partitions is filled up front with call
 events in batch envelopes keyed by model (100 events a message, as the proxy and SDK
-publish at high rates), then N workers start in one consumer group. Progress is read
-from the group's committed offsets on the calls topic (Faust commits every second);
-the rate is taken between 10% and 90% of the events, so start-up, the group join and the
-tail are left out. Per partition: each partition's own rate over the same span.
+publish at high rates), then N workers start in one consumer group. Progress is the events the workers
+applied, read from each worker's /metrics (`llmpulse_events_in_total`, counted after the
+worker's offset guard, so a message is counted once however often it is delivered); the
+group's committed offsets are not used: Faust can commit past offsets it skipped (see
+llmpulse/streams/contiguity.py). The rate is taken between 10% and 90% of the events, so
+start-up, the group join and the tail are left out.
 
     python bench/run.py scale [--events N] [--workers 1,2,3]
 """
@@ -14,15 +16,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import tempfile
 import time
+import urllib.request
 import zlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import yaml
 from common import broker, make_config, messages, rss_mb, start, stop
 from confluent_kafka import Consumer, Producer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from llmpulse.schemas import CallEvent
 
@@ -83,6 +89,29 @@ def fill(bootstrap: str, topic: str, n: int) -> tuple[int, dict[int, int]]:
     return len(msgs), per
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def applied_events(port: int) -> float:
+    """Call events a worker applied so far (its /metrics)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "llmpulse_events_in":
+            return sum(
+                sample.value for sample in family.samples
+                if sample.name.endswith("_total") and sample.labels.get("component") == "worker"
+                and sample.labels.get("topic") == "calls"
+            )  # fmt: skip
+    return 0.0
+
+
 def committed(c: Consumer, topic: str) -> dict[int, int]:
     try:
         tps = c.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=5)
@@ -99,19 +128,26 @@ def run_once(workdir: Path, bootstrap: str, workers: int, n_events: int) -> dict
         worker={"windows_s": [10, 60], "grace_s": 5.0, "idle_close_s": 5.0, "batch_max_messages": 200},
     )  # fmt: skip
     topic = settings.kafka.topic("calls")
-    n_msgs, per_partition = fill(bootstrap, topic, n_events)
-    events_per_msg = n_events / n_msgs
+    _, per_partition = fill(bootstrap, topic, n_events)
     group = f"{prefix}worker"
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "log_level": 3})
-    procs = [start(config, "worker", log=workdir / f"worker-{workers}-{i}.log") for i in range(workers)]
-    marks: list[tuple[float, dict[int, int]]] = []
+    ports = [free_port() for _ in range(workers)]
+    configs = []
+    for i, port in enumerate(ports):
+        data = yaml.safe_load(config.read_text())
+        data.setdefault("worker", {})["web_port"] = port
+        path = workdir / f"worker-{workers}-{i}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        configs.append(path)
+    procs = [start(cfg, "worker", log=workdir / f"worker-{workers}-{i}.log") for i, cfg in enumerate(configs)]
+    marks: list[tuple[float, float]] = []
     t_start = time.monotonic()
     try:
         while time.monotonic() - t_start < 900:
             now = time.monotonic()
-            offs = committed(c, topic)
-            marks.append((now, offs))
-            if offs and all(offs.get(p, 0) >= per_partition.get(p, 0) for p in range(PARTITIONS)):
+            done = sum(applied_events(port) for port in ports)
+            marks.append((now, done))
+            if done >= n_events:
                 break
             for p in procs:
                 assert p.poll() is None, (workdir / f"worker-{workers}-0.log").read_text()[-2000:]
@@ -119,27 +155,27 @@ def run_once(workdir: Path, bootstrap: str, workers: int, n_events: int) -> dict
         else:
             raise TimeoutError("the workers did not finish")
         rss = max(rss_mb(p.pid) for p in procs)
+        offs = committed(c, topic)
     finally:
         for p in procs:
             stop(p)
         c.close()
 
-    def at(frac: float) -> tuple[float, dict[int, int]]:
-        for t, offs in marks:
-            if sum(offs.values()) >= frac * n_msgs:
-                return t, offs
+    def at(frac: float) -> tuple[float, float]:
+        for t, done in marks:
+            if done >= frac * n_events:
+                return t, done
         return marks[-1]
 
-    (t10, o10), (t90, o90) = at(0.1), at(0.9)
+    (t10, d10), (t90, d90) = at(0.1), at(0.9)
     span = max(t90 - t10, 1e-6)
-    total = (sum(o90.values()) - sum(o10.values())) * events_per_msg / span
-    rates = sorted((o90.get(p, 0) - o10.get(p, 0)) * events_per_msg / span for p in range(PARTITIONS))
+    total = (d90 - d10) / span
+    lag = {p: per_partition.get(p, 0) - offs.get(p, 0) for p in range(PARTITIONS)}
     return {
         f"events_per_s_{workers}_workers": round(total),
         f"events_per_s_per_worker_{workers}_workers": round(total / workers),
         f"events_per_s_per_partition_{workers}_workers": round(total / PARTITIONS),
-        f"partition_rate_min_events_per_s_{workers}_workers": round(rates[0]),
-        f"partition_rate_max_events_per_s_{workers}_workers": round(rates[-1]),
+        f"messages_left_uncommitted_{workers}_workers": sum(max(0, v) for v in lag.values()),
         f"partitions_per_worker_{workers}_workers": round(PARTITIONS / workers, 2),
         f"seconds_to_drain_{workers}_workers": round(marks[-1][0] - t_start, 1),
         f"worker_rss_max_mb_{workers}_workers": round(rss, 1),
