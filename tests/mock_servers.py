@@ -88,4 +88,10 @@ class ListPublisher:
         return True
 
     def events(self) -> list[CallEvent]:
-        return [CallEvent.model_validate_json(v) for _, v, _ in self.values]
+        """The events of every message (a value is one event or a batch envelope)."""
+        out: list[CallEvent] = []
+        for _, v, _ in self.values:
+            d = decode(v, CallEvent)
+            assert not d.rejected, d.rejected
+            out.extend(d.valid)
+        return out

@@ -28,7 +28,7 @@ MESSAGES = [{"role": "user", "content": "Say something nice about Kafka and Clic
 
 
 def _wait_events(bootstrap: str, settings: Settings, n: int) -> list[CallEvent]:
-    msgs = read_messages(bootstrap, settings.kafka.topic("calls"), expect=n, timeout=60)
+    msgs = read_messages(bootstrap, settings.kafka.topic("calls"), until=lambda ms: len(call_events(ms)) >= n, timeout=60)
     events = call_events(msgs)
     assert len(events) == n, f"expected {n} call events, got {len(events)}"
     return events
@@ -125,7 +125,7 @@ def test_openai_clients_sync_async_streamed_or_not(
     assert other.model == "unknown" and other.cost_usd is None
 
     # the raw API key is nowhere: not in Kafka, not in the logs
-    msgs = read_messages(broker.bootstrap, s.settings.kafka.topic("calls"), expect=10, timeout=30)
+    msgs = read_messages(broker.bootstrap, s.settings.kafka.topic("calls"), until=lambda ms: len(call_events(ms)) >= 10, timeout=30)
     for m in msgs:
         assert API_KEY.encode() not in (m.value() or b"") and API_KEY.encode() not in (m.key() or b"")
     assert API_KEY not in caplog.text
@@ -148,7 +148,7 @@ def test_usage_missing_tokens_are_estimated_and_unknown_models_unpriced(
             extra_headers={"x-mock-cached-tokens": "4", "x-mock-reasoning-tokens": "10"},
         )
         deadline = time.monotonic() + 10
-        while len(pub.values) < 4 and time.monotonic() < deadline:
+        while len(pub.events()) < 4 and time.monotonic() < deadline:
             time.sleep(0.02)
         unknown = dict(s.proxy.prices.unknown)
     est, est_stream, unk, reasoning = pub.events()

@@ -22,7 +22,7 @@ MESSAGES = [{"role": "user", "content": "hello"}]
 
 def _wait(pub: ListPublisher, n: int, timeout: float = 15) -> list[CallEvent]:
     deadline = time.monotonic() + timeout
-    while len(pub.values) < n and time.monotonic() < deadline:
+    while len(pub.events()) < n and time.monotonic() < deadline:
         time.sleep(0.02)
     events = pub.events()
     assert len(events) == n, [e.error_type for e in events]

@@ -71,7 +71,7 @@ def test_broker_down_requests_succeed_and_spooled_events_arrive_once(
             restarted = _tansu_on(own.port)  # same port, empty (Tansu keeps memory only)
             ensure_topics(own.bootstrap, s.settings.kafka)
             msgs = read_messages(
-                own.bootstrap, topic, until=lambda ms: len(ms) >= 20, timeout=90, quiet_s=3.0
+                own.bootstrap, topic, until=lambda ms: len(call_events(ms)) >= 20, timeout=90, quiet_s=3.0
             )
             events = call_events(msgs)
             assert getattr(pub, "spool_pending_bytes", -1) == 0

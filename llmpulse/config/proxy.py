@@ -95,6 +95,12 @@ class ProxyConfig(Section):
     delivery_timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(
         default=15.0, description="an event not delivered within this goes to the spool"
     )
+    batch_max_events: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        default=200, description="call events per Kafka message (a batch envelope per model); 1 = one message per call"
+    )
+    batch_linger_ms: Annotated[float, Field(ge=0, le=60_000)] = Field(
+        default=50.0, description="longest wait of a call event for its batch to fill; 0 = one message per call"
+    )
     broker_retry_s: Annotated[float, Field(gt=0, le=600)] = Field(
         default=2.0, description="how often to check whether an unreachable broker is back"
     )

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llmpulse.producers.spool import events_in
 from llmpulse.schemas.base import WireModel
 from llmpulse.schemas.codec import encode, encode_batch
 
@@ -51,12 +52,12 @@ class EventPublisher:
         except BufferError:
             self._producer.poll(0)
             with self._lock:
-                self.stats.dropped += 1
+                self.stats.dropped += events_in(value)
             return False
         except Exception as exc:
             log.warning("cannot queue event for %s: %s", topic, exc)
             with self._lock:
-                self.stats.dropped += 1
+                self.stats.dropped += events_in(value)
             return False
         with self._lock:
             self.stats.sent += 1

@@ -52,6 +52,43 @@ except ImportError:  # pragma: no cover - light install without prometheus-clien
     _METRICS = False
 
 
+def events_in(value: bytes | None) -> int:
+    """How many events a message holds: a batch envelope's length, else 1 (never raises).
+
+    Drops and deliveries are counted in events, whether the producer batched them or not."""
+    if not value or value.find(b'"events"', 0, 64) < 0:
+        return 1
+    try:
+        got = _count_events(value)
+    except ValueError:
+        return 1
+    return got if got > 0 else 1
+
+
+try:
+    import msgspec
+
+    class _Envelope(msgspec.Struct):
+        events: list[msgspec.Raw] | None = None
+
+    _envelope_dec = msgspec.json.Decoder(_Envelope)
+
+    def _count_events(value: bytes) -> int:
+        try:
+            events = _envelope_dec.decode(value).events
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ValueError(str(exc)) from None
+        return len(events) if events is not None else 0
+
+except ImportError:  # pragma: no cover - light install: the standard library's parser
+
+    def _count_events(value: bytes) -> int:
+        import json
+
+        events = json.loads(value).get("events")
+        return len(events) if isinstance(events, list) else 0
+
+
 @dataclass
 class SpoolStats:
     queued: int = 0
@@ -262,13 +299,14 @@ class SpoolingPublisher:
         if err is None:
             self.stats.delivered += 1
             if _METRICS:
-                EVENTS_OUT.labels(self.component, msg.topic()).inc()
+                EVENTS_OUT.labels(self.component, msg.topic()).inc(events_in(msg.value()))
             return
         self.stats.failed_deliveries += 1
         code = err.code()
         if code == self._KafkaError.MSG_SIZE_TOO_LARGE:
-            log.error("event dropped: larger than the broker accepts (%d bytes)", len(msg.value() or b""))
-            self._count_drop(1)
+            n = events_in(msg.value())
+            log.error("%d events dropped: a message larger than the broker accepts (%d bytes)", n, len(msg.value() or b""))
+            self._count_drop(n)
             return
         self._mark_down()
         self._spool_items([(msg.topic(), msg.key(), msg.value() or b"")])
@@ -281,11 +319,13 @@ class SpoolingPublisher:
     def _spool_items(self, items: Sequence[Item]) -> int:
         """Append to the spool within its limit; returns how many were kept."""
         records = []
+        left_out: list[bytes] = []
         with self._lock:
             room = self._spool_max - self._spool.pending
             for topic, key, value in items:
                 rec = _record(topic, key, value)
                 if len(rec) > room:
+                    left_out.append(value)
                     continue
                 room -= len(rec)
                 records.append(rec)
@@ -294,12 +334,14 @@ class SpoolingPublisher:
             except (OSError, ValueError) as exc:
                 log.error("cannot write the spool %s: %s", self._spool.path, exc)
                 records = []
+                left_out = [value for _, _, value in items]
             self._gauge()
         kept = len(records)
         self.stats.spooled += kept
-        if kept < len(items):
-            self._count_drop(len(items) - kept)
-            log.warning("spool full (%d bytes): %d events dropped", self._spool_max, len(items) - kept)
+        if left_out:
+            lost = sum(events_in(value) for value in left_out)
+            self._count_drop(lost)
+            log.warning("spool full (%d bytes): %d events dropped", self._spool_max, lost)
         return kept
 
     def _produce(self, topic: str, key: bytes | None, value: bytes) -> bool:

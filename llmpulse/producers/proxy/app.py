@@ -175,7 +175,7 @@ class ProxyServer:
             self._runner = None
         await self.router.close()
         if self.recorder is not None:
-            self.recorder.flush()
+            self.recorder.close()  # publishes the partly filled batches
         if self._own_publisher and self.publisher is not None:
             close = getattr(self.publisher, "close", None)
             if close is not None:

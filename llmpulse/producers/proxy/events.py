@@ -4,8 +4,11 @@ The handler fills a `CallRecord` (plain attribute writes) and hands it to
 `CallRecorder.record()`, which only appends it to a list and schedules one
 `loop.call_soon` flush. The flush runs after the response bytes were handed to the
 socket: it estimates tokens when the upstream sent no usage, prices the call,
-redacts captured text, validates the CallEvent and gives its JSON to the
-publisher (non-blocking). Nothing here can fail or delay a user's request.
+redacts captured text, validates the CallEvent and hands its JSON to a
+`KeyedBatcher` (batching.py), which publishes one batch envelope per model every
+`proxy.batch_max_events` events or `proxy.batch_linger_ms` (non-blocking).
+`close()` (the proxy's stop path) publishes what is still buffered. Nothing here
+can fail or delay a user's request.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 from prometheus_client import Counter
 
 from llmpulse.config import Settings
 from llmpulse.producers.pricing import PriceTable
+from llmpulse.producers.proxy.batching import KeyedBatcher
+from llmpulse.producers.proxy.batching import RawPublisher as RawPublisher  # re-exported
 from llmpulse.producers.proxy.streaming import SseTap
 from llmpulse.producers.proxy.tokens import (
     Usage,
@@ -39,12 +44,6 @@ UNPRICED_CALLS = Counter("llmpulse_proxy_unpriced_calls_total", "Calls of models
 EVENTS_NOT_BUILT = Counter("llmpulse_proxy_events_invalid_total", "Calls whose CallEvent could not be built")
 KNOWN_OPS = frozenset({"chat", "completion", "embedding", "responses"})
 _PARTIAL_OK = frozenset({"client_disconnected", "upstream_disconnected"})
-
-
-class RawPublisher(Protocol):
-    """What the proxy needs of a publisher (EventPublisher and SpoolingPublisher fit)."""
-
-    def publish_raw(self, topic: str, value: bytes, key: bytes | str | None = None) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -81,6 +80,10 @@ class CallRecorder:
         self.capture = settings.capture.enabled
         self.capture_max = settings.capture.max_chars
         self.redactor = Redactor(settings.capture.extra_patterns)
+        cfg = settings.proxy
+        self.batcher = KeyedBatcher(
+            publisher, self.topic, max_events=cfg.batch_max_events, linger_s=cfg.batch_linger_ms / 1000
+        )
         self._pending: list[CallRecord] = []
         self._scheduled = False
         self.recorded = 0
@@ -103,8 +106,13 @@ class CallRecorder:
                 EVENTS_NOT_BUILT.inc()
                 log.warning("call event not built (%s): %s", rec.model, exc)
                 continue
-            self.publisher.publish_raw(self.topic, value, rec.model)
+            self.batcher.add(rec.model, value)
             self.recorded += 1
+
+    def close(self) -> None:
+        """Record what is pending and publish every buffered event (the proxy's stop path)."""
+        self.flush()
+        self.batcher.close()
 
     # ---- the deferred work ----
 
