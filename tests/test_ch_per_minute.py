@@ -19,12 +19,10 @@ from llmpulse.sinks.clickhouse.migrate import migrate
 from llmpulse.sinks.clickhouse.rows import TABLES
 from llmpulse.sinks.clickhouse.schema import (
     hist_quantile_sql,
-    migrations,
-    migrations_table_ddl,
     per_minute_total_sql,
 )
 from llmpulse.sinks.clickhouse.writer import BatchWriter
-from tests.test_rollup_histogram import T0, calls
+from tests.test_rollup_histogram import T0, calls, migrate_to
 
 STATES = (
     "SELECT bucket, countMerge(requests) AS n, sumMerge(errors) / n, "
@@ -90,14 +88,7 @@ def test_upgrade_from_migration_4_fills_plain_columns_and_chains_views(tmp_path:
     store = open_store(cfg, tmp_path)
     try:
         client = store.client
-        client.command(f"CREATE DATABASE IF NOT EXISTS {cfg.database}")
-        client.command(migrations_table_ddl(cfg))
-        for m in migrations(cfg):
-            if m.version > 4:
-                break
-            for stmt in m.statements:
-                client.command(stmt)
-            client.insert(f"{cfg.database}.schema_migrations", [[m.version, m.name]], column_names=["version", "name"])
+        migrate_to(client, cfg, 4)
         writer = BatchWriter(client, cfg.database)
         old = calls(600, seed=8, prefix="o")
         writer.insert(TABLES["calls"], old, "old")

@@ -144,10 +144,15 @@ def test_upgrade_from_migration_3_keeps_old_buckets_and_fills_new_ones(tmp_path:
 
 def migrate_to_3(client: Any, cfg: ClickHouseConfig) -> None:
     """A store as it was before migration 4 (what `migrate` did then)."""
+    migrate_to(client, cfg, 3)
+
+
+def migrate_to(client: Any, cfg: ClickHouseConfig, last: int) -> None:
+    """A store as an older release left it: the migrations up to `last`, recorded."""
     client.command(f"CREATE DATABASE IF NOT EXISTS {cfg.database}")
     client.command(migrations_table_ddl(cfg))
     for m in migrations(cfg):
-        if m.version > 3:
+        if m.version > last:
             break
         for stmt in m.statements:
             client.command(stmt)

@@ -66,10 +66,6 @@ class OffsetGuard:
                 due.append((key, rewind.expected))
         return due
 
-    def waiting_since(self, key: Hashable) -> float | None:
-        rewind = self.rewinds.get(key)
-        return None if rewind is None else rewind.started
-
     def forget(self, key: Hashable) -> None:
         self.rewinds.pop(key, None)
 

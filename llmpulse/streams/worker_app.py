@@ -471,7 +471,7 @@ class WorkerRuntime:
                 elif d.get("type") == "mark":
                     fin.set_mark(d["kind"], d["src"], None if d["mark"] is None else int(d["mark"]))
                     self.final_table[state_key(fp, "M", d["kind"], d["src"])] = fin.marks[d["kind"]][d["src"]]
-            fin.applied = max(fin.applied if fin.applied is not None else -1, *(m.offset for m in msgs))
+            fin.applied = max(m.offset for m in msgs)  # _admit kept only offsets past it
             self.final_table[state_key(fp, "O")] = fin.applied
             await self.finalize_ready(fp, fin)
 
