@@ -64,3 +64,40 @@ def test_cli_stops_with_the_message_not_a_traceback(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "kafka.url" in r.stderr and "kafka://host:port" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("worker:\n  windows_s: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than 32 levels"),
+        ("worker:\n  windows_s: " + "[" * 40 + "]" * 40 + "\n", "nested deeper than 32 levels (at 'worker.windows_s.0.0.0.0.0.0...')"),
+        # the "billion laughs": a few hundred bytes that expand to 9**9 values
+        ("a: &a [x, x, x, x, x, x, x, x, x]\n"
+         + "".join(f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+                   for p, c in zip("abcdefgh", "bcdefghi", strict=True)),
+         "more than 1000000 values"),
+    ],
+)  # fmt: skip
+def test_pathological_yaml_stops_with_file_and_limit(tmp_path: Path, text: str, reason: str) -> None:
+    f = tmp_path / "deep.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_settings(f, environ={})
+    assert str(exc.value).startswith(f"{f}: ") and reason in str(exc.value)
+    with pytest.raises(ConfigError, match=r"environment variable LLMPULSE_WORKER__WINDOWS_S: nested deeper than 32"):
+        load_settings(None, environ={"LLMPULSE_WORKER__WINDOWS_S": "[" * 5000 + "]" * 5000})
+
+
+def test_oversized_config_file_stops_with_the_limit(tmp_path: Path) -> None:
+    f = tmp_path / "big.yaml"
+    f.write_text("# padding\n" * 500_000)
+    with pytest.raises(ConfigError, match=r"big\.yaml: larger than 4194304 bytes"):
+        load_settings(f, environ={})
+
+
+def test_wrong_type_shows_a_short_value(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("kafka:\n  partitions: " + "x" * 10_000 + "\n")
+    with pytest.raises(ConfigError) as exc:
+        load_settings(f, environ={})
+    assert "kafka.partitions" in str(exc.value) and len(str(exc.value)) < 400

@@ -64,3 +64,26 @@ def test_invalid_raw_values_are_rejected_alike(raw: bytes) -> None:
     fast = decode_calls(raw)
     assert slow.rejected and fast.valid == []
     assert [r.reason for r in fast.rejected] == [r.reason for r in slow.rejected]
+
+
+def test_nested_and_oversized_values_are_rejected_with_reasons_not_raised() -> None:
+    from llmpulse.schemas.codec import MAX_VALUE_BYTES
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    deep_field = b'{"model": "gpt-4o", "user": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    deep_batch = b'{"schema_version": 1, "events": [' + b"{" * 3 + b'"a": ' + b"[" * 100 + b"]" * 100 + b"}]}"
+    for raw, reason in [
+        (deep, "JSON nested deeper than 64 levels"),
+        (deep_field, "JSON nested deeper than 64 levels"),
+        (deep_batch, "invalid JSON"),  # '{{{' is not JSON at all
+        (b'{"schema_version": 1, "events": [{"model": "m", "user": ' + b"[" * 70 + b"]" * 70 + b"}]}",
+         "JSON nested deeper than 64 levels (at 'events.0.user.0.0.0.0.0...')"),
+        (b'{"model": "' + b"x" * MAX_VALUE_BYTES + b'"}', f"larger than the {MAX_VALUE_BYTES} byte limit"),
+    ]:  # fmt: skip
+        for decoded in (decode(raw, CallEvent), decode_calls(raw)):
+            assert decoded.valid == [] and len(decoded.rejected) == 1
+            assert reason in decoded.rejected[0].reason and decoded.rejected[0].raw == raw
+    # a deep value within the parser's own limit is named by its field, and its repr stays short
+    out = decode(b'{"model": "gpt-4o", "user": ' + b"[" * 60 + b"]" * 60 + b"}", CallEvent)
+    assert out.rejected[0].reason.startswith("field 'user': Input should be a valid string (got [[[")
+    assert len(out.rejected[0].reason) < 200

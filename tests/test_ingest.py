@@ -152,3 +152,35 @@ def test_bearer_token_required_when_configured(make_settings: Callable[..., Sett
         assert status == 202 and body["accepted"] == 1
     finally:
         server.stop()
+
+
+def test_deeply_nested_json_is_a_400_with_a_reason_on_every_input(make_settings: Callable[..., Settings]) -> None:
+    """200 KB of nested arrays used to raise RecursionError inside the parser: HTTP 500."""
+    settings = make_settings(**{"ingest.max_body_bytes": 1024 * 1024})
+    server = start_ingest_thread(settings, port=0, token="")
+    try:
+        deep = b"[" * 100_000 + b"]" * 100_000
+        nested_field = json.dumps({"model": "gpt-4o"})[:-1].encode() + b', "user": ' + b"[" * 200 + b"]" * 200 + b"}"
+        for path in ("/ingest/calls", "/ingest/feedback"):
+            status, body = post(server.url + path, deep)
+            assert status == 400, (path, status, body)
+            assert body["error"] == "JSON nested deeper than 64 levels"
+            status, body = post(server.url + path, deep, ctype="application/x-ndjson")
+            assert status == 400 and body["results"][0]["error"] == "JSON nested deeper than 64 levels"
+        # deep inside one event of a batch: that event is rejected and named, the other one counts
+        batch = b"[" + json.dumps({"event_id": "deep-ok", "model": "gpt-4o"}).encode() + b"," + nested_field + b"]"
+        status, body = post(server.url + "/ingest/calls", batch)
+        assert status == 400 and "nested deeper than 64 levels (at '1.user.0.0.0.0.0.0...')" in body["error"]
+        status, body = post(server.url + "/ingest/calls", b"\n".join([json.dumps({"event_id": "deep-ok", "model": "gpt-4o"}).encode(), nested_field]), ctype="application/x-ndjson")
+        assert status == 207 and [r["status"] for r in body["results"]] == ["accepted", "rejected"]
+        assert body["results"][1]["error"] == "JSON nested deeper than 64 levels (at 'user.0.0.0.0.0.0.0...')"
+        with urllib.request.urlopen(server.url + "/healthz", timeout=10) as r:  # still serving
+            assert r.status == 200
+        dead = _events(
+            read_messages(settings.kafka.bootstrap_servers(), settings.kafka.topic("deadletter"), expect=6, quiet_s=1.0, timeout=60),
+            DeadLetter,
+        )
+        assert sum(d.original_bytes() == deep for d in dead) == 4
+        assert all("nested deeper than 64 levels" in d.reason for d in dead)
+    finally:
+        server.stop()

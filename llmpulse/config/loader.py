@@ -5,11 +5,16 @@ values are read as YAML scalars, so ``3`` is a number and ``[10, 60]`` a list.
 ``LLMPULSE_KAFKA`` and ``LLMPULSE_CLICKHOUSE`` alone set the section's ``url``.
 ``LLMPULSE_CONFIG`` names the file. Unknown keys, in the file or the environment,
 are errors.
+
+Bounded: a file larger than `MAX_CONFIG_BYTES`, nested deeper than `MAX_CONFIG_DEPTH`,
+or expanding (YAML anchors and aliases) to more than `MAX_CONFIG_VALUES` values stops
+start-up with the file and the limit, never with a RecursionError or a hang.
 """
 
 from __future__ import annotations
 
 import os
+import reprlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from llmpulse.config.model import Settings
+from llmpulse.schemas.nesting import nesting_error
 
 ENV_PREFIX = "LLMPULSE_"
 DEFAULT_FILE = Path("llmpulse.yaml")
@@ -34,6 +40,11 @@ ENV_ALIASES: dict[str, tuple[str, ...]] = {
 # Read elsewhere (not config keys): the config path itself and secrets read by name.
 ENV_NOT_CONFIG = {"CONFIG"}
 ENV_SECRET_PREFIXES = ("SECRET_",)
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+MAX_CONFIG_DEPTH = 32
+MAX_CONFIG_VALUES = 1_000_000
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 80, 80
 
 
 class ConfigError(Exception):
@@ -73,7 +84,7 @@ def _env_overrides(environ: Mapping[str, str]) -> list[tuple[tuple[str, ...], An
         else:
             path = tuple(p.lower() for p in rest.split("__"))
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _bounded_yaml(raw, f"environment variable {name}") if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         if isinstance(value, (dict, list)) or value is None:
@@ -82,6 +93,20 @@ def _env_overrides(environ: Mapping[str, str]) -> list[tuple[tuple[str, ...], An
             value = raw
         out.append((path, value, f"environment variable {name}"))
     return out
+
+
+def _bounded_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load within the depth and size limits, or ConfigError naming `where`."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: larger than {MAX_CONFIG_BYTES} bytes; a config is much smaller")
+    try:
+        value = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested deeper than {MAX_CONFIG_DEPTH} levels") from None
+    reason = nesting_error(value, MAX_CONFIG_DEPTH, MAX_CONFIG_VALUES)
+    if reason is not None:
+        raise ConfigError(f"{where}: {reason} (aliases counted as expanded); expected a plain settings file")
+    return value
 
 
 def _origin_of(loc: tuple[Any, ...], origins: dict[tuple[str, ...], str], default: str) -> str:
@@ -105,7 +130,9 @@ def load_settings(
     source = f"{file_path}"
     if file_path.exists():
         try:
-            loaded = yaml.safe_load(file_path.read_text(encoding="utf-8"))
+            if file_path.stat().st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"{file_path}: larger than {MAX_CONFIG_BYTES} bytes; a config is much smaller")
+            loaded = _bounded_yaml(file_path.read_text(encoding="utf-8"), str(file_path))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{file_path}: not valid YAML: {exc}") from exc
         except OSError as exc:
@@ -136,6 +163,6 @@ def load_settings(
             where = _origin_of(loc, origins, source)
             key = ".".join(str(p) for p in loc)
             got = err.get("input")
-            got_text = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, (dict, BaseModel)) else f" (got {got!r})"
+            got_text = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, (dict, BaseModel)) else f" (got {_REPR.repr(got)})"
             lines.append(f"{where}: key '{key}': {_expected(err)}{got_text}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None

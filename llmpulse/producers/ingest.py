@@ -18,7 +18,8 @@ Responses (JSON, always with per-item ``results`` in request order)::
 A result is ``{"index": i, "status": "accepted", "event_id": ...}`` or
 ``{"index": i, "status": "rejected", "error": "field 'latency_ms': ..."}``. Accepted
 means acknowledged by Kafka. Every rejected item's raw bytes go to the dead-letter
-topic with the reason. `GET /healthz`, `GET /metrics` (Prometheus).
+topic with the reason. A body nested deeper than 64 levels is rejected with that reason
+(400), never parsed into a RecursionError. `GET /healthz`, `GET /metrics` (Prometheus).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from llmpulse.metrics import DEAD_LETTERS, EVENTS_IN, EVENTS_OUT
 from llmpulse.schemas import CallEvent, DeadLetter, Feedback, encode, encode_batch
 from llmpulse.schemas.base import WireModel
 from llmpulse.schemas.codec import validate_item
+from llmpulse.schemas.nesting import InputTooComplex, loads_json
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +122,18 @@ def _items_of(body: bytes, content_type: str, max_items: int) -> list[_Item] | s
             if not line.strip():
                 continue
             try:
-                out.append(_Item(line, json.loads(line)))
+                out.append(_Item(line, loads_json(line)))
+            except InputTooComplex as exc:
+                out.append(_Item(line, None, f"JSON {exc}"))
             except ValueError as exc:
                 out.append(_Item(line, None, f"invalid JSON: {exc}"))
         if not out:
             return "empty body: expected one JSON event per line"
         return out if len(out) <= max_items else f"more than {max_items} events in one request"
     try:
-        doc = json.loads(body)
+        doc = loads_json(body)
+    except InputTooComplex as exc:
+        return f"JSON {exc}"
     except ValueError as exc:
         return f"invalid JSON: {exc}"
     if isinstance(doc, dict) and "events" in doc and "event_id" not in doc:

@@ -3,12 +3,15 @@
 A message value is either one event (the model's JSON) or a batch envelope
 ``{"schema_version": N, "events": [...]}`` of events of one type. Decoding never
 raises on bad input: each item is either a validated model or a ``Rejected`` with
-the reason and the item's original bytes, ready for the dead-letter topic.
+the reason and the item's original bytes, ready for the dead-letter topic: a value
+larger than `MAX_VALUE_BYTES` or nested deeper than `nesting.MAX_DEPTH` is such a
+``Rejected`` too, never a RecursionError escaping the consumer.
 """
 
 from __future__ import annotations
 
 import json
+import reprlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -16,6 +19,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from llmpulse.schemas.base import SCHEMA_VERSION, WireModel
+from llmpulse.schemas.nesting import InputTooComplex, loads_json
 
 try:  # msgspec parses JSON several times faster than the stdlib; the light SDK lacks it.
     import msgspec
@@ -33,6 +37,8 @@ except ImportError:  # pragma: no cover - exercised by the light install only
 
 M = TypeVar("M", bound=WireModel)
 MAX_BATCH_EVENTS = 100_000
+MAX_VALUE_BYTES = 64 * 1024 * 1024
+"""Far above any message a broker accepts by default (1 MiB); a bound on what one decode parses."""
 
 
 @dataclass(slots=True)
@@ -63,7 +69,7 @@ def describe_validation_error(exc: ValidationError) -> str:
     for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"]) or "(event)"
         got = err.get("input")
-        shown = repr(got)
+        shown = _short_repr(got)
         if len(shown) > 80:
             shown = shown[:77] + "..."
         if err["type"] == "missing":
@@ -73,6 +79,15 @@ def describe_validation_error(exc: ValidationError) -> str:
         else:
             parts.append(f"field '{loc}': {err['msg']} (got {shown})")
     return "; ".join(parts)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+
+
+def _short_repr(value: Any) -> str:
+    # reprlib stops at a few levels and items: an input's repr never recurses deeply or grows large.
+    return _REPR.repr(value)
 
 
 def validate_item(model: type[M], item: Any) -> M | str:
@@ -114,6 +129,11 @@ def decode(raw: bytes | None, model: type[M]) -> Decoded[M]:
     if raw is None:
         out.rejected.append(Rejected("empty message value (null)", b""))
         return out
+    if len(raw) > MAX_VALUE_BYTES:
+        out.rejected.append(
+            Rejected(f"message value of {len(raw)} bytes is larger than the {MAX_VALUE_BYTES} byte limit", raw)
+        )
+        return out
     try:
         if raw.find(b'"events"', 0, 64) >= 0:
             out.valid.extend(_envelope_of(model).model_validate_json(raw).events)  # type: ignore[attr-defined]
@@ -123,7 +143,10 @@ def decode(raw: bytes | None, model: type[M]) -> Decoded[M]:
     except ValidationError:
         out.valid.clear()
     try:
-        obj = _json_loads(raw)
+        obj = loads_json(raw, _json_loads)
+    except InputTooComplex as exc:
+        out.rejected.append(Rejected(f"JSON {exc}", raw))
+        return out
     except _JSON_ERRORS as exc:
         out.rejected.append(Rejected(f"invalid JSON: {exc}", raw))
         return out

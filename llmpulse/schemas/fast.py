@@ -3,7 +3,8 @@
 Decoding and validating a call with pydantic costs 5-8 us; the same checks in msgspec
 cost about 1 us, which keeps decoding from dominating the worker. The twin accepts
 exactly what CallEvent accepts (tests/test_fast_codec.py holds them to that); anything
-it rejects is decoded again with pydantic, whose error says which field and why.
+it rejects is decoded again with pydantic, whose error says which field and why (a value
+too large or nested too deeply included: never an exception out of the consumer).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from msgspec import Meta
 
 from llmpulse.schemas.base import SCHEMA_VERSION, new_event_id, utc_now
 from llmpulse.schemas.call import CAPTURE_MAX_CHARS, CallEvent
-from llmpulse.schemas.codec import Decoded, decode
+from llmpulse.schemas.codec import MAX_VALUE_BYTES, Decoded, decode
 
 _NonNegInt = Annotated[int, Meta(ge=0)]
 _NonNegFloat = Annotated[float, Meta(ge=0)]
@@ -79,7 +80,7 @@ _batch = msgspec.json.Decoder(_Batch)
 
 def decode_calls(raw: bytes | None) -> Decoded[Any]:
     """Like codec.decode(raw, CallEvent), with msgspec twins as the valid items."""
-    if raw is not None:
+    if raw is not None and len(raw) <= MAX_VALUE_BYTES:
         try:
             out: Decoded[Any] = Decoded()
             if raw.find(b'"events"', 0, 64) >= 0:
@@ -87,6 +88,6 @@ def decode_calls(raw: bytes | None) -> Decoded[Any]:
             else:
                 out.valid.append(_single.decode(raw))
             return out
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            pass
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+            pass  # the pydantic path rejects it with the reason (depth and size included)
     return decode(raw, CallEvent)
