@@ -1,4 +1,4 @@
-"""`llmpulse ingest`: serve POST /ingest/calls and /ingest/feedback for apps in any language."""
+"""`llmpulse ingest`: serve POST /ingest/calls, /ingest/feedback and OTLP/HTTP /v1/traces."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from llmpulse.cli import settings_of
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "ingest",
-        help="HTTP endpoint for calls and feedback from any language",
+        help="HTTP endpoint for calls and feedback from any language, and OTLP/HTTP traces",
         description="Serve POST /ingest/calls (one CallEvent or a batch) and POST /ingest/feedback, "
-        "validated with the schemas; invalid items go to the dead-letter topic with the reason. "
+        "validated with the schemas, and OTLP/HTTP POST /v1/traces (GenAI spans, protobuf or JSON; "
+        "see docs/otlp.md); invalid items go to the dead-letter topic with the reason. "
         "Set LLMPULSE_SECRET_INGEST_TOKEN to require `Authorization: Bearer <token>`.",
     )
     p.add_argument("--host", default=None, help="address to listen on (ingest.host)")
@@ -35,7 +36,10 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         server = IngestServer(settings, bootstrap=bootstrap, host=args.host, port=args.port)
         url = await server.start()
-        print(f"ingest on {url}/ingest/calls and {url}/ingest/feedback (Ctrl-C stops it)", flush=True)
+        print(
+            f"ingest on {url}/ingest/calls, {url}/ingest/feedback and OTLP {url}/v1/traces (Ctrl-C stops it)",
+            flush=True,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,4 +1,6 @@
-"""HTTP ingest: `POST /ingest/calls` and `POST /ingest/feedback` for apps in any language.
+"""HTTP ingest: `POST /ingest/calls` and `POST /ingest/feedback` for apps in any language,
+and OTLP/HTTP `POST /v1/traces` (GenAI spans become CallEvents: producers/otlp_genai.py,
+wire format: producers/otlp_wire.py; OTLP responses, not the JSON below).
 
 Body: one event (a JSON object), a batch (a JSON list, or ``{"events": [...]}``), or
 NDJSON (``Content-Type: application/x-ndjson``: one event per line, so that one bad
@@ -36,10 +38,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from llmpulse.config import Settings
 from llmpulse.metrics import DEAD_LETTERS, EVENTS_IN, EVENTS_OUT
+from llmpulse.producers import otlp_wire
+from llmpulse.producers.otlp_genai import Skipped, attributes, call_from_span
+from llmpulse.producers.pricing import PriceTable
 from llmpulse.schemas import CallEvent, DeadLetter, Feedback, encode, encode_batch
 from llmpulse.schemas.base import WireModel
 from llmpulse.schemas.codec import validate_item
@@ -51,6 +56,13 @@ TOKEN_ENV = "LLMPULSE_SECRET_INGEST_TOKEN"
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-lines", "application/ndjson")
 _SETTINGS = web.AppKey("settings", Settings)
 _TOKEN = web.AppKey("token", str)
+_PRICES = web.AppKey("prices", PriceTable)
+OTLP_SPANS = Counter(
+    "llmpulse_otlp_spans_total",
+    "Spans received on /v1/traces: accepted (a CallEvent), rejected (dead-lettered), "
+    "not_genai and not_a_model_call (agent/tool spans) skipped",
+    ["outcome"],
+)
 
 
 class BrokerUnavailable(Exception):
@@ -266,6 +278,63 @@ async def _feedback(request: web.Request) -> web.Response:
     return await _handle(request, "/ingest/feedback", "feedback")
 
 
+async def _traces(request: web.Request) -> web.Response:
+    """OTLP/HTTP trace export: GenAI spans become CallEvents; see producers/otlp_genai.py."""
+    endpoint = "/v1/traces"
+    ctype = request.content_type.lower()
+    enc = ctype if ctype in otlp_wire.CONTENT_TYPES else otlp_wire.JSON
+
+    def fail(status: int, code: int, message: str) -> web.Response:
+        return web.Response(body=otlp_wire.failure(enc, code, message), status=status, content_type=enc)
+
+    denied = _check_token(request)
+    if denied is not None:
+        return denied
+    app = request.app
+    cfg = app[_SETTINGS].ingest
+    if ctype not in otlp_wire.CONTENT_TYPES:
+        return fail(415, otlp_wire.INVALID_ARGUMENT, f"unsupported Content-Type {ctype!r}: send application/x-protobuf or application/json")
+    try:
+        body = await request.read()  # gzip is decompressed by aiohttp; the limit applies to the result
+    except web.HTTPRequestEntityTooLarge:
+        return fail(413, otlp_wire.INVALID_ARGUMENT, f"request body larger than {cfg.max_body_bytes} bytes; export smaller batches")
+    try:
+        try:
+            req = otlp_wire.decode_request(body, ctype)
+            spans = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+            if spans > cfg.max_items:
+                raise otlp_wire.BadPayload(f"more than {cfg.max_items} spans in one request; export smaller batches")
+        except otlp_wire.BadPayload as exc:
+            await _dead_letter(app, endpoint, [(body, str(exc))])
+            return fail(400, otlp_wire.INVALID_ARGUMENT, str(exc))
+        valid: list[WireModel] = []
+        bad: list[tuple[bytes, str]] = []
+        skipped: dict[str, int] = defaultdict(int)
+        prices = app[_PRICES]
+        for rs in req.resource_spans:
+            resource = attributes(rs.resource.attributes)
+            for ss in rs.scope_spans:
+                for span in ss.spans:
+                    out = call_from_span(span, resource, prices)
+                    if isinstance(out, Skipped):
+                        skipped[out.kind] += 1
+                    elif isinstance(out, str):
+                        bad.append((otlp_wire.span_as_request_json(rs, ss, span), f"span {span.name!r}: {out}"))
+                    else:
+                        valid.append(out)
+        EVENTS_IN.labels("ingest", endpoint).inc(spans)
+        await asyncio.gather(_publish(app, "calls", valid), _dead_letter(app, endpoint, bad) if bad else asyncio.sleep(0))
+    except BrokerUnavailable as exc:
+        log.warning("ingest: Kafka unavailable: %s", exc)
+        return fail(503, otlp_wire.UNAVAILABLE, f"spans not stored: Kafka unavailable ({exc}); retry later")
+    OTLP_SPANS.labels("accepted").inc(len(valid))
+    OTLP_SPANS.labels("rejected").inc(len(bad))
+    for kind, n in skipped.items():
+        OTLP_SPANS.labels(kind).inc(n)
+    message = f"{len(bad)} of {spans} spans rejected; first: {bad[0][1]}" if bad else ""
+    return web.Response(body=otlp_wire.success(enc, len(bad), message), status=200, content_type=enc)
+
+
 async def _healthz(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -282,8 +351,10 @@ def make_app(settings: Settings, sender: KafkaSender, token: str | None = None) 
     app[_SETTINGS] = settings
     app[_PRODUCER] = sender
     app[_TOKEN] = os.environ.get(TOKEN_ENV, "") if token is None else token
+    app[_PRICES] = PriceTable.from_config(settings.pricing)
     app.router.add_post("/ingest/calls", _calls)
     app.router.add_post("/ingest/feedback", _feedback)
+    app.router.add_post("/v1/traces", _traces)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)
     return app

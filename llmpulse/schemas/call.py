@@ -18,7 +18,7 @@ from llmpulse.schemas.base import (
     utc_now,
 )
 
-Source = Literal["proxy", "sdk", "ingest"]
+Source = Literal["proxy", "sdk", "ingest", "otlp"]
 Operation = Literal["chat", "completion", "embedding", "responses", "other"]
 CAPTURE_MAX_CHARS = 65536
 

@@ -33,7 +33,7 @@ class CallEventFast(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         default_factory=new_event_id
     )
     ts: Annotated[datetime, Meta(tz=True)] = msgspec.field(default_factory=utc_now)
-    source: Literal["proxy", "sdk", "ingest"] = "sdk"
+    source: Literal["proxy", "sdk", "ingest", "otlp"] = "sdk"
     provider: _Short = "unknown"
     response_model: _Long | None = None
     operation: Literal["chat", "completion", "embedding", "responses", "other"] = "chat"
