@@ -14,7 +14,7 @@ from llmpulse.sinks.clickhouse.migrate import applied_versions, emit_ddl, migrat
 from llmpulse.sinks.clickhouse.schema import migrations
 
 EXPECTED = {
-    "llm_calls", "llm_aggregates", "gpu_samples", "feedback", "alerts", "deadletter", "actions",
+    "llm_calls", "llm_aggregates", "gpu_samples", "host_samples", "feedback", "alerts", "deadletter", "actions",
     "llm_calls_1m", "llm_calls_1h", "llm_calls_1m_mv", "llm_calls_1h_mv", "sink_intents", "schema_migrations",
     "llm_calls_1m_total", "llm_calls_1h_total", "llm_calls_1m_total_mv", "llm_calls_1h_total_mv",
 }  # fmt: skip

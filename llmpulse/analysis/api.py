@@ -2,7 +2,7 @@
 
     GET  /                      the dashboard (static/index.html)
     GET  /static/plotly.min.js  plotly.js from the installed `plotly` wheel
-    GET  /api/summary|timeseries|gpu|alerts|calls|options   panels (time range + filters)
+    GET  /api/summary|timeseries|gpu|host|alerts|calls|options   panels (time range + filters)
     GET  /api/calls/{event_id}  one call; prompt/response only when they were captured
     GET|POST /api/query         read-only SQL with a row and time limit
     GET  /metrics               Prometheus exposition of the pipeline metrics of this process
@@ -194,6 +194,11 @@ async def api_gpu(request: web.Request) -> web.StreamResponse:
     return _json(await _in_thread(panels.gpu, s.run, s.db, s.filters(request), s.cfg.max_points))
 
 
+async def api_host(request: web.Request) -> web.StreamResponse:
+    s: DashboardState = request.app[_STATE]
+    return _json(await _in_thread(panels.host, s.run, s.db, s.filters(request), s.cfg.max_points))
+
+
 async def api_alerts(request: web.Request) -> web.StreamResponse:
     s: DashboardState = request.app[_STATE]
     fingerprint = request.query.get("fingerprint") or None
@@ -260,6 +265,7 @@ def make_app(settings: Settings, token: str | None = None, query_fn: QueryFn | N
     app.router.add_get("/api/summary", api_summary)
     app.router.add_get("/api/timeseries", api_timeseries)
     app.router.add_get("/api/gpu", api_gpu)
+    app.router.add_get("/api/host", api_host)
     app.router.add_get("/api/alerts", api_alerts)
     app.router.add_get("/api/calls", api_calls)
     app.router.add_get("/api/calls/{event_id}", api_call)

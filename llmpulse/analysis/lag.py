@@ -19,8 +19,8 @@ from llmpulse.metrics import CONSUMER_LAG
 
 log = logging.getLogger(__name__)
 
-SINK_TOPICS = ("calls", "aggregates", "gpu", "feedback", "alerts", "deadletter")
-WORKER_TOPICS = ("calls", "gpu", "feedback")
+SINK_TOPICS = ("calls", "aggregates", "gpu", "host", "feedback", "alerts", "deadletter")
+WORKER_TOPICS = ("calls", "gpu", "host", "feedback")
 
 
 def groups_of(settings: Settings) -> dict[str, tuple[str, tuple[str, ...]]]:

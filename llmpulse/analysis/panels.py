@@ -354,6 +354,38 @@ def gpu(run: Runner, db: str, f: Filters, max_points: int) -> GpuPanel:
     return GpuPanel(step_s=step, series=list(out.values()))
 
 
+class HostSeries(BaseModel):
+    name: str
+    t: list[str]
+    cpu_pct: list[float]
+    memory_used_pct: list[float]
+    load1: list[float | None]
+
+
+class HostPanel(BaseModel):
+    step_s: int
+    series: list[HostSeries]
+
+
+def host(run: Runner, db: str, f: Filters, max_points: int) -> HostPanel:
+    """CPU %, memory used % (peak of the bucket: the figure an out-of-memory kill follows) and the
+    1-minute load average of each host beside the GPUs, from host_samples."""
+    step = bucket_seconds(f, max_points)
+    sql = (
+        f"SELECT toStartOfInterval(ts, INTERVAL {step} SECOND) AS t, host, avg(cpu_pct), max(memory_used_pct), "
+        f"avg(load1) FROM {db}.host_samples FINAL WHERE ts >= {ts_lit(f.start)} AND ts < {ts_lit(f.end)} "
+        "GROUP BY t, host ORDER BY host, t"
+    )
+    out: dict[str, HostSeries] = {}
+    for t, h, cpu, mem, load in run(sql).rows:
+        s = out.setdefault(h, HostSeries(name=h, t=[], cpu_pct=[], memory_used_pct=[], load1=[]))
+        s.t.append(_iso(t))
+        s.cpu_pct.append(float(cpu))
+        s.memory_used_pct.append(float(mem))
+        s.load1.append(_float(load))
+    return HostPanel(step_s=step, series=list(out.values()))
+
+
 class AlertRow(BaseModel):
     alert_id: str
     fingerprint: str

@@ -16,6 +16,7 @@ class RetentionConfig(Section):
     llm_calls_1m: Days = 35
     llm_calls_1h: Days = 400
     gpu_samples: Days = 30
+    host_samples: Days = 30
     llm_aggregates: Days = 400
     alerts: Days = 400
     feedback: Days = 400

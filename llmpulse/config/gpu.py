@@ -1,4 +1,5 @@
-"""Config section `gpu`: the NVML sampler, and the simulated device used by tests and the demo."""
+"""Config section `gpu`: the NVML sampler (and the host readings beside it), and the simulated device
+used by tests and the demo."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ class GpuConfig(Section):
         default=None, description="host name put on samples (and the message key); default: this machine's"
     )
     processes: bool = Field(default=True, description="read the processes using each GPU where the driver allows")
+    host_resources: bool = Field(
+        default=True, description="also publish the host's CPU, memory and load (psutil) to <prefix>host every interval"
+    )
     simulate: bool = Field(default=False, description="read a simulated device instead of NVML")
     simulate_gpus: Annotated[int, Field(ge=1, le=64)] = 2
     simulate_base_util_pct: Pct = Field(default=35.0, description="simulated mean utilisation outside incidents")

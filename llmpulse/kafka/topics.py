@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 
 CALLS = "calls"
 GPU = "gpu"
+HOST = "host"  # HostSample: CPU, memory and load of the hosts beside their GPUs, keyed by host
 FEEDBACK = "feedback"
 AGGREGATES = "aggregates"
 ALERTS = "alerts"
@@ -24,7 +25,7 @@ PARTIALS = "partials"
 NOTIFICATIONS = "notifications"
 SILENCES = "silences"
 
-PUBLIC_TOPICS = (CALLS, GPU, FEEDBACK, AGGREGATES, ALERTS, ACTIONS, DEADLETTER)
+PUBLIC_TOPICS = (CALLS, GPU, HOST, FEEDBACK, AGGREGATES, ALERTS, ACTIONS, DEADLETTER)
 ALL_TOPICS = (*PUBLIC_TOPICS, PARTIALS, NOTIFICATIONS, SILENCES)
 COMPACTED = {ACTIONS, NOTIFICATIONS, SILENCES}
 

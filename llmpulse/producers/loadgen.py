@@ -36,11 +36,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from llmpulse.config import Settings
+from llmpulse.producers.gpu.host import PsutilHost
 from llmpulse.producers.gpu.nvml import PinnedWindow, SimulatedNvml
 from llmpulse.producers.gpu.sampler import GpuSampler, read_samples
 from llmpulse.producers.keyhash import KeyHasher, load_secret
 from llmpulse.producers.pricing import price_call
-from llmpulse.schemas import CallEvent, GpuSample
+from llmpulse.schemas import CallEvent, GpuSample, HostSample
 
 log = logging.getLogger(__name__)
 
@@ -391,9 +392,10 @@ class LoadGenerator:
                 pub.publish_batch(topic, events[i : i + 1000], key=model)
         pub.poll(0)
 
-    def _publish_gpu(self, topic: str, sample: GpuSample, key: str) -> None:
+    def _publish_gpu(self, topic: str, sample: GpuSample | HostSample, key: str) -> None:
         self._ensure_publisher().publish(topic, sample, key)
-        self.stats.gpu_samples += 1
+        if isinstance(sample, GpuSample):
+            self.stats.gpu_samples += 1
 
     def _count(self, calls: list[SyntheticCall]) -> None:
         self.stats.calls += len(calls)
@@ -457,9 +459,12 @@ class LoadGenerator:
         nvml = SimulatedNvml(gpus=self.settings.gpu.simulate_gpus,
                              base_util_pct=self.settings.gpu.simulate_base_util_pct,
                              pinned=gpu_pins(self.schedule, wall_start, horizon if self.repeat else None))
+        # beside the simulated GPUs, this machine's real CPU, memory and load (gpu.host_resources)
+        host_reader = PsutilHost() if self.settings.gpu.host_resources else None
         self._sampler = GpuSampler(nvml, self._publish_gpu, self.settings.kafka.topic("gpu"),
                                    host=self.settings.gpu.host or "demo-gpu-host",
-                                   interval_s=self.gpu_interval_s).start()
+                                   interval_s=self.gpu_interval_s, host_reader=host_reader,
+                                   host_topic=self.settings.kafka.topic("host")).start()
 
     def _ticks(self, start: datetime, end: float | None, tick_s: float = 0.2) -> Any:
         t0 = time.monotonic()

@@ -9,6 +9,7 @@ from llmpulse.schemas.codec import Decoded, Rejected, decode, decode_one, encode
 from llmpulse.schemas.deadletter import DeadLetter
 from llmpulse.schemas.feedback import Feedback
 from llmpulse.schemas.gpu import GpuProcess, GpuSample
+from llmpulse.schemas.host import HostSample
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -20,6 +21,7 @@ __all__ = [
     "Feedback",
     "GpuProcess",
     "GpuSample",
+    "HostSample",
     "Rejected",
     "WindowAggregate",
     "aggregate_id",

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from llmpulse.schemas.base import NonNegFloat, NonNegInt, UtcDatetime, WireModel
 
-AggregateKind = Literal["calls", "gpu", "feedback"]
+AggregateKind = Literal["calls", "gpu", "feedback", "host"]
 Dimensions = Annotated[dict[str, str], Field(max_length=8)]
 
 
@@ -62,5 +62,11 @@ class WindowAggregate(WireModel):
     memory_util_avg_pct: NonNegFloat | None = None
     temperature_max_c: NonNegFloat | None = None
     power_avg_w: NonNegFloat | None = None
+    # host (samples and memory_used_max_bytes as for gpu)
+    host_cpu_avg_pct: NonNegFloat | None = None
+    host_cpu_max_pct: NonNegFloat | None = None
+    host_memory_avg_pct: NonNegFloat | None = None
+    host_memory_max_pct: NonNegFloat | None = None
+    host_load1_avg: NonNegFloat | None = None
     # 1 when first published; higher when backfilled events corrected the window
     revision: Annotated[int, Field(ge=0)] = 1

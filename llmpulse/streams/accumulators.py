@@ -14,6 +14,7 @@ from llmpulse.schemas.aggregate import WindowAggregate, aggregate_id
 from llmpulse.schemas.call import CallEvent
 from llmpulse.schemas.feedback import Feedback
 from llmpulse.schemas.gpu import GpuSample
+from llmpulse.schemas.host import HostSample
 from llmpulse.streams.sketch import QuantileSketch
 
 NANO = 1_000_000_000
@@ -282,8 +283,77 @@ class GpuAccumulator(Accumulator):
         agg.power_avg_w = self.power_sum / self.power_n if self.power_n else None
 
 
-ACCUMULATORS: dict[str, type[CallAccumulator] | type[FeedbackAccumulator] | type[GpuAccumulator]] = {
+class HostAccumulator(Accumulator):
+    """CPU, memory and load of one host over a window: averages and peaks of its samples."""
+
+    kind = "host"
+    dimension_names = ("host",)
+    __slots__ = ("cpu_max", "cpu_sum", "load1_n", "load1_sum", "mem_bytes_max", "mem_max", "mem_sum", "n")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.cpu_sum = 0.0
+        self.cpu_max = 0.0
+        self.mem_sum = 0.0
+        self.mem_max = 0.0
+        self.mem_bytes_max = 0
+        self.load1_sum = 0.0
+        self.load1_n = 0
+
+    @staticmethod
+    def key_of(e: HostSample) -> tuple[str, ...]:
+        return (e.host,)
+
+    def agg(self, e: HostSample) -> None:
+        self.n += 1
+        self.cpu_sum += e.cpu_pct
+        self.cpu_max = max(self.cpu_max, e.cpu_pct)
+        self.mem_sum += e.memory_used_pct
+        self.mem_max = max(self.mem_max, e.memory_used_pct)
+        self.mem_bytes_max = max(self.mem_bytes_max, e.memory_used_bytes)
+        if e.load1 is not None:
+            self.load1_sum += e.load1
+            self.load1_n += 1
+
+    def merge(self, o: HostAccumulator) -> None:
+        self.n += o.n
+        self.cpu_sum += o.cpu_sum
+        self.cpu_max = max(self.cpu_max, o.cpu_max)
+        self.mem_sum += o.mem_sum
+        self.mem_max = max(self.mem_max, o.mem_max)
+        self.mem_bytes_max = max(self.mem_bytes_max, o.mem_bytes_max)
+        self.load1_sum += o.load1_sum
+        self.load1_n += o.load1_n
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "n": self.n, "cs": self.cpu_sum, "cm": self.cpu_max, "ms": self.mem_sum, "mm": self.mem_max,
+            "mb": self.mem_bytes_max, "ls": self.load1_sum, "ln": self.load1_n,
+        }  # fmt: skip
+
+    @classmethod
+    def from_state(cls, s: dict[str, Any]) -> HostAccumulator:
+        a = cls()
+        a.n, a.cpu_sum, a.cpu_max, a.mem_sum, a.mem_max = s["n"], s["cs"], s["cm"], s["ms"], s["mm"]
+        a.mem_bytes_max, a.load1_sum, a.load1_n = s["mb"], s["ls"], s["ln"]
+        return a
+
+    def fill(self, agg: WindowAggregate) -> None:
+        n = self.n
+        agg.samples = n
+        agg.host_cpu_avg_pct = self.cpu_sum / n if n else None
+        agg.host_cpu_max_pct = self.cpu_max if n else None
+        agg.host_memory_avg_pct = self.mem_sum / n if n else None
+        agg.host_memory_max_pct = self.mem_max if n else None
+        agg.memory_used_max_bytes = self.mem_bytes_max if n else None
+        agg.host_load1_avg = self.load1_sum / self.load1_n if self.load1_n else None
+
+
+ACCUMULATORS: dict[
+    str, type[CallAccumulator] | type[FeedbackAccumulator] | type[GpuAccumulator] | type[HostAccumulator]
+] = {
     "calls": CallAccumulator,
     "feedback": FeedbackAccumulator,
     "gpu": GpuAccumulator,
+    "host": HostAccumulator,
 }

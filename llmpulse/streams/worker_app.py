@@ -36,6 +36,7 @@ from llmpulse.kafka import topics as T
 from llmpulse.schemas import Alert, CallEvent, DeadLetter, Feedback, GpuSample, WindowAggregate
 from llmpulse.schemas.codec import decode, encode
 from llmpulse.schemas.fast import decode_calls
+from llmpulse.schemas.host import HostSample
 from llmpulse.streams.contiguity import OffsetGuard
 from llmpulse.streams.credentials import faust_credentials
 from llmpulse.streams.finalizing import Finalizer, Pending, PendingKey
@@ -47,13 +48,15 @@ from llmpulse.streams.windowing import AccKey, Partial, PartitionWindows
 
 log = logging.getLogger(__name__)
 
-KINDS: dict[str, tuple[str, type[CallEvent] | type[GpuSample] | type[Feedback]]] = {
+KINDS: dict[str, tuple[str, type[CallEvent] | type[GpuSample] | type[Feedback] | type[HostSample]]] = {
     T.CALLS: ("calls", CallEvent),
     T.GPU: ("gpu", GpuSample),
     T.FEEDBACK: ("feedback", Feedback),
+    T.HOST: ("host", HostSample),
 }
 GPU_DIMENSIONS = [["host", "gpu"]]
 FEEDBACK_DIMENSIONS = [[], ["model"], ["app"]]
+HOST_DIMENSIONS = [["host"]]
 SEP = "\x1f"
 
 # (aggregate, rule state or None) -> (alerts, new rule state or None)
@@ -257,7 +260,7 @@ class WorkerRuntime:
         if pw is not None:
             return pw
         wcfg = self.settings.worker
-        dims = wcfg.dimensions if kind == "calls" else GPU_DIMENSIONS if kind == "gpu" else FEEDBACK_DIMENSIONS
+        dims = {"calls": wcfg.dimensions, "gpu": GPU_DIMENSIONS, "host": HOST_DIMENSIONS}.get(kind, FEEDBACK_DIMENSIONS)
         pw = PartitionWindows(kind, f"{kind}:{partition}", wcfg.windows_s, wcfg.grace_s, wcfg.idle_close_s, dims)
         prefix = f"{partition}|{kind}|"
         for key, value in list(self.window_table.items()):

@@ -150,6 +150,13 @@ async function loadGpu(q) {
   drawChart("gpu_temperature", g.series, "temperature_c", "°C");
 }
 
+async function loadHost(q) {
+  const h = await api("/api/host", q);
+  drawChart("host_cpu", h.series, "cpu_pct", "%");
+  drawChart("host_memory", h.series, "memory_used_pct", "%");
+  drawChart("host_load", h.series, "load1", "load (1 min)");
+}
+
 function alertRow(a, focus) {
   const dims = Object.entries(a.dimensions).map(([k, v]) => `${esc(k)}=${esc(v)}`).join(", ") || "all traffic";
   const vs = [a.threshold !== null ? "threshold " + fmt(a.threshold) : "", a.baseline !== null ? "baseline " + fmt(a.baseline) : ""].filter(Boolean).join(", ");
@@ -261,12 +268,12 @@ async function refresh() {
   line.classList.remove("error");
   line.textContent = "loading…";
   const jobs = {
-    summary: loadSummary(q), timeseries: loadTimeseries(q), gpu: loadGpu(q),
+    summary: loadSummary(q), timeseries: loadTimeseries(q), gpu: loadGpu(q), host: loadHost(q),
     alerts: loadAlerts(q), calls: loadCalls(q), options: loadOptions(q),
   };
   const panelsOf = {
     summary: ["summary"], timeseries: ["qps", "error_rate", "latency_p95", "ttft_p95", "tokens", "cost"],
-    gpu: ["gpu_util", "gpu_memory", "gpu_temperature"], alerts: ["alerts"], calls: ["calls"], options: [],
+    gpu: ["gpu_util", "gpu_memory", "gpu_temperature"], host: ["host_cpu", "host_memory", "host_load"], alerts: ["alerts"], calls: ["calls"], options: [],
   };
   const errors = [];
   await Promise.all(Object.entries(jobs).map(([name, p]) => p.catch((e) => {

@@ -1,5 +1,7 @@
-"""GPU sampler: NVML (or a simulated device) read every interval, published as GpuSample events."""
+"""GPU sampler: NVML (or a simulated device) read every interval, published as GpuSample events;
+the host's CPU, memory and load beside them as HostSample events."""
 
+from llmpulse.producers.gpu.host import HostReader, PsutilHost, read_host_sample
 from llmpulse.producers.gpu.nvml import (
     Nvml,
     NvmlCallError,
@@ -13,13 +15,16 @@ from llmpulse.producers.gpu.sampler import GpuSampler, read_samples, simulated_f
 
 __all__ = [
     "GpuSampler",
+    "HostReader",
     "Nvml",
     "NvmlCallError",
     "NvmlUnavailable",
     "PinnedWindow",
+    "PsutilHost",
     "RealNvml",
     "SimulatedNvml",
     "load_nvml",
+    "read_host_sample",
     "read_samples",
     "simulated_from_settings",
 ]

@@ -1,4 +1,7 @@
-"""Read every GPU every interval and publish one GpuSample per GPU to `<prefix>gpu`, keyed by host."""
+"""Read every GPU every interval and publish one GpuSample per GPU to `<prefix>gpu`, keyed by host;
+beside them, one HostSample (CPU, memory, load) of the same host to `<prefix>host`, same key.
+
+A failing host reading never costs the GPU samples of the round, nor the other way round."""
 
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from llmpulse.config import Settings
+from llmpulse.producers.gpu.host import HostReader, read_host_sample
 from llmpulse.producers.gpu.nvml import NVML_TEMPERATURE_GPU, Nvml, NvmlCallError, SimulatedNvml
-from llmpulse.schemas import GpuProcess, GpuSample
+from llmpulse.schemas import GpuProcess, GpuSample, HostSample
 
 log = logging.getLogger(__name__)
 
@@ -86,22 +90,27 @@ def simulated_from_settings(settings: Settings) -> SimulatedNvml:
 
 
 class GpuSampler:
-    """Samples `nvml` every `interval_s` and hands each GpuSample to `publish(topic, sample, key)`.
+    """Samples `nvml` every `interval_s` and hands each GpuSample to `publish(topic, sample, key)`;
+    with a `host_reader`, also one HostSample per round to `publish(host_topic, sample, key)`.
 
     `publish` is normally `EventPublisher.publish` (never blocks, never raises); `start()`
-    runs the loop in a daemon thread, `run()` in the caller's.
+    runs the loop in a daemon thread, `run()` in the caller's. `nvml=None` samples the host only.
     """
 
     def __init__(
         self,
-        nvml: Nvml,
-        publish: Callable[[str, GpuSample, str], object],
+        nvml: Nvml | None,
+        publish: Callable[[str, Any, str], object],
         topic: str,
         host: str | None = None,
         interval_s: float = 5.0,
         processes: bool = True,
         on_samples: Callable[[list[GpuSample]], None] | None = None,
+        host_reader: HostReader | None = None,
+        host_topic: str | None = None,
     ) -> None:
+        if host_reader is not None and not host_topic:
+            raise ValueError("a host reader needs the host topic")
         self.nvml = nvml
         self.publish = publish
         self.topic = topic
@@ -109,15 +118,27 @@ class GpuSampler:
         self.interval_s = interval_s
         self.processes = processes
         self.on_samples = on_samples
+        self.host_reader = host_reader
+        self.host_topic = host_topic or ""
         self.samples_published = 0
+        self.host_samples_published = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, nvml: Nvml, publish: Callable[[str, GpuSample, str], object]
+        cls,
+        settings: Settings,
+        nvml: Nvml | None,
+        publish: Callable[[str, Any, str], object],
+        host_reader: HostReader | None = None,
     ) -> GpuSampler:
+        """`host_reader`: None reads this machine through psutil when `gpu.host_resources` is on."""
         g = settings.gpu
+        if host_reader is None and g.host_resources:
+            from llmpulse.producers.gpu.host import PsutilHost
+
+            host_reader = PsutilHost()
         return cls(
             nvml,
             publish,
@@ -125,16 +146,36 @@ class GpuSampler:
             host=g.host,
             interval_s=g.interval_s,
             processes=g.processes,
+            host_reader=host_reader,
+            host_topic=settings.kafka.topic("host"),
         )
 
     def sample_once(self) -> list[GpuSample]:
-        samples = read_samples(self.nvml, self.host, self.processes)
-        for s in samples:
-            self.publish(self.topic, s, self.host)
-        self.samples_published += len(samples)
-        if self.on_samples is not None:
-            self.on_samples(samples)
+        samples: list[GpuSample] = []
+        try:
+            if self.nvml is not None:
+                samples = read_samples(self.nvml, self.host, self.processes)
+                for s in samples:
+                    self.publish(self.topic, s, self.host)
+                self.samples_published += len(samples)
+                if self.on_samples is not None:
+                    self.on_samples(samples)
+        finally:
+            self.sample_host()
         return samples
+
+    def sample_host(self) -> HostSample | None:
+        """Read and publish this round's HostSample; None (logged) when there is no reader or it failed."""
+        if self.host_reader is None:
+            return None
+        try:
+            sample = read_host_sample(self.host_reader, self.host)
+        except Exception as exc:
+            log.warning("host reading failed: %s", exc)
+            return None
+        self.publish(self.host_topic, sample, self.host)
+        self.host_samples_published += 1
+        return sample
 
     def run(self, stop: threading.Event | None = None, max_rounds: int | None = None) -> None:
         """Sample until `stop` is set (or `max_rounds` readings), on a fixed-rate schedule."""
@@ -145,7 +186,7 @@ class GpuSampler:
             try:
                 self.sample_once()
             except Exception as exc:
-                log.warning("GPU sampling failed: %s", exc)
+                log.warning("GPU sampling failed: %s", exc)  # the host sample of the round went out
             rounds += 1
             if max_rounds is not None and rounds >= max_rounds:
                 return
@@ -157,7 +198,8 @@ class GpuSampler:
             stop.wait(delay)
 
     def start(self) -> GpuSampler:
-        self.nvml.nvmlInit()
+        if self.nvml is not None:
+            self.nvml.nvmlInit()
         self._thread = threading.Thread(target=self.run, name="llmpulse-gpu-sampler", daemon=True)
         self._thread.start()
         return self
@@ -166,5 +208,6 @@ class GpuSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        with contextlib.suppress(NvmlCallError):
-            self.nvml.nvmlShutdown()
+        if self.nvml is not None:
+            with contextlib.suppress(NvmlCallError):
+                self.nvml.nvmlShutdown()

@@ -12,6 +12,7 @@ from llmpulse.schemas import Alert, CallEvent, DeadLetter, Feedback, GpuSample, 
 from llmpulse.schemas.action import ActionEvent
 from llmpulse.schemas.base import WireModel
 from llmpulse.schemas.codec import decode
+from llmpulse.schemas.host import HostSample
 from llmpulse.sinks.clickhouse import calls
 
 _NANO = Decimal("0.000000001")
@@ -41,6 +42,7 @@ AGG_COLUMNS = [
     "feedback_count", "intent_accuracy", "relevance_avg", "samples", "gpu_util_avg_pct",
     "gpu_util_max_pct", "memory_used_max_bytes", "memory_util_avg_pct", "temperature_max_c",
     "power_avg_w", "revision",
+    "host_cpu_avg_pct", "host_cpu_max_pct", "host_memory_avg_pct", "host_memory_max_pct", "host_load1_avg",
 ]  # fmt: skip
 
 
@@ -62,6 +64,16 @@ GPU_COLUMNS = [
 def gpu_row(g: GpuSample) -> list[Any]:
     procs = json.dumps([p.model_dump(exclude={"schema_version"}) for p in g.processes])
     return [getattr(g, c) for c in GPU_COLUMNS[:-1]] + [procs]
+
+
+HOST_COLUMNS = [
+    "event_id", "ts", "host", "cpu_count", "cpu_pct", "memory_used_bytes", "memory_total_bytes",
+    "memory_used_pct", "load1", "load5", "load15",
+]  # fmt: skip
+
+
+def host_row(h: HostSample) -> list[Any]:
+    return [getattr(h, c) for c in HOST_COLUMNS]
 
 
 FEEDBACK_COLUMNS = [
@@ -137,6 +149,7 @@ TABLES: dict[str, TableSpec] = {
     "calls": TableSpec("llm_calls", CallEvent, CALL_COLUMNS, call_row, "event_id", calls.calls_arrow, rolled_up=True),
     "aggregates": TableSpec("llm_aggregates", WindowAggregate, AGG_COLUMNS, aggregate_row, "aggregate_id"),
     "gpu": TableSpec("gpu_samples", GpuSample, GPU_COLUMNS, gpu_row, "event_id"),
+    "host": TableSpec("host_samples", HostSample, HOST_COLUMNS, host_row, "event_id"),
     "feedback": TableSpec("feedback", Feedback, FEEDBACK_COLUMNS, feedback_row, "event_id"),
     "alerts": TableSpec("alerts", Alert, ALERT_COLUMNS, alert_row, "alert_id"),
     "deadletter": TableSpec("deadletter", DeadLetter, DEADLETTER_COLUMNS, deadletter_row, "dead_letter_id"),

@@ -244,6 +244,11 @@ def migrations(cfg: ClickHouseConfig) -> list[Migration]:
             "chained roll-ups (only llm_calls_1m reads llm_calls), plain columns on llm_calls_1m_total",
             (*_chain(cfg), *_plain_total(cfg)),
         ),
+        Migration(
+            6,
+            "host_samples (CPU, memory, load beside the GPUs), host figures on llm_aggregates",
+            _host_samples(cfg),
+        ),
     ]
 
 
@@ -274,6 +279,7 @@ DISTRIBUTED = {
     "llm_calls_1h": "rand()",
     "llm_aggregates": "cityHash64(aggregate_id)",
     "gpu_samples": "cityHash64(host)",
+    "host_samples": "cityHash64(host)",
     "feedback": "cityHash64(event_id)",
     "alerts": "cityHash64(fingerprint)",
     "deadletter": "cityHash64(dead_letter_id)",
@@ -337,6 +343,41 @@ def _rollup(cfg: ClickHouseConfig, bucket: str, dims: bool = True) -> list[str]:
         FROM {db}.llm_calls
         GROUP BY {key}""",
     ]
+
+
+HOST_AGGREGATE_COLUMNS = (
+    "host_cpu_avg_pct", "host_cpu_max_pct", "host_memory_avg_pct", "host_memory_max_pct", "host_load1_avg",
+)  # fmt: skip
+"""Migration 6: the figures of `host` windows on llm_aggregates (Nullable(Float64), NULL on other kinds)."""
+
+
+def _host_samples(cfg: ClickHouseConfig) -> tuple[str, ...]:
+    """Migration 6: one row per HostSample, keyed like gpu_samples (by host and time, replaced by
+    event id), and the host window figures on llm_aggregates."""
+    db = cfg.database
+    oc = _on_cluster(cfg)
+    tables = ["llm_aggregates"] + (["llm_aggregates_all"] if cfg.cluster else [])
+    return (
+        f"""CREATE TABLE IF NOT EXISTS {db}.host_samples{oc} (
+            event_id String,
+            ts DateTime64(3, 'UTC'),
+            host LowCardinality(String),
+            cpu_count Nullable(UInt32),
+            cpu_pct Float32,
+            memory_used_bytes UInt64,
+            memory_total_bytes UInt64,
+            memory_used_pct Float32,
+            load1 Nullable(Float32),
+            load5 Nullable(Float32),
+            load15 Nullable(Float32)
+        ) ENGINE = {_engine(cfg, "ReplacingMergeTree", "host_samples")}
+        PARTITION BY toYYYYMMDD(ts)
+        ORDER BY (host, ts, event_id)
+        TTL toDateTime(ts) + INTERVAL {cfg.retention_days.host_samples} DAY{_dedup_clause(cfg)}""",
+        *(f"ALTER TABLE {db}.{t}{oc} ADD COLUMN IF NOT EXISTS {c} Nullable(Float64)"
+          for t in tables for c in HOST_AGGREGATE_COLUMNS),
+        *_distributed(cfg, ("host_samples",)),
+    )  # fmt: skip
 
 
 def migrations_table_ddl(cfg: ClickHouseConfig) -> str:

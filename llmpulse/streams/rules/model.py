@@ -19,7 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from llmpulse.config.worker import CALL_DIMENSIONS
 
-Kind = Literal["calls", "gpu", "feedback"]
+Kind = Literal["calls", "gpu", "feedback", "host"]
 Direction = Literal["above", "below"]
 Severity = Literal["warning", "critical"]
 RuleType = Literal["threshold", "anomaly", "budget", "composite"]
@@ -38,18 +38,26 @@ GPU_METRICS = frozenset(
         "memory_util_avg_pct", "temperature_max_c", "power_avg_w",
     }
 )  # fmt: skip
+HOST_METRICS = frozenset(
+    {
+        "samples", "host_cpu_avg_pct", "host_cpu_max_pct", "host_memory_avg_pct", "host_memory_max_pct",
+        "memory_used_max_bytes", "host_load1_avg",
+    }
+)  # fmt: skip
 METRICS_BY_KIND: dict[str, frozenset[str]] = {
     "calls": CALL_METRICS,
     "feedback": FEEDBACK_METRICS,
     "gpu": GPU_METRICS,
+    "host": HOST_METRICS,
 }
 DIMENSIONS_BY_KIND: dict[str, tuple[str, ...]] = {
     "calls": CALL_DIMENSIONS,
     "feedback": ("model", "app", "user"),
     "gpu": ("host", "gpu"),
+    "host": ("host",),
 }
 # The count that `min_requests` is compared with, per kind.
-VOLUME_FIELD: dict[str, str] = {"calls": "requests", "feedback": "feedback_count", "gpu": "samples"}
+VOLUME_FIELD: dict[str, str] = {"calls": "requests", "feedback": "feedback_count", "gpu": "samples", "host": "samples"}
 # Sums over a window: a window without data is a zero, not a missing value.
 ADDITIVE_METRICS = frozenset(
     {
@@ -148,7 +156,7 @@ class _Judged(_Windowed):
     metric: str
     min_requests: Annotated[int, Field(ge=0)] = Field(
         default=0,
-        description="below this many requests (feedbacks for kind feedback, samples for gpu) the rule does not judge",
+        description="below this many requests (feedbacks for kind feedback, samples for gpu and host) the rule does not judge",
     )
     for_: Annotated[int, Field(ge=1, le=10_000)] = Field(
         default=1, alias="for", description="consecutive breaching windows before firing"

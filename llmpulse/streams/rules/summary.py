@@ -5,7 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 
 PERCENT_OF_ONE = frozenset({"error_rate", "success_rate", "intent_accuracy"})
-PERCENT = frozenset({"gpu_util_avg_pct", "gpu_util_max_pct", "memory_util_avg_pct"})
+PERCENT = frozenset({
+    "gpu_util_avg_pct", "gpu_util_max_pct", "memory_util_avg_pct",
+    "host_cpu_avg_pct", "host_cpu_max_pct", "host_memory_avg_pct", "host_memory_max_pct",
+})  # fmt: skip
 MILLIS = frozenset(
     {"latency_avg_ms", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "ttft_p95_ms"}
 )
