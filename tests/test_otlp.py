@@ -297,3 +297,72 @@ def test_invalid_payloads_are_dead_lettered_and_invalid_spans_partially_rejected
     assert sorted((c.app, c.source, c.prompt_tokens) for c in calls) == [("otel-json", "otlp", 812), ("otel-pb", "otlp", 3)]
     assert "otlp-5b8efff798038103d269b633813fc60c-eee19b7ec3c1b174" in {c.event_id for c in calls}
     assert delta(before, span_counts(server.url)) == {"accepted": 2, "rejected": 2}
+
+
+def _span(span_id: str, name: str, attrs: dict[str, Any], t0: int, dur_ms: int = 10, **extra: Any) -> dict[str, Any]:
+    def value(v: Any) -> dict[str, Any]:
+        if isinstance(v, bool):
+            return {"boolValue": v}
+        if isinstance(v, int):
+            return {"intValue": str(v)}
+        if isinstance(v, float):
+            return {"doubleValue": v}
+        return {"stringValue": v}
+
+    return {"traceId": "0af7651916cd43dd8448eb211c80319c", "spanId": span_id, "name": name,
+            "startTimeUnixNano": str(t0), "endTimeUnixNano": str(t0 + dur_ms * MS),
+            "attributes": [{"key": k, "value": value(v)} for k, v in attrs.items()], **extra}  # fmt: skip
+
+
+def test_mapping_edge_cases_through_the_server(ingest: tuple[Settings, IngestThread]) -> None:
+    settings, server = ingest
+    t0 = time.time_ns()
+    spans = [
+        _span("00000000000000a1", "completion", {"gen_ai.operation.name": "text_completion", "gen_ai.request.model": "gpt-3.5-turbo-instruct",
+              "gen_ai.usage.input_tokens": "12", "gen_ai.usage.output_tokens": 3.0}, t0),  # numbers sent as a string and a double
+        _span("00000000000000a2", "rerank", {"gen_ai.operation.name": "rerank", "gen_ai.system": "cohere", "gen_ai.request.model": "rerank-v3"}, t0),
+        _span("00000000000000a3", "failed", {"gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 5}, t0,
+              status={"code": 2, "message": "connection reset"}),
+        _span("00000000000000a4", "ttft event", {"gen_ai.request.model": "gpt-4o"}, t0, dur_ms=500,
+              events=[{"name": "gen_ai.first_token", "timeUnixNano": str(t0 + 120 * MS)}]),
+        _span("00000000000000b1", "bad ttft", {"gen_ai.request.model": "gpt-4o", "gen_ai.server.time_to_first_token": -1.0}, t0),
+        _span("00000000000000b2", "bad model type", {"gen_ai.request.model": 42}, t0),
+        _span("00000000000000b3", "backwards", {"gen_ai.request.model": "gpt-4o"}, t0, dur_ms=-5),
+        _span("00000000000000b4", "unknown model", {"gen_ai.request.model": "my-finetune", "gen_ai.usage.input_tokens": 7}, t0),
+    ]  # fmt: skip
+    req = {"resourceSpans": [
+        {"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "edge-app"}},
+                                     {"key": "enduser.id", "value": {"stringValue": "resource-user"}}]},
+         "scopeSpans": [{"spans": spans}]},
+        {"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "s" * 200}}]},
+         "scopeSpans": [{"spans": [_span("00000000000000b5", "long app", {"gen_ai.request.model": "gpt-4o"}, t0)]}]},
+    ]}  # fmt: skip
+    status, raw, _ = post(server.url + "/v1/traces", json.dumps(req).encode(), "application/json")
+    assert status == 200
+    partial = json.loads(raw)["partialSuccess"]
+    assert partial["rejectedSpans"] == "4"
+
+    calls = {
+        e.event_id[-2:]: e
+        for m in read_messages(settings.kafka.bootstrap_servers(), settings.kafka.topic("calls"), expect=1, until=lambda ms: sum(len(decode(m.value(), CallEvent).valid) for m in ms) >= 5, quiet_s=1.0, timeout=60)
+        for e in decode(m.value(), CallEvent).valid
+    }  # fmt: skip
+    assert sorted(calls) == ["a1", "a2", "a3", "a4", "b4"]
+    a1, a2, a3, a4, b4 = (calls[k] for k in ("a1", "a2", "a3", "a4", "b4"))
+    assert (a1.operation, a1.prompt_tokens, a1.completion_tokens, a1.provider) == ("completion", 12, 3, "unknown")
+    assert a1.cost_usd == pytest.approx(price_call("gpt-3.5-turbo-instruct", 12, 3), abs=1e-12)
+    assert (a2.operation, a2.provider, a2.cost_usd) == ("other", "cohere", None)  # no usage: no cost
+    assert (a3.status_code, a3.error_type, a3.is_error) == (0, "span_error", True)
+    assert a4.ttft_ms == pytest.approx(120.0) and a4.streamed and a4.latency_ms == pytest.approx(500.0)
+    assert b4.cost_usd is None and b4.prompt_tokens == 7  # a model without a price: no guess
+    assert all(c.app == "edge-app" and c.user == "resource-user" for c in calls.values())
+
+    reasons = {
+        d.reason.split(":")[0]: d.reason
+        for m in read_messages(settings.kafka.bootstrap_servers(), settings.kafka.topic("deadletter"), expect=4, quiet_s=1.0, timeout=60)
+        for d in decode(m.value(), DeadLetter).valid
+    }  # fmt: skip
+    assert "expected seconds (a non-negative number), got -1.0" in reasons["span 'bad ttft'"]
+    assert "attribute 'gen_ai.request.model': expected a string, got int 42" in reasons["span 'bad model type'"]
+    assert "end_time_unix_nano: before its start" in reasons["span 'backwards'"]
+    assert "field 'app' (from resource attribute 'service.name'): String should have at most 128 characters" in reasons["span 'long app'"]
