@@ -20,6 +20,12 @@ CONSUMER_LAG = Gauge(
 DEAD_LETTERS = Counter(
     "llmpulse_dead_letters_total", "Inputs sent to the dead-letter topic", ["component", "kind"]
 )
+OTLP_SPANS = Counter(
+    "llmpulse_otlp_spans_total",
+    "Spans received on ingest's /v1/traces: accepted (a CallEvent), rejected (dead-lettered), "
+    "not_genai and not_a_model_call (agent/tool spans) skipped",
+    ["outcome"],
+)
 WINDOW_CLOSE_DELAY = Histogram(
     "llmpulse_window_close_delay_seconds",
     "Wall-clock time between a window's end and its publication",

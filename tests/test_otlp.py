@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client.parser import text_string_to_metric_families
 
 from llmpulse.config import Settings
 from llmpulse.producers.ingest import IngestThread, start_ingest_thread
@@ -50,12 +51,12 @@ def post(url: str, body: bytes, ctype: str, encoding: str | None = None) -> tupl
 def span_counts(url: str) -> dict[str, float]:
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("llmpulse_otlp_spans_total{"):
-            labels, value = line.rsplit(" ", 1)
-            out[labels.split('outcome="')[1].split('"')[0]] = float(value)
-    return out
+    return {
+        s.labels["outcome"]: s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "llmpulse_otlp_spans_total"
+    }
 
 
 def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

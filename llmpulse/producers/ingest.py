@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llmpulse.config import Settings
-from llmpulse.metrics import DEAD_LETTERS, EVENTS_IN, EVENTS_OUT
+from llmpulse.metrics import DEAD_LETTERS, EVENTS_IN, EVENTS_OUT, OTLP_SPANS
 from llmpulse.producers import otlp_wire
 from llmpulse.producers.otlp_genai import Skipped, attributes, call_from_span
 from llmpulse.producers.pricing import PriceTable
@@ -57,12 +57,6 @@ NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-l
 _SETTINGS = web.AppKey("settings", Settings)
 _TOKEN = web.AppKey("token", str)
 _PRICES = web.AppKey("prices", PriceTable)
-OTLP_SPANS = Counter(
-    "llmpulse_otlp_spans_total",
-    "Spans received on /v1/traces: accepted (a CallEvent), rejected (dead-lettered), "
-    "not_genai and not_a_model_call (agent/tool spans) skipped",
-    ["outcome"],
-)
 
 
 class BrokerUnavailable(Exception):
