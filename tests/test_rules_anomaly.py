@@ -1,4 +1,9 @@
-"""Anomaly rules: rolling 24-hour baselines kept incrementally, and the seasonal method."""
+"""Anomaly rules: rolling 24-hour baselines kept incrementally, and the seasonal method.
+
+Since issue 14 a window is anomalous when the effect is at least the factor AND a test
+finds it unlikely under a robust baseline (median of bucket means), and the default
+method is seasonal; these tests name `method: rolling` where they test the rolling one.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import math
 from datetime import timedelta
 from typing import Any
 
-from llmpulse.streams.rules.baseline import add_to_baseline, baseline_of
+from llmpulse.streams.rules.baseline import Observation, add, expected
 from llmpulse.streams.rules.model import AnomalyRule
 from tests.rules_helpers import T0, Runner, agg, calls, engine
 
@@ -18,6 +23,7 @@ rules:
     metric: requests
     factor: 1.5
     critical_factor: 3
+    method: rolling
     baseline: 24h
     window: 60
     min_baseline_windows: 10
@@ -40,11 +46,15 @@ def test_fires_at_1_6x_the_baseline_and_not_at_1_4x() -> None:
     assert (a.rule, a.state, a.severity) == ("requests_anomaly", "firing", "warning")
     assert (a.value, a.baseline, a.threshold) == (160, 100, 150)
     assert a.summary == (
-        "requests 160 is 1.60x its 24h baseline 100 (> 1.5x) (warning) overall in 60 s window ending 12:31:00 UTC"
+        "requests 160 is 1.60x its 24h baseline 100 (> 1.5x) (expected 69.10..130.90)"
+        " [count 160, p=2.1e-08] (warning) overall in 60 s window ending 12:31:00 UTC"
     )
     [c] = loud.feed(calls(31, 400))
-    # the baseline is every window before this one, the anomalous one included
-    assert (c.severity, c.baseline, c.threshold) == ("critical", 3160 / 31, 3 * 3160 / 31)
+    # the baseline is the median of the 5-minute bucket means: the anomalous window does not move it
+    assert (c.severity, c.baseline, c.threshold) == ("critical", 100, 300)
+    # the evidence: a Poisson test (no spread beyond Poisson in a flat history), p far below 0.001
+    assert c.evidence is not None and c.evidence["test"] == "poisson"
+    assert float(c.evidence["p_value"]) < 1e-12 and c.evidence["count"] == 400
 
 
 def test_does_not_judge_with_too_few_baseline_windows() -> None:
@@ -65,33 +75,42 @@ def test_min_value_and_below_direction() -> None:
             """
 rules:
   - {name: traffic_drop, type: anomaly, metric: requests, direction: below, factor: 2,
-     min_baseline_windows: 10, min_value: 50}
+     method: rolling, min_baseline_windows: 10, min_value: 50}
 """
         )
     )
     _steady(drop, 20)
     assert drop.feed(calls(20, 60)) == []
     [a] = drop.feed(calls(21, 40))
-    assert (a.threshold, a.severity) == (2060 / 21 / 2, "warning")
+    assert (a.threshold, a.severity) == (100 / 2, "warning")  # median bucket mean 100
 
 
 def test_baseline_covers_the_span_only_and_is_kept_incrementally() -> None:
-    rule = AnomalyRule(name="x", metric="requests", baseline=3600, window=60, zero_fill=False)
+    rule = AnomalyRule(name="x", metric="requests", method="rolling", baseline=3600, window=60)
     assert rule.bucket_s == 60  # max(window, 3600 / 288) rounded to the window
     st: dict[str, Any] = {}
     # two hours: the first hour at 1000, the second at 100
     for i in range(120):
-        add_to_baseline(rule, st, 1_700_000_000 + i * 60, 1000.0 if i < 60 else 100.0)
-    mean, n = baseline_of(rule, st, 1_700_000_000 + 120 * 60) or (0, 0)
-    assert (mean, n) == (100.0, 60)
-    assert len(st["buckets"]) <= 61
+        add(rule, st, 1_700_000_000 + i * 60, Observation(1000.0 if i < 60 else 100.0))
+    exp = expected(rule, st, 1_700_000_000 + 120 * 60)
+    assert exp is not None and (exp.mean, exp.windows, exp.var) == (100.0, 60, 0.0)
+    assert len(st["roll"]) <= 61
     json.dumps(st)  # plain data
-    day = AnomalyRule(name="d", metric="requests")
-    assert day.bucket_s == 300 and day.baseline == 86400
+    day = AnomalyRule(name="d", metric="requests", method="rolling")
+    assert day.bucket_s == 300 and day.baseline_s == 86400
     st = {}
     for i in range(3 * 1440):  # three days of 60 s windows: a 24h ring of 5-minute buckets
-        add_to_baseline(day, st, 1_700_000_000 + i * 60, float(i))
-    assert 288 <= len(st["buckets"]) <= 289
+        add(day, st, 1_700_000_000 + i * 60, Observation(float(i)))
+    assert 288 <= len(st["roll"]) <= 289
+    # seasonal: 96 buckets of 15 minutes x 7 days at most, plus a rolling hour of 5-minute buckets
+    seasonal = AnomalyRule(name="s", metric="requests")
+    assert (seasonal.method, seasonal.bucket_s, seasonal.baseline_s) == ("seasonal", 900, 7 * 86400)
+    st = {}
+    for i in range(9 * 1440):
+        add(seasonal, st, 1_700_006_400 + i * 60, Observation(float(i % 1440)))
+    # 7 previous days plus today per bucket
+    assert len(st["slots"]) == 96 and max(len(v) for v in st["slots"].values()) == 8
+    assert len(st["roll"]) <= 13
 
 
 def test_zero_fill_counts_windows_without_data_as_zeros() -> None:
@@ -100,11 +119,13 @@ def test_zero_fill_counts_windows_without_data_as_zeros() -> None:
     for i in range(0, 42, 2):
         assert r.feed(calls(i, 100)) == []
     # ... with zero_fill the quiet minutes count as zeros: the mean per minute is 50
+    # (bucket means 60 and 40, median 50); 1000 stands out against the alternating 0/100
     filled = Runner(engine(ROLLING.replace("min_value: 10", "min_value: 10\n    zero_fill: true")))
     for i in range(0, 10, 2):
         assert filled.feed(calls(i, 100)) == []  # fewer than 10 windows elapsed: not judged yet
-    [a] = filled.feed(calls(10, 100))
-    assert (a.baseline, a.value) == (50.0, 100)
+    [a] = filled.feed(calls(10, 1000))
+    assert (a.baseline, a.value) == (50.0, 1000)
+    assert a.evidence is not None and a.evidence["test"] == "negative_binomial"
 
 
 def _curve(minute_of_day: int) -> float:
@@ -127,6 +148,7 @@ rules:
   - name: rolling
     type: anomaly
     metric: requests
+    method: rolling
     window: 60
     min_baseline_windows: 60
 """
@@ -163,15 +185,21 @@ def test_seasonal_quiet_on_a_daily_peak_3x_the_mean_and_fires_above_it() -> None
     assert "seasonal baseline (same time of day)" in fired[0].summary
 
 
-def test_seasonal_does_not_judge_on_the_first_day() -> None:
+def test_seasonal_uses_a_wider_rolling_hour_on_the_first_day() -> None:
     r = Runner(engine(SEASONAL.split("  - name: rolling")[0]))
+    start = T0.replace(hour=0)
+    # a 10x step on the first day: judged against the last hour, with bounds twice as wide
+    for m in range(0, 330):
+        r.feed(agg(0, start=start + timedelta(minutes=m), requests=100 if m < 300 else 1000))
+    [a] = r.alerts
+    assert (a.state, a.window_start, a.baseline) == ("firing", start + timedelta(minutes=300), 100)
+    assert a.evidence is not None and a.evidence["history"] == "rolling_fallback"
+    assert "rolling 1h baseline (less than a day of history, wider bounds)" in a.summary
+    # a steady first day with Poisson-sized wobble raises nothing
+    quiet = Runner(engine(SEASONAL.split("  - name: rolling")[0]))
     for m in range(0, 600):
-        r.feed(
-            agg(
-                0, start=T0.replace(hour=0) + timedelta(minutes=m), requests=10 if m < 300 else 1000
-            )
-        )
-    assert r.alerts == []
+        quiet.feed(agg(0, start=start + timedelta(minutes=m), requests=100 + (m * 37) % 21 - 10))
+    assert quiet.alerts == []
 
 
 def test_anomaly_state_survives_a_restart() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
+import pytest
+
 from llmpulse.schemas import WindowAggregate, alert_fingerprint
 from llmpulse.streams.rules import RulesEngine, has_open_alerts, load_rules, new_state
 from tests.rules_helpers import T0, Runner, agg, calls, engine
@@ -20,6 +22,7 @@ rules:
     by: [model]
     min_requests: 20
     resolve_after: 2
+    confidence: null  # point values: this file tests the lifecycle (test_rules_stats.py: the evidence)
 """
 GPT = {"model": "gpt-4o"}
 
@@ -112,7 +115,7 @@ def test_below_direction_and_missing_value() -> None:
             """
 rules:
   - {name: rel, kind: feedback, metric: relevance_avg, direction: below, warning: 4.5, critical: 4.0,
-     min_requests: 5, resolve_after: 1}
+     min_requests: 5, resolve_after: 1, confidence: null}
 """
         )
     )
@@ -256,9 +259,10 @@ def test_composite_all_of_and_any_of() -> None:
     w = dict(dims=GPT)
     r.feed(calls(0, 100, 0, latency_avg_ms=100, **w))
     assert r.events() == []
-    r.feed(calls(1, 100, 30, latency_avg_ms=100, **w))  # errors critical only
+    # errors critical only: 40 of 100 shows an error rate above 20% (P(X >= 40 | 100, 0.2) ~ 1e-5)
+    r.feed(calls(1, 100, 40, latency_avg_ms=100, **w))
     assert r.events() == [("either", "firing", "critical")]
-    r.feed(calls(2, 100, 30, latency_avg_ms=3000, **w))  # both
+    r.feed(calls(2, 100, 40, latency_avg_ms=3000, **w))  # both
     assert r.events()[1:] == [("both", "firing", "warning")]  # lowest of members for all_of
     r.feed(calls(3, 100, 0, latency_avg_ms=3000, **w))  # errors clear
     assert r.events()[2:] == [("both", "resolved", "warning")]
@@ -293,17 +297,25 @@ def test_removed_rule_resolves_its_open_alert_and_changed_levels_keep_state() ->
 
 def test_default_rules_judge_the_operational_targets() -> None:
     r = Runner(RulesEngine(load_rules(None)))
-    r.feed(calls(0, 200, 4, dims=GPT, latency_avg_ms=900.0))  # 98% success
+    # success_rate is an SLO now: 40 errors in 200 calls burn a 1% budget 20x (> 14.4x in 1h and 5m)
+    r.feed(calls(0, 200, 40, dims=GPT, latency_avg_ms=900.0))
     r.feed(agg(0, kind="gpu", dims={"host": "h1", "gpu": "0"}, samples=60, gpu_util_avg_pct=85.0))
     r.feed(agg(1, kind="gpu", dims={"host": "h1", "gpu": "0"}, samples=60, gpu_util_avg_pct=85.0))
-    r.feed(agg(0, kind="feedback", feedback_count=40, intent_accuracy=0.9, relevance_avg=4.6))
+    # 368 right of 400 (92%): P(X <= 368 | 400, 0.95) ~ 0.004 < 0.01, a warning; not below 90%
+    r.feed(
+        agg(0, kind="feedback", dims={"app": "chat"}, feedback_count=400, intent_accuracy=0.92, relevance_avg=4.6)
+    )
     r.feed(agg(1, total_tokens=100_001, requests=50))
     assert sorted(r.events()) == [
         ("daily_tokens", "firing", "critical"),
         ("gpu_utilisation", "firing", "warning"),
         ("intent_accuracy", "firing", "warning"),
-        ("success_rate", "firing", "warning"),
+        ("success_rate", "firing", "critical"),
     ]
+    slo = next(a for a in r.alerts if a.rule == "success_rate")
+    assert slo.dimensions == GPT and slo.metric == "burn_rate"
+    assert slo.value == pytest.approx(20.0) and slo.threshold == 14.4
+    assert slo.evidence is not None and slo.evidence["error_budget_remaining"] == pytest.approx(-19.0)
 
 
 def test_sweep_resolves_alerts_of_a_dimension_set_that_went_quiet() -> None:

@@ -15,6 +15,7 @@ from llmpulse.streams.rules import (
     BudgetRule,
     RulesError,
     RulesReloader,
+    SloRule,
     ThresholdRule,
     load_rules,
     parse_rules,
@@ -25,8 +26,14 @@ from tests.rules_helpers import calls
 
 def test_defaults_carry_the_operational_targets() -> None:
     rules = load_rules(None).by_name()
+    # success >= 99% is an SLO over 30 days (issue 14), per model and per app
     sr = rules["success_rate"]
-    assert isinstance(sr, ThresholdRule) and (sr.direction, sr.warning) == ("below", 0.99)
+    assert isinstance(sr, SloRule) and (sr.objective, sr.period) == (0.99, 30 * 86400)
+    assert sr.dim_sets == (("model",), ("app",))
+    assert [(a.long, a.short, a.burn_rate, a.severity) for a in sr.alerts] == [
+        (3600, 300, 14.4, "critical"),
+        (21600, 1800, 6, "warning"),
+    ]
     lat = rules["latency_avg"]
     assert isinstance(lat, ThresholdRule) and (lat.metric, lat.warning) == ("latency_avg_ms", 2000)
     tok = rules["daily_tokens"]
@@ -44,17 +51,18 @@ def test_defaults_carry_the_operational_targets() -> None:
     key = rules["key_rate"]
     assert isinstance(key, ThresholdRule)
     assert (key.metric, key.window, key.by, key.warning) == ("requests", 60, ("api_key_hash",), 100)
+    assert (lat.confidence, ia.confidence, rel.confidence) == (0.99, 0.99, 0.99)
+    # anomalies: seasonal (same time of day, 7 days) per model, app and key
     for name, metric in [
         ("cost_anomaly", "cost_usd"),
+        ("tokens_anomaly", "total_tokens"),
         ("requests_anomaly", "requests"),
         ("error_rate_anomaly", "error_rate"),
     ]:
         a = rules[name]
-        assert isinstance(a, AnomalyRule) and (a.metric, a.factor, a.baseline) == (
-            metric,
-            1.5,
-            86400,
-        )
+        assert isinstance(a, AnomalyRule)
+        assert (a.metric, a.factor, a.method, a.baseline_s) == (metric, 1.5, "seasonal", 7 * 86400)
+        assert a.dim_sets == (("model",), ("app",), ("api_key_hash",))
 
 
 def test_durations_and_shorthands() -> None:
@@ -114,7 +122,7 @@ BAD = [
     ),
     (
         "rules:\n  - {name: r1, type: alarm}\n",
-        ["rule 'r1'", "key 'type'", "threshold, anomaly, budget, composite"],
+        ["rule 'r1'", "key 'type'", "threshold, slo, anomaly, budget, composite"],
     ),
     (
         "rules:\n  - {name: c, type: composite, all_of: [nope]}\n",

@@ -1,4 +1,11 @@
-"""Alert: a rule's verdict on a window, with its lifecycle state."""
+"""Alert: a rule's verdict on a window, with its lifecycle state and the evidence behind it.
+
+Every firing alert says why in terms a person can check: ``value`` against ``threshold``
+(or ``baseline``), the band a healthy value lies in (``expected_low`` .. ``expected_high``;
+one side may be open), and ``evidence``: the numbers the rule decided on (``n`` calls,
+``count``, ``p_value``, a confidence ``bound``, SLO ``burn_rate_long``/``burn_rate_short``
+and ``error_budget_remaining``...). Older producers leave the new fields empty.
+"""
 
 from __future__ import annotations
 
@@ -35,3 +42,6 @@ class Alert(WireModel):
     ts: UtcDatetime = Field(default_factory=utc_now)
     summary: Annotated[str, Field(max_length=4096)] = ""
     root_cause: dict[str, str | float] | None = None
+    expected_low: float | None = None
+    expected_high: float | None = None
+    evidence: dict[str, str | float] | None = None

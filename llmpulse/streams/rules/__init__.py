@@ -1,6 +1,12 @@
 """Rules, anomaly baselines and the alert lifecycle of the stream worker (pure logic, no Kafka)."""
 
-from llmpulse.streams.rules.engine import STATE_VERSION, RulesEngine, has_open_alerts, new_state
+from llmpulse.streams.rules.engine import (
+    STATE_VERSION,
+    RulesEngine,
+    has_open_alerts,
+    migrate_state,
+    new_state,
+)
 from llmpulse.streams.rules.loader import RulesError, RulesReloader, load_rules, parse_rules
 from llmpulse.streams.rules.model import (
     AnomalyRule,
@@ -8,6 +14,7 @@ from llmpulse.streams.rules.model import (
     CompositeRule,
     Rule,
     RuleSet,
+    SloRule,
     ThresholdRule,
 )
 
@@ -21,9 +28,11 @@ __all__ = [
     "RulesEngine",
     "RulesError",
     "RulesReloader",
+    "SloRule",
     "ThresholdRule",
     "has_open_alerts",
     "load_rules",
+    "migrate_state",
     "new_state",
     "parse_rules",
 ]

@@ -1,147 +1,218 @@
-"""Incremental baselines for anomaly rules, kept as plain JSON data.
+"""Baselines of anomaly rules, kept incrementally as plain JSON data.
 
-Rolling: a ring of buckets ``[bucket_start_s, sum, windows]`` covering the baseline span
-before the current window, plus running totals. Each window adds its value to the last
-bucket; buckets older than the span are dropped. The mean is ``sum / windows`` (with
-zero fill: ``sum / windows elapsed``, so that windows without data count as zeros).
-The span covered is the baseline span rounded up to whole buckets.
+Guarantee: the expected value of a window is robust and knows the time of day, and the
+state per dimension set is bounded (O(1) work per window). It defends against the two
+causes of most false anomalies: a daily peak compared with a 24-hour mean, and one past
+incident dragging the mean up for a day.
 
-Seasonal: per time-of-day bucket, one ``[day, sum, windows]`` entry for each of the last
-``days`` UTC days. The baseline of a window is the mean over previous days of the same
-time-of-day bucket, so a daily peak is compared with earlier peaks, not with the day.
+Each window contributes ``(s1, s2)``: for rates (error_rate, success_rate,
+intent_accuracy) the count and the volume (``errors``, ``requests``); for everything
+else the value and its square. Entries are ``[key, windows, s1, s2]``.
 
-Nothing is recomputed from history: each window costs O(1) (plus O(buckets) when a
-bucket is dropped, once per bucket span).
+Seasonal (the default): per time-of-day bucket (15 min by default), one entry for each
+of the last ``baseline`` UTC days. The expected value is the median over previous days
+of that bucket's per-day mean (rate), the spread the median within-day variance plus the
+between-day MAD, so one bad day changes nothing. Until a bucket has a previous day, a
+rolling hour of 5-minute buckets stands in, with the bounds made twice as wide.
+
+Rolling: the same statistics over 5-minute buckets (``baseline/288``) of the span before
+the window: the median of the bucket means, the median within-bucket variance plus the
+MAD of the bucket means.
+
+State: seasonal ``{"first", "slots": {slot: [[day, w, s1, s2], ...]}, "roll": [[start, w,
+s1, s2], ...]}``; rolling ``{"first", "roll": [...]}``. The seasonal slots are 96 x days
+entries at most, the rolling hour 12.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from llmpulse.streams.rules.model import DAY_S, AnomalyRule
+from llmpulse.schemas import WindowAggregate
+from llmpulse.streams.rules.model import DAY_S, VOLUME_FIELD, AnomalyRule
+from llmpulse.streams.rules.stats import mad_sigma, median
 
 State = dict[str, Any]
+FALLBACK_SPAN_S = 3600
+FALLBACK_BUCKET_S = 300
+# rate metric -> (the count it is a share of the volume of), per aggregate
+RATE_METRICS = frozenset({"error_rate", "success_rate", "intent_accuracy"})
 
 
-def new_baseline() -> State:
-    return {}
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One window's value, and for rates its count and volume."""
+
+    value: float
+    count: int = 0
+    volume: int = 0
 
 
-def baseline_of(rule: AnomalyRule, st: State, window_start_s: int) -> tuple[float, int] | None:
-    """(mean, windows) of the baseline before ``window_start_s``; None without any data."""
-    if rule.method == "seasonal":
-        return _seasonal_mean(rule, st, window_start_s)
-    return _rolling_mean(rule, st, window_start_s)
+@dataclass(frozen=True, slots=True)
+class Expectation:
+    """What a window should look like under the baseline."""
+
+    mean: float  # expected value (for rates, the expected share)
+    var: float  # variance of one window's value (0 for rates: binomial)
+    windows: int  # windows of history behind it
+    volume: int  # rates: the calls behind the expected share
+    source: str  # "seasonal", "rolling" or "rolling_fallback"
+
+    @property
+    def wide(self) -> bool:
+        return self.source == "rolling_fallback"
 
 
-def add_to_baseline(rule: AnomalyRule, st: State, window_start_s: int, value: float) -> None:
-    if rule.method == "seasonal":
-        _seasonal_add(rule, st, window_start_s, value)
-    else:
-        _rolling_add(rule, st, window_start_s, value)
-
-
-# -- rolling ----------------------------------------------------------------------------
-
-
-def _rolling_evict(rule: AnomalyRule, st: State, now_s: int) -> None:
-    buckets: list[list[Any]] = st.get("buckets") or []
-    bucket_s = rule.bucket_s
-    cutoff = now_s - rule.baseline
-    drop = 0
-    while drop < len(buckets) and buckets[drop][0] + bucket_s <= cutoff:
-        drop += 1
-    if drop:
-        del buckets[:drop]
-        st["sum"] = float(sum(b[1] for b in buckets))
-        st["n"] = int(sum(b[2] for b in buckets))
-
-
-def _rolling_mean(rule: AnomalyRule, st: State, now_s: int) -> tuple[float, int] | None:
-    if not st.get("buckets"):
+def observe(rule: AnomalyRule, agg: WindowAggregate) -> Observation | None:
+    value = getattr(agg, rule.metric)
+    if value is None:
         return None
-    _rolling_evict(rule, st, now_s)
-    buckets = st["buckets"]
-    if not buckets:
-        return None
-    total: float = st["sum"]
-    n: int = st["n"]
-    if rule.zero_filled:
-        covered_from = max(int(st["first"]), int(buckets[0][0]))
-        n = max(n, (now_s - covered_from) // rule.window)
+    v = float(value)
+    if rule.metric not in RATE_METRICS:
+        return Observation(v)
+    n = int(getattr(agg, VOLUME_FIELD[rule.kind]))
     if n <= 0:
         return None
-    return total / n, n
+    return Observation(v, round(v * n), n)
 
 
-def _rolling_add(rule: AnomalyRule, st: State, window_start_s: int, value: float) -> None:
-    bucket_s = rule.bucket_s
-    b = window_start_s - window_start_s % bucket_s
-    buckets: list[list[Any]] = st.setdefault("buckets", [])
-    if "first" not in st:
-        st["first"] = window_start_s
-        st["sum"] = 0.0
-        st["n"] = 0
-    if buckets and buckets[-1][0] == b:
-        buckets[-1][1] += value
-        buckets[-1][2] += 1
+def _parts(rule: AnomalyRule, obs: Observation) -> tuple[float, float]:
+    if rule.metric in RATE_METRICS:
+        return float(obs.count), float(obs.volume)
+    return obs.value, obs.value * obs.value
+
+
+def expected(rule: AnomalyRule, st: State, window_start_s: int) -> Expectation | None:
+    """The baseline of the window starting at ``window_start_s``; None without history."""
+    if rule.method == "seasonal":
+        seasonal = _seasonal(rule, st, window_start_s)
+        if seasonal is not None:
+            return seasonal
+        return _rolling(rule, st, window_start_s, FALLBACK_SPAN_S, _fallback_bucket(rule), True)
+    return _rolling(rule, st, window_start_s, rule.baseline_s, rule.bucket_s, False)
+
+
+def add(rule: AnomalyRule, st: State, window_start_s: int, obs: Observation) -> None:
+    """Count one window into the baseline (after it was judged)."""
+    s1, s2 = _parts(rule, obs)
+    st.setdefault("first", window_start_s)
+    if rule.method == "seasonal":
+        _seasonal_add(rule, st, window_start_s, s1, s2)
+        _roll_add(st, window_start_s, s1, s2, FALLBACK_SPAN_S, _fallback_bucket(rule))
     else:
-        for entry in buckets:  # an older window arriving late: find its bucket
-            if entry[0] == b:
-                entry[1] += value
-                entry[2] += 1
-                break
-        else:
-            buckets.append([b, value, 1])
-            buckets.sort(key=lambda e: e[0])
-    st["sum"] += value
-    st["n"] += 1
-    _rolling_evict(rule, st, window_start_s)
+        _roll_add(st, window_start_s, s1, s2, rule.baseline_s, rule.bucket_s)
+
+
+def _fallback_bucket(rule: AnomalyRule) -> int:
+    b = max(rule.window, FALLBACK_BUCKET_S)
+    return b - b % rule.window
+
+
+def _summarise(
+    rule: AnomalyRule, groups: list[tuple[int, float, float]], source: str
+) -> Expectation | None:
+    """Median over groups (days or buckets) of (windows, s1, s2)."""
+    groups = [g for g in groups if g[0] > 0]
+    if not groups:
+        return None
+    windows = sum(g[0] for g in groups)
+    if rule.metric in RATE_METRICS:
+        shares = [g[1] / g[2] for g in groups if g[2] > 0]
+        volume = int(sum(g[2] for g in groups))
+        if not shares:
+            return None
+        return Expectation(median(shares), 0.0, windows, volume, source)
+    means = [g[1] / g[0] for g in groups]
+    within = [max(0.0, g[2] / g[0] - (g[1] / g[0]) ** 2) * g[0] / max(1, g[0] - 1) for g in groups]
+    var = median(within) + mad_sigma(means) ** 2
+    return Expectation(median(means), var, windows, 0, source)
 
 
 # -- seasonal ---------------------------------------------------------------------------
 
 
-def _seasonal_slot(rule: AnomalyRule, window_start_s: int) -> tuple[str, int, int]:
+def _slot(rule: AnomalyRule, window_start_s: int) -> tuple[str, int, int]:
     day, sec = divmod(window_start_s, DAY_S)
     slot = sec // rule.bucket_s
     return str(slot), day, day * DAY_S + slot * rule.bucket_s
 
 
-def _seasonal_mean(rule: AnomalyRule, st: State, now_s: int) -> tuple[float, int] | None:
-    slots: dict[str, list[list[Any]]] = st.get("slots") or {}
-    key, today, _ = _seasonal_slot(rule, now_s)
-    entries = slots.get(key)
+def _seasonal(rule: AnomalyRule, st: State, now_s: int) -> Expectation | None:
+    key, today, _ = _slot(rule, now_s)
+    entries = (st.get("slots") or {}).get(key)
     if not entries:
         return None
-    oldest = today - rule.baseline // DAY_S
-    total = 0.0
-    n = 0
-    first = int(st.get("first", 0))
-    for day, s, count in entries:
-        if oldest <= day < today:
-            total += s
-            if rule.zero_filled:
-                start = day * DAY_S + int(key) * rule.bucket_s
-                count = max(count, (start + rule.bucket_s - max(start, first)) // rule.window)
-            n += count
-    if n <= 0:
-        return None
-    return total / n, n
+    oldest = today - rule.baseline_s // DAY_S
+    first = int(st.get("first", now_s))
+    groups: list[tuple[int, float, float]] = []
+    for day, w, s1, s2 in entries:
+        if not oldest <= day < today:
+            continue
+        if rule.zero_filled:  # windows without data in the bucket count as zeros
+            start = day * DAY_S + int(key) * rule.bucket_s
+            w = max(w, (start + rule.bucket_s - max(start, first)) // rule.window)
+        groups.append((int(w), float(s1), float(s2)))
+    return _summarise(rule, groups, "seasonal")
 
 
-def _seasonal_add(rule: AnomalyRule, st: State, window_start_s: int, value: float) -> None:
+def _seasonal_add(rule: AnomalyRule, st: State, window_start_s: int, s1: float, s2: float) -> None:
     slots: dict[str, list[list[Any]]] = st.setdefault("slots", {})
-    if "first" not in st:
-        st["first"] = window_start_s
-    key, today, _ = _seasonal_slot(rule, window_start_s)
+    key, today, _ = _slot(rule, window_start_s)
     entries = slots.setdefault(key, [])
     if entries and entries[-1][0] == today:
-        entries[-1][1] += value
-        entries[-1][2] += 1
+        entries[-1][1] += 1
+        entries[-1][2] += s1
+        entries[-1][3] += s2
     else:
-        entries.append([today, value, 1])
+        entries.append([today, 1, s1, s2])
         entries.sort(key=lambda e: e[0])
-    oldest = today - rule.baseline // DAY_S
+    oldest = today - rule.baseline_s // DAY_S
     while entries and entries[0][0] < oldest:
         entries.pop(0)
+
+
+# -- rolling ----------------------------------------------------------------------------
+
+
+def _rolling(
+    rule: AnomalyRule, st: State, now_s: int, span_s: int, bucket_s: int, fallback: bool
+) -> Expectation | None:
+    buckets: list[list[Any]] = st.get("roll") or []
+    cutoff = now_s - span_s
+    first = int(st.get("first", now_s))
+    groups: list[tuple[int, float, float]] = []
+    for start, w, s1, s2 in buckets:
+        if start + bucket_s <= cutoff or start >= now_s:
+            continue
+        if rule.zero_filled:
+            lo = max(start, first, cutoff)
+            w = max(w, (min(start + bucket_s, now_s) - lo) // rule.window)
+        groups.append((int(w), float(s1), float(s2)))
+    return _summarise(rule, groups, "rolling_fallback" if fallback else "rolling")
+
+
+def _roll_add(
+    st: State, window_start_s: int, s1: float, s2: float, span_s: int, bucket_s: int
+) -> None:
+    b = window_start_s - window_start_s % bucket_s
+    buckets: list[list[Any]] = st.setdefault("roll", [])
+    if buckets and buckets[-1][0] == b:
+        entry = buckets[-1]
+    else:
+        found = [e for e in buckets if e[0] == b]  # an older window arriving late
+        if found:
+            entry = found[0]
+        else:
+            entry = [b, 0, 0.0, 0.0]
+            buckets.append(entry)
+            buckets.sort(key=lambda e: e[0])
+    entry[1] += 1
+    entry[2] += s1
+    entry[3] += s2
+    cutoff = window_start_s - span_s
+    drop = 0
+    while drop < len(buckets) and buckets[drop][0] + bucket_s <= cutoff:
+        drop += 1
+    if drop:
+        del buckets[:drop]

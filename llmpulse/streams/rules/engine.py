@@ -39,24 +39,26 @@ from datetime import UTC, datetime
 from typing import Any
 
 from llmpulse.schemas import Alert, WindowAggregate, alert_fingerprint
-from llmpulse.streams.rules.baseline import add_to_baseline, baseline_of
+from llmpulse.streams.rules.baseline import add, expected, observe
+from llmpulse.streams.rules.evidence import Verdict, judge_anomaly, judge_threshold, rounded
 from llmpulse.streams.rules.lifecycle import Transition, advance, firing_severity
 from llmpulse.streams.rules.model import (
     ADDITIVE_METRICS,
     DAY_S,
-    VOLUME_FIELD,
     AnomalyRule,
     BudgetRule,
     CompositeRule,
     Rule,
     RuleSet,
     Severity,
+    SloRule,
     ThresholdRule,
     WindowRule,
 )
+from llmpulse.streams.rules.slo import judge_slo
 from llmpulse.streams.rules.summary import fmt_dims, fmt_span, fmt_time, fmt_value, fmt_window
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 State = dict[str, Any]
 _RANK = {"warning": 1, "critical": 2}
 
@@ -66,32 +68,28 @@ def new_state() -> State:
     return {"v": STATE_VERSION, "sig": "", "seen": {}, "rules": {}}
 
 
+def migrate_state(state: State) -> State:
+    """Bring a stored state to STATE_VERSION in place.
+
+    v1 -> v2: anomaly baselines changed format (robust seasonal buckets): they are
+    dropped and rebuild from the next windows; streaks and open alerts are kept, so an
+    incident firing across the upgrade resolves normally.
+    """
+    v = int(state.get("v", 1))
+    if v < 2:
+        for rst in (state.get("rules") or {}).values():
+            if isinstance(rst, dict):
+                rst.pop("baseline", None)
+        state["v"] = 2
+    return state
+
+
 def _ms(ts: datetime) -> int:
     return round(ts.timestamp() * 1000)
 
 
 def _from_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
-
-
-class _Verdict:
-    """One rule's judgement of one window."""
-
-    __slots__ = ("baseline", "judged", "level", "threshold", "value")
-
-    def __init__(
-        self,
-        level: Severity | None,
-        value: float | None,
-        threshold: float | None,
-        baseline: float | None = None,
-        judged: bool = True,
-    ) -> None:
-        self.level = level
-        self.value = value
-        self.threshold = threshold
-        self.baseline = baseline
-        self.judged = judged
 
 
 class RulesEngine:
@@ -124,7 +122,8 @@ class RulesEngine:
                 for m in r.members:
                     composites.setdefault(m, []).append(r)
             else:
-                index.setdefault((r.kind, r.window, r.dims), []).append(r)
+                for dims in r.dim_sets:
+                    index.setdefault((r.kind, r.window, dims), []).append(r)
         self._index = {k: tuple(v) for k, v in index.items()}
         self._composites_of = {k: tuple(v) for k, v in composites.items()}
 
@@ -140,6 +139,8 @@ class RulesEngine:
         if not rules:
             return []
         alerts: list[Alert] = []
+        if state.get("v", 1) != STATE_VERSION:
+            migrate_state(state)
         if state.get("sig") != self.signature:
             self._reconcile(agg, state, alerts)
         start_ms = _ms(agg.window_start)
@@ -161,8 +162,11 @@ class RulesEngine:
             if rst is None:
                 rst = all_states[rule.name] = {"k": self._data_sig[rule.name], "streak": 0}
             if isinstance(rule, ThresholdRule):
-                verdict = _judge_threshold(rule, agg)
+                verdict = judge_threshold(rule, agg)
                 for_windows = rule.for_
+            elif isinstance(rule, SloRule):
+                verdict = judge_slo(rule, agg, rst.setdefault("slo", {}))
+                for_windows = 1
             elif isinstance(rule, AnomalyRule):
                 verdict = _judge_anomaly(rule, agg, rst)
                 for_windows = rule.for_
@@ -293,13 +297,14 @@ class RulesEngine:
             elif rst.get("k") != self._data_sig[name]:
                 rst.pop("baseline", None)
                 rst.pop("budget", None)
+                rst.pop("slo", None)
                 rst["k"] = self._data_sig[name]
         state["sig"] = self.signature
 
     # -- alerts ---------------------------------------------------------------------------
 
-    def _alert(self, rule: WindowRule, tr: Transition, v: _Verdict, agg: WindowAggregate) -> Alert:
-        return _build(
+    def _alert(self, rule: WindowRule, tr: Transition, v: Verdict, agg: WindowAggregate) -> Alert:
+        alert = _build(
             rule.name,
             rule.metric,
             tr,
@@ -308,6 +313,15 @@ class RulesEngine:
             v.baseline,
             agg,
             _summary(rule, tr, v, agg),
+        )
+        if tr.change == "resolved" and not v.judged:
+            return alert
+        return alert.model_copy(
+            update={
+                "expected_low": v.expected_low,
+                "expected_high": v.expected_high,
+                "evidence": rounded(v.evidence) or None,
+            }
         )
 
     def _evaluate_composite(
@@ -363,60 +377,18 @@ def has_open_alerts(state: State) -> bool:
 # -- judging ------------------------------------------------------------------------------
 
 
-def _volume_ok(rule: ThresholdRule | AnomalyRule, agg: WindowAggregate) -> bool:
-    return rule.min_requests <= 0 or getattr(agg, VOLUME_FIELD[rule.kind]) >= rule.min_requests
-
-
-def _judge_threshold(rule: ThresholdRule, agg: WindowAggregate) -> _Verdict:
-    shown = rule.warning if rule.warning is not None else rule.critical
-    if not _volume_ok(rule, agg):
-        return _Verdict(None, None, shown, judged=False)
-    value = getattr(agg, rule.metric)
-    if value is None:
-        return _Verdict(None, None, shown, judged=False)
-    v = float(value)
-    crit, warn = rule.critical, rule.warning
-    if rule.direction == "above":
-        if crit is not None and v > crit:
-            return _Verdict("critical", v, crit)
-        if warn is not None and v > warn:
-            return _Verdict("warning", v, warn)
-    else:
-        if crit is not None and v < crit:
-            return _Verdict("critical", v, crit)
-        if warn is not None and v < warn:
-            return _Verdict("warning", v, warn)
-    return _Verdict(None, v, shown)
-
-
-def _judge_anomaly(rule: AnomalyRule, agg: WindowAggregate, rst: State) -> _Verdict:
-    value = getattr(agg, rule.metric)
-    if value is None:
-        return _Verdict(None, None, None, judged=False)
-    v = float(value)
+def _judge_anomaly(rule: AnomalyRule, agg: WindowAggregate, rst: State) -> Verdict:
+    obs = observe(rule, agg)
+    if obs is None:
+        return Verdict(None, None, None, judged=False)
     start_s = _ms(agg.window_start) // 1000
     bst: State = rst.setdefault("baseline", {})
-    base = baseline_of(rule, bst, start_s)
-    add_to_baseline(rule, bst, start_s, v)
-    if base is None or base[1] < rule.min_baseline_windows or not _volume_ok(rule, agg):
-        return _Verdict(None, v, None, None if base is None else base[0], judged=False)
-    mean = base[0]
-    if rule.direction == "above":
-        limit = mean * rule.factor
-        if v < rule.min_value or v <= limit:
-            return _Verdict(None, v, limit, mean)
-        if rule.critical_factor is not None and v > mean * rule.critical_factor:
-            return _Verdict("critical", v, mean * rule.critical_factor, mean)
-        return _Verdict(rule.severity, v, limit, mean)
-    limit = mean / rule.factor
-    if mean < rule.min_value or v >= limit:
-        return _Verdict(None, v, limit, mean)
-    if rule.critical_factor is not None and v < mean / rule.critical_factor:
-        return _Verdict("critical", v, mean / rule.critical_factor, mean)
-    return _Verdict(rule.severity, v, limit, mean)
+    exp = expected(rule, bst, start_s)
+    add(rule, bst, start_s, obs)
+    return judge_anomaly(rule, obs, exp, agg)
 
 
-def _judge_budget(rule: BudgetRule, agg: WindowAggregate, rst: State) -> _Verdict:
+def _judge_budget(rule: BudgetRule, agg: WindowAggregate, rst: State) -> Verdict:
     day = (_ms(agg.window_start) // 1000) // DAY_S
     bst: State | None = rst.get("budget")
     if bst is None or day > int(bst["day"]):
@@ -425,10 +397,10 @@ def _judge_budget(rule: BudgetRule, agg: WindowAggregate, rst: State) -> _Verdic
         bst["total"] = float(bst["total"]) + float(getattr(agg, rule.metric))
     total = float(bst["total"])
     if rule.critical is not None and total > rule.critical:
-        return _Verdict("critical", total, rule.critical)
+        return Verdict("critical", total, rule.critical)
     if rule.warning is not None and total > rule.warning:
-        return _Verdict("warning", total, rule.warning)
-    return _Verdict(None, total, rule.warning if rule.warning is not None else rule.critical)
+        return Verdict("warning", total, rule.warning)
+    return Verdict(None, total, rule.warning if rule.warning is not None else rule.critical)
 
 
 # -- alert building -----------------------------------------------------------------------
@@ -484,7 +456,31 @@ def _build_at(
     )
 
 
-def _summary(rule: WindowRule, tr: Transition, v: _Verdict, agg: WindowAggregate) -> str:
+def _band(metric: str, v: Verdict) -> str:
+    lo, hi = v.expected_low, v.expected_high
+    if lo is None and hi is None:
+        return ""
+    return f" (expected {fmt_value(metric, lo)}..{fmt_value(metric, hi)})"
+
+
+def _why(v: Verdict) -> str:
+    """The evidence in a few words: how many calls, the p-value."""
+    ev = v.evidence
+    parts = []
+    if "count" in ev and "n" in ev:
+        parts.append(f"{ev['count']:.0f} of {ev['n']:.0f}")
+    elif "n" in ev:
+        parts.append(f"n={float(ev['n']):.0f}")
+    elif "count" in ev:
+        parts.append(f"count {float(ev['count']):.0f}")
+    if "p_value" in ev:
+        parts.append(f"p={float(ev['p_value']):.2g}")
+    elif "bound" in ev and "confidence" in ev:
+        parts.append(f"{float(ev['confidence']) * 100:g}% bound {float(ev['bound']):.4g}")
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
+def _summary(rule: WindowRule, tr: Transition, v: Verdict, agg: WindowAggregate) -> str:
     m = rule.metric
     where = f"{fmt_dims(agg.dimensions)} {fmt_window(agg.window_s, agg.window_end)}"
     since = f"(firing since {fmt_time(_from_ms(tr.started_at_ms))})"
@@ -494,13 +490,27 @@ def _summary(rule: WindowRule, tr: Transition, v: _Verdict, agg: WindowAggregate
         if tr.change == "resolved":
             return f"resolved: {m} {value} today within the daily budget {where} {since}"
         return f"{m} {value} today > daily budget {limit} ({tr.severity}) {where}"
-    if isinstance(rule, AnomalyRule):
-        span = fmt_span(rule.baseline)
-        method = (
-            "seasonal baseline (same time of day)"
-            if rule.method == "seasonal"
-            else f"{span} baseline"
+    if isinstance(rule, SloRule):
+        ev = v.evidence
+        slo = f"success SLO {rule.objective * 100:g}% over {fmt_span(rule.period)}"
+        left = float(ev.get("error_budget_remaining", 1.0)) * 100
+        if tr.change == "resolved":
+            return f"resolved: {slo}: error budget burn back under its alert rates {where} ({left:.0f}% of the budget left) {since}"
+        return (
+            f"{slo}: error budget burning {float(ev['burn_rate_long']):.1f}x over "
+            f"{fmt_span(int(ev['long_window_s']))} and {float(ev['burn_rate_short']):.1f}x over "
+            f"{fmt_span(int(ev['short_window_s']))} (> {float(ev['burn_rate_threshold']):g}x) "
+            f"({tr.severity}) {where}; {left:.0f}% of the budget left"
         )
+    if isinstance(rule, AnomalyRule):
+        if rule.method == "seasonal":
+            method = (
+                "rolling 1h baseline (less than a day of history, wider bounds)"
+                if v.evidence.get("history") == "rolling_fallback"
+                else "seasonal baseline (same time of day)"
+            )
+        else:
+            method = f"{fmt_span(rule.baseline_s)} baseline"
         base = fmt_value(m, v.baseline)
         if tr.change == "resolved":
             if v.baseline is None or v.value is None:
@@ -517,7 +527,8 @@ def _summary(rule: WindowRule, tr: Transition, v: _Verdict, agg: WindowAggregate
             factor = rule.critical_factor
         lim = f"{factor:g}x" if rule.direction == "above" else f"1/{factor:g}x"
         return (
-            f"{m} {value} is {ratio:.2f}x its {method} {base} ({op} {lim}) ({tr.severity}) {where}"
+            f"{m} {value} is {ratio:.2f}x its {method} {base} ({op} {lim})"
+            f"{_band(m, v)}{_why(v)} ({tr.severity}) {where}"
         )
     op = ">" if rule.direction == "above" else "<"
     back = "<=" if rule.direction == "above" else ">="
@@ -527,4 +538,4 @@ def _summary(rule: WindowRule, tr: Transition, v: _Verdict, agg: WindowAggregate
         limit = fmt_value(m, v.threshold, level=True)
         return f"resolved: {m} {value} {back} {limit} {where} {since}"
     limit = fmt_value(m, v.threshold, level=True)
-    return f"{m} {value} {op} {limit} ({tr.severity}) {where}"
+    return f"{m} {value} {op} {limit}{_why(v)} ({tr.severity}) {where}"

@@ -1,11 +1,13 @@
 """Pydantic models of the rules file: thresholds, anomalies, budgets, composites.
 
 A rules file is ``{"version": 1, "rules": [...]}``; each rule has a unique ``name`` and a
-``type`` (threshold | anomaly | budget | composite). Unknown keys are errors. Durations
-are seconds or text such as ``90s``, ``5m``, ``24h``, ``7d``.
+``type`` (threshold | slo | anomaly | budget | composite). Unknown keys are errors.
+Durations are seconds or text such as ``90s``, ``5m``, ``24h``, ``7d``.
 
 Comparisons are strict: a threshold ``above`` fires when the value is greater than its
-level, ``below`` when it is less, so a value equal to the target meets the target.
+level, ``below`` when it is less, so a value equal to the target meets the target. Rates,
+means and percentiles must also breach with ``confidence`` (see evidence.py), so a small
+sample's point value alone never fires.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from llmpulse.config.worker import CALL_DIMENSIONS
 Kind = Literal["calls", "gpu", "feedback", "host"]
 Direction = Literal["above", "below"]
 Severity = Literal["warning", "critical"]
-RuleType = Literal["threshold", "anomaly", "budget", "composite"]
+RuleType = Literal["threshold", "slo", "anomaly", "budget", "composite"]
 
 CALL_METRICS = frozenset(
     {
@@ -120,7 +122,13 @@ class _Rule(BaseModel):
 class _Windowed(_Rule):
     kind: Kind = "calls"
     window: Duration = Field(default=60, description="the worker window (seconds) this rule judges")
-    by: tuple[str, ...] = Field(default=(), description="the dimension set judged; () is global")
+    by: tuple[str, ...] | tuple[tuple[str, ...], ...] = Field(
+        default=(),
+        description=(
+            "the dimension set judged ([] or absent: all traffic); a list of lists judges each"
+            " set separately, e.g. [[model], [app], [api_key_hash]]"
+        ),
+    )
     match: dict[str, str] = Field(
         default_factory=dict, description="judge only dimension sets with these values"
     )
@@ -130,26 +138,39 @@ class _Windowed(_Rule):
     def _by_list(cls, v: Any) -> Any:
         if isinstance(v, str):
             return (v,)
+        if isinstance(v, (list, tuple)) and v and all(isinstance(x, (list, tuple)) for x in v):
+            return tuple(tuple([x] if isinstance(x, str) else x) for x in v)
         return v
 
     @model_validator(mode="after")
     def _check_dims(self) -> _Windowed:
         known = DIMENSIONS_BY_KIND[self.kind]
-        for d in self.by:
-            if d not in known:
-                raise ValueError(
-                    f"key 'by': unknown {self.kind} dimension {d!r}; expected some of {', '.join(known)}"
-                )
-        if len(set(self.by)) != len(self.by):
-            raise ValueError("key 'by': a dimension is named twice")
+        sets = self.dim_sets
+        for dims in sets:
+            for d in dims:
+                if d not in known:
+                    raise ValueError(
+                        f"key 'by': unknown {self.kind} dimension {d!r}; expected some of {', '.join(known)}"
+                    )
+            if len(set(dims)) != len(dims):
+                raise ValueError("key 'by': a dimension is named twice")
+        if len(set(sets)) != len(sets):
+            raise ValueError("key 'by': a dimension set is named twice")
         for d in self.match:
-            if d not in self.by:
+            if any(d not in dims for dims in sets):
                 raise ValueError(f"key 'match': dimension {d!r} is not in 'by' {list(self.by)}")
         return self
 
     @property
+    def dim_sets(self) -> tuple[tuple[str, ...], ...]:
+        """The dimension sets judged (sorted names), one per entry of a list of lists."""
+        if self.by and all(isinstance(x, tuple) for x in self.by):
+            return tuple(tuple(sorted(x)) for x in self.by)  # type: ignore[arg-type]
+        return (tuple(sorted(self.by)),)  # type: ignore[arg-type]
+
+    @property
     def dims(self) -> tuple[str, ...]:
-        return tuple(sorted(self.by))
+        return self.dim_sets[0]
 
 
 class _Judged(_Windowed):
@@ -172,11 +193,21 @@ class _Judged(_Windowed):
         return self
 
 
+Confidence = Annotated[float, Field(ge=0.5, lt=1)]
+
+
 class ThresholdRule(_Judged):
     type: Literal["threshold"] = "threshold"
     direction: Direction = "above"
     warning: float | None = None
     critical: float | None = None
+    confidence: Confidence | None = Field(
+        default=0.99,
+        description=(
+            "a rate, mean or percentile breaches a level only when the window shows it with this"
+            " confidence (one-sided); null: judge the point value"
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_levels(self) -> ThresholdRule:
@@ -204,10 +235,20 @@ class AnomalyRule(_Judged):
         default=None, description="critical beyond this factor; without it anomalies are warnings"
     )
     severity: Severity = Field(default="warning", description="severity below critical_factor")
-    method: Literal["rolling", "seasonal"] = "rolling"
-    baseline: Duration = Field(
-        default=DAY_S,
-        description="rolling: the span averaged before the window; seasonal: the days of history (whole days)",
+    method: Literal["rolling", "seasonal"] = Field(
+        default="seasonal",
+        description=(
+            "seasonal: the same time of day on previous days (a rolling hour with wider bounds"
+            " until a day of history exists); rolling: the span before the window"
+        ),
+    )
+    baseline: Duration | None = Field(
+        default=None,
+        description="rolling: the span before the window (default 24h); seasonal: days of history (default 7d)",
+    )
+    confidence: Confidence = Field(
+        default=0.999,
+        description="the window must also be this unlikely under the baseline (p < 1 - confidence)",
     )
     bucket: Duration | None = Field(
         default=None,
@@ -235,11 +276,17 @@ class AnomalyRule(_Judged):
         if self.method == "seasonal":
             if DAY_S % b != 0:
                 raise ValueError(f"'bucket' ({b} s) must divide a day for the seasonal method")
-            if self.baseline % DAY_S != 0:
+            if self.baseline_s % DAY_S != 0:
                 raise ValueError("'baseline' must be whole days for the seasonal method (e.g. 7d)")
-        elif self.baseline < b:
+        elif self.baseline_s < b:
             raise ValueError("'baseline' must be at least one 'bucket'")
         return self
+
+    @property
+    def baseline_s(self) -> int:
+        if self.baseline is not None:
+            return self.baseline
+        return 7 * DAY_S if self.method == "seasonal" else DAY_S
 
     @property
     def bucket_s(self) -> int:
@@ -247,7 +294,7 @@ class AnomalyRule(_Judged):
             return self.bucket
         if self.method == "seasonal":
             return max(900, self.window)
-        per = max(self.window, self.baseline // 288)
+        per = max(self.window, self.baseline_s // 288)
         return per - per % self.window  # a multiple of the window
 
     @property
@@ -255,7 +302,79 @@ class AnomalyRule(_Judged):
         return self.zero_fill and self.metric in ADDITIVE_METRICS
 
     def data_signature(self) -> str:
-        key = [self.kind, self.metric, self.window, self.method, self.baseline, self.bucket_s]
+        key = [2, self.kind, self.metric, self.window, self.method, self.baseline_s, self.bucket_s]
+        return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
+
+
+class BurnAlert(BaseModel):
+    """One long/short window pair of a multiwindow burn-rate alert (Google SRE workbook)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    long: Duration
+    short: Duration
+    burn_rate: Annotated[float, Field(gt=0)]
+    severity: Severity = "critical"
+
+    @model_validator(mode="after")
+    def _check_pair(self) -> BurnAlert:
+        if self.short >= self.long:
+            raise ValueError("'short' must be shorter than 'long'")
+        return self
+
+
+DEFAULT_BURN_ALERTS = (
+    BurnAlert(long=3600, short=300, burn_rate=14.4, severity="critical"),
+    BurnAlert(long=6 * 3600, short=1800, burn_rate=6, severity="warning"),
+)
+
+
+class SloRule(_Windowed):
+    """An objective on the share of good calls, alerted on error-budget burn rate.
+
+    Fires a pair when both its long and short window burn the budget faster than
+    ``burn_rate`` (1 = the budget lasts exactly the period). Good calls are the
+    successful ones (``requests - errors``).
+    """
+
+    type: Literal["slo"] = "slo"
+    kind: Literal["calls"] = "calls"
+    objective: Annotated[float, Field(gt=0, lt=1)] = Field(
+        description="the share of calls that must succeed over the period, e.g. 0.99"
+    )
+    period: Duration = Field(default=30 * DAY_S, description="the SLO period (whole days)")
+    alerts: tuple[BurnAlert, ...] = Field(
+        default=DEFAULT_BURN_ALERTS, min_length=1, description="long/short window pairs"
+    )
+    min_requests: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="a pair is not judged with fewer calls than this in its long window"
+    )
+
+    @model_validator(mode="after")
+    def _check_slo(self) -> SloRule:
+        if self.period % DAY_S != 0:
+            raise ValueError("'period' must be whole days (e.g. 28d, 30d)")
+        for a in self.alerts:
+            for key, span in (("long", a.long), ("short", a.short)):
+                if span % self.window != 0:
+                    raise ValueError(
+                        f"key 'alerts': '{key}' ({span} s) must be a multiple of the window ({self.window} s)"
+                    )
+            if a.long > self.period:
+                raise ValueError("key 'alerts': 'long' must not exceed the period")
+        return self
+
+    @property
+    def metric(self) -> str:
+        return "burn_rate"
+
+    @property
+    def spans_s(self) -> tuple[int, ...]:
+        """Every window span the rule sums over, longest first."""
+        return tuple(sorted({s for a in self.alerts for s in (a.long, a.short)}, reverse=True))
+
+    def data_signature(self) -> str:
+        key = ["slo", 1, self.kind, self.window, self.spans_s, self.period]
         return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
 
 
@@ -316,14 +435,19 @@ class CompositeRule(_Rule):
 
 
 JudgedRule = ThresholdRule | AnomalyRule
-WindowRule = ThresholdRule | AnomalyRule | BudgetRule
-Rule = ThresholdRule | AnomalyRule | BudgetRule | CompositeRule
+WindowRule = ThresholdRule | SloRule | AnomalyRule | BudgetRule
+Rule = ThresholdRule | SloRule | AnomalyRule | BudgetRule | CompositeRule
 RULE_MODELS: dict[str, type[_Rule]] = {
     "threshold": ThresholdRule,
+    "slo": SloRule,
     "anomaly": AnomalyRule,
     "budget": BudgetRule,
     "composite": CompositeRule,
 }
+
+
+def _show(sets: tuple[tuple[str, ...], ...]) -> str:
+    return str(list(sets[0])) if len(sets) == 1 else str([list(x) for x in sets])
 
 
 class RuleSet(BaseModel):
@@ -345,7 +469,7 @@ class RuleSet(BaseModel):
         for r in self.rules:
             if not isinstance(r, CompositeRule):
                 continue
-            dims: tuple[str, ...] | None = None
+            dims: tuple[tuple[str, ...], ...] | None = None
             first: tuple[str, int] = ("", 0)
             for m in r.members:
                 member = by_name.get(m)
@@ -356,12 +480,13 @@ class RuleSet(BaseModel):
                         f"rule {r.name!r}: key '{r.mode}': {m!r} is a composite; name plain rules"
                     )
                 where = (member.kind, member.window)
+                sets = member.dim_sets
                 if dims is None:
-                    dims, first = member.dims, where
-                elif member.dims != dims:
+                    dims, first = sets, where
+                elif sets != dims:
                     raise ValueError(
                         f"rule {r.name!r}: key '{r.mode}': members judge different dimension sets "
-                        f"({list(dims)} and {list(member.dims)}); a composite needs the same 'by'"
+                        f"({_show(dims)} and {_show(sets)}); a composite needs the same 'by'"
                     )
                 elif where != first:
                     raise ValueError(

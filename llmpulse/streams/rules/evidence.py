@@ -1,0 +1,310 @@
+"""Judging a window on the evidence: thresholds with confidence, anomalies with a test.
+
+Guarantee: a threshold on a rate, mean or percentile fires only when the window's own
+data show the breach at the rule's ``confidence``; an anomaly fires only when the effect
+is at least the rule's factor AND a test suited to the metric finds the window unlikely
+under its baseline. It defends against the commonest false alert: one failed call among
+twenty reads as 95% success, below a 99% target, yet is what a 99% service does 18% of
+the time.
+
+Thresholds, by metric:
+- rates (error_rate, success_rate, intent_accuracy): exact one-sided binomial test of the
+  window's count against the level (the number of calls is ``requests``; for intent
+  accuracy ``feedback_count``, as the aggregate does not carry the judged count);
+- latency_avg_ms: a normal bound on the mean, ``avg -/+ z sd / sqrt(n)``. The aggregate
+  carries no sum of squares, so ``sd`` is estimated from its quantiles,
+  ``max((p95 - p50) / 1.645, (p99 - p50) / 2.326)`` (for skewed latency this errs wide);
+- relevance_avg: the same bound with the largest spread a 0..5 score with that mean can
+  have (Bhatia-Davis: ``sd^2 <= (5 - m) m``);
+- percentiles: the distribution-free order-statistic bound: the q-quantile is above the
+  level with confidence when the sample quantile at rank ``q - z sqrt(q (1 - q) / n)`` is,
+  read off the window's p50/p95/p99 by linear interpolation (from 0 at rank 0);
+- counts, sums and GPU figures (requests per key, tokens, GPU utilisation): the window's
+  value is the measured quantity itself, not an estimate: judged as is.
+Without the data for a bound (no quantiles), the point value is judged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+from llmpulse.schemas import WindowAggregate
+from llmpulse.streams.rules.baseline import RATE_METRICS, Expectation, Observation
+from llmpulse.streams.rules.model import VOLUME_FIELD, AnomalyRule, Severity, ThresholdRule
+from llmpulse.streams.rules.stats import (
+    binom_cdf,
+    binom_sf,
+    count_cdf,
+    count_sf,
+    norm_quantile,
+    norm_sf,
+    wilson_bounds,
+)
+
+Evidence = dict[str, str | float]
+COUNT_METRICS = frozenset({"requests", "errors", "unpriced_requests", "feedback_count", "samples"})
+SUM_METRICS = frozenset({"cost_usd", "prompt_tokens", "completion_tokens", "total_tokens"})
+PERCENTILES: dict[str, float] = {
+    "latency_p50_ms": 0.5,
+    "latency_p95_ms": 0.95,
+    "latency_p99_ms": 0.99,
+    "ttft_p95_ms": 0.95,
+}
+_Z_CACHE: dict[float, float] = {}
+
+
+def z_of(confidence: float) -> float:
+    """The one-sided normal quantile of ``confidence`` (cached: rules reuse a few values)."""
+    z = _Z_CACHE.get(confidence)
+    if z is None:
+        z = _Z_CACHE[confidence] = norm_quantile(confidence)
+    return z
+
+
+class Verdict:
+    """One rule's judgement of one window, with what a person needs to check it."""
+
+    __slots__ = (
+        "baseline", "evidence", "expected_high", "expected_low", "judged", "level",
+        "threshold", "value",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        level: Severity | None,
+        value: float | None,
+        threshold: float | None,
+        baseline: float | None = None,
+        judged: bool = True,
+        expected_low: float | None = None,
+        expected_high: float | None = None,
+        evidence: Evidence | None = None,
+    ) -> None:
+        self.level = level
+        self.value = value
+        self.threshold = threshold
+        self.baseline = baseline
+        self.judged = judged
+        self.expected_low = expected_low
+        self.expected_high = expected_high
+        self.evidence: Evidence = evidence or {}
+
+
+# -- thresholds ---------------------------------------------------------------------------
+
+
+def _rate_test(
+    k: int, n: int, level: float, above: bool, alpha: float
+) -> tuple[bool, float]:
+    """(breach, p-value): exact binomial, H0: the true share is at the level."""
+    p = binom_sf(k, n, level) if above else binom_cdf(k, n, level)
+    return p < alpha, p
+
+
+def _latency_sd(agg: WindowAggregate) -> float | None:
+    p50, p95, p99 = agg.latency_p50_ms, agg.latency_p95_ms, agg.latency_p99_ms
+    if p50 is None or (p95 is None and p99 is None):
+        return None
+    cands = []
+    if p95 is not None:
+        cands.append((p95 - p50) / 1.645)
+    if p99 is not None:
+        cands.append((p99 - p50) / 2.326)
+    return max(cands)
+
+
+def _quantile_curve(rule: ThresholdRule, agg: WindowAggregate) -> list[tuple[float, float]] | None:
+    if rule.metric == "ttft_p95_ms":
+        pts = [(0.95, agg.ttft_p95_ms)]
+    else:
+        pts = [(0.5, agg.latency_p50_ms), (0.95, agg.latency_p95_ms), (0.99, agg.latency_p99_ms)]
+    known = [(q, float(v)) for q, v in pts if v is not None]
+    if not known:
+        return None
+    return [(0.0, 0.0), *known]
+
+
+def _interp(curve: list[tuple[float, float]], q: float) -> float:
+    if q <= curve[0][0]:
+        return curve[0][1]
+    for (q0, v0), (q1, v1) in itertools.pairwise(curve):
+        if q <= q1:
+            return v0 + (v1 - v0) * (q - q0) / (q1 - q0)
+    return curve[-1][1]  # beyond the highest known rank: the highest known value
+
+
+def _bound(rule: ThresholdRule, agg: WindowAggregate, v: float, z: float) -> tuple[float, Evidence] | None:
+    """The one-sided confidence bound of the metric on the side that must clear the level."""
+    above = rule.direction == "above"
+    m = rule.metric
+    if m in PERCENTILES:
+        n = agg.requests
+        curve = _quantile_curve(rule, agg)
+        if curve is None or n <= 0:
+            return None
+        q = PERCENTILES[m]
+        shift = z * math.sqrt(q * (1 - q) / n)
+        rank = max(0.0, q - shift) if above else min(1.0, q + shift)
+        return _interp(curve, rank), {"n": n, "rank": round(rank, 4)}
+    if m == "latency_avg_ms":
+        sd = _latency_sd(agg)
+        n = agg.requests
+    elif m == "relevance_avg":
+        sd = math.sqrt(max(0.0, (5.0 - v) * v))
+        n = agg.feedback_count
+    else:
+        return None
+    if sd is None or n <= 0:
+        return None
+    se = sd / math.sqrt(n)
+    return (v - z * se if above else v + z * se), {"n": n, "sd": round(sd, 4)}
+
+
+def judge_threshold(rule: ThresholdRule, agg: WindowAggregate) -> Verdict:
+    shown = rule.warning if rule.warning is not None else rule.critical
+    vol = int(getattr(agg, VOLUME_FIELD[rule.kind]))
+    if rule.min_requests > 0 and vol < rule.min_requests:
+        return Verdict(None, None, shown, judged=False)
+    value = getattr(agg, rule.metric)
+    if value is None:
+        return Verdict(None, None, shown, judged=False)
+    v = float(value)
+    above = rule.direction == "above"
+    levels: list[tuple[Severity, float]] = []
+    if rule.critical is not None:
+        levels.append(("critical", rule.critical))
+    if rule.warning is not None:
+        levels.append(("warning", rule.warning))
+    band: tuple[float | None, float | None] = (None, shown) if above else (shown, None)
+    conf = rule.confidence
+    if conf is None or rule.kind == "gpu" or rule.metric not in (RATE_METRICS | set(PERCENTILES) | {"latency_avg_ms", "relevance_avg"}):
+        for sev, lvl in levels:
+            if (v > lvl) if above else (v < lvl):
+                return Verdict(sev, v, lvl, None, True, *band)
+        return Verdict(None, v, shown, None, True, *band)
+    alpha = 1.0 - conf
+    if rule.metric in RATE_METRICS:
+        n = vol
+        k = round(v * n)
+        ev: Evidence = {"n": n, "count": k, "confidence": conf}
+        for sev, lvl in levels:
+            if not ((v > lvl) if above else (v < lvl)):
+                continue
+            breach, p = _rate_test(k, n, lvl, above, alpha)
+            if breach:
+                lo, hi = wilson_bounds(k, n, z_of(conf))
+                ev.update({"p_value": p, "bound": lo if above else hi})
+                return Verdict(sev, v, lvl, None, True, *band, evidence=ev)
+        return Verdict(None, v, shown, None, True, *band, evidence=ev)
+    z = z_of(conf)
+    bound = _bound(rule, agg, v, z)
+    if bound is None:  # no spread to bound with: the point value
+        for sev, lvl in levels:
+            if (v > lvl) if above else (v < lvl):
+                return Verdict(sev, v, lvl, None, True, *band)
+        return Verdict(None, v, shown, None, True, *band)
+    b, ev = bound
+    ev.update({"bound": round(b, 6), "confidence": conf})
+    for sev, lvl in levels:
+        if (b > lvl) if above else (b < lvl):
+            return Verdict(sev, v, lvl, None, True, *band, evidence=ev)
+    return Verdict(None, v, shown, None, True, *band, evidence=ev)
+
+
+# -- anomalies ----------------------------------------------------------------------------
+
+
+def anomaly_test(
+    rule: AnomalyRule, obs: Observation, exp: Expectation, agg: WindowAggregate
+) -> tuple[float, float, float, Evidence]:
+    """(p-value, expected_low, expected_high, evidence) of ``obs`` under ``exp``.
+
+    counts: negative binomial with the baseline's variance (Poisson when it is not
+    overdispersed); rates: exact binomial against the baseline share's Wilson bound;
+    sums (cost, tokens) and the rest: a normal tail, for sums with the variance floored at
+    that of a compound Poisson sum of calls of this window's average size. Until a day of
+    history exists the spread is doubled (``rolling_fallback``).
+    """
+    above = rule.direction == "above"
+    z = z_of(rule.confidence)
+    widen = 2.0 if exp.wide else 1.0
+    ev: Evidence = {"history": exp.source, "baseline_windows": exp.windows}
+    if rule.metric in RATE_METRICS:
+        n = obs.volume
+        k = obs.count
+        base_k = round(exp.mean * exp.volume)
+        lo0, hi0 = wilson_bounds(base_k, exp.volume, z * widen)
+        p0 = hi0 if above else lo0
+        p = binom_sf(k, n, p0) if above else binom_cdf(k, n, p0)
+        sd = math.sqrt(max(exp.mean * (1 - exp.mean), 0.0) / n)
+        ev.update({"test": "binomial", "n": n, "count": k, "p_value": p, "baseline_share_bound": p0})
+        return p, max(0.0, lo0 - z * sd), min(1.0, hi0 + z * sd), ev
+    mean = exp.mean
+    var = exp.var
+    if rule.metric in COUNT_METRICS:
+        var = max(var, mean) * widen * widen
+        k = round(obs.value)
+        p = count_sf(k, mean, var) if above else count_cdf(k, mean, var)
+        test = "poisson" if var <= mean * (1 + 1e-9) else "negative_binomial"
+        ev.update({"count": k})
+    else:
+        if rule.metric in SUM_METRICS:
+            volume = max(1, agg.requests)
+            var = max(var, abs(mean) * obs.value / volume)  # compound Poisson: lambda c^2 = mean c
+            test = "normal_compound_poisson"
+        else:
+            var = max(var, (0.01 * mean) ** 2)
+            test = "normal"
+        var *= widen * widen
+        sd = math.sqrt(var)
+        if sd <= 0:
+            p = 0.0 if (obs.value > mean if above else obs.value < mean) else 1.0
+        else:
+            p = norm_sf((obs.value - mean) / sd) if above else norm_sf((mean - obs.value) / sd)
+    sd = math.sqrt(var)
+    ev.update({"test": test, "p_value": p, "sd": round(sd, 6)})
+    return p, max(0.0, mean - z * sd), mean + z * sd, ev
+
+
+def judge_anomaly(
+    rule: AnomalyRule, obs: Observation, exp: Expectation | None, agg: WindowAggregate
+) -> Verdict:
+    v = obs.value
+    vol_ok = rule.min_requests <= 0 or getattr(agg, VOLUME_FIELD[rule.kind]) >= rule.min_requests
+    if exp is None or exp.windows < rule.min_baseline_windows or not vol_ok:
+        return Verdict(None, v, None, None if exp is None else exp.mean, judged=False)
+    mean = exp.mean
+    above = rule.direction == "above"
+    if above:
+        limit = mean * rule.factor
+        effect = v >= limit and v > mean and v >= rule.min_value
+    else:
+        limit = mean / rule.factor
+        effect = v <= limit and v < mean and mean >= rule.min_value
+    if not effect:
+        return Verdict(None, v, limit, mean)
+    p, lo, hi, ev = anomaly_test(rule, obs, exp, agg)
+    ev["confidence"] = rule.confidence
+    ratio = v / mean if mean else math.inf
+    ev["ratio"] = round(ratio, 4) if math.isfinite(ratio) else "inf"
+    if p >= 1.0 - rule.confidence:
+        return Verdict(None, v, limit, mean, True, lo, hi, ev)
+    cf = rule.critical_factor
+    if cf is not None and (v > mean * cf if above else v < mean / cf):
+        return Verdict("critical", v, mean * cf if above else mean / cf, mean, True, lo, hi, ev)
+    return Verdict(rule.severity, v, limit, mean, True, lo, hi, ev)
+
+
+def rounded(ev: dict[str, Any]) -> dict[str, str | float]:
+    """Evidence as stored: floats to 6 significant digits (p-values keep their exponent)."""
+    out: dict[str, str | float] = {}
+    for k, val in ev.items():
+        if isinstance(val, bool):
+            out[k] = str(val).lower()
+        elif isinstance(val, (int, float)):
+            out[k] = float(f"{float(val):.6g}")
+        else:
+            out[k] = str(val)
+    return out
