@@ -3,9 +3,10 @@
 Guarantee: a threshold on a rate, mean or percentile fires only when the window's own
 data show the breach at the rule's ``confidence``; an anomaly fires only when the effect
 is at least the rule's factor AND a test suited to the metric finds the window unlikely
-under its baseline. It defends against the commonest false alert: one failed call among
-twenty reads as 95% success, below a 99% target, yet is what a 99% service does 18% of
-the time.
+under its baseline: p below ``(1 - confidence) x window / 1 day``, so that a series with
+usual traffic, judged 1,440 times a day, raises a false anomaly on fewer than 1% of
+days. It defends against the commonest false alert: one failed call among twenty reads
+as 95% success, below a 99% target, yet is what a 99% service does 18% of the time.
 
 Thresholds, by metric:
 - rates (error_rate, success_rate, intent_accuracy): exact one-sided binomial test of the
@@ -228,7 +229,7 @@ def anomaly_test(
     history exists the spread is doubled (``rolling_fallback``).
     """
     above = rule.direction == "above"
-    z = z_of(rule.confidence)
+    z = z_of(1.0 - rule.alpha)
     widen = 2.0 if exp.wide else 1.0
     ev: Evidence = {"history": exp.source, "baseline_windows": exp.windows}
     if rule.metric in RATE_METRICS:
@@ -286,10 +287,10 @@ def judge_anomaly(
     if not effect:
         return Verdict(None, v, limit, mean)
     p, lo, hi, ev = anomaly_test(rule, obs, exp, agg)
-    ev["confidence"] = rule.confidence
+    ev["alpha"] = rule.alpha
     ratio = v / mean if mean else math.inf
     ev["ratio"] = round(ratio, 4) if math.isfinite(ratio) else "inf"
-    if p >= 1.0 - rule.confidence:
+    if p >= rule.alpha:
         return Verdict(None, v, limit, mean, True, lo, hi, ev)
     cf = rule.critical_factor
     if cf is not None and (v > mean * cf if above else v < mean / cf):

@@ -247,9 +247,18 @@ class AnomalyRule(_Judged):
         description="rolling: the span before the window (default 24h); seasonal: days of history (default 7d)",
     )
     confidence: Confidence = Field(
-        default=0.999,
-        description="the window must also be this unlikely under the baseline (p < 1 - confidence)",
+        default=0.99,
+        description=(
+            "per series and day: under usual traffic a series raises a false anomaly on fewer than"
+            " 1 - confidence of days; a window must be unlikely under its baseline with"
+            " p < (1 - confidence) x window / 1 day (6.9e-6 for 0.99 and 60 s windows)"
+        ),
     )
+
+    @property
+    def alpha(self) -> float:
+        """The per-window p-value below which a window is unlikely enough (see confidence)."""
+        return (1.0 - self.confidence) * self.window / DAY_S
     bucket: Duration | None = Field(
         default=None,
         description="baseline granularity: rolling default baseline/288 (5 min for 24h); seasonal default 15m",

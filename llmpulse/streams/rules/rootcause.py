@@ -20,6 +20,7 @@ FINER_DIMENSIONS = ("model", "provider", "app", "user", "api_key_hash", "operati
 CONTRIBUTION: dict[str, tuple[str, str | None]] = {
     "error_rate": ("errors", "requests"),
     "success_rate": ("errors", "requests"),
+    "burn_rate": ("errors", "requests"),  # SLO rules: the error budget burns with errors
     "errors": ("errors", None),
     "latency_avg_ms": ("latency_sum_ms", "requests"),
     "latency_p50_ms": ("latency_sum_ms", "requests"),
