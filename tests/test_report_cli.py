@@ -132,6 +132,12 @@ def test_report_by_model_against_the_previous_period(config: Path) -> None:
     assert " 40 " in row and "+100%" in row and "10.00%" in row and "+5.00pp" in row
     assert "top error types: rate_limited 3 (+200%), timeout 1 (new)" in table.stdout
     assert "alerts fired: success_rate [warning] 1x on 1 series" in table.stdout
+    # the shipped success_rate SLO (99% over 30 days, per model): gpt-4o made 5 errors in 60 calls,
+    # 1 - (5 / 60) / 1% = -7.33 budgets left; gpt-4o-mini (see calls()) its own
+    budgets = {b["group"]: b for b in rep["error_budgets"]}
+    assert (budgets["gpt-4o"]["requests"], budgets["gpt-4o"]["errors"]) == (60, 5)
+    assert budgets["gpt-4o"]["remaining"] == pytest.approx(1 - (5 / 60) / 0.01)
+    assert "error budget left (success_rate: 99% over 30d): gpt-4o -733% (5 errors in 60 calls)" in table.stdout
 
 
 def test_report_by_key_app_user(config: Path) -> None:

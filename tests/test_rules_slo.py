@@ -134,3 +134,24 @@ def test_slo_rule_validation() -> None:
         SloRule.model_validate({"name": "s", "objective": 0.99, "period": "36h"})
     with pytest.raises(ValueError):
         SloRule.model_validate({"name": "s", "objective": 1.0})
+
+
+def test_the_alert_says_why_in_slack_text_and_the_alerts_table_row() -> None:
+    from datetime import timedelta
+
+    from llmpulse.sinks.clickhouse.rows import ALERT_COLUMNS, alert_row
+    from llmpulse.sinks.notifier.blocks import alert_text, evidence_text
+
+    r = Runner(engine(SLO))
+    for i in range(30):
+        r.feed(calls(i, 100, 30, dims=M))  # 30% errors: burn 30x everywhere
+    [a] = r.alerts
+    assert a.severity == "critical"
+    why = evidence_text(a)
+    assert why.startswith("error budget burning 30x over 1h and 30x over 5m (alert above 14.4x)")
+    assert "% of the error budget left" in why
+    text = alert_text(a, "http://dash", a.window_end + timedelta(minutes=1))
+    assert "_evidence:_ error budget burning 30x" in text and "(expected 0..1)" in text
+    row = dict(zip(ALERT_COLUMNS, alert_row(a), strict=True))
+    assert (row["expected_low"], row["expected_high"]) == (0.0, 1.0)
+    assert json.loads(row["evidence"])["burn_rate_threshold"] == 14.4

@@ -1,18 +1,24 @@
 """`llmpulse report`: a period's figures by model, app, user or API key, against the period before.
 
 Exact figures from `llm_calls FINAL`: requests, error rate, p95 latency, p95 time to first
-token, tokens, cost per group and in total; the top error types; the alerts that fired.
+token, tokens, cost per group and in total; the top error types; the alerts that fired;
+the error budget left of each SLO rule (issue 14) judged on the report's dimension, over the
+rule's period up to the report's end.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
 
 from llmpulse.analysis.panels import Runner, ts_lit
+
+if TYPE_CHECKING:
+    from llmpulse.streams.rules.model import SloRule
 
 ReportBy = Literal["model", "app", "user", "key"]
 COLUMN = {"model": "model", "app": "app", "user": "user", "key": "api_key_hash"}
@@ -47,6 +53,18 @@ class AlertsFired(BaseModel):
     fingerprints: int
 
 
+class ErrorBudget(BaseModel):
+    """What is left of an SLO's error budget over its period: 1 - (errors / calls) / (1 - objective)."""
+
+    rule: str
+    objective: float
+    period_days: int
+    group: str
+    requests: int
+    errors: int
+    remaining: float
+
+
 class Report(BaseModel):
     by: ReportBy
     start: datetime
@@ -56,6 +74,7 @@ class Report(BaseModel):
     groups: list[GroupRow]
     error_types: list[ErrorType]
     alerts: list[AlertsFired]
+    error_budgets: list[ErrorBudget] = []
 
 
 def _f(v: Any) -> float | None:
@@ -77,7 +96,33 @@ FIGS = ("count(), sum(is_error), quantile(0.95)(latency_ms), quantile(0.95)(ttft
         "sum(total_tokens), sum(cost_usd)")  # fmt: skip
 
 
-def build_report(run: Runner, db: str, by: ReportBy, since: timedelta, end: datetime | None = None, top: int = 20) -> Report:
+def error_budgets(run: Runner, db: str, by: ReportBy, slos: Sequence[SloRule], end: datetime, top: int) -> list[ErrorBudget]:
+    """Per SLO rule judged by the report's dimension (or on all traffic): the budget left."""
+    col = COLUMN[by]
+    out: list[ErrorBudget] = []
+    for rule in slos:
+        per_group = (col,) in rule.dim_sets
+        if not per_group and () not in rule.dim_sets:
+            continue
+        start = end - timedelta(seconds=rule.period)
+        where = f"ts >= {ts_lit(start)} AND ts < {ts_lit(end)}"
+        if per_group:
+            rows = run(f"SELECT {col}, count(), sum(is_error) FROM {db}.llm_calls FINAL WHERE {where} "
+                       f"GROUP BY {col} ORDER BY count() DESC, {col} LIMIT {top}").rows  # fmt: skip
+        else:
+            rows = [["total", *r] for r in run(f"SELECT count(), sum(is_error) FROM {db}.llm_calls FINAL WHERE {where}").rows]
+        for name, n, e in rows:
+            n, e = int(n), int(e or 0)
+            if n == 0:
+                continue
+            left = 1.0 - (e / n) / (1.0 - rule.objective)
+            out.append(ErrorBudget(rule=rule.name, objective=rule.objective, period_days=rule.period // 86400,
+                                   group=str(name) or "(none)", requests=n, errors=e, remaining=left))  # fmt: skip
+    return out
+
+
+def build_report(run: Runner, db: str, by: ReportBy, since: timedelta, end: datetime | None = None, top: int = 20,
+                 slos: Sequence[SloRule] = ()) -> Report:  # fmt: skip
     end = end or datetime.now(UTC)
     start = end - since
     prev = start - since
@@ -113,6 +158,7 @@ def build_report(run: Runner, db: str, by: ReportBy, since: timedelta, end: date
         total=GroupRow(name="total", current=cur_total, previous=prev_total), groups=groups,
         error_types=[ErrorType(error_type=str(e) or "(unknown)", count=int(c), previous=int(p)) for e, c, p in errs],
         alerts=[AlertsFired(rule=str(r), severity=str(s), alerts=int(n), fingerprints=int(f)) for r, s, n, f in alerts],
+        error_budgets=error_budgets(run, db, by, slos, end, top),
     )  # fmt: skip
 
 
@@ -159,4 +205,9 @@ def format_report(rep: Report) -> str:
         f"{e.error_type} {e.count} ({_change(e.count, e.previous) or 'same'})" for e in rep.error_types) or "none"))  # fmt: skip
     lines.append("alerts fired: " + (", ".join(
         f"{a.rule} [{a.severity}] {a.alerts}x on {a.fingerprints} series" for a in rep.alerts) or "none"))  # fmt: skip
+    rules = dict.fromkeys((b.rule, b.objective, b.period_days) for b in rep.error_budgets)
+    for rule, objective, days in rules:
+        lines.append(f"error budget left ({rule}: {objective * 100:g}% over {days}d): " + ", ".join(
+            f"{b.group} {b.remaining * 100:.0f}% ({b.errors} errors in {b.requests} calls)"
+            for b in rep.error_budgets if b.rule == rule))  # fmt: skip
     return "\n".join(lines)

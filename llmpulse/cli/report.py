@@ -35,7 +35,11 @@ def run(args: argparse.Namespace) -> int:
         raise LLMPulseError("--top must be at least 1")
     since = parse_duration(args.since)
     end = parse_time(args.until) if args.until else None
-    rep = build_report(lambda sql: query(settings, sql), settings.clickhouse.database, args.by, since, end, args.top)
+    from llmpulse.streams.rules import SloRule, load_rules
+
+    slos = [r for r in load_rules(settings.rules_file, None).rules if isinstance(r, SloRule)]
+    rep = build_report(lambda sql: query(settings, sql), settings.clickhouse.database, args.by, since, end, args.top,
+                       slos)  # fmt: skip
     if args.format == "json":
         sys.stdout.write(rep.model_dump_json(indent=2) + "\n")
     else:

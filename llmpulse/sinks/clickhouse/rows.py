@@ -88,11 +88,17 @@ def feedback_row(f: Feedback) -> list[Any]:
 ALERT_COLUMNS = [
     "alert_id", "fingerprint", "rule", "severity", "state", "metric", "value", "threshold",
     "baseline", "dimensions", "window_start", "window_end", "started_at", "ts", "summary", "root_cause",
+    "expected_low", "expected_high", "evidence",  # migration 7
 ]  # fmt: skip
 
 
 def alert_row(a: Alert) -> list[Any]:
-    return [getattr(a, c) for c in ALERT_COLUMNS[:-1]] + [json.dumps(a.root_cause) if a.root_cause else ""]
+    return [getattr(a, c) for c in ALERT_COLUMNS[:15]] + [
+        json.dumps(a.root_cause) if a.root_cause else "",
+        a.expected_low,
+        a.expected_high,
+        json.dumps(a.evidence) if a.evidence else "",
+    ]
 
 
 DEADLETTER_COLUMNS = [

@@ -249,6 +249,11 @@ def migrations(cfg: ClickHouseConfig) -> list[Migration]:
             "host_samples (CPU, memory, load beside the GPUs), host figures on llm_aggregates",
             _host_samples(cfg),
         ),
+        Migration(
+            7,
+            "alert evidence: expected band and the numbers a rule decided on",
+            _alert_evidence(cfg),
+        ),
     ]
 
 
@@ -378,6 +383,26 @@ def _host_samples(cfg: ClickHouseConfig) -> tuple[str, ...]:
           for t in tables for c in HOST_AGGREGATE_COLUMNS),
         *_distributed(cfg, ("host_samples",)),
     )  # fmt: skip
+
+
+ALERT_EVIDENCE_COLUMNS = (
+    ("expected_low", "Nullable(Float64)"),
+    ("expected_high", "Nullable(Float64)"),
+    ("evidence", "String"),
+)
+"""Migration 7: the band a healthy value lies in, and the evidence (JSON: n, count, p_value,
+burn rates, error budget remaining...) of each alert; older rows read NULL / ''."""
+
+
+def _alert_evidence(cfg: ClickHouseConfig) -> tuple[str, ...]:
+    db = cfg.database
+    oc = _on_cluster(cfg)
+    tables = ["alerts"] + (["alerts_all"] if cfg.cluster else [])
+    return tuple(
+        f"ALTER TABLE {db}.{t}{oc} ADD COLUMN IF NOT EXISTS {c} {kind}"
+        for t in tables
+        for c, kind in ALERT_EVIDENCE_COLUMNS
+    )
 
 
 def migrations_table_ddl(cfg: ClickHouseConfig) -> str:

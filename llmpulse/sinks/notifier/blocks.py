@@ -1,8 +1,9 @@
 """What a notification says: Slack Block Kit, a plain-text fallback, the webhook JSON.
 
-Each alert line says what crossed what (value against threshold or baseline), over
-which window, for which dimensions, since when, and links to the dashboard filtered
-to the alert: ``<dashboard_url>/?alert=<fingerprint>&from=<window_start>&to=<window_end>``
+Each alert line says what crossed what (value against threshold or baseline, the band
+a healthy value lies in), why it is not noise (the evidence: calls counted, p-value,
+confidence bound, SLO burn rates and error budget left), over which window, for which
+dimensions, since when, and links to the dashboard filtered to the alert: ``<dashboard_url>/?alert=<fingerprint>&from=<window_start>&to=<window_end>``
 followed by one query parameter per dimension.
 """
 
@@ -52,7 +53,57 @@ def comparison(alert: Alert) -> str:
         if alert.value is not None and alert.baseline:
             ratio = f" ({alert.value / alert.baseline:.2f}x)"
         parts.append(f"baseline {_num(alert.baseline)}{ratio}")
-    return " vs ".join(parts)
+    text = " vs ".join(parts)
+    if alert.expected_low is not None or alert.expected_high is not None:
+        lo = "" if alert.expected_low is None else _num(alert.expected_low)
+        hi = "" if alert.expected_high is None else _num(alert.expected_high)
+        text += f" (expected {lo}..{hi})"
+    return text
+
+
+def evidence_text(alert: Alert) -> str:
+    """The evidence in words a person can check: `13 of 20 calls, p=3.4e-05`, or the burn rates."""
+    ev = alert.evidence or {}
+    if not ev:
+        return ""
+    parts: list[str] = []
+    if "burn_rate_long" in ev:
+        parts.append(
+            f"error budget burning {_num(_f(ev['burn_rate_long']))}x over {_span(ev.get('long_window_s'))}"
+            f" and {_num(_f(ev.get('burn_rate_short')))}x over {_span(ev.get('short_window_s'))}"
+            f" (alert above {_num(_f(ev.get('burn_rate_threshold')))}x)"
+        )
+        if "error_budget_remaining" in ev:
+            parts.append(f"{_f(ev['error_budget_remaining']) * 100:.0f}% of the error budget left")
+    if "count" in ev and "n" in ev:
+        parts.append(f"{_f(ev['count']):.0f} of {_f(ev['n']):.0f}")
+    elif "n" in ev:
+        parts.append(f"n={_f(ev['n']):.0f}")
+    elif "count" in ev:
+        parts.append(f"count {_f(ev['count']):.0f}")
+    if "p_value" in ev:
+        test = f" ({ev['test']})" if "test" in ev else ""
+        parts.append(f"p={_f(ev['p_value']):.2g}{test}")
+    if "bound" in ev and "confidence" in ev:
+        parts.append(f"{_f(ev['confidence']) * 100:g}% bound {_num(_f(ev['bound']))}")
+    if "history" in ev:
+        parts.append(f"baseline: {ev['history']}")
+    return ", ".join(parts)
+
+
+def _f(v: object) -> float:
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _span(v: object) -> str:
+    s = int(_f(v)) if v is not None else 0
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s and s % size == 0:
+            return f"{s // size}{unit}"
+    return f"{s}s"
 
 
 def _since(alert: Alert, now: datetime) -> str:
@@ -82,6 +133,9 @@ def alert_text(alert: Alert, base_url: str, now: datetime, new: bool = False) ->
         f"*<{dashboard_link(base_url, alert)}|{_escape(alert.rule)}>* `{_escape(_dims(alert))}` {state}{marker}",
         f"{comparison(alert)} · window {window} · {_since(alert, now)}",
     ]
+    why = evidence_text(alert)
+    if why and alert.state == "firing":
+        lines.append(f"_evidence:_ {_escape(why[:400])}")
     if alert.summary:
         lines.append(_escape(alert.summary[:500]))
     if alert.root_cause:
@@ -145,6 +199,9 @@ def plain_text(n: Notification, base_url: str) -> str:
             value += f" vs threshold {_num(a.threshold)}"
         if a.baseline is not None:
             value += f" vs baseline {_num(a.baseline)}"
+        why = evidence_text(a) if a.state == "firing" else ""
+        if why:
+            value += f" ({why})"
         lines.append(f"- {state} {a.rule} [{_dims(a)}] {value} {dashboard_link(base_url, a)}")
     return "\n".join(lines)[:3900]
 
@@ -154,6 +211,9 @@ def webhook_payload(n: Notification, base_url: str) -> dict[str, Any]:
         d = a.model_dump(mode="json", exclude_none=True)
         d["dashboard_url"] = dashboard_link(base_url, a)
         d["new"] = a.fingerprint in n.new
+        why = evidence_text(a)
+        if why:
+            d["why"] = why  # expected_low/expected_high/evidence come with the alert's own fields
         return d
 
     return {
