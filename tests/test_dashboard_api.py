@@ -285,11 +285,11 @@ def test_query_endpoint_is_read_only_and_limited(dash: Dash, served: Served) -> 
     for sql in ("INSERT INTO llmpulse.llm_calls (event_id) VALUES ('x')", "DROP TABLE llmpulse.llm_calls",
                 "ALTER TABLE llmpulse.llm_calls DELETE WHERE 1"):  # fmt: skip
         code, body, _ = dash.get("/api/query", data=json.dumps({"sql": sql}).encode(), headers={"Content-Type": "application/json"})
-        assert code == 400 and "read-only" in body["error"], body
+        assert code == 403 and "read-only" in body["error"], body
     code, body, _ = dash.get("/api/query?sql=SELECT+count()+FROM+llmpulse.llm_calls+FINAL")
     assert code == 200 and body["rows"] == [[N]]
     limit = served.settings.dashboard.query_max_rows
-    code, body, _ = dash.get("/api/query", data=json.dumps({"sql": "SELECT number FROM system.numbers LIMIT 100000"}).encode())
+    code, body, _ = dash.get("/api/query", data=json.dumps({"sql": "SELECT arrayJoin(range(100000))"}).encode())
     assert code == 200 and body["truncated"] and len(body["rows"]) == limit and "cut at" in body["message"]
     code, body, _ = dash.get("/api/query", data=json.dumps({"sql": "SELECT 1", "max_rows": 10**9}).encode())
     assert code == 200 and body["max_rows"] == limit

@@ -96,12 +96,12 @@ def test_query_refuses_writes_with_a_clear_message(config: Path) -> None:
 
 
 def test_query_cuts_an_over_limit_select(config: Path) -> None:
-    r = cli(config, "query", "SELECT number FROM system.numbers LIMIT 1000", "--format", "csv")
+    r = cli(config, "query", "SELECT arrayJoin(range(1000)) AS number", "--format", "csv")
     assert r.returncode == 0, r.stderr
     rows = list(csv.reader(io.StringIO(r.stdout)))
     assert rows[0] == ["number"] and len(rows) == 51  # clickhouse.query_max_rows: 50
     assert "result cut at 50 rows" in r.stderr
-    r = cli(config, "query", "SELECT number FROM system.numbers LIMIT 1000", "--max-rows", "5")
+    r = cli(config, "query", "SELECT arrayJoin(range(1000)) AS number", "--max-rows", "5")
     assert r.returncode == 0 and "(5 rows" in r.stdout and "cut at 5 rows" in r.stderr
     r = cli(config, "query", "SELECT model, count() AS n FROM llmpulse.llm_calls FINAL GROUP BY model ORDER BY model")
     assert r.stdout.splitlines()[:4] == ["model         n", "-----------  --", "gpt-4o       60", "gpt-4o-mini  40"]

@@ -10,8 +10,13 @@
 
 Panels and /api/query go through `llmpulse.analysis.client.query`: the embedded store's
 owner (the sink) when one runs, the store itself otherwise, or a ClickHouse server.
+Either way `readonly.run_readonly` checks what a query reads (llmpulse's tables and a few
+system tables; no table functions such as file() or url()) and runs it read-only within
+the limits; a refusal is 403 (not allowed) or 400 (over a limit), with `{"error": reason}`.
 With LLMPULSE_SECRET_DASHBOARD_TOKEN set every route but /healthz needs
-`Authorization: Bearer <token>` or the cookie that `/?token=<token>` sets.
+`Authorization: Bearer <token>` or the cookie that `/?token=<token>` sets. Without a token
+the server binds loopback only: `DashboardServer` refuses any other address (anyone who
+could reach the port would otherwise read every call's data).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
@@ -33,8 +39,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 
 from llmpulse.analysis import panels
-from llmpulse.analysis.readonly import QueryResult
-from llmpulse.config import Settings
+from llmpulse.analysis.readonly import QueryRefused, QueryResult
+from llmpulse.config import ConfigError, Settings
 from llmpulse.config.dashboard import TOKEN_ENV
 from llmpulse.errors import LLMPulseError
 
@@ -144,6 +150,8 @@ async def auth_middleware(request: web.Request, handler: Callable[[web.Request],
 async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     try:
         return await handler(request)
+    except QueryRefused as exc:
+        return _json({"error": str(exc)}, exc.status)
     except LLMPulseError as exc:
         return _json({"error": str(exc)}, 400)
 
@@ -277,6 +285,17 @@ def make_app(settings: Settings, token: str | None = None, query_fn: QueryFn | N
     return app
 
 
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine reaches (127.0.0.0/8, ::1, localhost); a name or
+    wildcard (0.0.0.0, ::, "") is not, whatever it resolves to later."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def token_from_env(environ: dict[str, str] | None = None) -> str | None:
     return (environ if environ is not None else os.environ).get(TOKEN_ENV) or None
 
@@ -285,12 +304,16 @@ class DashboardServer:
     """The app on host:port in a running event loop (the CLI and tests)."""
 
     def __init__(self, settings: Settings, token: str | None = None, host: str | None = None, port: int | None = None) -> None:
-        self.app = make_app(settings, token)
         self.host = host or settings.dashboard.host
+        if not token and not is_loopback(self.host):
+            raise ConfigError(
+                f"dashboard.host: refusing to serve the dashboard on {self.host} without a token: anyone who "
+                f"can reach it would read every call. Set {TOKEN_ENV}, or bind to 127.0.0.1 (the default)"
+            )
+        self.app = make_app(settings, token)
         self.port = settings.dashboard.port if port is None else port
         self.runner = web.AppRunner(self.app, access_log=None)
         self.app_token = token
-
 
     async def start(self) -> str:
         await self.runner.setup()

@@ -7,7 +7,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from llmpulse.analysis.readonly import QueryResult, run_readonly
+from llmpulse.analysis.readonly import QueryLimits, QueryRefused, QueryResult, run_readonly
 from llmpulse.config import Settings
 from llmpulse.embedded.store import open_store, store_owner
 from llmpulse.errors import LLMPulseError
@@ -27,7 +27,7 @@ def query(settings: Settings, sql: str, max_rows: int | None = None) -> QueryRes
             return _remote(str(url), sql, limit, ch.query_max_seconds)
     store = open_store(ch, settings.data_dir, {"role": "query"})
     try:
-        return run_readonly(store.client, sql, ch.database, limit, ch.query_max_seconds)
+        return run_readonly(store.client, sql, ch.database, limit, ch.query_max_seconds, QueryLimits.of(ch))
     finally:
         store.close()
 
@@ -43,6 +43,11 @@ def _remote(url: str, sql: str, max_rows: int, max_seconds: float) -> QueryResul
             msg = json.loads(exc.read()).get("error", str(exc))
         except ValueError:
             msg = str(exc)
+        if exc.code in (400, 403) and str(msg).startswith(("refused:", "query stopped:")):
+            # the owner's guard refused it: keep the kind, so HTTP callers answer with the same status
+            refused = QueryRefused(msg)
+            refused.status = exc.code
+            raise refused from None
         raise LLMPulseError(msg) from None
     except OSError as exc:
         raise LLMPulseError(f"cannot reach the store's owner at {url}: {exc}") from None

@@ -3,6 +3,11 @@
 Only one process may hold a chDB directory; that process (the sink) answers read-only
 queries for the others (`llmpulse query`, the dashboard) over loopback HTTP. It also
 serves the sink's Prometheus `/metrics` (batch sizes, INSERT latency, rows written).
+
+Every query goes through `readonly.run_readonly` here, in the owner, whoever sends it: what
+it reads is checked (llmpulse's tables and allow-listed system tables only) and it runs
+read-only within this process's limits, which a request may lower but never raise. A
+refusal answers 403 (not allowed) or 400 (over a limit, bad SQL) with `{"error": reason}`.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from llmpulse.analysis.readonly import QueryResult, run_readonly
+from llmpulse.analysis.readonly import QueryLimits, QueryRefused, QueryResult, run_readonly
 from llmpulse.errors import LLMPulseError
 
 log = logging.getLogger(__name__)
@@ -28,8 +33,12 @@ class QueryRequest(BaseModel):
 
 
 class QueryServer:
-    def __init__(self, client: Any, database: str, max_rows: int, max_seconds: float, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, client: Any, database: str, max_rows: int, max_seconds: float, host: str = "127.0.0.1", port: int = 0,
+        limits: QueryLimits | None = None,
+    ) -> None:
         self.client = client
+        self.limits = limits or QueryLimits()
         self.database = database
         self.max_rows = max_rows
         self.max_seconds = max_seconds
@@ -51,6 +60,9 @@ class QueryServer:
                     return
                 try:
                     res = server.execute(req)
+                except QueryRefused as exc:
+                    self._send(exc.status, {"error": str(exc)})
+                    return
                 except LLMPulseError as exc:
                     self._send(400, {"error": str(exc)})
                     return
@@ -91,7 +103,7 @@ class QueryServer:
     def execute(self, req: QueryRequest) -> QueryResult:
         max_rows = min(req.max_rows or self.max_rows, self.max_rows)
         max_seconds = min(req.max_seconds or self.max_seconds, self.max_seconds)
-        return run_readonly(self.client, req.sql, self.database, max_rows, max_seconds)
+        return run_readonly(self.client, req.sql, self.database, max_rows, max_seconds, self.limits)
 
     def start(self) -> QueryServer:
         self.thread.start()

@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     from llmpulse.analysis.query_server import QueryServer
+    from llmpulse.analysis.readonly import QueryLimits
     from llmpulse.embedded.runtime_file import update_runtime
     from llmpulse.embedded.store import open_store
     from llmpulse.kafka.bootstrap import resolve_bootstrap
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         if ch.embedded:
             server = QueryServer(
                 store.client, ch.database, ch.query_max_rows, ch.query_max_seconds,
-                settings.sink.query_host, settings.sink.query_port,
+                settings.sink.query_host, settings.sink.query_port, QueryLimits.of(ch),
             ).start()  # fmt: skip
             if store.lock is not None:
                 store.lock.write_info({"role": "sink", "query_url": server.url})

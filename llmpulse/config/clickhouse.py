@@ -36,6 +36,17 @@ class ClickHouseConfig(Section):
     )
     query_max_rows: Annotated[int, Field(ge=1)] = 10_000
     query_max_seconds: Annotated[float, Field(gt=0)] = 10.0
+    # what one read-only query (llmpulse query, /api/query, the panels) may cost; past a
+    # limit it stops with the reason (llmpulse/analysis/readonly.py)
+    query_max_rows_to_read: Annotated[int, Field(ge=1)] = Field(
+        default=200_000_000, description="rows one query may read from the tables"
+    )
+    query_max_bytes_to_read: Annotated[int, Field(ge=1)] = Field(
+        default=20 * 2**30, description="bytes (uncompressed) one query may read"
+    )
+    query_max_memory_bytes: Annotated[int, Field(ge=1)] = Field(
+        default=2 * 2**30, description="memory one query may use"
+    )
 
     @field_validator("url")
     @classmethod
