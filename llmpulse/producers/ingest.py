@@ -313,7 +313,7 @@ async def _traces(request: web.Request) -> web.Response:
                     if isinstance(out, Skipped):
                         skipped[out.kind] += 1
                     elif isinstance(out, str):
-                        bad.append((otlp_wire.span_as_request_json(rs, ss, span), f"span {span.name!r}: {out}"))
+                        bad.append((otlp_wire.span_as_request_json(rs, ss, span), f"span {span.name[:80]!r}: {out}"))
                     else:
                         valid.append(out)
         EVENTS_IN.labels("ingest", endpoint).inc(spans)
