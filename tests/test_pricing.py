@@ -69,3 +69,27 @@ def test_invalid_price_config_is_a_clear_error() -> None:
         load_settings(None, environ={}, overrides={"pricing.models": {"x": {"input": -1}}})
     with pytest.raises(ConfigError, match="unknown key"):
         load_settings(None, environ={}, overrides={"pricing.models": {"x": {"input": 1, "outptu": 2}}})
+
+
+def test_cache_writes_are_part_of_the_prompt_priced_at_their_own_rates() -> None:
+    table = PriceTable(
+        {"m": Price(input=10, output=20, cached_input=1, cache_write=12.5, cache_write_1h=20)}, builtin=False
+    )
+    # 1M prompt: 300k cache reads, 200k cache writes of which 50k to the 1-hour cache, 500k plain
+    cost = table.cost("m", 1_000_000, 0, cached_tokens=300_000, cache_write_tokens=200_000, cache_write_1h_tokens=50_000)
+    assert cost == pytest.approx(0.5 * 10 + 0.3 * 1 + 0.15 * 12.5 + 0.05 * 20)
+    # unset rates: writes at the input price, 1-hour writes at the write price; clamped to the prompt
+    plain = PriceTable({"m": Price(input=10, output=20, cache_write=12.5)}, builtin=False)
+    assert plain.cost("m", 100, 0, cache_write_tokens=100, cache_write_1h_tokens=40) == pytest.approx(100 * 12.5 / 1e6)
+    assert plain.cost("m", 100, 0, cached_tokens=80, cache_write_tokens=500) == pytest.approx((80 * 10 + 20 * 12.5) / 1e6)
+    # Claude models carry Anthropic's rates: reads 0.1x, 5-minute writes 1.25x, 1-hour writes 2x input
+    assert price_call("claude-sonnet-4-6", 1_000_000, 0, cache_write_tokens=1_000_000) == pytest.approx(3.75)
+    assert price_call("claude-haiku-4-5-20251001", 1_000_000, 0, cached_tokens=1_000_000) == pytest.approx(0.10)
+    assert price_call(
+        "claude-opus-4-6", 1_000_000, 0, cache_write_tokens=1_000_000, cache_write_1h_tokens=1_000_000
+    ) == pytest.approx(10.0)
+    settings = load_settings(None, environ={}, overrides={"pricing.models": {
+        "my-claude": {"input": 3.0, "output": 15.0, "cached_input": 0.3, "cache_write": 3.75, "cache_write_1h": 6.0}
+    }})
+    mine = PriceTable.from_config(settings.pricing)
+    assert mine.cost("my-claude", 2_000_000, 0, 0, 0, 1_000_000, 1_000_000) == pytest.approx(3.0 + 6.0)

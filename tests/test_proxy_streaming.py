@@ -80,3 +80,48 @@ def test_tap_crlf_multiline_data_and_a_tail_without_separator() -> None:
     assert out == (first + multi).replace(b"\r\n", b"\n") + tail
     assert tap.usage is not None and (tap.usage.prompt_tokens, tap.usage.completion_tokens) == (2, 3)
     assert [json.loads(p).get("choices") for p in tap.payloads()][1] == [{"delta": {"content": "yo"}}]
+
+
+def _anthropic_stream(rng: random.Random, n_tokens: int, error: str | None) -> list[bytes]:
+    """Anthropic Messages SSE events, as the API sends them (event lines, pings, spacing varied)."""
+    compact = rng.random() < 0.5
+
+    def ev(name: str, data: dict[str, Any]) -> bytes:
+        return b"event: " + name.encode() + b"\n" + _event({"type": name, **data}, compact)
+
+    usage = {"input_tokens": 25, "cache_creation_input_tokens": 7, "cache_read_input_tokens": 100,
+             "cache_creation": {"ephemeral_5m_input_tokens": 4, "ephemeral_1h_input_tokens": 3}, "output_tokens": 1}
+    msg = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x-20250101", "content": [],
+           "stop_reason": None, "stop_sequence": None, "usage": usage}
+    evs = [ev("message_start", {"message": msg}),
+           ev("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+           ev("ping", {})]
+    for i in range(n_tokens):
+        if error and i == n_tokens // 2:
+            return [*evs, ev("error", {"error": {"type": error, "message": "Overloaded"}})]
+        evs.append(ev("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": f" word{i}"}}))
+    evs.append(ev("content_block_stop", {"index": 0}))
+    # cumulative usage; some APIs resend the input side, others only output_tokens
+    delta_usage: dict[str, Any] = {"output_tokens": n_tokens}
+    if rng.random() < 0.5:
+        delta_usage.update(input_tokens=25, cache_read_input_tokens=100, cache_creation_input_tokens=None)
+    evs.append(ev("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": delta_usage}))
+    evs.append(ev("message_stop", {}))
+    return evs
+
+
+def test_tap_reads_anthropic_streams_usage_merged_ttft_model_and_error_events() -> None:
+    rng = random.Random(11)
+    for _ in range(300):
+        n = rng.randint(2, 40)
+        error = "overloaded_error" if rng.random() < 0.3 else None
+        data = b"".join(_anthropic_stream(rng, n, error))
+        tap = SseTap(hide_usage=False)
+        assert _feed(tap, data, rng) == data  # passed on whole and unchanged
+        assert tap.first_token_at is not None and tap.response_model == "claude-x-20250101"
+        assert tap.usage is not None
+        u = tap.usage
+        # prompt = uncached input + cache reads + cache writes; cached = the reads
+        assert (u.prompt_tokens, u.cached_tokens, u.cache_write_tokens, u.cache_write_1h_tokens) == (132, 100, 7, 3)
+        assert u.completion_tokens == (1 if error else n) and u.total_tokens == 132 + u.completion_tokens
+        assert tap.error_type == error

@@ -8,6 +8,7 @@ specific, i.e. the longest literal text, first). Example::
       models:
         my-finetune: {input: 3.0, output: 12.0}
         "llama-3.1-8b*": {input: 0.05, output: 0.08}
+        my-claude-deployment: {input: 3.0, output: 15.0, cached_input: 0.3, cache_write: 3.75, cache_write_1h: 6.0}
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ class ModelPrice(Section):
     )
     reasoning: Price | None = Field(
         default=None, description="USD per 1M reasoning tokens (default: the output price)"
+    )
+    cache_write: Price | None = Field(
+        default=None, description="USD per 1M prompt tokens written to the cache (default: the input price)"
+    )
+    cache_write_1h: Price | None = Field(
+        default=None, description="USD per 1M prompt tokens written to the 1-hour cache (default: cache_write)"
     )
 
 

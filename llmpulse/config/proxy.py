@@ -1,10 +1,13 @@
-"""Config section `proxy`: the OpenAI-compatible monitoring proxy and its upstreams.
+"""Config section `proxy`: the monitoring proxy (OpenAI-compatible and Anthropic
+Messages APIs) and its upstreams.
 
-An upstream is an OpenAI-compatible base URL (the one you would give the OpenAI
-client, e.g. ``https://api.openai.com/v1``): a request for ``/v1/<rest>`` goes to
-``<base_url>/<rest>``. It is chosen by path prefix (``/<prefix>/v1/...``, prefix
-removed before forwarding) first, then by the body's model name (glob patterns in
-`models`), else the `default_upstream` (or the first upstream without patterns).
+An upstream is a base URL ending in ``/v1`` (the one you would give the OpenAI
+client, e.g. ``https://api.openai.com/v1``; for Anthropic ``https://api.anthropic.com/v1``):
+a request for ``/v1/<rest>`` goes to ``<base_url>/<rest>``. It is chosen by path
+prefix (``/<prefix>/v1/...``, prefix removed before forwarding) first, then by the
+body's model name (glob patterns in `models`), else the `default_upstream` (or the
+first upstream without patterns). Without a `proxy.upstreams` entry in the config,
+``claude-*`` models go to Anthropic and everything else to OpenAI.
 
 Example::
 
@@ -12,6 +15,7 @@ Example::
       port: 8787
       upstreams:
         - {name: openai, base_url: "https://api.openai.com/v1", models: ["gpt-*", "o*"]}
+        - {name: anthropic, base_url: "https://api.anthropic.com/v1", provider: anthropic, models: ["claude-*"]}
         - {name: local, base_url: "http://127.0.0.1:8000/v1", provider: vllm, path_prefix: /local}
 """
 
@@ -28,9 +32,12 @@ Seconds = Annotated[float, Field(gt=0, le=86_400)]
 
 class UpstreamConfig(Section):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
-    base_url: str = Field(description="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
+    base_url: str = Field(
+        description="base URL ending in /v1, e.g. https://api.openai.com/v1 or https://api.anthropic.com/v1"
+    )
     provider: Annotated[str, Field(min_length=1, max_length=128)] = Field(
-        default="openai", description="recorded as CallEvent.provider"
+        default="openai",
+        description="recorded as CallEvent.provider; left unset: anthropic for /v1/messages calls, else openai",
     )
     models: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         default_factory=list, description="model name glob patterns routed here"
@@ -73,7 +80,12 @@ class UpstreamConfig(Section):
 
 
 def _default_upstreams() -> list[UpstreamConfig]:
-    return [UpstreamConfig(name="openai", base_url="https://api.openai.com/v1")]
+    return [
+        UpstreamConfig(name="openai", base_url="https://api.openai.com/v1"),
+        UpstreamConfig(
+            name="anthropic", base_url="https://api.anthropic.com/v1", provider="anthropic", models=["claude-*"]
+        ),
+    ]
 
 
 class ProxyConfig(Section):

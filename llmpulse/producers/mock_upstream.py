@@ -1,15 +1,32 @@
-"""An OpenAI-compatible mock model server for the demo, the tests and the benchmark.
+"""A mock model server (OpenAI-compatible and Anthropic Messages) for the demo, the
+tests and the benchmark.
 
 Serves ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
-``/v1/responses`` (each streamed or not, as the body asks) and ``/v1/models``.
-Streams send one SSE chunk per token and, when ``stream_options.include_usage`` is
-set, the final usage chunk (``choices: []``) as OpenAI does.
+``/v1/responses``, Anthropic's ``/v1/messages`` (each streamed or not, as the body
+asks) and ``/v1/models``. OpenAI streams send one SSE chunk per token and, when
+``stream_options.include_usage`` is set, the final usage chunk (``choices: []``) as
+OpenAI does.
+
+``/v1/messages`` answers as Anthropic does: the Message object, or the SSE events
+``message_start`` (model and input-side usage), ``content_block_start``, ``ping``,
+one ``content_block_delta`` per token, ``content_block_stop``, ``message_delta``
+(stop reason, ``output_tokens``) and ``message_stop``; errors as
+``{"type": "error", "error": {"type": ..., "message": ...}}`` with Anthropic's types
+(429 ``rate_limit_error`` with ``retry-after``, 529 ``overloaded_error``, 400
+``invalid_request_error``, ...). It requires ``model``, ``max_tokens`` and
+``messages`` (400 otherwise) and an API key (``x-api-key`` or ``Authorization``;
+401 otherwise). ``input_tokens`` leaves the cache reads and writes out, as Anthropic's do.
 
 Options (`MockOptions`) set the latency before the first byte, the delay between
 stream chunks, the error rate and status, and the token sizes. A request may
 override them with headers: ``x-mock-status``, ``x-mock-latency-ms``,
 ``x-mock-chunk-delay-ms``, ``x-mock-tokens`` (completion tokens),
-``x-mock-cached-tokens``, ``x-mock-reasoning-tokens``, ``x-mock-no-usage: 1``.
+``x-mock-cached-tokens``, ``x-mock-reasoning-tokens``, ``x-mock-no-usage: 1``; for
+``/v1/messages`` also ``x-mock-cache-read-tokens``, ``x-mock-cache-write-tokens``,
+``x-mock-cache-write-1h-tokens`` (the part of the writes to the 1-hour cache),
+``x-mock-served-model`` (the model the response names, e.g. a dated snapshot of an
+alias) and ``x-mock-stream-error: <anthropic error type>`` (an SSE ``error`` event
+halfway through the stream, which then ends).
 
 In-process: ``mock = await start_mock_upstream("127.0.0.1", 0)``, ``mock.base_url``,
 ``mock.stats`` (requests, disconnects seen mid-stream, last headers), ``await mock.stop()``.
@@ -72,10 +89,29 @@ def _texts(value: Any) -> list[str]:
 def prompt_tokens_of(body: dict[str, Any]) -> int:
     """The mock's (deterministic) prompt token count: 1 per 4 characters, at least 1."""
     chars = 0
-    for k in ("messages", "prompt", "input"):
+    for k in ("system", "messages", "prompt", "input"):
         if k in body:
             chars += sum(len(t) for t in _texts(body[k]))
     return max(1, chars // 4)
+
+
+ANTHROPIC_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+
+def _anthropic_error(status: int, message: str, etype: str | None = None) -> web.Response:
+    etype = etype or ANTHROPIC_ERRORS.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    headers = {"retry-after": "1"} if status == 429 else None
+    body = {"type": "error", "error": {"type": etype, "message": message}, "request_id": f"req_{uuid.uuid4().hex[:16]}"}
+    return web.Response(status=status, body=_enc.encode(body), content_type="application/json", headers=headers)
 
 
 def _error(status: int, message: str, etype: str = "server_error") -> web.Response:
@@ -137,12 +173,14 @@ class MockUpstream:
         s.last_headers = dict(request.headers)
         h = request.headers
         o = self.options
+        anthropic = path == "/v1/messages"
+        fail = _anthropic_error if anthropic else _error
         try:
             body = _dec.decode(await request.read())
-        except msgspec.DecodeError:
-            return _error(400, "invalid JSON body", "invalid_request_error")
+        except (msgspec.DecodeError, RecursionError):
+            return fail(400, "invalid JSON body", "invalid_request_error")
         if not isinstance(body, dict):
-            return _error(400, "body must be a JSON object", "invalid_request_error")
+            return fail(400, "body must be a JSON object", "invalid_request_error")
         s.last_body = body
         latency = float(h.get("x-mock-latency-ms", o.latency_ms))
         if latency > 0:
@@ -152,7 +190,7 @@ class MockUpstream:
             status = o.error_status
         if status >= 400:
             s.errors += 1
-            return _error(status, f"mock error {status}")
+            return fail(status, f"mock error {status}")
         model = str(body.get("model") or "mock-model")
         n_out = int(h.get("x-mock-tokens", o.completion_tokens))
         usage = {
@@ -165,6 +203,8 @@ class MockUpstream:
         delay = float(h.get("x-mock-chunk-delay-ms", o.chunk_delay_ms)) / 1000
         tail = path[len("/v1/"):]
         stream = bool(body.get("stream"))
+        if anthropic:
+            return await self._messages(request, body, n_out, delay)
         if tail == "embeddings":
             return self._embeddings(body, model, usage)
         if tail == "chat/completions":
@@ -180,6 +220,74 @@ class MockUpstream:
                 return await self._stream_responses(request, model, usage, delay)
             return web.Response(body=_enc.encode(self._response_obj(model, usage)), content_type="application/json")
         return _error(404, f"unknown path {path}", "invalid_request_error")
+
+    # ---- Anthropic Messages ----
+
+    async def _messages(
+        self, request: web.Request, body: dict[str, Any], n_out: int, delay: float
+    ) -> web.StreamResponse:
+        h = request.headers
+        if not (h.get("x-api-key") or h.get("Authorization")):
+            self.stats.errors += 1
+            return _anthropic_error(401, "x-api-key header is required")
+        missing = [k for k in ("model", "max_tokens", "messages") if k not in body]
+        if missing:
+            self.stats.errors += 1
+            return _anthropic_error(400, f"{missing[0]}: Field required")
+        model = str(h.get("x-mock-served-model") or body["model"])
+        written = int(h.get("x-mock-cache-write-tokens", 0))
+        written_1h = min(written, int(h.get("x-mock-cache-write-1h-tokens", 0)))
+        usage: dict[str, Any] = {
+            "input_tokens": prompt_tokens_of(body),
+            "cache_creation_input_tokens": written,
+            "cache_read_input_tokens": int(h.get("x-mock-cache-read-tokens", 0)),
+            "cache_creation": {"ephemeral_5m_input_tokens": written - written_1h, "ephemeral_1h_input_tokens": written_1h},
+            "output_tokens": n_out,
+            "service_tier": "standard",
+        }
+        words = self._words(n_out)
+        msg: dict[str, Any] = {
+            "id": f"msg_{uuid.uuid4().hex[:24]}",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": " ".join(words)}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": usage,
+        }
+        if not body.get("stream"):
+            return web.Response(body=_enc.encode(msg), content_type="application/json")
+
+        def ev(name: str, data: dict[str, Any]) -> bytes:
+            return b"event: " + name.encode() + b"\ndata: " + _enc.encode({"type": name, **data}) + b"\n\n"
+
+        start = {**msg, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
+        deltas = [
+            ev("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": (" " if i else "") + w}})
+            for i, w in enumerate(words)
+        ]
+        fault = h.get("x-mock-stream-error")
+        if fault:
+            deltas = deltas[: len(deltas) // 2]
+            deltas.append(ev("error", {"error": {"type": fault, "message": f"mock {fault}"}}))
+            self.stats.errors += 1
+        events = [
+            ev("message_start", {"message": start}),
+            ev("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+            ev("ping", {}),
+            *deltas,
+        ]
+        if not fault:
+            events += [
+                ev("content_block_stop", {"index": 0}),
+                ev("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                     "usage": {"output_tokens": n_out}}),
+                ev("message_stop", {}),
+            ]
+        resp = await self._open_stream(request)
+        await self._send(resp, events, delay)
+        return resp
 
     # ---- bodies ----
 

@@ -1,11 +1,19 @@
 """What an LLM call costs: a built-in price table, config overrides, one function.
 
-Prices are USD per 1 million tokens: input, output, cached input and reasoning.
-Token semantics follow OpenAI's usage object: `prompt_tokens` *includes*
-`cached_tokens`, and `completion_tokens` *includes* `reasoning_tokens`. So::
+Prices are USD per 1 million tokens: input, output, cached input (cache reads),
+reasoning, and cache writes (Anthropic's prompt caching: a 5-minute and a 1-hour
+rate). Token semantics follow OpenAI's usage object: `prompt_tokens` *includes*
+`cached_tokens` and the cache-write tokens, and `completion_tokens` *includes*
+`reasoning_tokens`. So::
 
-    cost = (prompt - cached) * input + cached * cached_input
+    cost = (prompt - cached - written) * input + cached * cached_input
+         + (written - written_1h) * cache_write + written_1h * cache_write_1h
          + (completion - reasoning) * output + reasoning * reasoning_price
+
+(Anthropic reports `input_tokens` *without* the cache reads and writes; the proxy adds
+them back into `prompt_tokens`, see `proxy/tokens.py`.) A rate left unset is the
+input rate (cached, cache write), the cache-write rate (1-hour write), or the output
+rate (reasoning): providers that charge no surcharge need no entry.
 
 Lookup: the exact model name (case-insensitive), then the same with a provider
 prefix like ``openai/`` removed, then glob patterns, the most specific first
@@ -36,19 +44,33 @@ class Price:
     output: float
     cached_input: float | None = None
     reasoning: float | None = None
+    cache_write: float | None = None
+    cache_write_1h: float | None = None
 
     def cost(
-        self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, reasoning_tokens: int = 0
+        self,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int = 0,
+        reasoning_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        cache_write_1h_tokens: int = 0,
     ) -> float:
         prompt = max(0, prompt_tokens)
         completion = max(0, completion_tokens)
         cached = min(max(0, cached_tokens), prompt)
+        written = min(max(0, cache_write_tokens), prompt - cached)
+        written_1h = min(max(0, cache_write_1h_tokens), written)
         reasoning = min(max(0, reasoning_tokens), completion)
         cached_price = self.input if self.cached_input is None else self.cached_input
+        write_price = self.input if self.cache_write is None else self.cache_write
+        write_1h_price = write_price if self.cache_write_1h is None else self.cache_write_1h
         reasoning_price = self.output if self.reasoning is None else self.reasoning
         usd = (
-            (prompt - cached) * self.input
+            (prompt - cached - written) * self.input
             + cached * cached_price
+            + (written - written_1h) * write_price
+            + written_1h * write_1h_price
             + (completion - reasoning) * self.output
             + reasoning * reasoning_price
         )
@@ -57,6 +79,11 @@ class Price:
 
 def _p(i: float, o: float, c: float | None = None, r: float | None = None) -> Price:
     return Price(i, o, c, r)
+
+
+def _claude(i: float, o: float, read: float, write: float, write_1h: float) -> Price:
+    """Anthropic: cache reads, 5-minute cache writes and 1-hour cache writes at their own rates."""
+    return Price(i, o, cached_input=read, cache_write=write, cache_write_1h=write_1h)
 
 
 # Public list prices (USD / 1M tokens) of common models. Dated snapshots match the
@@ -83,18 +110,21 @@ BUILTIN_PRICES: dict[str, Price] = {
     "text-embedding-3-small": _p(0.02, 0.0),
     "text-embedding-3-large": _p(0.13, 0.0),
     "text-embedding-ada-002": _p(0.10, 0.0),
-    # Anthropic (cached = cache read)
-    "claude-opus-4-5": _p(5.0, 25.0, 0.50),
-    "claude-opus-4-1": _p(15.0, 75.0, 1.50),
-    "claude-opus-4": _p(15.0, 75.0, 1.50),
-    "claude-sonnet-4-5": _p(3.0, 15.0, 0.30),
-    "claude-sonnet-4": _p(3.0, 15.0, 0.30),
-    "claude-haiku-4-5": _p(1.0, 5.0, 0.10),
-    "claude-3-7-sonnet": _p(3.0, 15.0, 0.30),
-    "claude-3-5-sonnet": _p(3.0, 15.0, 0.30),
-    "claude-3-5-haiku": _p(0.80, 4.0, 0.08),
-    "claude-3-opus": _p(15.0, 75.0, 1.50),
-    "claude-3-haiku": _p(0.25, 1.25, 0.03),
+    # Anthropic: input, output, cache read, 5-minute cache write (1.25x input), 1-hour cache
+    # write (2x input); base rates of prompts up to 200k tokens
+    "claude-opus-4-6": _claude(5.0, 25.0, 0.50, 6.25, 10.0),
+    "claude-sonnet-4-6": _claude(3.0, 15.0, 0.30, 3.75, 6.0),
+    "claude-opus-4-5": _claude(5.0, 25.0, 0.50, 6.25, 10.0),
+    "claude-opus-4-1": _claude(15.0, 75.0, 1.50, 18.75, 30.0),
+    "claude-opus-4": _claude(15.0, 75.0, 1.50, 18.75, 30.0),
+    "claude-sonnet-4-5": _claude(3.0, 15.0, 0.30, 3.75, 6.0),
+    "claude-sonnet-4": _claude(3.0, 15.0, 0.30, 3.75, 6.0),
+    "claude-haiku-4-5": _claude(1.0, 5.0, 0.10, 1.25, 2.0),
+    "claude-3-7-sonnet": _claude(3.0, 15.0, 0.30, 3.75, 6.0),
+    "claude-3-5-sonnet": _claude(3.0, 15.0, 0.30, 3.75, 6.0),
+    "claude-3-5-haiku": _claude(0.80, 4.0, 0.08, 1.0, 1.6),
+    "claude-3-opus": _claude(15.0, 75.0, 1.50, 18.75, 30.0),
+    "claude-3-haiku": _claude(0.25, 1.25, 0.03, 0.30, 0.50),
     # Google
     "gemini-2.5-pro": _p(1.25, 10.0, 0.125),
     "gemini-2.5-flash": _p(0.30, 2.50, 0.075),
@@ -185,7 +215,8 @@ class PriceTable:
     @classmethod
     def from_config(cls, cfg: PricingConfig) -> PriceTable:
         prices = {
-            name: Price(p.input, p.output, p.cached_input, p.reasoning) for name, p in cfg.models.items()
+            name: Price(p.input, p.output, p.cached_input, p.reasoning, p.cache_write, p.cache_write_1h)
+            for name, p in cfg.models.items()
         }
         return cls(prices, builtin=cfg.builtin)
 
@@ -223,6 +254,8 @@ class PriceTable:
         completion_tokens: int,
         cached_tokens: int = 0,
         reasoning_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        cache_write_1h_tokens: int = 0,
     ) -> float | None:
         price = self.lookup(model)
         if price is None:
@@ -231,7 +264,9 @@ class PriceTable:
                 if model in self.unknown or len(self.unknown) < self._max_cache:
                     self.unknown[model] = self.unknown.get(model, 0) + 1
             return None
-        return price.cost(prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens)
+        return price.cost(
+            prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cache_write_tokens, cache_write_1h_tokens
+        )
 
 
 _default_table: PriceTable | None = None
@@ -252,8 +287,10 @@ def price_call(
     cached_tokens: int = 0,
     reasoning_tokens: int = 0,
     table: PriceTable | None = None,
+    cache_write_tokens: int = 0,
+    cache_write_1h_tokens: int = 0,
 ) -> float | None:
     """USD cost of one call, or None when the model has no price (counted in `table.unknown`)."""
     return (table or default_table()).cost(
-        model, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens
+        model, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cache_write_tokens, cache_write_1h_tokens
     )

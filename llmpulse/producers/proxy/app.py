@@ -1,5 +1,9 @@
 """The proxy's aiohttp server: `/v1/*` to the upstreams, `/metrics`, `/healthz`.
 
+Both OpenAI-compatible APIs and Anthropic's Messages API (``POST /v1/messages``,
+plain or streamed; recorded as operation ``chat``) pass through; any other path
+under ``/v1/`` is forwarded and recorded as operation ``other``.
+
 In-process use (what `llmpulse up --demo` does)::
 
     server = await start_proxy(settings)              # publisher built from settings
@@ -9,9 +13,17 @@ In-process use (what `llmpulse up --demo` does)::
 
 Per request the proxy reads the body once, decodes only the few fields it needs
 (model, stream, stream_options, user), forwards the raw bytes unchanged (except
-for the usage request it adds to streams), and records the call after the response
-is out (see `events.py`). Every response carries ``x-llmpulse-overhead-ms``: the
-time spent in the proxy, not waiting on the upstream.
+for the usage request it adds to OpenAI streams), and records the call after the
+response is out (see `events.py`). Every response carries ``x-llmpulse-overhead-ms``:
+the time spent in the proxy, not waiting on the upstream.
+
+Request bodies are decoded with a nesting limit (`jsonlimits.py`). On the model API
+routes (chat, completions, embeddings, responses, messages) the proxy itself needs
+the body, to route by model and to know whether to stream: a body it cannot read
+(not JSON, nested deeper than `jsonlimits.MAX_DEPTH`) is refused with 400 and the
+reason, before any upstream sees it (an upstream would refuse it too). On every other
+path the body is the upstream's business: the proxy forwards it unread, and records
+the call under operation ``other``. Oversized bodies get 413. No body gets a 500.
 """
 
 from __future__ import annotations
@@ -37,9 +49,10 @@ from llmpulse.producers.proxy import errors
 from llmpulse.producers.proxy.enforce import ProxyActions, Refusal
 from llmpulse.producers.proxy.events import CallRecord, CallRecorder, RawPublisher
 from llmpulse.producers.proxy.forwarding import CircuitOpenError, send
+from llmpulse.producers.proxy.jsonlimits import DECODE_ERRORS, JsonLimitError, decode_bounded
 from llmpulse.producers.proxy.streaming import SseTap
 from llmpulse.producers.proxy.tokens import usage_from
-from llmpulse.producers.proxy.upstreams import Router, Upstream, operation_of
+from llmpulse.producers.proxy.upstreams import Router, Upstream, is_anthropic, operation_of
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +68,6 @@ _DROP_RESPONSE = frozenset(
 )
 _STREAM_OPS = frozenset({"chat", "completion"})
 _enc = msgspec.json.Encoder()
-_dec = msgspec.json.Decoder()
 
 
 class _RequestHead(msgspec.Struct):
@@ -209,14 +221,20 @@ class ProxyServer:
         if rec is not None:
             rec.status_code = status
             rec.error_type = etype
-        return self._finish(web.Response(status=status, body=errors.error_body(message, etype), content_type="application/json"), rec, t0, 0.0)
+        if rec is not None and rec.anthropic:
+            body = errors.anthropic_error_body(status, message)
+        else:
+            body = errors.error_body(message, etype)
+        return self._finish(web.Response(status=status, body=body, content_type="application/json"), rec, t0, 0.0)
 
     def _refuse(self, r: Refusal, rec: CallRecord, t0: float) -> web.Response:
         rec.status_code = r.status
         rec.error_type = r.error_type
-        resp = web.Response(
-            status=r.status, body=errors.error_body(r.message, r.error_type, r.code), content_type="application/json"
-        )
+        if rec.anthropic:
+            body = errors.anthropic_error_body(r.status, r.message)
+        else:
+            body = errors.error_body(r.message, r.error_type, r.code)
+        resp = web.Response(status=r.status, body=body, content_type="application/json")
         for k, v in r.headers.items():
             resp.headers[k] = v
         return self._finish(resp, rec, t0, 0.0)
@@ -241,16 +259,18 @@ class ProxyServer:
             )
         up, rest = split
         operation = operation_of(rest)
+        anthropic = is_anthropic(rest)
         h = request.headers
         key = api_key_from_headers(h)
         rec = CallRecord(
             ts=_now(),
             model="unknown",
             operation=operation,
-            provider=up.provider if up is not None else "unknown",
+            provider=up.provider_for(anthropic) if up is not None else "anthropic" if anthropic else "unknown",
             app=h.get("X-LLMPulse-App") or self.cfg.default_app,
             user=h.get("X-LLMPulse-User"),
             api_key_hash=self.hasher.hash(key) if key else None,
+            anthropic=anthropic,
         )
         try:
             body = await request.read()
@@ -263,10 +283,12 @@ class ProxyServer:
         head = _RequestHead()
         if body and request.method == "POST":
             try:
-                head = _req_dec.decode(body)
-            except (msgspec.DecodeError, msgspec.ValidationError):
+                head = decode_bounded(body, _req_dec)
+            except JsonLimitError as exc:
+                if operation != "other":  # the proxy must read it (model, stream): refused
+                    return self._error(400, f"the request body {exc}", errors.INVALID_REQUEST, rec, t0)
+            except msgspec.DecodeError:
                 if operation != "other":
-                    rec.request_raw = None
                     return self._error(400, "the request body is not a JSON object", errors.INVALID_REQUEST, rec, t0)
         if isinstance(head.model, str) and head.model:
             rec.model = head.model
@@ -286,17 +308,17 @@ class ProxyServer:
                     up = self.router.by_name.get(gate.upstream, up)
                 if gate.model is not None and gate.model != rec.model:
                     try:
-                        full = _dec.decode(body)
+                        full = decode_bounded(body)
                         full["model"] = gate.model
                         body = _enc.encode(full)
                         served = gate.model
-                    except (msgspec.DecodeError, TypeError):
+                    except (*DECODE_ERRORS, TypeError):
                         pass
         if up is None:
             up = self.router.by_model(served or (rec.model if isinstance(head.model, str) else None))
             if up is None:
                 return self._error(404, f"no upstream configured for model {rec.model!r}", errors.INVALID_REQUEST, rec, t0)
-        rec.provider = up.provider
+        rec.provider = up.provider_for(anthropic)
         if served is not None:
             rec.response_model = served
         if acts.cuts:
@@ -309,16 +331,17 @@ class ProxyServer:
         rec.request_raw = body if operation != "other" else None
         stream = head.stream is True and operation != "embedding"
         hide_usage = False
-        if stream and operation in _STREAM_OPS and self.cfg.inject_stream_usage:
+        # Anthropic streams always carry their usage (message_start, message_delta)
+        if stream and operation in _STREAM_OPS and self.cfg.inject_stream_usage and not anthropic:
             so = head.stream_options
             if not (isinstance(so, dict) and so.get("include_usage") is True):
                 try:
-                    full = _dec.decode(body)
+                    full = decode_bounded(body)
                     so = full.get("stream_options")
                     full["stream_options"] = {**(so if isinstance(so, dict) else {}), "include_usage": True}
                     body = _enc.encode(full)
                     hide_usage = True
-                except (msgspec.DecodeError, AttributeError):
+                except (*DECODE_ERRORS, AttributeError):
                     pass
         headers = {k: v for k, v in h.items() if k.lower() not in _DROP_REQUEST and not k.lower().startswith("x-llmpulse-")}
         url = up.base_url + rest
@@ -351,13 +374,15 @@ class ProxyServer:
         status = resp.status
         rec.status_code = status
         rec.error_type = errors.error_type_of_status(status)
+        if status >= 400 and rec.anthropic:
+            rec.error_type = errors.anthropic_error_type(raw) or rec.error_type
         if status < 400 and raw[:1] == b"{":
             try:
-                rh = _resp_dec.decode(raw)
+                rh = decode_bounded(raw, _resp_dec)
                 rec.usage = usage_from(rh.usage)
                 if isinstance(rh.model, str):
                     rec.response_model = rh.model
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except DECODE_ERRORS:
                 pass
             if rec.usage is None or self.settings.capture.enabled:
                 rec.response_raw = raw
@@ -451,6 +476,9 @@ class ProxyServer:
         finally:
             if tap.first_token_at is not None:
                 rec.ttft_ms = (tap.first_token_at - t0) * 1000
+            if tap.error_type is not None and rec.status_code < 400:  # an error event mid-stream
+                rec.status_code = errors.ANTHROPIC_STATUS.get(tap.error_type, 500)
+                rec.error_type = tap.error_type
             rec.usage = tap.usage
             rec.response_model = tap.response_model or rec.response_model
             rec.latency_ms = (time.perf_counter() - t0) * 1000

@@ -12,6 +12,16 @@ error_type values:
   ``client_disconnected`` (499: the client went away before the response ended);
 - refused by an active llmpulse action: ``action_rate_limited`` (429 with Retry-After),
   ``action_blocked`` (403), ``action_circuit_open`` (503).
+
+An Anthropic Messages call (``/v1/messages``) that failed upstream keeps Anthropic's
+own type, read from its error body ``{"type": "error", "error": {"type": ...}}`` or
+from an SSE ``error`` event mid-stream: ``rate_limit_error`` (429),
+``overloaded_error`` (529), ``invalid_request_error`` (400), ``authentication_error``
+(401), ``permission_error`` (403), ``not_found_error`` (404), ``request_too_large``
+(413), ``api_error`` (500); without a readable body, the status mapping above. Errors
+the proxy itself answers on that route (circuit open, unreadable body, ...) keep the
+proxy's types, in an Anthropic-shaped body so that the `anthropic` client raises
+its usual exceptions.
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ import errno
 
 import aiohttp
 import msgspec
+
+from llmpulse.producers.proxy.jsonlimits import DECODE_ERRORS, decode_bounded
 
 CLIENT_CLOSED = 499
 _BY_STATUS = {
@@ -34,6 +46,20 @@ _BY_STATUS = {
     429: "rate_limited",
 }
 RETRY_STATUSES = frozenset({502, 503, 504})
+# Anthropic's error types and the HTTP status each comes with
+ANTHROPIC_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
+_ANTHROPIC_BY_STATUS = {v: k for k, v in ANTHROPIC_STATUS.items()}
 
 TIMEOUT = "timeout"
 CONNECTION_REFUSED = "connection_refused"
@@ -82,3 +108,30 @@ def error_body(message: str, etype: str, code: str | None = None) -> bytes:
     return msgspec.json.encode(
         {"error": {"message": message, "type": etype, "param": None, "code": code or etype}}
     )
+
+
+def anthropic_error_body(status: int, message: str) -> bytes:
+    """An Anthropic-shaped error body: the type Anthropic uses for `status`, the
+    proxy's reason in the message."""
+    etype = _ANTHROPIC_BY_STATUS.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
+    return msgspec.json.encode({"type": "error", "error": {"type": etype, "message": message}})
+
+
+class _AnthropicError(msgspec.Struct):
+    type: str
+
+
+class _AnthropicErrorBody(msgspec.Struct):
+    error: _AnthropicError
+
+
+_anthropic_err_dec = msgspec.json.Decoder(_AnthropicErrorBody)
+
+
+def anthropic_error_type(raw: bytes) -> str | None:
+    """`error.type` of an Anthropic error body, or None when `raw` is not one."""
+    try:
+        etype = decode_bounded(raw, _anthropic_err_dec).error.type
+    except DECODE_ERRORS:
+        return None
+    return etype[:64] or None

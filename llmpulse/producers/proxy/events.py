@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import msgspec
 from prometheus_client import Counter
 
 from llmpulse.config import Settings
 from llmpulse.producers.pricing import PriceTable
 from llmpulse.producers.proxy.batching import KeyedBatcher
 from llmpulse.producers.proxy.batching import RawPublisher as RawPublisher  # re-exported
+from llmpulse.producers.proxy.jsonlimits import DECODE_ERRORS, decode_bounded
 from llmpulse.producers.proxy.streaming import SseTap
 from llmpulse.producers.proxy.tokens import (
     Usage,
@@ -38,7 +38,6 @@ from llmpulse.producers.redaction import Redactor
 from llmpulse.schemas.call import CallEvent
 
 log = logging.getLogger(__name__)
-_dec = msgspec.json.Decoder()
 
 UNPRICED_CALLS = Counter("llmpulse_proxy_unpriced_calls_total", "Calls of models without a price")
 EVENTS_NOT_BUILT = Counter("llmpulse_proxy_events_invalid_total", "Calls whose CallEvent could not be built")
@@ -64,6 +63,7 @@ class CallRecord:
     usage: Usage | None = None
     request_raw: bytes | None = None
     response_raw: bytes | None = None
+    anthropic: bool = False  # an Anthropic Messages call (error bodies and types in Anthropic's shape)
     stream: SseTap | None = field(default=None)  # a streamed response's events (payloads() on demand)
     charge: list[Any] | None = field(default=None)  # rate limits (enforce.Limit) to charge tokens to
 
@@ -120,8 +120,8 @@ class CallRecorder:
         if not rec.request_raw:
             return None
         try:
-            body = _dec.decode(rec.request_raw)
-        except msgspec.DecodeError:
+            body = decode_bounded(rec.request_raw)
+        except DECODE_ERRORS:
             return None
         return body if isinstance(body, dict) else None
 
@@ -130,16 +130,16 @@ class CallRecorder:
             parts = []
             for p in rec.stream.payloads():
                 try:
-                    chunk = _dec.decode(p)
-                except msgspec.DecodeError:
+                    chunk = decode_bounded(p)
+                except DECODE_ERRORS:
                     continue
                 if isinstance(chunk, dict):
                     parts.append(delta_text(chunk))
             return "".join(parts)
         if rec.response_raw:
             try:
-                body = _dec.decode(rec.response_raw)
-            except msgspec.DecodeError:
+                body = decode_bounded(rec.response_raw)
+            except DECODE_ERRORS:
                 return ""
             if isinstance(body, dict):
                 return response_text(body)
@@ -157,7 +157,8 @@ class CallRecorder:
         cost: float | None = None
         if usage is not None:
             cost = self.prices.cost(
-                rec.model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.reasoning_tokens
+                rec.model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.reasoning_tokens,
+                usage.cache_write_tokens, usage.cache_write_1h_tokens,
             )
             if cost is None:
                 UNPRICED_CALLS.inc()

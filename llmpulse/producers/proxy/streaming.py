@@ -5,10 +5,18 @@ on (a partial event waits for its end, nothing more is held). On the way it note
 the served model, the moment of the first generated token (time to first token),
 and the usage, and hides the usage chunk (``choices: []``) that the proxy asked the
 upstream for when the client did not. Only events that may matter are decoded:
-those before the first token, and those that carry a non-null ``usage``. After the
-first token, a block of events without a usage passes through as one bytes object,
-not split: the event payloads (for estimating tokens when the upstream sent no
-usage, or for capture) are split out later, off the request's path, by `payloads()`.
+those before the first token, those that carry a non-null ``usage``, and SSE
+``error`` events. After the first token, a block of events without either passes
+through as one bytes object, not split: the event payloads (for estimating tokens
+when the upstream sent no usage, or for capture) are split out later, off the
+request's path, by `payloads()`.
+
+Anthropic Messages streams are read too: the served model and the input-side usage
+from ``message_start``, the first ``content_block_delta`` as the first token, the
+cumulative usage of ``message_delta`` merged over it (fields it leaves out keep their
+``message_start`` values), and an ``error`` event (e.g. ``overloaded_error`` mid-stream)
+as the call's error type. A payload nested too deeply to decode safely is passed on
+untouched and not read (see `jsonlimits.py`): monitoring never breaks a stream.
 """
 
 from __future__ import annotations
@@ -18,10 +26,11 @@ from typing import Any
 
 import msgspec
 
-from llmpulse.producers.proxy.tokens import Usage, delta_text, usage_from
+from llmpulse.producers.proxy.jsonlimits import JsonLimitError, decode_bounded
+from llmpulse.producers.proxy.tokens import Usage, anthropic_usage, delta_text, usage_from
 
-_dec = msgspec.json.Decoder()
 _SEP = b"\n\n"
+_ERROR_EVENTS = (b"event: error", b"event:error")
 
 
 def payload_of(ev: bytes) -> bytes | None:
@@ -37,19 +46,33 @@ def payload_of(ev: bytes) -> bytes | None:
     return payload
 
 
+def _event_start(block: bytes, pos: int, i: int) -> int:
+    j = block.rfind(_SEP, pos, i)
+    return j + 2 if j >= 0 else pos
+
+
 def _usage_event(block: bytes, pos: int) -> int:
-    """Where the first event at or after `pos` that may carry a non-null usage starts
-    (len(block) when none does); `pos` is the start of an event."""
+    """Where the first event at or after `pos` that may carry a non-null usage, or is an
+    SSE ``error`` event, starts (len(block) when none does); `pos` is the start of an event."""
+    found = len(block)
     i = block.find(b'"usage"', pos)
     while i >= 0:
         if not (block.startswith(b'"usage":null', i) or block.startswith(b'"usage": null', i)):
-            return block.rfind(_SEP, pos, i) + 2 if block.rfind(_SEP, pos, i) >= 0 else pos
+            found = _event_start(block, pos, i)
+            break
         i = block.find(b'"usage"', i + 7)
-    return len(block)
+    for marker in _ERROR_EVENTS:
+        i = block.find(marker, pos, found)
+        if i >= 0:
+            found = _event_start(block, pos, i)
+    return found
 
 
 class SseTap:
-    __slots__ = ("_blocks", "_buf", "first_token_at", "hidden", "hide_usage", "response_model", "usage")
+    __slots__ = (
+        "_anthropic_usage", "_blocks", "_buf", "error_type", "first_token_at", "hidden", "hide_usage",
+        "response_model", "usage",
+    )
 
     def __init__(self, hide_usage: bool) -> None:
         self._buf = b""
@@ -58,6 +81,8 @@ class SseTap:
         self.usage: Usage | None = None
         self.response_model: str | None = None
         self.first_token_at: float | None = None
+        self.error_type: str | None = None  # an Anthropic stream's `error` event
+        self._anthropic_usage: dict[str, Any] = {}  # message_start's usage, message_delta's merged in
         self._blocks: list[bytes] = []  # every complete block of events seen, as received
 
     def payloads(self) -> list[bytes]:
@@ -117,20 +142,24 @@ class SseTap:
             return True
         if self.first_token_at is not None and (
             payload.find(b'"usage"') < 0 or payload.find(b'"usage":null') >= 0 or payload.find(b'"usage": null') >= 0
-        ):
+        ) and not ev.startswith(_ERROR_EVENTS) and b"\nevent: error" not in ev and b"\nevent:error" not in ev:
             return True
         try:
-            chunk: Any = _dec.decode(payload)
-        except msgspec.DecodeError:
+            chunk: Any = decode_bounded(payload)
+        except (msgspec.DecodeError, JsonLimitError):
             return True
         if not isinstance(chunk, dict):
+            return True
+        ctype = chunk.get("type")
+        if ctype in ("message_start", "message_delta", "error"):
+            self._anthropic(ctype, chunk)
             return True
         resp = chunk.get("response")
         if self.response_model is None:
             m = chunk.get("model") or (resp.get("model") if isinstance(resp, dict) else None)
             if isinstance(m, str):
                 self.response_model = m
-        if self.first_token_at is None and delta_text(chunk):
+        if self.first_token_at is None and (ctype == "content_block_delta" or delta_text(chunk)):
             self.first_token_at = time.perf_counter()
         u = chunk.get("usage")
         if u is None and isinstance(resp, dict):
@@ -141,3 +170,27 @@ class SseTap:
                 self.hidden += 1
                 return False
         return True
+
+    def _anthropic(self, ctype: str, chunk: dict[str, Any]) -> None:
+        """message_start (model, usage), message_delta (cumulative usage), error."""
+        if ctype == "error":
+            err = chunk.get("error")
+            etype = err.get("type") if isinstance(err, dict) else chunk.get("code")  # Anthropic; Responses
+            self.error_type = etype[:64] if isinstance(etype, str) and etype else "stream_error"
+            return
+        if ctype == "message_start":
+            msg = chunk.get("message")
+            if not isinstance(msg, dict):
+                return
+            m = msg.get("model")
+            if isinstance(m, str) and m:
+                self.response_model = m
+            u = msg.get("usage")
+            if isinstance(u, dict):
+                self._anthropic_usage = dict(u)
+        else:
+            u = chunk.get("usage")
+            if isinstance(u, dict):
+                self._anthropic_usage.update({k: v for k, v in u.items() if v is not None})
+        if self._anthropic_usage:
+            self.usage = anthropic_usage(self._anthropic_usage)

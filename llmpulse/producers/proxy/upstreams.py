@@ -15,12 +15,19 @@ OPERATIONS = {
     "/completions": "completion",
     "/embeddings": "embedding",
     "/responses": "responses",
+    "/messages": "chat",  # Anthropic Messages
 }
+ANTHROPIC_MESSAGES = "/messages"
 
 
 def operation_of(rest: str) -> str:
     """chat | completion | embedding | responses | other, from the path after /v1."""
     return OPERATIONS.get(rest, "other")
+
+
+def is_anthropic(rest: str) -> bool:
+    """Whether the path after /v1 is Anthropic's Messages API (``POST /v1/messages``)."""
+    return rest == ANTHROPIC_MESSAGES
 
 
 class Upstream:
@@ -31,6 +38,8 @@ class Upstream:
         self.name = cfg.name
         self.base_url = cfg.base_url
         self.provider = cfg.provider
+        # a provider left unset is named after the API a call used (see provider_for)
+        self.provider_set = "provider" in cfg.model_fields_set
         self.circuit = CircuitBreaker(cfg.circuit_failures, cfg.circuit_reset_s)
         self.timeout = aiohttp.ClientTimeout(
             total=cfg.total_timeout_s, connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s
@@ -41,6 +50,12 @@ class Upstream:
         )
         self._patterns = [re.compile(fnmatch.translate(p)) for p in cfg.models]
         self.session: aiohttp.ClientSession | None = None
+
+    def provider_for(self, anthropic: bool) -> str:
+        """CallEvent.provider of a call through this upstream: the configured provider,
+        else ``anthropic`` for Anthropic Messages calls and the default (``openai``) for
+        the rest."""
+        return "anthropic" if anthropic and not self.provider_set else self.provider
 
     def matches(self, model: str) -> bool:
         return any(rx.match(model) for rx in self._patterns)
