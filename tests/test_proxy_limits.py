@@ -121,7 +121,7 @@ def test_deep_or_oversized_json_gets_a_clear_answer_never_a_500(
         else:
             assert body["error"]["type"] == "invalid_request"  # type: ignore[index]
             message = body["error"]["message"]  # type: ignore[index]
-        assert f"nests arrays/objects deeper than {MAX_DEPTH} levels" in str(message)
+        assert f"nested deeper than {MAX_DEPTH} levels" in str(message)
     assert other_status == 400 and other_body["error"]["message"] == "invalid JSON body"  # type: ignore[index]
     assert big_status == 413 and str(limit) in big_body["error"]["message"]  # type: ignore[index]
     for path in ("/v1/chat/completions", "/v1/messages"):

@@ -286,7 +286,7 @@ class ProxyServer:
                 head = decode_bounded(body, _req_dec)
             except JsonLimitError as exc:
                 if operation != "other":  # the proxy must read it (model, stream): refused
-                    return self._error(400, f"the request body {exc}", errors.INVALID_REQUEST, rec, t0)
+                    return self._error(400, f"the request body is {exc}", errors.INVALID_REQUEST, rec, t0)
             except msgspec.DecodeError:
                 if operation != "other":
                     return self._error(400, "the request body is not a JSON object", errors.INVALID_REQUEST, rec, t0)

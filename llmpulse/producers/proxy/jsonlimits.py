@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from llmpulse.schemas.nesting import InputTooComplex
+
 MAX_DEPTH = 128
 T = TypeVar("T")
 
@@ -39,8 +41,8 @@ _AS_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as signed b
 _plain = msgspec.json.Decoder()
 
 
-class JsonLimitError(ValueError):
-    """A JSON text the proxy will not decode: nested too deeply."""
+JsonLimitError = InputTooComplex
+"""A JSON text the proxy will not decode: nested too deeply."""
 
 
 def depth_problem(data: bytes, limit: int = MAX_DEPTH) -> str | None:
@@ -50,7 +52,7 @@ def depth_problem(data: bytes, limit: int = MAX_DEPTH) -> str | None:
     unescaped = data.replace(b"\\\\", b"").replace(b'\\"', b"")
     steps = b"".join(unescaped.translate(_AS_STEPS, _NOT_BRACKETS).split(b'"')[::2])
     if b"\x01" * (limit + 1) in steps or max(accumulate(memoryview(steps).cast("b")), default=0) > limit:
-        return f"nests arrays/objects deeper than {limit} levels"
+        return f"nested deeper than {limit} levels"
     return None
 
 
@@ -66,7 +68,7 @@ def decode_bounded(data: bytes, decoder: msgspec.json.Decoder[T] | None = None) 
     try:
         return (decoder or _plain).decode(data)
     except RecursionError:  # a deep stack already: still a clean refusal
-        raise JsonLimitError(f"nests arrays/objects deeper than the decoder allows here (limit {MAX_DEPTH})") from None
+        raise JsonLimitError(f"nested deeper than the decoder allows here (limit {MAX_DEPTH} levels)") from None
 
 
 DECODE_ERRORS = (msgspec.DecodeError, JsonLimitError)
