@@ -15,10 +15,11 @@ from llmpulse.cli import settings_of
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "proxy",
-        help="run the OpenAI-compatible monitoring proxy",
-        description="Serve /v1/* (OpenAI-compatible, streaming included), forward to the configured "
-        "upstreams (proxy.upstreams) and publish one CallEvent per call to Kafka. Point an OpenAI "
-        "client's base_url at http://HOST:PORT/v1. Also serves /metrics and /healthz.",
+        help="run the monitoring proxy (OpenAI-compatible APIs and Anthropic Messages)",
+        description="Serve /v1/* (OpenAI-compatible and Anthropic's /v1/messages, streaming included), "
+        "forward to the configured upstreams (proxy.upstreams) and publish one CallEvent per call to "
+        "Kafka. Point an OpenAI client's base_url at http://HOST:PORT/v1, an Anthropic client's at "
+        "http://HOST:PORT (docs/anthropic.md). Also serves /metrics and /healthz.",
     )
     p.add_argument("--host", default=None, help="listen address (default: proxy.host)")
     p.add_argument("--port", type=int, default=None, help="listen port (default: proxy.port; 0 = free)")
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--upstream",
         metavar="URL",
         default=None,
-        help="one OpenAI-compatible base URL for every request (replaces proxy.upstreams)",
+        help="one base URL ending in /v1 for every request (replaces proxy.upstreams)",
     )
     p.add_argument(
         "--loop",
