@@ -37,7 +37,10 @@ class SdkConfig(Section):
         default=2.0, description="the longest the process waits at exit for queued events to be delivered"
     )
     delivery_timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(
-        default=60.0, description="a message the broker has not acknowledged after this is dropped (counted)"
+        default=60.0, description="a message the broker has not acknowledged after this is kept in memory for a retry"
+    )
+    spool_max_bytes: Annotated[int, Field(ge=0, le=1 << 40)] = Field(
+        default=64 << 20, description="undelivered events kept in memory while Kafka is unreachable; past it they are dropped (counted)"
     )
     broker_retry_s: Annotated[float, Field(gt=0, le=3600)] = Field(
         default=5.0, description="how often to look for the broker again when none could be resolved"

@@ -3,16 +3,32 @@
 ``publish_raw()`` appends to a bounded in-memory queue (a deque; O(1), thread-safe)
 and returns. A background thread hands the queue to confluent-kafka's producer.
 When the broker is unreachable (librdkafka reports all brokers down, or a message
-is not delivered within `delivery_timeout_s`), events go to an append-only spool
-file instead, ``<spool_dir>/spool.bin``; the thread probes the broker every
-`retry_s` and, once it answers, replays the spool from the last replayed offset
-(kept in ``spool.offset``, so a restarted process replays what an earlier one
-spooled). Only when the unreplayed spool would exceed `spool_max_bytes` is an event
-dropped, and each drop is counted (``llmpulse_publish_dropped_total``).
+is not delivered within `delivery_timeout_s`), events go to the spool instead: an
+append-only file ``<spool_dir>/spool.bin`` (the proxy), or the same records in
+memory (``spool_dir=None``: the in-app SDK, which writes no files). The thread
+probes the broker every `retry_s` and, once it answers, replays the spool from the
+last replayed offset (kept in ``spool.offset``, so a restarted process replays what
+an earlier one spooled). Only when the unreplayed spool would exceed
+`spool_max_bytes` is an event dropped, and each drop is counted
+(``llmpulse_publish_dropped_total``).
 
-Delivery is at least once: an event is never both delivered and spooled except when
-a process stops while a message is in flight (it is then spooled, and may have
-arrived too); consumers dedupe by `event_id`.
+An acknowledgement is not yet safety. A broker asked to stop keeps answering its
+open connections until it exits (Tansu, the embedded broker, acknowledges produce
+requests for about 5 s after SIGTERM), and a broker that keeps messages in memory
+only (Tansu again) loses what it acknowledged when it exits. So every delivered
+message is held for `hold_s` (default: the delivery timeout) after its
+acknowledgement; when the broker goes down (all brokers down, or a delivery fails),
+the messages acknowledged within the last `hold_s` are spooled again and replayed
+with the rest. This is the failure measured before: events published while the
+broker stopped were acknowledged, counted in ``llmpulse_events_out_total`` and then
+gone with the broker, never spooled and never counted as dropped.
+
+Delivery is at least once: an event can arrive twice (a resent message the broker
+had kept; a message that timed out in a stalled broker and was spooled, then
+written when the broker resumed; a process stopped while a message is in flight).
+Consumers dedupe by `event_id`. ``llmpulse_events_out_total`` counts deliveries
+(successful delivery reports) in events, so a message delivered again after a broker
+lost it counts again.
 
 Spool record: header ``<IHiI`` (crc32 of the rest, topic length, key length or -1,
 value length) followed by topic, key and value bytes. A torn record at the end (a
@@ -97,6 +113,26 @@ class SpoolStats:
     replayed: int = 0
     dropped: int = 0
     failed_deliveries: int = 0
+    delivered_events: int = 0  # events in the delivered messages (batch envelopes hold many)
+    resent: int = 0  # acknowledged messages spooled again because the broker went down soon after
+
+
+def _parse_records(data: bytes | bytearray, pos: int, end: int, max_records: int) -> list[tuple[int, Item]]:
+    """Up to `max_records` whole records of `data[pos:end]`, each with the offset just past it."""
+    out: list[tuple[int, Item]] = []
+    view = memoryview(data)
+    while pos + _HEADER.size <= end and len(out) < max_records:
+        _crc, tl, kl, vl = _HEADER.unpack_from(view, pos)
+        start = pos + _HEADER.size
+        stop = start + tl + max(kl, 0) + vl
+        if stop > end:
+            break
+        topic = bytes(view[start : start + tl]).decode()
+        key = bytes(view[start + tl : start + tl + kl]) if kl >= 0 else None
+        value = bytes(view[start + tl + max(kl, 0) : stop])
+        pos = stop
+        out.append((pos, (topic, key, value)))
+    return out
 
 
 def _record(topic: str, key: bytes | None, value: bytes) -> bytes:
@@ -188,13 +224,52 @@ class SpoolFile:
         self._reader.close()
 
 
+class MemorySpool:
+    """The spool's records in memory, for a process that must not write files (the in-app SDK).
+
+    Same interface and bound as SpoolFile; it survives broker outages, not the process."""
+
+    path = "memory"
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.offset = 0
+
+    @property
+    def size(self) -> int:
+        return len(self._buf)
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf) - self.offset
+
+    def append(self, records: Sequence[bytes]) -> None:
+        for rec in records:
+            self._buf += rec
+
+    def read(self, max_records: int) -> list[tuple[int, Item]]:
+        return _parse_records(self._buf, self.offset, len(self._buf), max_records)
+
+    def commit(self, offset: int) -> None:
+        self.offset = offset
+        if self.offset >= len(self._buf):
+            self._buf.clear()
+            self.offset = 0
+        elif self.offset >= 1 << 20:  # give replayed bytes back now and then, not per record
+            del self._buf[: self.offset]
+            self.offset = 0
+
+    def close(self) -> None:
+        pass
+
+
 class SpoolingPublisher:
     """Non-blocking Kafka publisher with a bounded queue and a disk spool for broker outages."""
 
     def __init__(
         self,
         kafka_settings: dict[str, Any],
-        spool_dir: Path,
+        spool_dir: Path | None,
         *,
         spool_max_bytes: int = 1 << 30,
         queue_size: int = 100_000,
@@ -202,6 +277,8 @@ class SpoolingPublisher:
         retry_s: float = 2.0,
         component: str = "proxy",
         batch: int = 256,
+        hold_s: float | None = None,
+        hold_max_bytes: int = 64 << 20,
     ) -> None:
         from confluent_kafka import KafkaError, Producer
 
@@ -222,10 +299,17 @@ class SpoolingPublisher:
         self.component = component
         self.stats = SpoolStats()
         self._lock = threading.Lock()
-        self._spool = SpoolFile(spool_dir)
+        self._spool: SpoolFile | MemorySpool = SpoolFile(spool_dir) if spool_dir is not None else MemorySpool()
+        # acknowledged messages kept until the broker has stayed up `hold_s` after their ack
+        self._hold: deque[tuple[float, Item]] = deque()
+        self._hold_bytes = 0
+        self._hold_s = delivery_timeout_s if hold_s is None else hold_s
+        self._hold_max = hold_max_bytes
+        self._hold_full_warned = False
         self._up = True
         self._next_probe = 0.0
         self._stopping = threading.Event()
+        self._close_timeout = 5.0
         self._thread = threading.Thread(target=self._run, name=f"llmpulse-publisher-{component}", daemon=True)
         if self._spool.pending:
             log.info("spool %s holds %d bytes from earlier; replaying when Kafka answers", spool_dir, self._spool.pending)
@@ -273,9 +357,16 @@ class SpoolingPublisher:
         """Deliver what can be delivered within `timeout`; spool the rest."""
         if self._stopping.is_set():
             return
+        self._close_timeout = max(0.0, timeout)
         self._stopping.set()
         self._thread.join(timeout + 5)
         with self._lock:
+            if isinstance(self._spool, MemorySpool) and self._spool.pending:
+                # the process goes, and with it the memory spool: these are lost, so count them
+                lost = sum(events_in(value) for _, (_, _, value) in self._spool.read(1 << 62))
+                self._spool.commit(self._spool.size)
+                log.warning("%d events not delivered before close: dropped", lost)
+                self._count_drop(lost)
             self._spool.close()
 
     # ---- background thread ----
@@ -285,6 +376,8 @@ class SpoolingPublisher:
             PUBLISH_SPOOL_BYTES.labels(self.component).set(self._spool.pending)
 
     def _on_error(self, err: Any) -> None:
+        if self._stopping.is_set():
+            return  # librdkafka reports its own teardown as all brokers down; _shutdown spools what is left
         if err.code() == self._KafkaError._ALL_BROKERS_DOWN:
             if self._up:
                 log.warning("Kafka unreachable (%s): spooling events", err.str())
@@ -294,12 +387,47 @@ class SpoolingPublisher:
         if self._up:
             self._up = False
             self._next_probe = time.monotonic() + self._retry_s
+            self._resend_held()
+
+    def _resend_held(self) -> None:
+        """Spool again what the broker acknowledged within `hold_s`: it may have gone with the broker."""
+        horizon = time.monotonic() - self._hold_s
+        items = [item for acked, item in self._hold if acked >= horizon]
+        self._hold.clear()
+        self._hold_bytes = 0
+        if items:
+            log.warning(
+                "Kafka went down within %.0f s of acknowledging %d messages: spooling them again (at least once)",
+                self._hold_s, len(items),
+            )
+            self.stats.resent += len(items)
+            self._spool_items(items)
+
+    def _hold_acked(self, item: Item) -> None:
+        now = time.monotonic()
+        self._hold.append((now, item))
+        self._hold_bytes += len(item[2])
+        self._expire_held(now)
+
+    def _expire_held(self, now: float) -> None:
+        hold, horizon = self._hold, now - self._hold_s
+        while hold and (hold[0][0] < horizon or self._hold_bytes > self._hold_max):
+            if hold[0][0] >= horizon and not self._hold_full_warned:
+                self._hold_full_warned = True
+                log.warning("more than %d bytes acknowledged within %.0f s: the oldest are released early",
+                            self._hold_max, self._hold_s)
+            self._hold_bytes -= len(hold.popleft()[1][2])
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is None:
+            value = msg.value() or b""
+            n = events_in(value)
             self.stats.delivered += 1
+            self.stats.delivered_events += n
             if _METRICS:
-                EVENTS_OUT.labels(self.component, msg.topic()).inc(events_in(msg.value()))
+                EVENTS_OUT.labels(self.component, msg.topic()).inc(n)
+            if self._hold_s > 0:
+                self._hold_acked((msg.topic(), msg.key(), value))
             return
         self.stats.failed_deliveries += 1
         code = err.code()
@@ -378,7 +506,7 @@ class SpoolingPublisher:
             return
         self._next_probe = now + self._retry_s
         try:
-            self._producer.list_topics(timeout=min(self._retry_s, 5.0))
+            self._producer.list_topics(timeout=min(self._retry_s, 0.5))  # short: close() may wait on it
         except Exception:  # still down
             return
         log.info("Kafka reachable again; replaying %d spooled bytes", self._spool.pending)
@@ -407,16 +535,18 @@ class SpoolingPublisher:
                 else:
                     self._probe()
                 self._producer.poll(0 if busy else 0.02)
+                if self._hold:
+                    self._expire_held(time.monotonic())
             except Exception:  # the publisher thread must not die
                 log.exception("publisher loop error")
                 time.sleep(0.1)
         self._shutdown()
 
-    def _shutdown(self, timeout: float = 5.0) -> None:
+    def _shutdown(self) -> None:
         while self._drain():
             pass
         if self._up:
-            self._producer.flush(timeout)
+            self._producer.flush(min(self._close_timeout, 5.0))
         if len(self._producer):
             with contextlib.suppress(Exception):
                 self._producer.purge(in_queue=True, in_flight=True)

@@ -2,10 +2,18 @@
 
 The app's thread only puts an event on a bounded queue (never more than
 `sdk.enqueue_timeout_s`, 0 by default: a full queue drops the event and counts it).
-A daemon thread finds the broker, batches events per model and hands them to
-librdkafka. A missing broker never raises into the app: events wait in the queue,
-then are dropped and counted. At exit, queued events get at most
-`sdk.exit_flush_timeout_s` to be delivered.
+A daemon thread finds the broker, batches events per model and hands the messages
+to a SpoolingPublisher with a memory spool (`llmpulse.producers.spool`): a message
+the broker does not acknowledge within `sdk.delivery_timeout_s`, one stuck in
+librdkafka's queue, and one the broker acknowledged just before it went down are
+kept in memory (at most `sdk.spool_max_bytes`) and sent again when a broker answers.
+Before, a failed delivery report lost its events without counting them, and the
+stop path flushed for 0.1 s and forgot what was left in librdkafka's queue.
+
+A missing broker never raises into the app. Events are dropped, and counted
+(`stats.dropped`), only when the queue or the memory spool is full, or when the
+process exits with events still undelivered: at exit they get at most
+`sdk.exit_flush_timeout_s`.
 """
 
 from __future__ import annotations
@@ -32,11 +40,11 @@ log = logging.getLogger("llmpulse.sdk")
 
 @dataclass
 class SdkStats:
-    queued: int = 0
-    sent: int = 0
-    delivered: int = 0
-    failed: int = 0
-    dropped: int = 0
+    queued: int = 0  # events accepted by submit()
+    sent: int = 0  # events handed to the publisher
+    delivered: int = 0  # events acknowledged by Kafka (again after a resend)
+    failed: int = 0  # failed delivery reports (messages; their events were kept for a retry)
+    dropped: int = 0  # events lost: queue or memory spool full, or undelivered at exit
 
 
 @dataclass
@@ -53,7 +61,7 @@ class BackgroundPublisher:
         self.settings = settings
         self.cfg = settings.sdk
         self.topic = settings.kafka.topic("calls")
-        self.stats = SdkStats()
+        self._stats = SdkStats()
         self._bootstrap = bootstrap
         self._queue: queue.Queue[CallEvent | _Flush | None] = queue.Queue(self.cfg.queue_size)
         self._lock = threading.Lock()
@@ -63,6 +71,18 @@ class BackgroundPublisher:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="llmpulse-sdk-publisher", daemon=True)
         self._thread.start()
+
+    @property
+    def stats(self) -> SdkStats:
+        """This publisher's counts, with the deliveries and drops of its Kafka publisher."""
+        with self._lock:
+            s = SdkStats(**vars(self._stats))
+        pub = self._producer
+        if pub is not None:
+            s.delivered += pub.stats.delivered_events
+            s.failed += pub.stats.failed_deliveries
+            s.dropped += pub.stats.dropped
+        return s
 
     # -- app side -----------------------------------------------------------------------
     def submit(self, event: CallEvent) -> bool:
@@ -103,12 +123,17 @@ class BackgroundPublisher:
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(None)
         self._thread.join(0.2)
+        left = self._queue.qsize()
+        if left:  # the thread did not get to them (no broker was ever found): lost with the process
+            self._count("dropped", sum(1 for item in list(self._queue.queue) if isinstance(item, CallEvent)))
+        if self._producer is not None:
+            self._producer.close(timeout=0.2)  # counts what its memory spool still holds as dropped
         return ok
 
     # -- background thread ----------------------------------------------------------------
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
-            setattr(self.stats, name, getattr(self.stats, name) + n)
+            setattr(self._stats, name, getattr(self._stats, name) + n)
 
     def _ensure_producer(self) -> bool:
         if self._producer is not None:
@@ -118,10 +143,9 @@ class BackgroundPublisher:
             return False
         self._next_resolve = now + self.cfg.broker_retry_s
         try:
-            from confluent_kafka import Producer
-
             from llmpulse.kafka.bootstrap import resolve_bootstrap
             from llmpulse.kafka.clients import producer_settings
+            from llmpulse.producers.spool import SpoolingPublisher
 
             bootstrap = self._bootstrap or resolve_bootstrap(self.settings)
             conf = producer_settings(
@@ -129,25 +153,28 @@ class BackgroundPublisher:
                 self.settings.kafka,
                 **{
                     "linger.ms": 20,
-                    "message.timeout.ms": int(self.cfg.delivery_timeout_s * 1000),
                     "queue.buffering.max.messages": max(1000, self.cfg.queue_size),
                     "acks": 1,
                     "log_level": 0,  # librdkafka would print to the app's stderr; one warning instead
-                    "error_cb": self._on_error,
                 },
             )
-            self._producer = Producer(conf)
+            self._producer = SpoolingPublisher(
+                conf,
+                None,  # an app gets no spool files: the spool is in memory
+                spool_max_bytes=self.cfg.spool_max_bytes,
+                queue_size=max(1000, self.cfg.queue_size),
+                delivery_timeout_s=self.cfg.delivery_timeout_s,
+                retry_s=self.cfg.broker_retry_s,
+                component="sdk",
+                hold_s=min(self.cfg.delivery_timeout_s, 15.0),
+                hold_max_bytes=self.cfg.spool_max_bytes,
+            )
             return True
         except Exception as exc:
             if not self._warned:
                 log.warning("llmpulse: cannot publish call events yet (%s); retrying", exc)
                 self._warned = True
             return False
-
-    def _on_error(self, err: Any) -> None:
-        if not self._warned:
-            self._warned = True
-            log.warning("llmpulse: Kafka unreachable, call events wait in memory (bounded): %s", err)
 
     def _send(self, events: list[CallEvent]) -> None:
         if not self._ensure_producer():
@@ -160,29 +187,15 @@ class BackgroundPublisher:
             for i in range(0, len(group), self.cfg.batch_max):
                 part = group[i : i + self.cfg.batch_max]
                 value = encode(part[0]) if len(part) == 1 else encode_batch(part)
-                try:
-                    self._producer.produce(self.topic, value=value, key=model, on_delivery=self._on_batch(len(part)))
-                    self._count("sent", len(part))
-                except Exception as exc:
-                    self._count("dropped", len(part))
-                    log.debug("llmpulse: dropped %d events: %s", len(part), exc)
-        self._producer.poll(0)
-
-    def _on_batch(self, n: int) -> Any:
-        def cb(err: Any, _msg: Any) -> None:
-            if err is None:
-                self._count("delivered", n)
-            else:
-                self._count("failed", n)
-                log.debug("llmpulse: %d events not delivered: %s", n, err)
-
-        return cb
+                # never raises; a refusal (memory spool full) is counted in the publisher's drops
+                self._producer.publish_raw(self.topic, value, model)
+                self._count("sent", len(part))
 
     def _finish_flush(self, req: _Flush) -> None:
-        remaining = 0
+        idle = True
         if self._producer is not None:
-            remaining = int(self._producer.flush(max(0.0, req.deadline - time.monotonic())))
-        req.remaining = remaining
+            idle = self._producer.flush(max(0.0, req.deadline - time.monotonic()))
+        req.remaining = 0 if idle else 1
         req.done.set()
 
     def _run(self) -> None:
@@ -206,14 +219,10 @@ class BackgroundPublisher:
                 if batch:
                     self._send(batch)
                     batch = []
-                if self._producer is not None:
-                    self._producer.poll(0)
                 if isinstance(item, _Flush):
                     self._ensure_producer()
                     self._finish_flush(item)
                 elif item is None:
-                    if self._producer is not None:
-                        self._producer.flush(0.1)
                     return
             except Exception as exc:
                 log.warning("llmpulse: publishing failed: %s", exc)

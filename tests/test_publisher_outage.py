@@ -1,0 +1,222 @@
+"""The broker dies or stalls with events in flight: every event a publisher accepted reaches Kafka.
+
+The embedded broker (Tansu) keeps answering its open connections for about 5 s after
+SIGTERM, acknowledging produce requests, then exits with everything in memory. Events
+published in that window were counted as delivered and lost (measured: spool 0 bytes,
+no drop counted). Each test publishes through the real component (the proxy with the
+mock upstream; the SDK) to a real broker of its own, stops or stalls it, restarts it on
+the same port, and requires every event accepted after the fault in Kafka afterwards,
+once per call (counted by `event_id`; duplicate messages are allowed: at least once).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+import llmpulse
+from llmpulse.config import Settings
+from llmpulse.embedded.broker import EmbeddedBroker
+from llmpulse.kafka.topics import ensure_topics
+from llmpulse.producers.spool import SpoolingPublisher
+from llmpulse.schemas import CallEvent, decode
+from llmpulse.sdk import background
+from tests.kafkatools import read_messages
+from tests.mock_servers import Servers, upstream_settings
+from tests.test_proxy_spool import _tansu_on
+
+DELIVERY_TIMEOUT_S = 8.0  # above Tansu's ~5 s of answering after SIGTERM
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
+    b = EmbeddedBroker(0, log_dir=tmp_path / "own-broker").start()
+    try:
+        yield b
+    finally:
+        if b.process is not None and b.process.poll() is None:
+            os.kill(b.process.pid, signal.SIGCONT)
+        b.stop()
+
+
+def _events(bootstrap: str, topic: str, users: set[str], timeout: float = 90) -> list[CallEvent]:
+    """The call events of `topic` once every one of `users` is there (or `timeout`)."""
+
+    def of(msgs: list[object]) -> list[CallEvent]:
+        return [e for m in msgs for e in decode(m.value(), CallEvent).valid]  # type: ignore[attr-defined]
+
+    msgs = read_messages(bootstrap, topic, until=lambda ms: users <= {e.user for e in of(ms)}, timeout=timeout, quiet_s=2.0)
+    return [e for e in of(msgs) if e.user in users]
+
+
+def _assert_each_once(events: list[CallEvent], users: set[str]) -> None:
+    got = {e.user for e in events}
+    assert got == users, f"{len(users - got)} accepted events missing from Kafka: {sorted(users - got)[:10]}"
+    ids = {e.event_id for e in events}
+    assert len(ids) == len(users), "one event per call (a resend repeats the same event_id)"
+
+
+def _restart(broker: EmbeddedBroker, settings: Settings) -> subprocess.Popen[bytes]:
+    """The broker again on its port, empty, with the topics created up front (DESIGN: a
+    consumer that subscribes before its topic exists gets no assignment)."""
+    proc = _tansu_on(broker.port)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            ensure_topics(broker.bootstrap, settings.kafka)
+            return proc
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _sigterm_and_wait_exit(broker: EmbeddedBroker, during: Callable[[int], None], calls: int, every_s: float) -> None:
+    """SIGTERM the broker, call `during(i)` every `every_s` while it shuts down and after."""
+    assert broker.process is not None
+    proc = broker.process
+    proc.send_signal(signal.SIGTERM)
+    for i in range(calls):
+        during(i)
+        time.sleep(every_s)
+    proc.wait(30)
+
+
+def test_proxy_broker_sigterm_and_restart_loses_no_accepted_event(
+    make_settings: Callable[..., Settings], own_broker: EmbeddedBroker
+) -> None:
+    restarted: subprocess.Popen[bytes] | None = None
+
+    def settings_for(url: str) -> Settings:
+        return make_settings(**upstream_settings(url), **{
+            "kafka.url": f"kafka://{own_broker.bootstrap}",
+            "proxy.delivery_timeout_s": DELIVERY_TIMEOUT_S, "proxy.broker_retry_s": 0.5,
+        })  # fmt: skip
+
+    try:
+        with Servers(settings_for) as s:
+            ensure_topics(own_broker.bootstrap, s.settings.kafka)
+            topic = s.settings.kafka.topic("calls")
+            client = openai.OpenAI(base_url=s.base_url, api_key="sk-x", max_retries=0)
+
+            def call(user: str) -> None:
+                r = client.chat.completions.with_raw_response.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "hi"}], user=user  # type: ignore[list-item]
+                )
+                assert r.status_code == 200  # accepted: the proxy owes Kafka this event
+
+            for i in range(3):
+                call(f"before-{i}")
+            _events(own_broker.bootstrap, topic, {f"before-{i}" for i in range(3)})
+            # calls while the broker shuts down (it still acknowledges) and after it is gone
+            _sigterm_and_wait_exit(own_broker, lambda i: call(f"down-{i}"), calls=30, every_s=0.3)
+            pub = s.proxy.publisher
+            assert isinstance(pub, SpoolingPublisher)
+            deadline = time.monotonic() + 3 * DELIVERY_TIMEOUT_S
+            while pub.broker_up and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(DELIVERY_TIMEOUT_S + 1)  # down past the delivery timeout: librdkafka gives up
+            restarted = _restart(own_broker, s.settings)
+            for i in range(3):
+                call(f"after-{i}")
+            users = {f"down-{i}" for i in range(30)} | {f"after-{i}" for i in range(3)}
+            events = _events(own_broker.bootstrap, topic, users)
+            stats = pub.stats
+    finally:
+        if restarted is not None:
+            restarted.terminate()
+            restarted.wait(10)
+    _assert_each_once(events, users)
+    assert stats.dropped == 0
+    assert stats.resent > 0, "the broker acknowledged events after SIGTERM: they must have been sent again"
+
+
+def test_proxy_broker_stalled_past_the_delivery_timeout_loses_no_accepted_event(
+    make_settings: Callable[..., Settings], own_broker: EmbeddedBroker
+) -> None:
+    def settings_for(url: str) -> Settings:
+        return make_settings(**upstream_settings(url), **{
+            "kafka.url": f"kafka://{own_broker.bootstrap}",
+            "proxy.delivery_timeout_s": 4, "proxy.broker_retry_s": 0.5,
+        })  # fmt: skip
+
+    assert own_broker.process is not None
+    pid = own_broker.process.pid
+    with Servers(settings_for) as s:
+        ensure_topics(own_broker.bootstrap, s.settings.kafka)
+        topic = s.settings.kafka.topic("calls")
+        client = openai.OpenAI(base_url=s.base_url, api_key="sk-x", max_retries=0)
+
+        def call(user: str) -> None:
+            r = client.chat.completions.with_raw_response.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}], user=user  # type: ignore[list-item]
+            )
+            assert r.status_code == 200
+
+        for i in range(3):
+            call(f"before-{i}")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            stalled_at = time.monotonic()
+            for i in range(20):
+                call(f"stalled-{i}")
+                time.sleep(0.25)
+            pub = s.proxy.publisher
+            assert isinstance(pub, SpoolingPublisher)
+            while pub.stats.spooled == 0 and time.monotonic() - stalled_at < 30:
+                time.sleep(0.1)
+            assert pub.stats.spooled > 0, "nothing timed out into the spool during the stall"
+            time.sleep(2)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        for i in range(3):
+            call(f"after-{i}")
+        users = {f"before-{i}" for i in range(3)} | {f"stalled-{i}" for i in range(20)} | {f"after-{i}" for i in range(3)}
+        events = _events(own_broker.bootstrap, topic, users)
+    _assert_each_once(events, users)
+    assert pub.stats.dropped == 0
+
+
+def test_sdk_broker_sigterm_and_restart_loses_no_accepted_event(
+    make_settings: Callable[..., Settings], own_broker: EmbeddedBroker
+) -> None:
+    settings = make_settings(**{
+        "kafka.url": f"kafka://{own_broker.bootstrap}", "sdk.delivery_timeout_s": DELIVERY_TIMEOUT_S,
+        "sdk.broker_retry_s": 0.5, "sdk.flush_interval_s": 0.05,
+    })  # fmt: skip
+    ensure_topics(own_broker.bootstrap, settings.kafka)
+    topic = settings.kafka.topic("calls")
+    restarted: subprocess.Popen[bytes] | None = None
+    rt = llmpulse.configure(settings)
+    pub = rt.publisher
+    assert pub is not None
+    try:
+
+        def record(user: str) -> None:
+            assert llmpulse.record(model="gpt-4o-mini", prompt_tokens=10, completion_tokens=2, user=user) is not None
+
+        for i in range(3):
+            record(f"before-{i}")
+        assert pub.flush(30)
+        _sigterm_and_wait_exit(own_broker, lambda i: record(f"down-{i}"), calls=30, every_s=0.3)
+        time.sleep(DELIVERY_TIMEOUT_S + 2)
+        restarted = _restart(own_broker, settings)
+        for i in range(3):
+            record(f"after-{i}")
+        users = {f"down-{i}" for i in range(30)} | {f"after-{i}" for i in range(3)}
+        events = _events(own_broker.bootstrap, topic, users)
+        stats = pub.stats
+    finally:
+        background.configure(make_settings())  # leave a working runtime for other tests
+        if restarted is not None:
+            restarted.terminate()
+            restarted.wait(10)
+    _assert_each_once(events, users)
+    assert stats.dropped == 0
