@@ -26,10 +26,9 @@ def run(args: argparse.Namespace) -> int:
     from llmpulse.analysis.query_server import QueryServer
     from llmpulse.analysis.readonly import QueryLimits
     from llmpulse.embedded.runtime_file import update_runtime
-    from llmpulse.embedded.store import open_store
     from llmpulse.kafka.bootstrap import resolve_bootstrap
     from llmpulse.kafka.topics import ensure_topics
-    from llmpulse.sinks.clickhouse.migrate import emit_ddl, migrate
+    from llmpulse.sinks.clickhouse.migrate import emit_ddl, open_migrated
     from llmpulse.sinks.clickhouse.sink import ClickHouseSink
 
     settings = settings_of(args)
@@ -37,9 +36,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_ddl:
         sys.stdout.write(emit_ddl(ch))
         return 0
-    store = open_store(ch, settings.data_dir, {"role": "sink"}, wait_s=15.0)
+    store, _ = open_migrated(ch, settings.data_dir, {"role": "sink"}, wait_s=15.0)
     try:
-        migrate(store.client, ch)
         if args.migrate_only:
             return 0
         bootstrap = resolve_bootstrap(settings)

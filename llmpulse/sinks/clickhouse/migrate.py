@@ -5,14 +5,26 @@ migrating at once, or a migration interrupted half-way, converge on one correct
 schema; a statement that loses a race to create the same object ("already exists")
 counts as done. `schema_migrations` is keyed by version (ReplacingMergeTree), so two
 processes recording the same version leave one row after merges (read it with FINAL).
+
+`open_migrated` is how a writer opens the embedded store: migrated, then reopened when a
+migration ran. ClickHouse names each materialized view inside the deduplication ids of
+the blocks it writes (`insert_deduplication_token` + view + block number). A process that
+created or altered a view names it differently from every process that loaded it from
+disk afterwards (seen with chDB 4.4 / ClickHouse 26.9: raw table deduplicated, all four
+roll-ups not). A batch written by the migrating sink and rebuilt by its successor after a
+crash was therefore skipped by `llm_calls` and counted a second time in every roll-up
+(issue 16: +1,000 requests in the first minute). After the reopen, the writer's views are
+named as every later process names them, so a rebuilt batch is skipped everywhere.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from llmpulse.config.clickhouse import ClickHouseConfig
+from llmpulse.embedded.store import Store, open_store
 from llmpulse.sinks.clickhouse.schema import migrations, migrations_table_ddl
 
 log = logging.getLogger(__name__)
@@ -38,6 +50,27 @@ def migrate(client: Any, cfg: ClickHouseConfig) -> list[int]:
         log.info("applied migration %d: %s", m.version, m.name)
         applied.append(m.version)
     return applied
+
+
+def open_migrated(
+    cfg: ClickHouseConfig, data_dir: Path, owner_info: dict[str, Any] | None = None, wait_s: float = 0.0
+) -> tuple[Store, list[int]]:
+    """The store, its schema up to date, ready for deduplicated INSERTs; and the versions applied now.
+
+    Embedded: reopened after applying a migration (see the module docstring), so nothing is
+    ever inserted by a process whose views carry the ids of their creation. A ClickHouse
+    server keeps the ids of its own CREATE until it restarts: see docs/clickhouse.md.
+    """
+    store = open_store(cfg, data_dir, owner_info, wait_s)
+    try:
+        applied = migrate(store.client, cfg)
+    except BaseException:
+        store.close()
+        raise
+    if applied and cfg.embedded:
+        store.close()
+        store = open_store(cfg, data_dir, owner_info, max(wait_s, 15.0))
+    return store, applied
 
 
 _ALREADY_EXISTS = ("TABLE_ALREADY_EXISTS", "DATABASE_ALREADY_EXISTS", "already exists")

@@ -1,0 +1,78 @@
+"""A batch written by the sink that created the tables, and written again by its successor,
+is counted once in the raw table and in every roll-up.
+
+This is the crash the kill test found (issue 16): the first sink on a fresh store runs the
+migrations, writes a batch, dies before committing its offsets; the next sink rebuilds the
+batch from Kafka and writes it under the same deduplication token. Each writer is its own
+process, as in production (ClickHouse keeps the views' identities in process memory).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from llmpulse.config import Settings
+from llmpulse.embedded.store import open_store
+
+WRITER = r"""
+import os, signal, sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from llmpulse.config.clickhouse import ClickHouseConfig
+from llmpulse.schemas import CallEvent, encode_batch
+from llmpulse.sinks.clickhouse.migrate import open_migrated
+from llmpulse.sinks.clickhouse.rows import TABLES
+from llmpulse.sinks.clickhouse.writer import BatchWriter
+
+store, applied = open_migrated(ClickHouseConfig(), Path(sys.argv[1]))
+t0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+events = [
+    CallEvent(event_id=f"r{i:05d}", ts=t0 + timedelta(milliseconds=70 * i), model=f"m{i % 3}", app="a",
+              status_code=500 if i % 10 == 0 else 200, latency_ms=float(i % 900), prompt_tokens=i % 50)
+    for i in range(1000)
+]
+spec = TABLES["calls"]
+items, invalid = spec.items(encode_batch(events))
+assert invalid == 0
+BatchWriter(store.client, "llmpulse").insert(spec, items, "calls|0:0-19|1796000000000")
+print("applied", applied, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # the crash: no clean close, nothing else written
+"""
+
+
+def write_once(data_dir: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", WRITER, str(data_dir)], capture_output=True, text=True, env=env,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_batch_rewritten_after_the_migrating_writer_died_counts_once(tmp_path: Path) -> None:
+    first = write_once(tmp_path)
+    assert "applied [1, 2, 3, 4, 5" in first  # this writer created the tables and views
+    second = write_once(tmp_path)
+    assert "applied []" in second
+
+    settings = Settings(data_dir=tmp_path)
+    store = open_store(settings.clickhouse, tmp_path)
+    try:
+        got = [
+            int(store.client.query(sql).result_rows[0][0])
+            for sql in (
+                "SELECT count() FROM llmpulse.llm_calls",
+                "SELECT countMerge(requests) FROM llmpulse.llm_calls_1m",
+                "SELECT countMerge(requests) FROM llmpulse.llm_calls_1h",
+                "SELECT countMerge(requests) FROM llmpulse.llm_calls_1m_total",
+                "SELECT countMerge(requests) FROM llmpulse.llm_calls_1h_total",
+                "SELECT sumMerge(errors) FROM llmpulse.llm_calls_1m",
+            )
+        ]
+    finally:
+        store.close()
+    assert got == [1000, 1000, 1000, 1000, 1000, 100]
