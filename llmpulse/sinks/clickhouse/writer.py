@@ -1,18 +1,13 @@
-"""Batch INSERTs into ClickHouse, with retries and backoff; never drops a batch."""
+"""Batch INSERTs into ClickHouse under deduplication tokens (retried by the sink's write step)."""
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Callable
 from datetime import UTC
 from typing import Any
 
 from llmpulse import metrics
 from llmpulse.sinks.clickhouse.rows import TableSpec
-
-log = logging.getLogger(__name__)
-
 
 INSERT_SETTINGS = {
     # a dependent roll-up skips a block whose token it has already seen, like the raw table
@@ -96,24 +91,3 @@ class BatchWriter:
             out.append((str(topic), str(token), [(int(p), int(a), int(b)) for p, a, b in triples]))
         return out
 
-
-def retry_forever(
-    action: Callable[[], None],
-    what: str,
-    initial_s: float,
-    max_s: float,
-    should_stop: Callable[[], bool],
-    on_wait: Callable[[float], None],
-) -> bool:
-    """Run `action` until it succeeds (True) or `should_stop` (False); waits grow exponentially."""
-    delay = initial_s
-    while True:
-        try:
-            action()
-            return True
-        except Exception as exc:
-            log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
-            if should_stop():
-                return False
-            on_wait(delay)
-            delay = min(max_s, delay * 2)

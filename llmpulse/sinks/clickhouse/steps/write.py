@@ -1,0 +1,143 @@
+"""Step 3 of the sink: record the batch's intent, then INSERT it, in the INSERT thread.
+
+Contract:
+- submit(batch): starts writing it in the INSERT thread and returns at once; first waits
+  (wait_idle) for the batch in flight. One batch in flight at a time: INSERTs of one sink
+  never overlap, and batches are written and passed on in the order submitted.
+- Writing a batch: record its offset ranges and token in `sink_intents` (skipped for a
+  rebuilt batch, recorded by the sink that first wrote it), then INSERT its rows under
+  the token. A failure (intent or INSERT) is counted in llmpulse_sink_insert_failures_total
+  and retried in the thread with exponential backoff, same token, until it succeeds or
+  `terminate()` is called: a batch is never dropped.
+- While a write is failing, whoever waits for it calls `stall()` (the sink pauses
+  fetching and serves its group membership); `release()` once it succeeded.
+- poll(): passes a finished batch on to the commit step; never blocks.
+- join(): waits for the batch in flight and passes it on: on return every submitted batch
+  is written and its offsets committed.
+- terminate(): stop retrying (shutdown while ClickHouse is down); the batch in flight is
+  neither written nor committed, and is rebuilt from its intent by the next sink.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+
+from llmpulse import metrics
+from llmpulse.sinks.clickhouse.steps.commit import CommitOffsets
+from llmpulse.sinks.clickhouse.steps.model import Batch
+from llmpulse.sinks.clickhouse.writer import BatchWriter
+
+log = logging.getLogger(__name__)
+
+
+class Abandoned(Exception):
+    """The batch was given up (terminate): neither written for sure nor committed."""
+
+
+class WriteInThread:
+    def __init__(
+        self,
+        writer: BatchWriter,
+        next_step: CommitOffsets,
+        retry_initial_s: float,
+        retry_max_s: float,
+        stall: Callable[[], None],
+        release: Callable[[], None],
+    ) -> None:
+        self.writer = writer
+        self.next = next_step
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self.stall = stall
+        self.release = release
+        self.failing = threading.Event()  # the batch in flight has failed at least once
+        self._abandon = threading.Event()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sink-insert")
+        self._inflight: tuple[Future[None], Batch] | None = None
+
+    def submit(self, batch: Batch) -> None:
+        self.wait_idle()
+        self._inflight = (self._pool.submit(self._write, batch), batch)
+
+    def poll(self) -> None:
+        if self._inflight is None:
+            return
+        if self._inflight[0].done():
+            self._finish()
+        elif self.failing.is_set():
+            self.stall()  # backpressure: nothing more is fetched while ClickHouse fails
+
+    def wait_idle(self) -> None:
+        """Wait for the batch in flight (serving `stall` while it fails) and pass it on."""
+        while self._inflight is not None:
+            future = self._inflight[0]
+            if not self.failing.is_set():
+                wait_futures([future], timeout=0.1)
+            elif not future.done():
+                self.stall()
+            if future.done() and self._inflight is not None and self._inflight[0] is future:
+                self._finish()
+
+    def join(self) -> None:
+        self.wait_idle()
+
+    def terminate(self) -> None:
+        self._abandon.set()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def _finish(self) -> None:
+        assert self._inflight is not None
+        future, batch = self._inflight
+        self._inflight = None
+        failed = self.failing.is_set()
+        self.failing.clear()
+        try:
+            future.result()
+        except Abandoned:
+            return
+        if failed:
+            self.release()
+        self.next.submit(batch)
+
+    # -- in the INSERT thread ------------------------------------------------------------------
+    def _write(self, batch: Batch) -> None:
+        delay = self.retry_initial_s
+        while True:
+            if self._abandon.is_set():
+                raise Abandoned(batch.token)
+            try:
+                self._write_once(batch)
+                return
+            except Exception as exc:
+                metrics.SINK_INSERT_FAILURES.labels(batch.spec.table).inc()
+                log.warning("INSERT into %s (%d rows) failed (%s); retrying in %.1f s",
+                            batch.spec.table, len(batch.items), exc, delay)  # fmt: skip
+                self.failing.set()
+                if self._abandon.wait(delay):
+                    raise Abandoned(batch.token) from None
+                delay = min(self.retry_max_s, delay * 2)
+
+    def _write_once(self, batch: Batch) -> None:
+        if not batch.rebuilt:
+            ranges = [(p, a, b) for p, (a, b) in sorted(batch.ranges.items())]
+            self.writer.record_intent(batch.spec, batch.topic, batch.token, ranges, len(batch.items))
+        if not batch.only_missing:
+            self.writer.insert(batch.spec, batch.items, batch.token)
+            return
+        col = batch.spec.id_column
+        have = self.writer.present_ids(batch.spec, batch.items)
+        missing = [e for e in batch.items if str(getattr(e, col)) not in have]
+        # the token names exactly these events: a retry of the same rows is skipped, other rows are not
+        digest = hashlib.sha256("\n".join(str(getattr(e, col)) for e in missing).encode()).hexdigest()[:32]
+        parts = ",".join(f"{p}:{a}-{b}" for p, (a, b) in sorted(batch.ranges.items()))
+        if missing:
+            log.warning("rebuilt part %s of batch %s: %d of %d events were not written yet",
+                        parts, batch.token, len(missing), len(batch.items))  # fmt: skip
+        self.writer.insert(batch.spec, missing, f"{batch.token}|part|{parts}|{digest}")
