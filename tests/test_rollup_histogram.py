@@ -123,7 +123,7 @@ def test_upgrade_from_migration_3_keeps_old_buckets_and_fills_new_ones(tmp_path:
         writer = BatchWriter(client, cfg.database)
         old = calls(300, seed=1, prefix="o")
         writer.insert(TABLES["calls"], old, "old")
-        assert migrate(client, cfg) == [4, 5]
+        assert migrate(client, cfg) == [m.version for m in migrations(cfg) if m.version >= 4]  # 4 and later ones
         assert 4 in applied_versions(client, cfg)
         new = [CallStruct(model=c.model, app=c.app, provider=c.provider, event_id="n" + (c.event_id or ""),
                           ts=(c.ts or T0) + timedelta(hours=2), latency_ms=c.latency_ms, ttft_ms=c.ttft_ms)
