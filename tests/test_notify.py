@@ -34,6 +34,7 @@ FAST = {
     "notify.retry_initial_s": 0.2,
     "notify.retry_max_s": 1.0,
     "notify.commit_interval_s": 0.2,
+    "notify.group_by": ["rule"],  # these tests group by rule; the default (incident): test_notify_incident.py
 }
 
 

@@ -39,7 +39,8 @@ class Clock:
 
 def dispatcher(clock: Clock, silences: SilenceStore | None = None, **cfg: Any) -> Dispatcher:
     conf = NotifyConfig.model_validate(
-        {"group_wait_s": 10, "group_interval_s": 60, "repeat_interval_s": 3600, **cfg}
+        # these tests group by rule (Alertmanager's groups); test_notify_incident.py: the default
+        {"group_by": ["rule"], "group_wait_s": 10, "group_interval_s": 60, "repeat_interval_s": 3600, **cfg}
     )
     return Dispatcher(Router(conf), silences or SilenceStore(), clock=clock.mono, wallclock=clock.now)
 

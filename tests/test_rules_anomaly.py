@@ -12,6 +12,8 @@ import math
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 from llmpulse.streams.rules.baseline import Observation, add, expected
 from llmpulse.streams.rules.model import AnomalyRule
 from tests.rules_helpers import T0, Runner, agg, calls, engine
@@ -221,3 +223,28 @@ def test_anomaly_state_survives_a_restart() -> None:
     b.states = dict(a.states)
     b.feed(*seq[30:])  # the window judged before the crash is delivered again
     assert [x.model_dump() for x in a.alerts + b.alerts] == [x.model_dump() for x in truth.alerts]
+
+
+def test_seasonal_adds_the_weekday_once_a_week_of_history_exists() -> None:
+    """Weekdays 100 calls a minute, weekends 20. A Saturday at 60 is 3x a Saturday but 0.6x
+    a weekday: with a week of history the expected value is the same-time median (100) x
+    last Saturday's level over the week's median level (20 / 100): 20, and 60 fires
+    (P(X >= 60 | Poisson 20) ~ 1e-12). Before that (the first Saturday) it is compared
+    with weekdays and stays quiet."""
+    r = Runner(engine(SEASONAL.split("  - name: rolling")[0]))
+    monday = T0.replace(day=29, month=4, hour=0)  # 2024-04-29 was a Monday
+    assert monday.weekday() == 0
+    for day in range(12):
+        level = 20 if day % 7 in (5, 6) else 100
+        for m in range(0, 1440):
+            value = 60 if day == 5 and 60 <= m < 75 else level  # the first Saturday: no week yet
+            r.feed(agg(0, start=monday + timedelta(days=day, minutes=m), requests=value))
+    assert [a for a in r.alerts if a.state == "firing"] == []
+    saturday = monday + timedelta(days=12)
+    for m in range(0, 60):
+        assert r.feed(agg(0, start=saturday + timedelta(minutes=m), requests=20)) == []
+    [a] = r.feed(agg(0, start=saturday + timedelta(minutes=60), requests=60))
+    # last Saturday's level includes its own 15 minutes at 60: (20 x 1425 + 60 x 15) / 1440
+    assert (a.state, a.baseline) == ("firing", pytest.approx(100 * (20 * 1425 + 60 * 15) / 1440 / 100))
+    assert a.evidence is not None and a.evidence["history"] == "seasonal_weekly"
+    assert "seasonal baseline (same time of day and weekday)" in a.summary

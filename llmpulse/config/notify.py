@@ -101,8 +101,11 @@ class NotifyConfig(Section):
         description="receivers of alerts no route takes ('log' is built in)",
     )
     group_by: list[str] = Field(
-        default_factory=lambda: ["rule"],
-        description="rule, severity, metric or dimension names; ['...'] groups by everything",
+        default_factory=lambda: ["incident"],
+        description=(
+            "incident (default: what fires while an incident is open joins it, one page per"
+            " incident), rule, severity, metric or dimension names; ['...'] groups by everything"
+        ),
     )
     group_wait_s: Seconds = 30.0
     group_interval_s: Seconds = 300.0

@@ -16,6 +16,16 @@ firing as critical mutes its warning everywhere until it resolves).
 Kafka offsets ("refs") of the alerts a group holds are handed back only once the
 group has notified them, resolved them, or decided they need no message; a muted
 alert that was never notified keeps its ref, so a restart replays it.
+
+Incident grouping (``group_by: [incident]``): one incident, one page. An alert that fires
+while a group of its route and receiver still has firing alerts, and within an hour of
+that group's first alert, joins that group (the open incident), whatever its rule or
+dimensions: the model alert, the app alert and the
+SLO burn of one outage arrive as one message. The group notifies when the incident opens
+(after ``group_wait``), when it escalates to a higher severity, when every alert of it
+has resolved, and on ``repeat_interval``; alerts joining or resolving in between are
+recorded in the delivery log without a message. The group's label names the dimension
+at fault of the alert that opened it (its dimensions, else its root cause) and when.
 """
 
 from __future__ import annotations
@@ -36,6 +46,21 @@ Ref = tuple[int, int]
 """(partition, offset) of an alert message on the alerts topic."""
 
 RESOLVED_MAX = 1000
+INCIDENT = "incident"
+"""The `group_by` label that groups by open incident (see the module docstring)."""
+INCIDENT_SPAN_S = 3600.0
+"""An alert joins an open incident only if it started within this long of the incident's
+first alert, so a long-firing alert (a daily budget) does not swallow the next outage."""
+
+
+def fault_of(alert: Alert) -> str:
+    """The dimension at fault: the alert's dimensions, else its root cause, else its rule."""
+    if alert.dimensions:
+        return ",".join(f"{k}={alert.dimensions[k]}" for k in sorted(alert.dimensions))
+    rc = alert.root_cause or {}
+    if "dimension" in rc and "value" in rc:
+        return f"{rc['dimension']}={rc['value']}"
+    return alert.rule
 
 
 def group_id_of(route: str, receiver: str, group_key: str) -> str:
@@ -151,6 +176,11 @@ class Dispatcher:
                 labels = route.group_labels(alert)
                 key = group_key_of(labels)
                 for receiver in route.receivers:
+                    if INCIDENT in route.group_by:
+                        group = self._incident_group(route, receiver, alert)
+                        if group is not None:
+                            targets.append(group)
+                        continue
                     gid = group_id_of(route.name, receiver, key)
                     prev = self.nflog.get(gid)
                     if prev is not None and prev.resolved.get(fp) == alert.started_at:
@@ -171,6 +201,35 @@ class Dispatcher:
             group.refs.setdefault(fp, []).append(ref)
             self.holding.setdefault(fp, set()).add(group.gid)
         return len(targets)
+
+    def _incident_group(self, route: Route, receiver: str, alert: Alert) -> Group | None:
+        """The open incident of (route, receiver) this alert joins, or a new one it opens."""
+        fp = alert.fingerprint
+        for gid in sorted(self.holding.get(fp, ())):  # an update of an alert already held
+            group = self.groups.get(gid)
+            if group is not None and group.route.name == route.name and group.receiver == receiver:
+                prev = self.nflog.get(gid)
+                if prev is not None and prev.resolved.get(fp) == alert.started_at:
+                    return None  # a replayed firing alert whose resolution was already sent
+                return group
+        open_groups = sorted(
+            (
+                g
+                for g in self.groups.values()
+                if g.route.name == route.name
+                and g.receiver == receiver
+                and INCIDENT in g.labels
+                and any(a.state == "firing" for a in g.alerts.values())
+                and (alert.started_at - min(a.started_at for a in g.alerts.values())).total_seconds()
+                <= INCIDENT_SPAN_S
+            ),
+            key=lambda g: g.gid,
+        )
+        if open_groups:
+            return open_groups[0]
+        labels = {k: v for k, v in route.group_labels(alert).items() if k != INCIDENT}
+        labels[INCIDENT] = f"{fault_of(alert)} since {alert.started_at.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+        return self._group(route, receiver, labels, route.group_wait_s)
 
     def due(self) -> list[Group]:
         now = self.clock()
@@ -228,7 +287,18 @@ class Dispatcher:
             (now - prev.ts).total_seconds() >= group.route.repeat_interval_s
         )
         send = bool(new or resolved or repeat)
-        if not send and not resolved_quietly:
+        record_only = False
+        if INCIDENT in group.labels:
+            # one incident, one page: opened, escalated, all resolved, or repeated
+            told_rank = max((SEVERITY_RANK[e.severity] for e in told.values()), default=0)
+            now_rank = max((SEVERITY_RANK[a.severity] for a in visible), default=0)
+            if visible and resolved:
+                resolved_quietly.extend(resolved)
+                resolved = []
+            opened = bool(visible) and not told
+            send = opened or now_rank > told_rank or bool(resolved) or repeat
+            record_only = bool(new) and not send
+        if not send and not resolved_quietly and not record_only:
             return Flush(group, snapshot, refs, held_back, None)
         firing: dict[str, FiringEntry] = {}
         for a in visible:

@@ -12,15 +12,17 @@ else the value and its square. Entries are ``[key, windows, s1, s2]``.
 Seasonal (the default): per time-of-day bucket (15 min by default), one entry for each
 of the last ``baseline`` UTC days. The expected value is the median over previous days
 of that bucket's per-day mean (rate), the spread the median within-day variance plus the
-between-day MAD, so one bad day changes nothing. Until a bucket has a previous day, a
-rolling hour of 5-minute buckets stands in, with the bounds made twice as wide.
+between-day MAD, so one bad day changes nothing. Once a whole day a week back is in the
+history, counts and sums are scaled by how busy that weekday was against the week
+(``seasonal_weekly``). Until a bucket has a previous day, a rolling hour of 5-minute
+buckets stands in, with the bounds made twice as wide.
 
 Rolling: the same statistics over 5-minute buckets (``baseline/288``) of the span before
 the window: the median of the bucket means, the median within-bucket variance plus the
 MAD of the bucket means.
 
-State: seasonal ``{"first", "slots": {slot: [[day, w, s1, s2], ...]}, "roll": [[start, w,
-s1, s2], ...]}``; rolling ``{"first", "roll": [...]}``. The seasonal slots are 96 x days
+State: seasonal ``{"first", "slots": {slot: [[day, w, s1, s2], ...]}, "days": [[day, w,
+s1], ...], "roll": [[start, w, s1, s2], ...]}``; rolling ``{"first", "roll": [...]}``. The seasonal slots are 96 x days
 entries at most, the rolling hour 12.
 """
 
@@ -57,7 +59,7 @@ class Expectation:
     var: float  # variance of one window's value (0 for rates: binomial)
     windows: int  # windows of history behind it
     volume: int  # rates: the calls behind the expected share
-    source: str  # "seasonal", "rolling" or "rolling_fallback"
+    source: str  # "seasonal", "seasonal_weekly", "rolling" or "rolling_fallback"
 
     @property
     def wide(self) -> bool:
@@ -153,12 +155,46 @@ def _seasonal(rule: AnomalyRule, st: State, now_s: int) -> Expectation | None:
             start = day * DAY_S + int(key) * rule.bucket_s
             w = max(w, (start + rule.bucket_s - max(start, first)) // rule.window)
         groups.append((int(w), float(s1), float(s2)))
-    return _summarise(rule, groups, "seasonal")
+    exp = _summarise(rule, groups, "seasonal")
+    if exp is None or rule.metric in RATE_METRICS:
+        return exp
+    factor = _weekday_factor(st, today, first)
+    if factor is None:
+        return exp
+    return Expectation(exp.mean * factor, exp.var * factor, exp.windows, exp.volume, "seasonal_weekly")
+
+
+def _weekday_factor(st: State, today: int, first_s: int) -> float | None:
+    """How busy the same weekday was last week against a typical day of that week.
+
+    Once a whole day 7 days back is in the history (a week of it), the day's level (mean
+    per window) over the median level of the 7 days before today; clamped to 0.2..5. A
+    quiet Saturday is then expected quiet, a busy Monday busy.
+    """
+    if first_s > (today - 7) * DAY_S:
+        return None
+    levels: dict[int, float] = {int(d): float(s1) / w for d, w, s1 in st.get("days") or () if w > 0}
+    week = [levels[d] for d in range(today - 7, today) if d in levels]
+    same = levels.get(today - 7)
+    if same is None or len(week) < 7:
+        return None
+    typical = median(week)
+    if typical <= 0:
+        return None
+    return min(5.0, max(0.2, same / typical))
 
 
 def _seasonal_add(rule: AnomalyRule, st: State, window_start_s: int, s1: float, s2: float) -> None:
     slots: dict[str, list[list[Any]]] = st.setdefault("slots", {})
     key, today, _ = _slot(rule, window_start_s)
+    days: list[list[Any]] = st.setdefault("days", [])  # [day, windows, s1]: the weekday level
+    if days and days[-1][0] == today:
+        days[-1][1] += 1
+        days[-1][2] += s1
+    elif not days or days[-1][0] < today:
+        days.append([today, 1, s1])
+        while len(days) > 8:
+            days.pop(0)
     entries = slots.setdefault(key, [])
     if entries and entries[-1][0] == today:
         entries[-1][1] += 1

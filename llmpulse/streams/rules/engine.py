@@ -507,6 +507,8 @@ def _summary(rule: WindowRule, tr: Transition, v: Verdict, agg: WindowAggregate)
             method = (
                 "rolling 1h baseline (less than a day of history, wider bounds)"
                 if v.evidence.get("history") == "rolling_fallback"
+                else "seasonal baseline (same time of day and weekday)"
+                if v.evidence.get("history") == "seasonal_weekly"
                 else "seasonal baseline (same time of day)"
             )
         else:

@@ -1,0 +1,69 @@
+"""Incident grouping (issue 14): one incident, one page, then one resolution."""
+
+from __future__ import annotations
+
+from tests.test_notify import make_alert
+from tests.test_notify_logic import Clock, dispatcher, flush_all, sent
+
+
+def test_one_incident_one_notification_then_one_resolution() -> None:
+    clock = Clock()
+    d = dispatcher(clock, group_by=["incident"])
+    model = make_alert(rule="error_rate_anomaly", dims={"model": "gpt-4o"})
+    app = make_alert(rule="error_rate_anomaly", dims={"app": "chat"})
+    d.apply(model, (0, 0))
+    d.apply(app, (0, 1))
+    (f,) = sent(flush_all(d, clock, 10.1))
+    n = f.notification
+    assert n is not None and len(n.firing) == 2
+    assert n.group_labels == {"incident": "model=gpt-4o since 2025-06-01T12:00:00Z"}
+    # the SLO burn of the same outage fires 18 minutes later: it joins, without a message
+    clock.advance(18 * 60)
+    slo = make_alert(rule="success_rate", dims={"model": "gpt-4o"})
+    d.apply(slo, (0, 2))
+    assert sent(flush_all(d, clock, 60)) == []
+    # ...and an escalation to critical is worth a message
+    d.apply(make_alert(rule="success_rate", dims={"model": "gpt-4o"}, severity="critical"), (0, 3))
+    (esc,) = sent(flush_all(d, clock, 60))
+    assert esc.notification is not None and esc.notification.severity == "critical"
+    # partial resolutions are quiet; the last one resolves the incident in one message
+    d.apply(model.model_copy(update={"state": "resolved", "alert_id": "r1"}), (0, 4))
+    d.apply(app.model_copy(update={"state": "resolved", "alert_id": "r2"}), (0, 5))
+    assert sent(flush_all(d, clock, 60)) == []
+    d.apply(slo.model_copy(update={"state": "resolved", "severity": "critical", "alert_id": "r3"}), (0, 6))
+    (res,) = sent(flush_all(d, clock, 60))
+    assert res.notification is not None and res.notification.firing == []
+    assert [a.rule for a in res.notification.resolved] == ["success_rate"]
+    assert d.groups == {}
+    # the next alert opens a new incident
+    d.apply(make_alert(rule="latency_avg", dims={"app": "search"}), (0, 7))
+    (nxt,) = sent(flush_all(d, clock, 10.1))
+    assert nxt.notification is not None and nxt.notification.group_labels["incident"].startswith("app=search")
+
+
+def test_a_long_firing_alert_does_not_swallow_the_next_incident() -> None:
+    from datetime import timedelta
+
+    from tests.test_notify import T0
+
+    clock = Clock()
+    d = dispatcher(clock, group_by=["incident"])
+    d.apply(make_alert(rule="daily_tokens", dims={}), (0, 0))  # fires for the rest of the day
+    assert len(sent(flush_all(d, clock, 10.1))) == 1
+    later = make_alert(rule="error_rate_anomaly", dims={"model": "llama"}, started_at=T0 + timedelta(hours=3))
+    d.apply(later, (0, 1))
+    (f,) = sent(flush_all(d, clock, 60))
+    assert f.notification is not None and [a.rule for a in f.notification.firing] == ["error_rate_anomaly"]
+    assert f.notification.group_labels["incident"].startswith("model=llama since ")
+
+
+def test_incident_of_an_all_traffic_alert_names_its_root_cause() -> None:
+    clock = Clock()
+    d = dispatcher(clock, group_by=["incident"])
+    glob = make_alert(rule="cost_anomaly", dims={}).model_copy(
+        update={"root_cause": {"dimension": "model", "value": "gpt-4o", "metric": "cost_usd", "share": 0.9}}
+    )
+    d.apply(glob, (0, 0))
+    (f,) = sent(flush_all(d, clock, 10.1))
+    assert f.notification is not None
+    assert f.notification.group_labels["incident"].startswith("model=gpt-4o since ")
