@@ -1,18 +1,22 @@
 """`llmpulse up --demo` as a new user runs it: data in ClickHouse within a minute, and every
-incident of the (shortened) schedule present in the data as designed."""
+incident of the (shortened) schedule present in the data as designed; its first lines say where
+every endpoint is, and each answers."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from statistics import median
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from llmpulse.analysis.client import query
 from llmpulse.config import load_settings
@@ -22,10 +26,37 @@ from llmpulse.producers.loadgen import HOT_KEY_PER_MIN, default_schedule
 SCALE = 0.15
 
 
+def check_where_everything_is(log: Path, data_dir: Path) -> None:
+    """`up` prints, first of all its lines, the URL of every endpoint, and each answers."""
+    out = [line for line in log.read_text().splitlines() if not line[:4].isdigit()]  # log records start with the date
+    assert out[0] == "llmpulse up: running", out[:10]
+    shown = {}
+    for line in out[1:7]:
+        name, _, rest = line.strip().partition(":")
+        shown[name] = rest.strip()
+    runtime = json.loads((data_dir / "runtime.json").read_text())
+    dashboard, query_url = runtime["dashboard"], runtime["query_url"]
+    assert shown["dashboard"] == f"{dashboard}/"
+    assert shown["query"] == f"{query_url}/query (what `llmpulse query` uses)"
+    proxy = shown["proxy"].split()[0].removesuffix("/v1")
+    assert shown["proxy"] == f"{proxy}/v1 (an OpenAI client's base_url)" and runtime["proxy"] == proxy
+    ingest = shown["ingest"].split("/ingest/calls")[0]
+    assert shown["ingest"] == f"{ingest}/ingest/calls, OTLP {ingest}/v1/traces" and runtime["ingest"] == ingest
+    assert shown["metrics"] == (f"{dashboard}/metrics (dashboard), {query_url}/metrics (sink), "
+                                f"{proxy}/metrics (proxy), {ingest}/metrics (ingest)")  # fmt: skip
+    for base in (dashboard, query_url, proxy, ingest):
+        with urllib.request.urlopen(f"{base}/healthz", timeout=30) as resp:
+            assert resp.status == 200, base
+        with urllib.request.urlopen(f"{base}/metrics", timeout=30) as resp:
+            assert resp.status == 200
+            assert list(text_string_to_metric_families(resp.read().decode())), base
+
+
 @pytest.mark.e2e
 def test_up_demo_shows_data_within_a_minute_and_every_incident(tmp_path: Path) -> None:
     config = tmp_path / "llmpulse.yaml"
-    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data")}))
+    # free ports for the dashboard and ingest (8080 and 8091 may be taken on a shared machine)
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "dashboard": {"port": 0}, "ingest": {"port": 0}}))
     settings = load_settings(config, environ={})
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPULSE_")}
     schedule = default_schedule(SCALE)
@@ -47,6 +78,7 @@ def test_up_demo_shows_data_within_a_minute_and_every_incident(tmp_path: Path) -
                 pass
             time.sleep(1)
         assert first_data is not None, (tmp_path / "up.log").read_text()[-3000:]
+        check_where_everything_is(tmp_path / "up.log", settings.data_dir)
         assert up.wait(schedule.total_s + 120) == 0
     finally:
         if up.poll() is None:
