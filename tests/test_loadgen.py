@@ -134,7 +134,7 @@ def test_http_mode_sends_openai_requests_with_incidents(make_settings: Callable[
     assert stats.by_incident["error_burst"] >= 1
     assert upstream.stats.errors == stats.errors  # the burst reached the upstream as x-mock-status
     paths = set(upstream.stats.by_path)
-    assert "/v1/chat/completions" in paths
+    assert {"/v1/chat/completions", "/v1/messages"} <= paths  # Claude models via the Messages API
 
 
 def test_realtime_kafka_mode_in_a_thread(make_settings: Callable[..., Settings]) -> None:

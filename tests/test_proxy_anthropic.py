@@ -21,6 +21,7 @@ from llmpulse.config import Settings
 from llmpulse.producers.keyhash import KeyHasher, load_secret
 from llmpulse.producers.mock_upstream import MockOptions, prompt_tokens_of
 from llmpulse.producers.pricing import price_call
+from llmpulse.producers.proxy.tokens import estimate_tokens, usage_from
 from llmpulse.schemas.call import CallEvent
 from tests.mock_servers import ListPublisher, Servers, upstream_settings
 from tests.pipeline import Component, settings_from, wait_for, write_config
@@ -231,3 +232,41 @@ def test_routing_by_prefix_and_model_pattern_provider_and_proxy_errors_in_anthro
     # one key, one hash, whichever header carried it (Authorization: Bearer, x-api-key)
     key_hash = KeyHasher(load_secret(s.settings.data_dir)).hash(API_KEY)
     assert {e.api_key_hash for e in (haiku, opus, unrouted, unauth, raw)} == {key_hash}
+
+
+def test_usage_shapes_and_calls_without_usage_are_estimated_alike_streamed_or_not(
+    make_settings: Callable[..., Settings],
+) -> None:
+    # Anthropic's usage: input_tokens leaves the cache out; OpenAI's shape wins when both are there
+    u = usage_from({"input_tokens": 5, "cache_read_input_tokens": 7, "cache_creation_input_tokens": 3,
+                    "cache_creation": {"ephemeral_1h_input_tokens": 2}, "output_tokens": 9,
+                    "output_tokens_details": {"thinking_tokens": 4}})
+    assert u is not None
+    assert (u.prompt_tokens, u.cached_tokens, u.cache_write_tokens, u.cache_write_1h_tokens) == (15, 7, 3, 2)
+    assert (u.completion_tokens, u.reasoning_tokens, u.total_tokens) == (9, 4, 24)
+    gateway = usage_from({"prompt_tokens": 20, "completion_tokens": 5, "cache_read_input_tokens": 7,
+                          "prompt_tokens_details": {"cached_tokens": 7}})
+    assert gateway is not None and (gateway.prompt_tokens, gateway.cached_tokens) == (20, 7)
+
+    pub = ListPublisher()
+    with Servers(lambda url: make_settings(**upstream_settings(url)), publisher=pub) as s:
+        for user, stream in (("plain", False), ("stream", True)):
+            req = urllib.request.Request(
+                s.proxy.url + "/v1/messages", method="POST",
+                data=json.dumps({"model": "claude-haiku-4-5", "max_tokens": 32, "system": SYSTEM,
+                                 "messages": MESSAGES, "stream": stream}).encode(),
+                headers={"x-api-key": API_KEY, "content-type": "application/json", "x-mock-no-usage": "1",
+                         "X-LLMPulse-User": user},
+            )
+            reply = urllib.request.urlopen(req, timeout=10).read()
+            assert b"usage" not in reply
+        events = _by_user(pub, 2)
+    plain, streamed = events["plain"], events["stream"]
+    for e in (plain, streamed):
+        assert e.tokens_estimated and e.provider == "anthropic"
+        assert e.prompt_tokens > estimate_tokens(SYSTEM)  # system prompt and messages both counted
+        assert e.cost_usd == pytest.approx((e.prompt_tokens * 1.0 + e.completion_tokens * 5.0) / 1e6)
+    # the same text estimated the same way, from content blocks or from content_block_deltas
+    assert (plain.prompt_tokens, plain.completion_tokens) == (streamed.prompt_tokens, streamed.completion_tokens)
+    assert plain.completion_tokens == estimate_tokens(" ".join(["lorem", "ipsum", "dolor", "sit", "amet",
+                                                               "consectetur", "adipiscing", "elit"] * 2))

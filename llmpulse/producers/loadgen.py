@@ -5,7 +5,8 @@ several providers, chat / completion / embedding calls, streamed and not, at a r
 that follows a daily rhythm (quiet at night, busy in the afternoon). It goes either
 straight to Kafka (batch envelopes on `<prefix>calls`, keyed by model) or as HTTP
 requests to any OpenAI-compatible base URL, normally the proxy in front of the mock
-upstream; then the incidents are asked of the mock with its `x-mock-*` headers.
+upstream (Claude models through Anthropic's `/v1/messages`, the others through the
+OpenAI APIs); then the incidents are asked of the mock with its `x-mock-*` headers.
 
 The incident schedule (offsets from the start, repeated when `repeat` is set):
 
@@ -532,7 +533,15 @@ class LoadGenerator:
             headers["x-mock-chunk-delay-ms"] = f"{min(per_chunk, 200):.1f}"
         text = "lorem ipsum " * max(1, c.prompt_tokens // 3)
         body: dict[str, Any]
-        if c.operation == "embedding":
+        if c.provider == "anthropic" and c.operation == "chat":
+            # Claude calls as the anthropic client sends them: Messages API, key in x-api-key
+            headers["x-api-key"] = headers.pop("Authorization").removeprefix("Bearer ")
+            headers["anthropic-version"] = "2023-06-01"
+            path, body = "/messages", {
+                "model": c.model, "max_tokens": 4096, "stream": c.streamed,
+                "system": f"You help users of {c.app}.", "messages": [{"role": "user", "content": text}],
+            }
+        elif c.operation == "embedding":
             path, body = "/embeddings", {"model": c.model, "input": text}
         elif c.operation == "completion":
             path, body = "/completions", {"model": c.model, "prompt": text, "stream": c.streamed}
@@ -542,7 +551,7 @@ class LoadGenerator:
                 "messages": [{"role": "system", "content": f"You help users of {c.app}."},
                              {"role": "user", "content": text}],
             }
-        if c.streamed:
+        if c.streamed and path != "/messages":
             body["stream_options"] = {"include_usage": True}
         async with sem:
             try:

@@ -21,7 +21,8 @@ Options (`MockOptions`) set the latency before the first byte, the delay between
 stream chunks, the error rate and status, and the token sizes. A request may
 override them with headers: ``x-mock-status``, ``x-mock-latency-ms``,
 ``x-mock-chunk-delay-ms``, ``x-mock-tokens`` (completion tokens),
-``x-mock-cached-tokens``, ``x-mock-reasoning-tokens``, ``x-mock-no-usage: 1``; for
+``x-mock-cached-tokens``, ``x-mock-reasoning-tokens``, ``x-mock-no-usage: 1`` (also on
+``/v1/messages``: no ``usage`` anywhere, as some Messages-compatible gateways); for
 ``/v1/messages`` also ``x-mock-cache-read-tokens``, ``x-mock-cache-write-tokens``,
 ``x-mock-cache-write-1h-tokens`` (the part of the writes to the 1-hour cache),
 ``x-mock-served-model`` (the model the response names, e.g. a dated snapshot of an
@@ -256,13 +257,18 @@ class MockUpstream:
             "stop_sequence": None,
             "usage": usage,
         }
+        omit = h.get("x-mock-no-usage") == "1"  # as a Messages-compatible gateway without usage
+        if omit:
+            del msg["usage"]
         if not body.get("stream"):
             return web.Response(body=_enc.encode(msg), content_type="application/json")
 
         def ev(name: str, data: dict[str, Any]) -> bytes:
             return b"event: " + name.encode() + b"\ndata: " + _enc.encode({"type": name, **data}) + b"\n\n"
 
-        start = {**msg, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
+        start = {**msg, "content": [], "stop_reason": None}
+        if not omit:
+            start["usage"] = {**usage, "output_tokens": 1}
         deltas = [
             ev("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": (" " if i else "") + w}})
             for i, w in enumerate(words)
@@ -282,7 +288,7 @@ class MockUpstream:
             events += [
                 ev("content_block_stop", {"index": 0}),
                 ev("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                     "usage": {"output_tokens": n_out}}),
+                                     **({} if omit else {"usage": {"output_tokens": n_out}})}),
                 ev("message_stop", {}),
             ]
         resp = await self._open_stream(request)

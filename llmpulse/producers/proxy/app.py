@@ -51,7 +51,7 @@ from llmpulse.producers.proxy.events import CallRecord, CallRecorder, RawPublish
 from llmpulse.producers.proxy.forwarding import CircuitOpenError, send
 from llmpulse.producers.proxy.jsonlimits import DECODE_ERRORS, JsonLimitError, decode_bounded
 from llmpulse.producers.proxy.streaming import SseTap
-from llmpulse.producers.proxy.tokens import usage_from
+from llmpulse.producers.proxy.tokens import anthropic_usage, usage_from
 from llmpulse.producers.proxy.upstreams import Router, Upstream, is_anthropic, operation_of
 
 log = logging.getLogger(__name__)
@@ -379,7 +379,10 @@ class ProxyServer:
         if status < 400 and raw[:1] == b"{":
             try:
                 rh = decode_bounded(raw, _resp_dec)
-                rec.usage = usage_from(rh.usage)
+                if rec.anthropic and isinstance(rh.usage, dict):
+                    rec.usage = anthropic_usage(rh.usage)
+                else:
+                    rec.usage = usage_from(rh.usage)
                 if isinstance(rh.model, str):
                     rec.response_model = rh.model
             except DECODE_ERRORS:

@@ -61,11 +61,12 @@ def usage_from(obj: Any) -> Usage | None:
     """A `Usage` from a response's `usage` object (any of the API shapes), or None."""
     if not isinstance(obj, dict):
         return None
-    if "cache_read_input_tokens" in obj or "cache_creation_input_tokens" in obj:
-        return anthropic_usage(obj)
     if "prompt_tokens" in obj or "completion_tokens" in obj:
+        # OpenAI's shape first: gateways (LiteLLM) add Anthropic's cache_* keys beside it
         prompt, completion = _int(obj.get("prompt_tokens")), _int(obj.get("completion_tokens"))
         pd, cd = obj.get("prompt_tokens_details"), obj.get("completion_tokens_details")
+    elif "cache_read_input_tokens" in obj or "cache_creation_input_tokens" in obj:
+        return anthropic_usage(obj)
     elif "input_tokens" in obj or "output_tokens" in obj:
         prompt, completion = _int(obj.get("input_tokens")), _int(obj.get("output_tokens"))
         pd, cd = obj.get("input_tokens_details"), obj.get("output_tokens_details")
