@@ -322,7 +322,7 @@ class ProxyServer:
         if served is not None:
             rec.response_model = served
         if acts.cuts:
-            cut = acts.cut(up.name, up.provider)
+            cut = acts.cut(up.name, rec.provider)  # the provider the calls are recorded under
             if cut is not None:
                 return self._error(
                     503, f"upstream {up.name} is cut off by llmpulse action {cut.action_id}; circuit open",
