@@ -141,3 +141,41 @@ def test_prometheus_alert_rules() -> None:
     for metric in ("consumer_lag", "events_in", "window_close_delay", "sink_insert_seconds", "dead_letters",
                    "proxy_overhead", "publish_spool_bytes", "publish_dropped", "notifications"):  # fmt: skip
         assert f"llmpulse_{metric}" in covered, metric
+
+
+PROM_DASHBOARD = INFRA / "grafana" / "dashboards" / "llmpulse-prometheus.json"
+PROM_DATASOURCE = INFRA / "grafana" / "provisioning" / "datasources" / "prometheus.yaml"
+
+
+def test_prometheus_dashboard_uses_the_exposed_gen_ai_metrics() -> None:
+    """The Prometheus dashboard's PromQL names only families LlmMetrics exposes (the real scrape
+    is checked end to end in tests/test_llm_metrics.py), and its provisioning is consistent."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from llmpulse.sinks.prometheus import LlmMetrics
+    from tests.test_llm_metrics import call, grafana_metric_names, window
+
+    (source,) = yaml.safe_load(PROM_DATASOURCE.read_text())["datasources"]
+    assert source["type"] == "prometheus" and source["uid"] == "llmpulse-prometheus" and source["url"].startswith("http")
+    dash = json.loads(PROM_DASHBOARD.read_text())
+    assert dash["uid"] != json.loads(DASHBOARD.read_text())["uid"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in dash["panels"]:
+        assert p["type"] in ("timeseries", "table") and p["gridPos"]["x"] + p["gridPos"]["w"] <= 24
+        assert p["datasource"]["uid"] == "llmpulse-prometheus" and p["targets"]
+        for t in p["targets"]:
+            assert t["expr"].count("(") == t["expr"].count(")") and t["datasource"]["uid"] == "llmpulse-prometheus"
+            used = set(re.findall(r'(\w+)=~"\$(\w+)"', t["expr"]))
+            assert used == {("gen_ai_request_model", "model"), ("gen_ai_provider_name", "provider"), ("service_name", "app")}
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for what in ("requests", "error rate", "duration p95", "first chunk", "tokens", "cost"):
+        assert what in titles, what
+    m = LlmMetrics(("model", "provider", "app"), window_s=10)
+    m.apply(window([call(1, status_code=500, error_type="server_error", ttft_ms=5.0), call(2)]))
+    reg = CollectorRegistry()
+    reg.register(m)
+    exposed = {s.name for f in text_string_to_metric_families(generate_latest(reg).decode()) for s in f.samples}
+    names = grafana_metric_names()
+    assert len(names) >= 6 and names <= exposed, names - exposed

@@ -5,7 +5,8 @@
     GET  /api/summary|timeseries|gpu|host|alerts|calls|options   panels (time range + filters)
     GET  /api/calls/{event_id}  one call; prompt/response only when they were captured
     GET|POST /api/query         read-only SQL with a row and time limit
-    GET  /metrics               Prometheus exposition of the pipeline metrics of this process
+    GET  /metrics               Prometheus exposition of the pipeline metrics of this process and the
+                                gen_ai_* LLM metrics from the aggregates (llmpulse.sinks.prometheus)
     GET  /healthz
 
 Panels and /api/query go through `llmpulse.analysis.client.query`: the embedded store's
@@ -314,8 +315,15 @@ class DashboardServer:
         self.port = settings.dashboard.port if port is None else port
         self.runner = web.AppRunner(self.app, access_log=None)
         self.app_token = token
+        self.settings = settings
+        # gen_ai_* metrics on /metrics, from the worker's aggregates (llmpulse.sinks.prometheus)
+        self.llm_metrics: Any = None
 
     async def start(self) -> str:
+        if self.settings.llm_metrics.enabled and self.llm_metrics is None:
+            from llmpulse.sinks.prometheus import AggregateMetricsConsumer
+
+            self.llm_metrics = AggregateMetricsConsumer(self.settings).start()
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True)
         await site.start()
@@ -331,3 +339,6 @@ class DashboardServer:
 
     async def stop(self) -> None:
         await self.runner.cleanup()
+        if self.llm_metrics is not None:
+            await asyncio.to_thread(self.llm_metrics.stop)
+            self.llm_metrics = None

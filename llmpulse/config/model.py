@@ -14,6 +14,7 @@ from llmpulse.config.dashboard import DashboardConfig
 from llmpulse.config.gpu import GpuConfig
 from llmpulse.config.ingest import IngestConfig
 from llmpulse.config.kafka import KafkaConfig
+from llmpulse.config.llm_metrics import LlmMetricsConfig
 from llmpulse.config.notify import NotifyConfig
 from llmpulse.config.pricing import PricingConfig
 from llmpulse.config.proxy import ProxyConfig
@@ -39,3 +40,4 @@ class Settings(Section):
     pricing: PricingConfig = Field(default_factory=PricingConfig)
     capture: CaptureConfig = Field(default_factory=CaptureConfig)
     actions: ActionsConfig = Field(default_factory=ActionsConfig)
+    llm_metrics: LlmMetricsConfig = Field(default_factory=LlmMetricsConfig)

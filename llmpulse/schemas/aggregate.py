@@ -11,6 +11,13 @@ from llmpulse.schemas.base import NonNegFloat, NonNegInt, UtcDatetime, WireModel
 AggregateKind = Literal["calls", "gpu", "feedback", "host"]
 Dimensions = Annotated[dict[str, str], Field(max_length=8)]
 
+LATENCY_BUCKETS_S = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+"""Upper bounds (seconds) of `latency_hist`: the boundaries the OpenTelemetry GenAI conventions advise
+for `gen_ai.client.operation.duration`."""
+TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+"""Upper bounds (seconds) of `ttft_hist`: the boundaries the conventions advise for time to first token."""
+Histogram = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)]
+
 
 def dimensions_key(dimensions: dict[str, str]) -> str:
     """Canonical text of a dimension set: `model=a,app=b` sorted by name; `*` for global."""
@@ -45,6 +52,13 @@ class WindowAggregate(WireModel):
     latency_p95_ms: NonNegFloat | None = None
     latency_p99_ms: NonNegFloat | None = None
     ttft_p95_ms: NonNegFloat | None = None
+    # histograms for Prometheus (llmpulse.sinks.prometheus): counts per bucket of LATENCY_BUCKETS_S /
+    # TTFT_BUCKETS_S plus one above the last bound, from the window's DDSketch (values within 1% of a
+    # bound may sit in the bucket beside theirs); empty on other kinds. TTFT sum and count are exact.
+    latency_hist: Histogram = Field(default_factory=list)
+    ttft_hist: Histogram = Field(default_factory=list)
+    ttft_count: NonNegInt = 0
+    ttft_sum_ms: NonNegFloat = 0.0
     prompt_tokens: NonNegInt = 0
     completion_tokens: NonNegInt = 0
     total_tokens: NonNegInt = 0

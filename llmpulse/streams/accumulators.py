@@ -10,7 +10,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from llmpulse.schemas.aggregate import WindowAggregate, aggregate_id
+from llmpulse.schemas.aggregate import (
+    LATENCY_BUCKETS_S,
+    TTFT_BUCKETS_S,
+    WindowAggregate,
+    aggregate_id,
+)
 from llmpulse.schemas.call import CallEvent
 from llmpulse.schemas.feedback import Feedback
 from llmpulse.schemas.gpu import GpuSample
@@ -18,6 +23,8 @@ from llmpulse.schemas.host import HostSample
 from llmpulse.streams.sketch import QuantileSketch
 
 NANO = 1_000_000_000
+LATENCY_BOUNDS_MS = tuple(b * 1000 for b in LATENCY_BUCKETS_S)
+TTFT_BOUNDS_MS = tuple(b * 1000 for b in TTFT_BUCKETS_S)
 
 
 def _ms_to_dt(ms: int) -> datetime:
@@ -66,6 +73,7 @@ class CallAccumulator(Accumulator):
         "requests",
         "total",
         "ttft",
+        "ttft_sum",
         "unpriced",
     )
 
@@ -76,6 +84,7 @@ class CallAccumulator(Accumulator):
         self.lat_sum = 0.0
         self.latency = QuantileSketch()
         self.ttft = QuantileSketch()
+        self.ttft_sum = 0.0
         self.prompt = 0
         self.completion = 0
         self.total = 0
@@ -96,6 +105,7 @@ class CallAccumulator(Accumulator):
         self.latency.add(e.latency_ms)
         if e.ttft_ms is not None:
             self.ttft.add(e.ttft_ms)
+            self.ttft_sum += e.ttft_ms
         self.prompt += e.prompt_tokens
         self.completion += e.completion_tokens
         self.total += e.total_tokens or 0
@@ -112,6 +122,7 @@ class CallAccumulator(Accumulator):
         self.lat_sum += o.lat_sum
         self.latency.merge(o.latency)
         self.ttft.merge(o.ttft)
+        self.ttft_sum += o.ttft_sum
         self.prompt += o.prompt
         self.completion += o.completion
         self.total += o.total
@@ -126,6 +137,7 @@ class CallAccumulator(Accumulator):
             "ls": self.lat_sum,
             "l": self.latency.to_state(),
             "t": self.ttft.to_state(),
+            "tf": self.ttft_sum,
             "p": self.prompt,
             "c": self.completion,
             "tt": self.total,
@@ -142,6 +154,7 @@ class CallAccumulator(Accumulator):
         a.lat_sum = s["ls"]
         a.latency = QuantileSketch.from_state(s["l"])
         a.ttft = QuantileSketch.from_state(s["t"])
+        a.ttft_sum = s.get("tf", 0.0)  # states written before the sum was kept: no sum
         a.prompt = s["p"]
         a.completion = s["c"]
         a.total = s["tt"]
@@ -163,6 +176,10 @@ class CallAccumulator(Accumulator):
         agg.latency_p95_ms = self.latency.quantile(0.95)
         agg.latency_p99_ms = self.latency.quantile(0.99)
         agg.ttft_p95_ms = self.ttft.quantile(0.95)
+        agg.latency_hist = self.latency.bucket_counts(LATENCY_BOUNDS_MS) if n else []
+        agg.ttft_hist = self.ttft.bucket_counts(TTFT_BOUNDS_MS) if self.ttft.count else []
+        agg.ttft_count = self.ttft.count
+        agg.ttft_sum_ms = self.ttft_sum
         agg.prompt_tokens = self.prompt
         agg.completion_tokens = self.completion
         agg.total_tokens = self.total

@@ -9,6 +9,7 @@ partition partials and window roll-ups combine exactly.
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Any
 
@@ -55,6 +56,18 @@ class QuantileSketch:
             if seen > rank:
                 return 2 * _GAMMA**key / (_GAMMA + 1)
         return 2 * _GAMMA ** max(self.bins) / (_GAMMA + 1)
+
+    def bucket_counts(self, bounds: tuple[float, ...]) -> list[int]:
+        """Counts per histogram bucket: bucket i holds the values in (bounds[i-1], bounds[i]], the last
+        one (index len(bounds)) everything above. A value is placed by its bin's reported value, so
+        only values within the relative accuracy of a bound can land in the bucket beside theirs."""
+        counts = [0] * (len(bounds) + 1)
+        if self.count == 0:
+            return counts
+        counts[0] += self.zeros
+        for key, n in self.bins.items():
+            counts[bisect.bisect_left(bounds, 2 * _GAMMA**key / (_GAMMA + 1))] += n
+        return counts
 
     def to_state(self) -> dict[str, Any]:
         return {"b": {str(k): v for k, v in self.bins.items()}, "z": self.zeros, "n": self.count}

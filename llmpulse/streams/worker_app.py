@@ -130,6 +130,10 @@ class WorkerRuntime:
         self.last_marks: dict[tuple[str, int], tuple[int | None, float]] = {}
         self.guard = OffsetGuard()
         self.flush_on_exit = wcfg.flush_open_windows_on_exit
+        # the dimension set the Prometheus LLM metrics are labelled by (llmpulse.sinks.prometheus)
+        lm = settings.llm_metrics
+        extra = [lm.labels] if lm.enabled and sorted(lm.labels) not in [sorted(d) for d in wcfg.dimensions] else []
+        self.call_dimensions = [*wcfg.dimensions, *extra]
         self.sources: dict[str, Iterable[str]] = {
             kind: [f"{kind}:{p}" for p in range(self.partitions)] for kind, _ in KINDS.values()
         }
@@ -260,7 +264,7 @@ class WorkerRuntime:
         if pw is not None:
             return pw
         wcfg = self.settings.worker
-        dims = {"calls": wcfg.dimensions, "gpu": GPU_DIMENSIONS, "host": HOST_DIMENSIONS}.get(kind, FEEDBACK_DIMENSIONS)
+        dims = {"calls": self.call_dimensions, "gpu": GPU_DIMENSIONS, "host": HOST_DIMENSIONS}.get(kind, FEEDBACK_DIMENSIONS)
         pw = PartitionWindows(kind, f"{kind}:{partition}", wcfg.windows_s, wcfg.grace_s, wcfg.idle_close_s, dims)
         prefix = f"{partition}|{kind}|"
         for key, value in list(self.window_table.items()):
