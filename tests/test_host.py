@@ -120,7 +120,7 @@ def test_host_resources_off() -> None:
 def test_host_samples_reach_clickhouse_with_windows_and_the_memory_rule(
     make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    config = write_config(tmp_path / "llmpulse.yaml", make_settings())
+    config = write_config(tmp_path / "llmpulse.yaml", make_settings(), dashboard__port=0)
     settings = settings_from(config)
     bootstrap = settings.kafka.bootstrap_servers()
     sink = Component(config, "sink", log=tmp_path / "sink.log").start()

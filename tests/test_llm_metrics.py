@@ -194,7 +194,7 @@ def total(s: Samples, name: str, **labels: str) -> float:
 
 @pytest.mark.e2e
 def test_metrics_move_when_calls_flow_and_grafana_queries_exist(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
-    config = write_config(tmp_path / "llmpulse.yaml", make_settings())
+    config = write_config(tmp_path / "llmpulse.yaml", make_settings(), dashboard__port=0)
     settings = settings_from(config)
     bootstrap = settings.kafka.bootstrap_servers()
     worker = Component(config, "worker", log=tmp_path / "worker.log").start()

@@ -320,16 +320,16 @@ class DashboardServer:
         self.llm_metrics: Any = None
 
     async def start(self) -> str:
-        if self.settings.llm_metrics.enabled and self.llm_metrics is None:
-            from llmpulse.sinks.prometheus import AggregateMetricsConsumer
-
-            self.llm_metrics = AggregateMetricsConsumer(self.settings).start()
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True)
         await site.start()
         server: Any = site._server
         if server is not None and getattr(server, "sockets", None):
             self.port = int(server.sockets[0].getsockname()[1])
+        if self.settings.llm_metrics.enabled and self.llm_metrics is None:  # once the server listens
+            from llmpulse.sinks.prometheus import AggregateMetricsConsumer
+
+            self.llm_metrics = AggregateMetricsConsumer(self.settings).start()
         return self.url
 
     @property
