@@ -250,3 +250,39 @@ def test_plan_rebuilds(positions: dict[tuple[str, int], int], expect: list[tuple
     # a table without roll-ups rebuilds only whole batches; its re-delivered rows replace their twins
     gpu = [(r.token, r.ranges) for r in plan_rebuilds(intents, positions, {TOPIC: GPU})]
     assert gpu == [(t, r) for t, r, partial in expect if not partial]
+
+
+class StallConsumer:
+    """While the sink stalls: a rebalance during its poll assigned a partition that is not paused."""
+
+    def __init__(self, pending: list[Msg]) -> None:
+        self.pending = pending
+        self.pauses = 0
+        self.seeks: list[tuple[str, int, int]] = []
+
+    def assignment(self) -> list[TP]:
+        return [TP(TOPIC, 0), TP(TOPIC, 1)]
+
+    def pause(self, partitions: list[TP]) -> None:
+        self.pauses += 1
+
+    def poll(self, timeout: float) -> Msg | None:
+        return self.pending.pop(0) if self.pending else None
+
+    def seek(self, tp: Any) -> None:
+        self.seeks.append((tp.topic, tp.partition, tp.offset))
+
+
+def test_a_message_returned_while_stalling_is_read_again_not_dropped(tmp_path: Any) -> None:
+    from llmpulse.config import Settings
+    from llmpulse.sinks.clickhouse.sink import ClickHouseSink
+
+    sink = ClickHouseSink(Settings(data_dir=tmp_path), "127.0.0.1:9", client=None)
+    sink.consumer.close()
+    fake = StallConsumer([Msg(1, 7, events("x"))])
+    sink.consumer = fake
+    sink._stall()
+    assert fake.seeks == [(TOPIC, 1, 7)]  # fetched again after the INSERT, from that offset
+    sink._stall()
+    assert fake.pauses == 2 and sink.paused  # the whole assignment, new partition included, is paused again
+    assert sink.buffered == 0

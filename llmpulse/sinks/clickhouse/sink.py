@@ -140,8 +140,16 @@ class ClickHouseSink:
                 self.consumer.pause(self.consumer.assignment())
                 self.paused = True
             except Exception:
-                pass
-        self.consumer.poll(0.1)  # serves heartbeats and rebalance callbacks; paused: no messages
+                time.sleep(0.1)
+                return
+        msg = self.consumer.poll(0.1)  # serves heartbeats and rebalance callbacks; paused: no messages
+        if msg is not None and msg.error() is None:
+            # a partition assigned during this poll is not paused: never drop what it returned,
+            # read it again once the INSERT is through
+            from confluent_kafka import TopicPartition
+
+            self.consumer.seek(TopicPartition(str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0)))
+            self.paused = False
 
     def _resume(self) -> None:
         if self.paused:
