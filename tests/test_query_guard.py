@@ -87,6 +87,10 @@ def attacks(canary: Canary, secret: Path) -> list[tuple[str, str, int, str]]:
         ("merge() over other databases", "SELECT * FROM merge('system', '^users$')", 403, "table function merge()"),
         ("SETTINGS lifting a limit", "SELECT count() FROM llmpulse.llm_calls SETTINGS max_rows_to_read = 0", 403, "SETTINGS"),
         ("a write", "INSERT INTO llmpulse.llm_calls (event_id) VALUES ('x')", 403, "read-only"),
+        ("a second statement", "SELECT 1; DROP TABLE llmpulse.llm_calls", 403, "one statement per query"),
+        ("a second statement first", "DROP TABLE llmpulse.llm_calls; SELECT 1", 403, "one statement per query"),
+        ("a file written by INTO OUTFILE", f"SELECT event_id FROM llmpulse.llm_calls INTO OUTFILE '{f}.out'", 403,
+         "INTO OUTFILE"),
         ("over-limit scan (numbers)", "SELECT count() FROM numbers(10000000000)", 403, "table function numbers()"),
         ("over-limit scan (rows read)",
          "SELECT count() FROM llmpulse.llm_calls a, llmpulse.llm_calls b, llmpulse.llm_calls c, llmpulse.llm_calls d",
@@ -97,7 +101,7 @@ def attacks(canary: Canary, secret: Path) -> list[tuple[str, str, int, str]]:
 
 
 LEGIT = [
-    ("SELECT count() FROM llmpulse.llm_calls FINAL", [[N]]),
+    ("SELECT count() FROM llmpulse.llm_calls FINAL;", [[N]]),
     ("WITH m AS (SELECT model FROM llmpulse.llm_calls FINAL) SELECT count() FROM m WHERE model IN m", [[N]]),
     ("SELECT count() FROM system.tables WHERE database = 'llmpulse' AND name = 'llm_calls'", [[1]]),
     ("SELECT 1 /* file('/etc/passwd') */ AS `url('x')`", [[1]]),
@@ -165,6 +169,7 @@ def assert_refused(what: str, code: int, body: dict[str, Any], status: int, reas
     assert code == status and reason in body.get("error", ""), (what, code, body)
     text = json.dumps(body)
     assert "the-host-secret" not in text and "canary-secret" not in text, (what, body)
+    assert not world.secret.with_name(world.secret.name + ".out").exists(), what
 
 
 def test_query_endpoint_of_the_store_owner(world: World) -> None:
@@ -220,12 +225,14 @@ def test_llmpulse_query_cli(world: World, path: str) -> None:
     # every attack of a kind once through the CLI (each run is a process start)
     picked = [c for c in cases if c[0] in ("file()", "file() as a function", "url()", "remote()", "s3()",
                                             "system table outside the allow-list", "SETTINGS lifting a limit",
+                                            "a file written by INTO OUTFILE", "a second statement",
                                             "over-limit scan (numbers)", "over-limit scan (rows read)")]  # fmt: skip
     picked.append(next(c for c in cases if c[0] == "over-limit scan (time)"))
     for what, sql, _status, reason in picked:
         r = cli(config, sql)
         assert r.returncode == 1 and reason in r.stderr and "llmpulse: error: " in r.stderr, (what, r.stderr)
         assert "Traceback" not in r.stderr and "the-host-secret" not in r.stdout + r.stderr, (what, r)
+        assert not world.secret.with_name(world.secret.name + ".out").exists(), what
     r = cli(config, "SELECT count() FROM llmpulse.llm_calls")
     assert r.returncode == 0 and r.stdout.split()[2] == str(N), r
     assert world.canary.hits == 0

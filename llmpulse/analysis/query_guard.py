@@ -2,14 +2,17 @@
 
 Guarantee: a query given to `/api/query`, the store owner's query endpoint or `llmpulse query`
 runs only if every table it reads is in the llmpulse database or on `SYSTEM_TABLES`, it calls
-no table function and no function that reaches outside the query's tables, and it sets no
-SETTINGS of its own. Defends against reading the host (`file()`, `url()`, `s3()` ...),
-reaching other servers (`remote()`, `cluster()` ...), reading other databases (`merge()`,
-`system.users`, `joinGet()`) and lifting the limits (`SETTINGS max_rows_to_read = 0`).
+no table function and no function that reaches outside the query's tables, it writes no file
+and it sets no SETTINGS of its own. Defends against reading the host (`file()`, `url()`,
+`s3()` ...), reaching other servers (`remote()`, `cluster()` ...), reading other databases
+(`merge()`, `system.users`, `joinGet()`), writing the host's files (`INTO OUTFILE`, which
+chDB carries out in the owner's process even under readonly=1) and lifting the limits
+(`SETTINGS max_rows_to_read = 0`).
 
 Never by matching the SQL text (comments, case, quoting, WITH, subqueries, JOIN and UNION
-make that bypassable): ClickHouse's own parser decides what the query is, in three steps
-that execute nothing of it:
+make that bypassable), with one exception that only ever refuses: no `;` (`one_statement`).
+Then ClickHouse's own parser decides what the query is, in three steps that execute nothing
+of it:
 1. `EXPLAIN AST`: the parse tree. Table functions are the `Function` children of a
    `TableExpression`; tables are `TableIdentifier`s (and the right side of IN); a SETTINGS
    clause is a `Set` node. Every one is checked here, before anything is resolved.
@@ -145,6 +148,11 @@ def check_ast(lines: list[str], database: str) -> set[str]:
     # last Identifier child; a FORMAT inside the user's text fails to parse before this
     for node, parent in _walk(roots[:1]):
         kind = node.kind
+        if kind == "Literal" and parent is not None and parent.kind == "SelectWithUnionQuery":
+            # `INTO OUTFILE 'path'`: the file name is the query's own literal child. chDB writes
+            # that file in this process even under readonly=1 (measured, chDB 26.9), and so
+            # does an EXPLAIN QUERY TREE of it: refused here, before steps 2-3 run
+            raise QueryRefused("refused: INTO OUTFILE is not allowed: queries return rows, they write no files")
         if kind == "Set":
             raise QueryRefused("refused: a query may not carry SETTINGS; llmpulse sets the limits "
                                "(clickhouse.query_max_* in the config)")  # fmt: skip
@@ -205,17 +213,37 @@ def check_resolved(lines: list[str], database: str) -> None:
                 raise QueryRefused(reason)
 
 
-def guard(sql: str, database: str, explain: Explain, resolve: Explain) -> None:
-    """Refuse `sql` unless it reads only what llmpulse allows (see the module docstring).
+def one_statement(sql: str) -> str:
+    """`sql` without a trailing `;`; refused if any other `;` is left.
+
+    chDB runs every statement of a `a; b` text, each with only the settings of the last one
+    (measured: `EXPLAIN AST SELECT 1; DROP TABLE t` drops t). So no `;` may reach ClickHouse,
+    not even one inside a string or a comment: deciding which `;` separate statements would
+    need ClickHouse's lexer, and a wrong guess runs a write. Inside a string, char(59) is `;`.
+    """
+    text = sql.strip().removesuffix(";").rstrip()
+    if ";" in text:
+        raise QueryRefused("refused: one statement per query: ';' is not allowed, not even in a string "
+                           "or a comment (write char(59) for it in a string)")  # fmt: skip
+    if not text:
+        raise QueryRefused("refused: the query is empty")
+    return text
+
+
+def guard(sql: str, database: str, explain: Explain, resolve: Explain) -> str:
+    """Refuse `sql` unless it reads only what llmpulse allows (see the module docstring);
+    return the text to run (one statement, no trailing `;`).
 
     `explain(text)` runs `text` (an EXPLAIN) and returns its lines, with no settings of the
     caller's; `resolve(text)` runs it under the query's own limits and readonly=1 (the
     analyzer may evaluate scalar subqueries over tables already checked).
     """
+    sql = one_statement(sql)
     unqualified = check_ast(explain(f"EXPLAIN AST {sql}"), database)
     if unqualified:
         check_cte_names(explain(f"EXPLAIN QUERY TREE run_passes = 0 {sql}"), unqualified, database)
     check_resolved(resolve(f"EXPLAIN QUERY TREE {sql}"), database)
+    return sql
 
 
 # parse-tree node kinds of a SELECT; anything else is refused by check_ast

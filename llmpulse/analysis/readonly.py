@@ -144,8 +144,8 @@ def run_readonly(
 
     t0 = time.perf_counter()
     try:
-        guard(sql, database, lambda t: lines(t, False), lambda t: lines(t, True))
-        res = client.query(sql, settings=settings)
+        checked = guard(sql, database, lambda t: lines(t, False), lambda t: lines(t, True))
+        res = client.query(checked, settings=settings)
     except QueryRefused:
         raise
     except Exception as exc:
