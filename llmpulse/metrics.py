@@ -36,6 +36,11 @@ OFFSET_GAPS = Counter(
     "Offsets the consumer skipped; the worker went back for them (accepted: held no messages)",
     ["topic", "outcome"],
 )
+DUPLICATES = Counter(
+    "llmpulse_worker_duplicates_total",
+    "Copies of events already counted in an open or recently closed window (same event_id), dropped",
+    ["kind"],
+)
 WINDOWS_CLOSED = Counter("llmpulse_windows_closed_total", "Windows closed and published", ["kind"])
 SINK_BATCH_ROWS = Histogram(
     "llmpulse_sink_batch_rows",

@@ -63,7 +63,7 @@ def test_window_closes_only_after_end_plus_grace_and_late_events_are_reported() 
     res = w.close(now_wall=100)
     ten = [p for p in res.partials if p.window_s == 10 and p.dims_key == "*"]
     assert len(ten) == 1 and ten[0].state["r"] == 2
-    late = w.apply([(4, call(5)), (5, call(13))], now_wall=100)
+    late = w.apply([(4, call(5)), (5, call(13))], now_wall=100).late
     assert [x.offset for x in late] == [4]
     # an event inside the grace period of an open window is counted
     w2 = windows(grace=5.0)

@@ -23,6 +23,11 @@ class WorkerConfig(Section):
         default_factory=lambda: [[], ["model"], ["provider"], ["app"], ["user"], ["api_key_hash"]],
         description="dimension sets of call windows; [] is the global set",
     )
+    dedup_horizon_s: Annotated[float, Field(ge=0, le=86400)] = Field(
+        default=300.0,
+        description="how long (event time) after a window closed a copy of one of its events (same event_id, "
+        "resent by a producer) is still recognised and dropped; later copies go to the dead-letter topic as late",
+    )
     batch_max_messages: Annotated[int, Field(ge=1)] = 2000
     batch_within_s: Annotated[float, Field(gt=0)] = 0.2
     flush_open_windows_on_exit: bool = Field(

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiokafka.partitioner import murmur2
+
 from llmpulse.schemas.aggregate import WindowAggregate
 from llmpulse.streams.accumulators import ACCUMULATORS
 from llmpulse.streams.windowing import Partial
@@ -37,6 +39,19 @@ class Pending:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Pending:
         return cls(d["dims"], d["parts"], d.get("rev", 0))
+
+
+def partial_key(kind: str, window_s: int) -> bytes:
+    """The key of a window size's partials: every dimension set of a window meets in one finalizer."""
+    return f"{kind}|{window_s}".encode()
+
+
+def finalizer_partition(kind: str, window_s: int, partitions: int) -> int:
+    """The partials partition (and so the finalizer state, rule state included) of a window size.
+
+    Kafka's default partitioner (murmur2 of the key), which placed partials before they
+    were sent to an explicit partition: a deployment's state stays where it was."""
+    return int(murmur2(partial_key(kind, window_s)) & 0x7FFFFFFF) % partitions
 
 
 EMPTY = -(2**62)  # the close mark of a source that has seen no event yet

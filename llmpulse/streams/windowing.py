@@ -8,7 +8,8 @@ the last event has carried event time that far. Events of a closed window are la
 
 Replays never count twice: the partition's applied offset skips whole replays, and
 each accumulator remembers the last offset it absorbed, which covers a crash in the
-middle of persisting a batch.
+middle of persisting a batch. Copies of an event at new offsets (resent by a producer)
+are dropped by event_id while their window is open or recently closed (dedup.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from llmpulse.schemas.aggregate import dimensions_key
 from llmpulse.streams.accumulators import ACCUMULATORS, Accumulator
+from llmpulse.streams.dedup import ChunkKey, SeenIds
 from llmpulse.streams.positions import BATCH_SLOTS
 
 AccKey = tuple[int, tuple[str, ...]]
@@ -59,10 +61,17 @@ class Late:
     window_end_ms: int
 
 
+@dataclass(slots=True)
+class Applied:
+    late: list[Late] = field(default_factory=list)
+    duplicates: int = 0  # copies of events already counted (same event_id), dropped
+
+
 @dataclass
 class CloseResult:
     partials: list[Partial] = field(default_factory=list)
     removed: list[AccKey] = field(default_factory=list)
+    removed_ids: list[ChunkKey] = field(default_factory=list)  # id chunks past the dedup horizon
     mark_ms: int | None = None
 
 
@@ -86,6 +95,7 @@ class PartitionWindows:
         grace_s: float,
         idle_s: float,
         dimension_sets: Iterable[Iterable[str]],
+        dedup_horizon_s: float = 300.0,
     ) -> None:
         self.kind = kind
         self.source = source
@@ -107,11 +117,14 @@ class PartitionWindows:
         self.close_mark_ms: int | None = None
         self.last_event_wall: float | None = None
         self.dirty: set[AccKey] = set()
+        self.seen = SeenIds(self.base_ms, round(dedup_horizon_s * 1000))
 
     # -- processing ---------------------------------------------------------------------------
-    def apply(self, batch: Iterable[tuple[int, Any]], now_wall: float) -> list[Late]:
-        """Add (offset, event) pairs in offset order; returns the late ones."""
-        late: list[Late] = []
+    def apply(self, batch: Iterable[tuple[int, Any]], now_wall: float) -> Applied:
+        """Add (offset, event) pairs in offset order; returns the late ones and the copies dropped."""
+        out = Applied()
+        late = out.late
+        duplicates = 0
         accs = self.accs
         acc_offsets = self.acc_offsets
         dirty = self.dirty
@@ -121,16 +134,34 @@ class PartitionWindows:
         applied = self.applied_offset
         max_ts = self.max_ts_ms
         new_cls = self.acc_cls
-        seen = False
+        seen = self.seen
+        ids_start: int | None = None
+        ids: set[int] = set()
+        ids_added: list[str] = []
+        was_seen = False
         for offset, event in batch:
             if offset <= applied:
                 continue
             ts = int(event.ts.timestamp() * 1000)
             start = ts - ts % base
+            event_id = event.event_id
+            h = hash(event_id)
             if mark is not None and start + base <= mark:
-                late.append(Late(offset, event, start + base))
+                if seen.seen_closed(start, h):
+                    duplicates += 1
+                else:
+                    late.append(Late(offset, event, start + base))
                 applied = offset
                 continue
+            if start != ids_start:
+                ids, ids_added = seen.open_window(start)
+                ids_start = start
+            if h in ids:
+                duplicates += 1
+                applied = offset
+                continue
+            ids.add(h)
+            ids_added.append(event_id)
             key = (start, key_of(event))
             acc = accs.get(key)
             if acc is None:
@@ -142,14 +173,15 @@ class PartitionWindows:
             acc_offsets[key] = offset
             dirty.add(key)
             applied = offset
-            seen = True
+            was_seen = True
             if max_ts is None or ts > max_ts:
                 max_ts = ts
         self.applied_offset = applied
         self.max_ts_ms = max_ts
-        if seen:
+        if was_seen:
             self.last_event_wall = now_wall
-        return late
+        out.duplicates = duplicates
+        return out
 
     def consumed_through(self, offset: int) -> None:
         """Every event of the messages up to `offset` is accounted for (applied, late or invalid)."""
@@ -229,6 +261,8 @@ class PartitionWindows:
             self.close_mark_ms = int(new_mark)
         elif self.max_ts_ms is not None:
             self.close_mark_ms = max(self.close_mark_ms or 0, self.max_ts_ms - self.max_ts_ms % self.max_ms + self.max_ms)
+        if self.close_mark_ms is not None:
+            result.removed_ids = self.seen.close_through(self.close_mark_ms)
         result.mark_ms = self.close_mark_ms
         return result
 

@@ -39,7 +39,14 @@ from llmpulse.schemas.fast import decode_calls
 from llmpulse.schemas.host import HostSample
 from llmpulse.streams.contiguity import OffsetGuard
 from llmpulse.streams.credentials import faust_credentials
-from llmpulse.streams.finalizing import Finalizer, Pending, PendingKey
+from llmpulse.streams.dedup import chunk_key_parse, chunk_key_text
+from llmpulse.streams.finalizing import (
+    Finalizer,
+    Pending,
+    PendingKey,
+    finalizer_partition,
+    partial_key,
+)
 from llmpulse.streams.positions import position
 from llmpulse.streams.restore import read_changelog_partition
 from llmpulse.streams.rules.engine import has_open_alerts
@@ -126,7 +133,7 @@ class WorkerRuntime:
         self.final_lock = asyncio.Lock()
         # per source partition: partial sends not yet awaited, and the close mark and
         # tombstones to write once they are delivered (before the partition's next state)
-        self.inflight: dict[tuple[str, int], list[tuple[list[Any], dict[str, Any] | None, list[AccKey]]]] = {}
+        self.inflight: dict[tuple[str, int], list[tuple[list[Any], dict[str, Any] | None, list[str]]]] = {}
         self.last_marks: dict[tuple[str, int], tuple[int | None, float]] = {}
         self.guard = OffsetGuard()
         self.flush_on_exit = wcfg.flush_open_windows_on_exit
@@ -265,7 +272,9 @@ class WorkerRuntime:
             return pw
         wcfg = self.settings.worker
         dims = {"calls": self.call_dimensions, "gpu": GPU_DIMENSIONS, "host": HOST_DIMENSIONS}.get(kind, FEEDBACK_DIMENSIONS)
-        pw = PartitionWindows(kind, f"{kind}:{partition}", wcfg.windows_s, wcfg.grace_s, wcfg.idle_close_s, dims)
+        pw = PartitionWindows(
+            kind, f"{kind}:{partition}", wcfg.windows_s, wcfg.grace_s, wcfg.idle_close_s, dims, wcfg.dedup_horizon_s
+        )
         prefix = f"{partition}|{kind}|"
         for key, value in list(self.window_table.items()):
             if not isinstance(key, str) or not key.startswith(prefix) or value is None:
@@ -275,6 +284,11 @@ class WorkerRuntime:
                 pw.restore_meta(value)
             elif rest.startswith("A|"):
                 pw.restore_acc(_acc_key_parse(rest[2:]), value)
+            elif rest.startswith("D|"):
+                pw.seen.restore_chunk(chunk_key_parse(rest[2:]), value)
+        # id chunks of a batch whose meta was never written are replayed: delete them
+        for chunk in pw.seen.finish_restore(pw.applied_offset, pw.close_mark_ms):
+            del self.window_table[state_key(partition, kind, "D", chunk_key_text(chunk))]
         self.windows[(kind, partition)] = pw
         return pw
 
@@ -305,7 +319,10 @@ class WorkerRuntime:
                     )  # fmt: skip
                 base = position(msg.offset, 0)
                 batch.extend(zip(range(base, base + len(decoded.valid)), decoded.valid, strict=True))
-            for late in pw.apply(batch, now):
+            applied = pw.apply(batch, now)
+            if applied.duplicates:
+                metrics.DUPLICATES.labels(kind).inc(applied.duplicates)
+            for late in applied.late:
                 ev_model = late.event
                 dead.append(
                     DeadLetter.for_bytes(
@@ -358,6 +375,9 @@ class WorkerRuntime:
         table = self.window_table
         for key in pw.take_dirty():
             table[state_key(partition, pw.kind, "A", _acc_key_text(key))] = pw.acc_state(key)
+        # the ids before the meta: a chunk past the meta's applied offset is dropped on restore
+        for chunk, ids in pw.seen.take_added(pw.applied_offset):
+            table[state_key(partition, pw.kind, "D", chunk_key_text(chunk))] = ids
         table[state_key(partition, pw.kind, "M")] = pw.meta_state()
 
     async def close_and_emit(self, pw: PartitionWindows, partition: int, force: bool = False) -> list[Partial]:
@@ -365,8 +385,10 @@ class WorkerRuntime:
         res = pw.close(time.time(), force=force)
         futures = []
         for p in res.partials:
-            key = f"{p.kind}|{p.window_s}".encode()
-            futures.append(await self.partials_topic.send(key=key, value=json.dumps(p.to_json()).encode()))
+            futures.append(await self.partials_topic.send(
+                key=partial_key(p.kind, p.window_s), value=json.dumps(p.to_json()).encode(),
+                partition=finalizer_partition(p.kind, p.window_s, self.partitions),
+            ))  # fmt: skip
         mark = res.mark_ms  # None: this partition has seen no event yet
         last = self.last_marks.get((pw.kind, partition))
         now = time.monotonic()
@@ -379,7 +401,9 @@ class WorkerRuntime:
         # restored in between never closes a window again without the accumulators it
         # already published. Not awaited here: the next batch is processed meanwhile.
         meta = pw.meta_state() if (res.partials or res.removed or pw.close_mark_ms != before) else None
-        self.inflight.setdefault((pw.kind, partition), []).append((futures, meta, list(res.removed)))
+        removed = [state_key(partition, pw.kind, "A", _acc_key_text(r)) for r in res.removed]
+        removed += [state_key(partition, pw.kind, "D", chunk_key_text(c)) for c in res.removed_ids]
+        self.inflight.setdefault((pw.kind, partition), []).append((futures, meta, removed))
         if force:
             await self.await_delivered(pw.kind, partition)
         return res.partials
@@ -396,8 +420,7 @@ class WorkerRuntime:
         for _, meta, removed in pending:
             if meta is not None:
                 table[state_key(partition, kind, "M")] = meta
-            for r in removed:
-                k = state_key(partition, kind, "A", _acc_key_text(r))
+            for k in removed:
                 if k in table:
                     del table[k]
 
@@ -567,7 +590,13 @@ class WorkerRuntime:
                 combined.set_mark(kind, src, int(math.ldexp(1, 60)))
         ready = combined.ready()
         log.info("flushing %d open windows on exit", len(ready))
-        await self.publish_final([agg for _, agg in ready], 0)
+        # judged against the rule state of the finalizer that owns each window size, as
+        # process_partials would have: partition 0's holds other sizes' (or nothing)
+        by_owner: dict[int, list[WindowAggregate]] = {}
+        for _, agg in ready:
+            by_owner.setdefault(finalizer_partition(agg.kind, agg.window_s, self.partitions), []).append(agg)
+        for fp, aggs in sorted(by_owner.items()):
+            await self.publish_final(aggs, fp)
 
 
 KINDS_BY_KIND = {kind: model for kind, model in KINDS.values()}
