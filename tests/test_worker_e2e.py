@@ -18,6 +18,7 @@ import pytest
 
 from llmpulse.config import Settings
 from llmpulse.schemas import CallEvent, encode, encode_batch
+from llmpulse.streams.finalizing import finalizer_partition
 from tests.kafkatools import produce, read_messages
 from tests.pipeline import Component, settings_from, write_config
 
@@ -187,3 +188,44 @@ def test_alert_of_a_dimension_that_goes_quiet_resolves(make_settings: Callable[.
         worker.stop()
     states = [(a["state"], a["dimensions"].get("model")) for a in map(lambda m: json.loads(m.value()), got)]
     assert ("firing", "m-quiet") in states and ("resolved", "m-quiet") in states, states
+
+
+@pytest.mark.e2e
+def test_exit_flush_judges_rules_against_the_state_of_the_windows_owner(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    config = write_config(tmp_path / "llmpulse.yaml", make_settings(), rules_file=str(rules), worker__idle_close_s=120.0,
+                          worker__flush_open_windows_on_exit=True)  # fmt: skip
+    settings = settings_from(config)
+    bootstrap = settings.kafka.bootstrap_servers()
+    # the 2 s windows' rule state lives in another finalizer partition than 0
+    assert finalizer_partition("calls", 2, settings.kafka.partitions) != 0
+    now = int(datetime.now(UTC).timestamp())
+    t0 = datetime.fromtimestamp(now - now % 60 - 300, tz=UTC)
+    # six 2 s windows of 40 calls, 70% failing: the first fires critical, the others keep it firing
+    events = [
+        CallEvent(event_id=f"x{w}-{j}", ts=t0 + timedelta(seconds=w * 2, milliseconds=j * 40), model="m-a",
+                  status_code=500 if j < 28 else 200, error_type="upstream_5xx" if j < 28 else None)
+        for w in range(6) for j in range(40)
+    ]  # fmt: skip
+    worker = Component(config, "worker", log=tmp_path / "w.log").start()
+    try:
+        produce(bootstrap, settings.kafka.topic("calls"), [("m-a", encode_batch(events))])
+        read_messages(bootstrap, settings.kafka.topic("alerts"), timeout=90,
+                      until=lambda ms: any(b'"critical"' in m.value() for m in ms))  # fmt: skip
+    finally:
+        assert worker.stop() == 0  # a clean stop: the windows still open (6-12 s) are flushed
+    last_start = (t0 + timedelta(seconds=10)).isoformat().replace("+00:00", "Z")
+    latest = latest_aggregates(
+        bootstrap, settings.kafka.topic("aggregates"), timeout=30,
+        until=lambda lat: (last_start, 40) in {(a["window_start"], a["requests"]) for a in lat.values()
+                                               if a["window_s"] == 2 and a["dims_key"] == "model=m-a"},
+    )  # fmt: skip
+    assert sum(a["requests"] for a in latest.values() if a["window_s"] == 2 and a["dims_key"] == "model=m-a") == 240
+    alerts = [json.loads(m.value()) for m in read_messages(bootstrap, settings.kafka.topic("alerts"), timeout=15,
+                                                           until=lambda ms: False)]  # fmt: skip
+    # judged with the owner's state the flushed windows change nothing; with another
+    # partition's (no state) the incident would fire again as a new alert
+    assert [(a["state"], a["severity"]) for a in alerts] == [("firing", "critical")], alerts
