@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import time
+import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 
 from llmpulse.analysis.client import query
 from llmpulse.config import Settings
+from llmpulse.embedded.ports import free_port
 from llmpulse.errors import LLMPulseError
 from llmpulse.schemas import CallEvent, encode, encode_batch
 from tests.kafkatools import produce
@@ -56,10 +59,19 @@ def truth(events: list[CallEvent], window_s: int) -> dict[tuple[str, int], tuple
     return {k: (v[0], v[1], v[2]) for k, v in acc.items()}
 
 
+def worker_duplicates(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith('llmpulse_worker_duplicates_total{kind="calls"}'))  # fmt: skip
+
+
 @pytest.mark.e2e
 def test_slice_counts_every_event_once(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
     base = make_settings()
-    config = write_config(tmp_path / "llmpulse.yaml", base)
+    worker_port = free_port()
+    # the replay below comes minutes after its windows closed: recognised within an hour
+    config = write_config(tmp_path / "llmpulse.yaml", base, worker__dedup_horizon_s=3600.0, worker__web_port=worker_port)
     settings = settings_from(config)
     sink = Component(config, "sink", log=tmp_path / "sink.log").start()
     worker = Component(config, "worker", log=tmp_path / "worker.log").start()
@@ -127,12 +139,15 @@ def test_slice_counts_every_event_once(make_settings: Callable[..., Settings], t
         assert query(settings, "SELECT count() FROM llmpulse.llm_calls FINAL WHERE model != 'sentinel-model'").rows == [[N]]
         got_after = query(settings, sql10).rows
         assert {(m, int(t)): (r, e, tok) for m, t, r, e, tok in got_after} == want10
+        # every replayed event was recognised as a copy by its event_id: dropped, counted, not late
+        deadline = time.monotonic() + 60
+        while worker_duplicates(worker_port) < N and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert worker_duplicates(worker_port) == N
         late = query(settings, "SELECT count() FROM llmpulse.deadletter FINAL WHERE kind = 'late'").rows
-        assert late[0][0] == N  # every replayed event was recognised as late, none counted
+        assert late[0][0] == 0
 
         # the sink's own health on /metrics: INSERT latency and batch sizes per table
-        import urllib.request
-
         from prometheus_client.parser import text_string_to_metric_families
 
         from llmpulse.embedded.store import store_owner

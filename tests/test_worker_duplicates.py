@@ -25,6 +25,7 @@ import pytest
 from llmpulse.config import Settings
 from llmpulse.embedded.ports import free_port
 from llmpulse.schemas import CallEvent, Feedback, GpuSample, encode, encode_batch
+from llmpulse.schemas.host import HostSample
 from llmpulse.streams.accumulators import NANO
 from llmpulse.streams.dedup import SeenIds, chunk_key_parse, chunk_key_text
 from llmpulse.streams.windowing import Partial, PartitionWindows
@@ -214,7 +215,7 @@ def test_persisted_ids_round_trip_and_a_crash_mid_persist_replays_exactly() -> N
     assert totals(r.close(now_wall=0, force=True).partials) == truth(events)
 
 
-def test_gpu_samples_and_feedback_are_deduplicated_by_their_ids() -> None:
+def test_gpu_host_samples_and_feedback_are_deduplicated_by_their_ids() -> None:
     g = PartitionWindows("gpu", "gpu:0", [10], 1.0, 5.0, [["host", "gpu"]])
     s = GpuSample(event_id="s1", ts=T0, host="h", gpu_index=0, utilization_gpu_pct=50.0)
     assert g.apply([(0, s), (1, s), (2, s.model_copy(update={"event_id": "s2"}))], now_wall=0).duplicates == 1
@@ -222,6 +223,10 @@ def test_gpu_samples_and_feedback_are_deduplicated_by_their_ids() -> None:
     fb = Feedback(event_id="f1", call_event_id="c1", ts=T0, relevance=4.0)
     assert f.apply([(0, fb), (1, fb)], now_wall=0).duplicates == 1
     assert [p.state["n"] for p in f.close(now_wall=0, force=True).partials] == [1]
+    h = PartitionWindows("host", "host:0", [10], 1.0, 5.0, [["host"]])
+    hs = HostSample(event_id="h1", ts=T0, host="h", cpu_pct=10.0, memory_used_bytes=1, memory_total_bytes=2,
+                    memory_used_pct=50.0)  # fmt: skip
+    assert h.apply([(0, hs), (1, hs)], now_wall=0).duplicates == 1
 
 
 # -- end to end: the real broker and `llmpulse worker` ------------------------------------------------
