@@ -4,17 +4,20 @@ The embedded broker (Tansu) keeps answering its open connections for about 5 s a
 SIGTERM, acknowledging produce requests, then exits with everything in memory. Events
 published in that window were counted as delivered and lost (measured: spool 0 bytes,
 no drop counted). Each test publishes through the real component (the proxy with the
-mock upstream; the SDK) to a real broker of its own, stops or stalls it, restarts it on
+mock upstream; the SDK; HTTP ingest) to a real broker of its own, stops or stalls it, restarts it on
 the same port, and requires every event accepted after the fault in Kafka afterwards,
 once per call (counted by `event_id`; duplicate messages are allowed: at least once).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,6 +28,7 @@ import llmpulse
 from llmpulse.config import Settings
 from llmpulse.embedded.broker import EmbeddedBroker
 from llmpulse.kafka.topics import ensure_topics
+from llmpulse.producers.ingest import start_ingest_thread
 from llmpulse.producers.spool import SpoolingPublisher
 from llmpulse.schemas import CallEvent, decode
 from llmpulse.sdk import background
@@ -220,3 +224,42 @@ def test_sdk_broker_sigterm_and_restart_loses_no_accepted_event(
             restarted.wait(10)
     _assert_each_once(events, users)
     assert stats.dropped == 0
+
+
+def test_ingest_broker_sigterm_and_restart_loses_no_acknowledged_event(
+    make_settings: Callable[..., Settings], own_broker: EmbeddedBroker
+) -> None:
+    """202 means Kafka acknowledged: those events must be there after the broker's restart
+    (a 503 is not an acceptance: the sender retries it)."""
+    settings = make_settings(**{"kafka.url": f"kafka://{own_broker.bootstrap}", "ingest.delivery_timeout_s": 3})
+    ensure_topics(own_broker.bootstrap, settings.kafka)
+    topic = settings.kafka.topic("calls")
+    server = start_ingest_thread(settings, port=0, token="")
+    restarted: subprocess.Popen[bytes] | None = None
+    accepted: set[str] = set()
+
+    def post(user: str) -> None:
+        body = json.dumps({"event_id": f"ing-{user}", "model": "gpt-4o", "user": user, "latency_ms": 5}).encode()
+        req = urllib.request.Request(server.url + "/ingest/calls", data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                if resp.status == 202:
+                    accepted.add(user)
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503, exc.read()
+
+    try:
+        post("before-0")
+        _sigterm_and_wait_exit(own_broker, lambda i: post(f"down-{i}"), calls=20, every_s=0.3)
+        time.sleep(4)
+        restarted = _restart(own_broker, settings)
+        post("after-0")
+        during = {u for u in accepted if u != "before-0"}
+        assert any(u.startswith("down-") for u in during), "no call was acknowledged while the broker stopped"
+        events = _events(own_broker.bootstrap, topic, during)
+    finally:
+        server.stop()
+        if restarted is not None:
+            restarted.terminate()
+            restarted.wait(10)
+    _assert_each_once(events, during)

@@ -32,9 +32,11 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -64,12 +66,24 @@ class BrokerUnavailable(Exception):
 
 
 class KafkaSender:
-    """A confluent-kafka producer whose sends can be awaited until the broker acknowledges them."""
+    """A confluent-kafka producer whose sends can be awaited until the broker acknowledges them.
 
-    def __init__(self, conf: dict[str, Any]) -> None:
-        from confluent_kafka import Producer
+    An acknowledgement answers 202, yet a broker that goes down just after may have lost the
+    message (the embedded one acknowledges for ~5 s after SIGTERM, then exits with them). With
+    `spool_dir`, messages acknowledged within `hold_s` before all brokers went down are handed
+    to a SpoolingPublisher (disk spool, replayed when a broker answers): at least once."""
 
-        self._p = Producer(conf)
+    def __init__(self, conf: dict[str, Any], spool_dir: Path | None = None, hold_s: float = 0.0) -> None:
+        from confluent_kafka import KafkaError, Producer
+
+        from llmpulse.producers.spool import AckHold, SpoolingPublisher
+
+        self._hold = AckHold(hold_s if spool_dir is not None else 0.0)
+        self._resend: SpoolingPublisher | None = None
+        if spool_dir is not None:
+            self._resend = SpoolingPublisher(conf, spool_dir, delivery_timeout_s=max(hold_s, 1.0), component="ingest")
+        self._all_down = KafkaError._ALL_BROKERS_DOWN
+        self._p = Producer({**conf, "error_cb": self._on_error})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="llmpulse-ingest-poll", daemon=True)
         self._thread.start()
@@ -77,6 +91,18 @@ class KafkaSender:
     def _poll(self) -> None:
         while not self._stop.is_set():
             self._p.poll(0.05)
+            if len(self._hold):
+                self._hold.expire(time.monotonic())
+
+    def _on_error(self, err: Any) -> None:
+        if err.code() != self._all_down or self._resend is None or self._stop.is_set():
+            return
+        items = self._hold.take_recent()
+        if items:
+            log.warning("Kafka went down within %.0f s of acknowledging %d messages: spooling them again",
+                        self._hold.hold_s, len(items))
+        for topic, key, value in items:
+            self._resend.publish_raw(topic, value, key)
 
     async def send(self, topic: str, value: bytes, key: str | None, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -90,7 +116,9 @@ class KafkaSender:
             else:
                 f.set_exception(BrokerUnavailable(str(err)))
 
-        def on_delivery(err: Any, _msg: Any) -> None:
+        def on_delivery(err: Any, msg: Any) -> None:
+            if err is None:
+                self._hold.add((msg.topic(), msg.key(), msg.value() or b""))
             loop.call_soon_threadsafe(done, fut, err)
 
         try:
@@ -108,6 +136,8 @@ class KafkaSender:
         self._p.flush(timeout)
         self._stop.set()
         self._thread.join(1.0)
+        if self._resend is not None:
+            self._resend.close(timeout)
 
 
 _PRODUCER = web.AppKey("producer", KafkaSender)
@@ -384,7 +414,9 @@ class IngestServer:
         bootstrap = self.bootstrap or resolve_bootstrap(self.settings)
         timeout_ms = int(self.settings.ingest.delivery_timeout_s * 1000)
         self._sender = KafkaSender(
-            producer_settings(bootstrap, self.settings.kafka, **{"linger.ms": 2, "message.timeout.ms": timeout_ms})
+            producer_settings(bootstrap, self.settings.kafka, **{"linger.ms": 2, "message.timeout.ms": timeout_ms}),
+            Path(self.settings.data_dir) / "spool" / "ingest",
+            hold_s=max(self.settings.ingest.delivery_timeout_s, 10.0),  # the embedded broker answers ~5 s after SIGTERM
         )
         self._runner = web.AppRunner(make_app(self.settings, self._sender, self.token), access_log=None)
         await self._runner.setup()

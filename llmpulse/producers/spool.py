@@ -263,6 +263,48 @@ class MemorySpool:
         pass
 
 
+class AckHold:
+    """Acknowledged messages kept for `hold_s` after their ack (at most `max_bytes`).
+
+    A broker that goes down soon after acknowledging may have lost them (see the module
+    docstring); ``take_recent()`` gives back those acknowledged within `hold_s`. Not
+    thread-safe: one thread (the one serving delivery reports) uses it."""
+
+    def __init__(self, hold_s: float, max_bytes: int = 64 << 20) -> None:
+        self.hold_s = hold_s
+        self.max_bytes = max_bytes
+        self._items: deque[tuple[float, Item]] = deque()
+        self._bytes = 0
+        self._warned = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, item: Item) -> None:
+        if self.hold_s <= 0:
+            return
+        now = time.monotonic()
+        self._items.append((now, item))
+        self._bytes += len(item[2])
+        self.expire(now)
+
+    def expire(self, now: float) -> None:
+        items, horizon = self._items, now - self.hold_s
+        while items and (items[0][0] < horizon or self._bytes > self.max_bytes):
+            if items[0][0] >= horizon and not self._warned:
+                self._warned = True
+                log.warning("more than %d bytes acknowledged within %.0f s: the oldest are released early",
+                            self.max_bytes, self.hold_s)
+            self._bytes -= len(items.popleft()[1][2])
+
+    def take_recent(self) -> list[Item]:
+        horizon = time.monotonic() - self.hold_s
+        out = [item for acked, item in self._items if acked >= horizon]
+        self._items.clear()
+        self._bytes = 0
+        return out
+
+
 class SpoolingPublisher:
     """Non-blocking Kafka publisher with a bounded queue and a disk spool for broker outages."""
 
@@ -301,11 +343,7 @@ class SpoolingPublisher:
         self._lock = threading.Lock()
         self._spool: SpoolFile | MemorySpool = SpoolFile(spool_dir) if spool_dir is not None else MemorySpool()
         # acknowledged messages kept until the broker has stayed up `hold_s` after their ack
-        self._hold: deque[tuple[float, Item]] = deque()
-        self._hold_bytes = 0
-        self._hold_s = delivery_timeout_s if hold_s is None else hold_s
-        self._hold_max = hold_max_bytes
-        self._hold_full_warned = False
+        self._hold = AckHold(delivery_timeout_s if hold_s is None else hold_s, hold_max_bytes)
         self._up = True
         self._next_probe = 0.0
         self._stopping = threading.Event()
@@ -391,32 +429,14 @@ class SpoolingPublisher:
 
     def _resend_held(self) -> None:
         """Spool again what the broker acknowledged within `hold_s`: it may have gone with the broker."""
-        horizon = time.monotonic() - self._hold_s
-        items = [item for acked, item in self._hold if acked >= horizon]
-        self._hold.clear()
-        self._hold_bytes = 0
+        items = self._hold.take_recent()
         if items:
             log.warning(
                 "Kafka went down within %.0f s of acknowledging %d messages: spooling them again (at least once)",
-                self._hold_s, len(items),
+                self._hold.hold_s, len(items),
             )
             self.stats.resent += len(items)
             self._spool_items(items)
-
-    def _hold_acked(self, item: Item) -> None:
-        now = time.monotonic()
-        self._hold.append((now, item))
-        self._hold_bytes += len(item[2])
-        self._expire_held(now)
-
-    def _expire_held(self, now: float) -> None:
-        hold, horizon = self._hold, now - self._hold_s
-        while hold and (hold[0][0] < horizon or self._hold_bytes > self._hold_max):
-            if hold[0][0] >= horizon and not self._hold_full_warned:
-                self._hold_full_warned = True
-                log.warning("more than %d bytes acknowledged within %.0f s: the oldest are released early",
-                            self._hold_max, self._hold_s)
-            self._hold_bytes -= len(hold.popleft()[1][2])
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is None:
@@ -426,8 +446,7 @@ class SpoolingPublisher:
             self.stats.delivered_events += n
             if _METRICS:
                 EVENTS_OUT.labels(self.component, msg.topic()).inc(n)
-            if self._hold_s > 0:
-                self._hold_acked((msg.topic(), msg.key(), value))
+            self._hold.add((msg.topic(), msg.key(), value))
             return
         self.stats.failed_deliveries += 1
         code = err.code()
@@ -536,7 +555,7 @@ class SpoolingPublisher:
                     self._probe()
                 self._producer.poll(0 if busy else 0.02)
                 if self._hold:
-                    self._expire_held(time.monotonic())
+                    self._hold.expire(time.monotonic())
             except Exception:  # the publisher thread must not die
                 log.exception("publisher loop error")
                 time.sleep(0.1)
