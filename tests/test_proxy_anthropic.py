@@ -112,7 +112,7 @@ def test_anthropic_sdk_calls_land_in_clickhouse_with_cache_tokens_ttft_cost_and_
                 f"SELECT {COLUMNS} FROM llmpulse.llm_calls FINAL WHERE app = 'claude-app' ORDER BY ts",
                 lambda r: len(r) >= 7,
             )
-            dump = wait_for(settings, "SELECT * FROM llmpulse.llm_calls FORMAT TSV", lambda r: len(r) >= 7)
+            dump = wait_for(settings, "SELECT * FROM llmpulse.llm_calls FINAL", lambda r: len(r) >= 7)
         finally:
             sink.stop()
         key_hash = KeyHasher(load_secret(s.settings.data_dir)).hash(API_KEY)
@@ -161,7 +161,7 @@ def test_anthropic_sdk_calls_land_in_clickhouse_with_cache_tokens_ttft_cost_and_
     assert m["prompt_tokens"] == prompt_tokens_of({"messages": MESSAGES}) and m["ttft_ms"] is not None
 
     # the raw key is nowhere: not in a stored row, not in the proxy's or the sink's logs
-    assert API_KEY not in "\n".join("\t".join(map(str, r)) for r in dump)
+    assert len(dump) == 7 and API_KEY not in "\n".join("\t".join(map(str, r)) for r in dump)
     assert API_KEY not in caplog.text and API_KEY not in (tmp_path / "sink.log").read_text()
 
 
