@@ -209,6 +209,12 @@ def test_routing_by_prefix_and_model_pattern_provider_and_proxy_errors_in_anthro
                 model="claude-3-5-haiku-latest", max_tokens=32, messages=MESSAGES,
                 extra_headers={"x-mock-status": "401", "X-LLMPulse-User": "unauth"},
             )
+        with pytest.raises(anthropic.APIStatusError) as overloaded:  # asked to stream, refused before it began
+            client.messages.create(
+                model="claude-3-5-haiku-latest", max_tokens=32, messages=MESSAGES, stream=True,
+                extra_headers={"x-mock-status": "529", "X-LLMPulse-User": "stream-529"},
+            )
+        assert overloaded.value.status_code == 529
         curl = urllib.request.Request(  # as the curl snippet of docs/anthropic.md
             s.proxy.url + "/v1/messages", method="POST",
             data=json.dumps({"model": "claude-haiku-4-5", "max_tokens": 32, "messages": MESSAGES}).encode(),
@@ -218,8 +224,10 @@ def test_routing_by_prefix_and_model_pattern_provider_and_proxy_errors_in_anthro
         reply = json.loads(urllib.request.urlopen(curl, timeout=10).read())
         assert reply["type"] == "message" and reply["usage"]["output_tokens"] == 16
         assert {k.lower(): v for k, v in s.mock.stats.last_headers.items()}["x-api-key"] == API_KEY
-        events = _by_user(pub, 5)
+        events = _by_user(pub, 6)
     haiku, opus, unrouted, unauth, raw = (events[u] for u in ("haiku", "opus", "unrouted", "unauth", "raw"))
+    refused = events["stream-529"]
+    assert (refused.status_code, refused.error_type, refused.streamed, refused.ttft_ms) == (529, "overloaded_error", False, None)
 
     assert (haiku.provider, haiku.operation, haiku.cost_usd is not None) == ("anthropic", "chat", True)
     assert haiku.cost_usd == pytest.approx(price_call("claude-3-5-haiku-latest", haiku.prompt_tokens, 16))
