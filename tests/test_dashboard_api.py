@@ -286,6 +286,11 @@ def test_query_endpoint_is_read_only_and_limited(dash: Dash, served: Served) -> 
                 "ALTER TABLE llmpulse.llm_calls DELETE WHERE 1"):  # fmt: skip
         code, body, _ = dash.get("/api/query", data=json.dumps({"sql": sql}).encode(), headers={"Content-Type": "application/json"})
         assert code == 403 and "read-only" in body["error"], body
+    # only llmpulse's tables (every attack on every path: tests/test_query_guard.py)
+    for sql, reason in (("SELECT * FROM file('/etc/passwd', 'LineAsString')", "table function file()"),
+                        ("SELECT name FROM system.users", "table system.users is not readable")):  # fmt: skip
+        code, body, _ = dash.get("/api/query", data=json.dumps({"sql": sql}).encode())
+        assert code == 403 and reason in body["error"] and "root:" not in json.dumps(body), body
     code, body, _ = dash.get("/api/query?sql=SELECT+count()+FROM+llmpulse.llm_calls+FINAL")
     assert code == 200 and body["rows"] == [[N]]
     limit = served.settings.dashboard.query_max_rows

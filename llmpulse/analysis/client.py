@@ -1,4 +1,9 @@
-"""Run a read-only query wherever the data is: through the store's owner, or directly."""
+"""Run a read-only query wherever the data is: through the store's owner, or directly.
+
+Either way `readonly.run_readonly` checks and limits it where the store is open (in the
+owner for the embedded store), so no path skips the guard; a refusal from the owner keeps
+its kind and HTTP status (QueryRefused, 403 or 400).
+"""
 
 from __future__ import annotations
 

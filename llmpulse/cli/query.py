@@ -15,9 +15,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "query",
         help="run read-only SQL against the llmpulse tables",
-        description="Run read-only SQL (enforced by ClickHouse's readonly mode) against database "
-        "llmpulse. With the embedded store it goes through the running sink when `up` runs, "
-        "and opens the store directly otherwise.",
+        description="Run one read-only SELECT against database llmpulse. It may read llmpulse's "
+        "tables and system.one, tables, columns and parts, and nothing else: no table functions "
+        "(file, url, remote, s3 ...), no INTO OUTFILE, no SETTINGS; it runs with ClickHouse's "
+        "readonly mode and the limits clickhouse.query_max_* (rows and bytes read, memory, time). "
+        "A refusal exits 1 with the reason. With the embedded store it goes through the running "
+        "sink when `up` runs, and opens the store directly otherwise.",
     )
     p.add_argument("sql", help='e.g. "SELECT model, count() FROM llmpulse.llm_calls FINAL GROUP BY model"')
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
