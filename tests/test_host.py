@@ -7,6 +7,9 @@ simulated NVML): the sampler, publisher, broker, worker, sink and store are the 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,6 +117,23 @@ def test_host_resources_off() -> None:
     settings = load_settings(None, environ={}, overrides={"gpu.host_resources": False})
     sampler = GpuSampler.from_settings(settings, None, lambda *_: None)
     assert sampler.host_reader is None and sampler.sample_once() == []
+
+
+def test_cli_host_only_prints_this_hosts_samples(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPULSE_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmpulse", "gpu", "--host-only", "--dry-run", "--rounds", "2", "--interval", "0.1"],
+        capture_output=True, text=True, timeout=60, env=env, cwd=str(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2
+    samples = [HostSample.model_validate_json(line) for line in lines]
+    assert samples[0].memory_total_bytes == psutil.virtual_memory().total and samples[0].load1 is not None
+    assert "and the host's CPU, memory and load" in proc.stderr and "GpuSample" not in proc.stdout
+    both = subprocess.run([sys.executable, "-m", "llmpulse", "gpu", "--host-only", "--no-host"],
+                          capture_output=True, text=True, timeout=60, env=env, cwd=str(tmp_path))  # fmt: skip
+    assert both.returncode != 0 and "exclude each other" in both.stderr
 
 
 @pytest.mark.e2e
