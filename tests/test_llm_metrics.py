@@ -111,6 +111,7 @@ def test_windows_count_once_and_revisions_add_only_their_increase() -> None:
     assert s[("gen_ai_client_token_usage_sum", series({**GPT, "gen_ai_token_type": "input"}))] == 140
     assert s[("llmpulse_gen_ai_cost_usd_total", series(GPT))] == pytest.approx(0.014)
     assert m.applied == 2 and m.skipped == 2
+    assert s[("llmpulse_gen_ai_window_end_timestamp_seconds", ())] == T0.timestamp() + 10
 
 
 def test_a_later_revision_of_a_window_never_seen_adds_nothing_until_it_grows() -> None:

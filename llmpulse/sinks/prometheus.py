@@ -12,6 +12,7 @@ worker aggregates that set; every call is in exactly one of those windows).
     gen_ai_client_operation_time_to_first_chunk_seconds   histogram (streamed calls with a TTFT)
     gen_ai_client_token_usage{gen_ai_token_type="input"|"output"}   histogram, sum and count only
     llmpulse_gen_ai_requests_total, llmpulse_gen_ai_errors_total{error_type}, llmpulse_gen_ai_cost_usd_total
+    llmpulse_gen_ai_window_end_timestamp_seconds   gauge: end of the newest window counted (freshness)
 
 Labels follow the conventions' attribute names: model -> gen_ai_request_model, provider ->
 gen_ai_provider_name, app -> service_name, operation -> gen_ai_operation_name, user -> user_id,
@@ -45,7 +46,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
 from llmpulse.config import Settings
@@ -235,8 +241,13 @@ class LlmMetrics(Collector):
         requests = CounterMetricFamily("llmpulse_gen_ai_requests", "LLM calls", labels=names)
         errors = CounterMetricFamily("llmpulse_gen_ai_errors", "Failed LLM calls by error type", labels=[*names, "error_type"])
         cost = CounterMetricFamily("llmpulse_gen_ai_cost_usd", "Cost of LLM calls in USD (price table)", labels=names)
+        newest = GaugeMetricFamily(
+            "llmpulse_gen_ai_window_end_timestamp_seconds",
+            "End of the newest window counted into the gen_ai metrics (0: none yet); now minus this is their delay",
+        )  # fmt: skip
         with self._lock:
             items = [(k, _copy(f)) for k, f in self.series.items()]
+            newest.add_metric([], self.newest_end_s)
         for key, f in items:
             values = list(key)
             duration.add_metric(values, _buckets(f.latency_hist, LATENCY_BUCKETS_S), f.latency_sum_ms / 1000)
@@ -247,7 +258,7 @@ class LlmMetrics(Collector):
             for t, n in sorted(f.errors.items()):
                 errors.add_metric([*values, t], float(n))
             cost.add_metric(values, f.cost_nano / NANO)
-        yield from (duration, ttft, tokens, requests, errors, cost)
+        yield from (duration, ttft, tokens, requests, errors, cost, newest)
 
 
 def _copy(f: Figures) -> Figures:
