@@ -39,7 +39,8 @@ def check_where_everything_is(log: Path, data_dir: Path) -> None:
     assert shown["dashboard"] == f"{dashboard}/"
     assert shown["query"] == f"{query_url}/query (what `llmpulse query` uses)"
     proxy = shown["proxy"].split()[0].removesuffix("/v1")
-    assert shown["proxy"] == f"{proxy}/v1 (an OpenAI client's base_url)" and runtime["proxy"] == proxy
+    assert shown["proxy"] == f"{proxy}/v1 (an OpenAI client's base_url; an Anthropic client's: {proxy})"
+    assert runtime["proxy"] == proxy
     ingest = shown["ingest"].split("/ingest/calls")[0]
     assert shown["ingest"] == f"{ingest}/ingest/calls, OTLP {ingest}/v1/traces" and runtime["ingest"] == ingest
     assert shown["metrics"] == (f"{dashboard}/metrics (dashboard), {query_url}/metrics (sink), "

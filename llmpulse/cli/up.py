@@ -211,7 +211,8 @@ def where_everything_is(
     if (d := shown("dashboard", dashboard)) is not None:
         lines.append(f"  dashboard: {d}/" if d == dashboard else f"  dashboard: {d}")
     if proxy_url and (p := shown("proxy", proxy_url)) is not None:
-        lines.append(f"  proxy:     {p}/v1 (an OpenAI client's base_url)" if p == proxy_url else f"  proxy:     {p}")
+        lines.append(f"  proxy:     {p}/v1 (an OpenAI client's base_url; an Anthropic client's: {p})"
+                     if p == proxy_url else f"  proxy:     {p}")  # fmt: skip
     if (i := shown("ingest", ingest_url)) is not None:
         lines.append(f"  ingest:    {i}/ingest/calls, OTLP {i}/v1/traces" if i == ingest_url else f"  ingest:    {i}")
     if not embedded:

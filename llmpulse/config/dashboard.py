@@ -2,7 +2,9 @@
 
 The bearer token is a secret, so it is not a key here: set LLMPULSE_SECRET_DASHBOARD_TOKEN
 and every request must carry `Authorization: Bearer <token>` (a browser opens
-`/?token=<token>` once and gets a cookie).
+`/?token=<token>` once and gets a cookie). Without the token the dashboard serves loopback
+only: a `host` other than 127.0.0.0/8, ::1 or localhost stops it at start
+(`llmpulse.analysis.api.DashboardServer`), since anyone reaching the port would read every call.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ TOKEN_ENV = "LLMPULSE_SECRET_DASHBOARD_TOKEN"
 
 
 class DashboardConfig(Section):
-    host: str = Field(default="127.0.0.1", description="address to listen on (0.0.0.0 for every interface)")
+    host: str = Field(
+        default="127.0.0.1",
+        description="address to listen on (0.0.0.0 for every interface: then LLMPULSE_SECRET_DASHBOARD_TOKEN is required)",
+    )
     port: Annotated[int, Field(ge=0, le=65535)] = Field(default=8080, description="0 picks a free port")
     query_max_rows: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
         default=5_000, description="row limit of /api/query (and of clickhouse.query_max_rows, whichever is lower)"
