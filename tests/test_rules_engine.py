@@ -167,9 +167,12 @@ def test_per_key_rate_from_the_default_rules() -> None:
     assert r.feed(calls(0, 100, dims=key_a)) == []  # exactly 100 a minute is allowed
     [a] = r.feed(calls(1, 150, dims=key_a))
     assert (a.rule, a.severity, a.value, a.threshold) == ("key_rate", "warning", 150, 100)
+    # a count a minute is a rate: 150 against 100 is P(X >= 150 | Poisson 100) = 1.9e-6 (issue 14)
     assert a.summary == (
-        f"requests 150 > 100 (warning) for api_key_hash={'a' * 16} in 60 s window ending 12:02:00 UTC"
+        f"requests 150 > 100 [count 150, p=1.9e-06] (warning) for api_key_hash={'a' * 16}"
+        " in 60 s window ending 12:02:00 UTC"
     )
+    assert r.feed(calls(0, 106, dims=key_b)) == []  # 106 against 100: P = 0.29, no evidence
     assert r.feed(calls(1, 99, dims=key_b)) == []
     [c] = r.feed(calls(2, 1000, dims=key_a))
     assert (c.severity, c.threshold) == ("critical", 300)

@@ -163,3 +163,27 @@ def test_daily_peak_is_not_an_anomaly_but_twice_the_peak_is() -> None:
     assert float((a.evidence or {})["p_value"]) < 1e-20
     assert a.expected_low is not None and a.expected_high is not None
     assert a.expected_low < a.baseline < a.expected_high < 1.5 * a.baseline
+
+
+def test_sums_use_a_scaled_poisson_as_skewed_as_few_calls() -> None:
+    from llmpulse.streams.rules.baseline import Expectation, Observation
+    from llmpulse.streams.rules.evidence import anomaly_test
+    from llmpulse.streams.rules.model import AnomalyRule
+
+    rule = AnomalyRule(name="cost", metric="cost_usd")
+    # baseline: mean $10 a window, variance 20 -> dispersion c = 20 / 10 = 2 ($ per unit);
+    # this window: $40 over 100 calls ($0.4 a call < c). In units: 40 / 2 = 20 against 10 / 2 = 5:
+    # P(X >= 20 | Poisson 5) = 1 - e^-5 sum_{i<20} 5^i / i! = 3.5e-7 (a normal tail would say
+    # (40 - 10) / sqrt(20) = 6.7 sd: 1e-11, far too sure for a skewed sum)
+    p, _, _, ev = anomaly_test(
+        rule, Observation(40.0), Expectation(10.0, 20.0, 100, 0, "seasonal"),
+        agg(0, requests=100, cost_usd=40.0),
+    )  # fmt: skip
+    exact = 1 - math.exp(-5) * sum(5**i / math.factorial(i) for i in range(20))
+    assert p == pytest.approx(exact, rel=1e-6) and 3e-7 < p < 4e-7
+    assert ev["test"] == "scaled_poisson" and ev["dispersion"] == 2.0
+    # one call's size floors the dispersion: 4 calls of $10 -> c = 10, 4 units against 1
+    p1, *_ = anomaly_test(
+        rule, Observation(40.0), Expectation(10.0, 20.0, 100, 0, "seasonal"), agg(0, requests=4, cost_usd=40.0)
+    )
+    assert p1 == pytest.approx(poisson_sf(4, 1.0)) and p1 > 0.01

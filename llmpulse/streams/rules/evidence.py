@@ -20,8 +20,11 @@ Thresholds, by metric:
 - percentiles: the distribution-free order-statistic bound: the q-quantile is above the
   level with confidence when the sample quantile at rank ``q - z sqrt(q (1 - q) / n)`` is,
   read off the window's p50/p95/p99 by linear interpolation (from 0 at rank 0);
-- counts, sums and GPU figures (requests per key, tokens, GPU utilisation): the window's
-  value is the measured quantity itself, not an estimate: judged as is.
+- counts per window (requests per key, errors): a rate of calls a window, so an exact
+  Poisson test of the count against the level (a key averaging 90 calls a minute shows
+  106 in some minute; 130 against 100 is P = 0.002);
+- sums and GPU/host figures (tokens, cost, GPU utilisation): the window's value is the
+  measured quantity itself, not an estimate: judged as is.
 Without the data for a bound (no quantiles), the point value is judged.
 """
 
@@ -41,6 +44,8 @@ from llmpulse.streams.rules.stats import (
     count_sf,
     norm_quantile,
     norm_sf,
+    poisson_cdf,
+    poisson_sf,
     wilson_bounds,
 )
 
@@ -180,7 +185,8 @@ def judge_threshold(rule: ThresholdRule, agg: WindowAggregate) -> Verdict:
         levels.append(("warning", rule.warning))
     band: tuple[float | None, float | None] = (None, shown) if above else (shown, None)
     conf = rule.confidence
-    if conf is None or rule.kind == "gpu" or rule.metric not in (RATE_METRICS | set(PERCENTILES) | {"latency_avg_ms", "relevance_avg"}):
+    judged_on_evidence = RATE_METRICS | COUNT_METRICS | set(PERCENTILES) | {"latency_avg_ms", "relevance_avg"}
+    if conf is None or rule.kind in ("gpu", "host") or rule.metric not in judged_on_evidence:
         for sev, lvl in levels:
             if (v > lvl) if above else (v < lvl):
                 return Verdict(sev, v, lvl, None, True, *band)
@@ -197,6 +203,17 @@ def judge_threshold(rule: ThresholdRule, agg: WindowAggregate) -> Verdict:
             if breach:
                 lo, hi = wilson_bounds(k, n, z_of(conf))
                 ev.update({"p_value": p, "bound": lo if above else hi})
+                return Verdict(sev, v, lvl, None, True, *band, evidence=ev)
+        return Verdict(None, v, shown, None, True, *band, evidence=ev)
+    if rule.metric in COUNT_METRICS:
+        k = round(v)
+        ev = {"count": k, "confidence": conf}
+        for sev, lvl in levels:
+            if not ((v > lvl) if above else (v < lvl)):
+                continue
+            p = poisson_sf(k, lvl) if above else poisson_cdf(k, lvl)
+            if p < alpha:
+                ev["p_value"] = p
                 return Verdict(sev, v, lvl, None, True, *band, evidence=ev)
         return Verdict(None, v, shown, None, True, *band, evidence=ev)
     z = z_of(conf)
@@ -224,9 +241,10 @@ def anomaly_test(
 
     counts: negative binomial with the baseline's variance (Poisson when it is not
     overdispersed); rates: exact binomial against the baseline share's Wilson bound;
-    sums (cost, tokens) and the rest: a normal tail, for sums with the variance floored at
-    that of a compound Poisson sum of calls of this window's average size. Until a day of
-    history exists the spread is doubled (``rolling_fallback``).
+    sums (cost, tokens): a scaled Poisson (the sum in units of its dispersion ``var /
+    mean``, at least this window's cost of one call), whose right tail is as skewed as a
+    compound sum of few calls; the rest: a normal tail. Until a day of history exists the
+    spread is doubled (``rolling_fallback``).
     """
     above = rule.direction == "above"
     z = z_of(1.0 - rule.alpha)
@@ -250,15 +268,19 @@ def anomaly_test(
         p = count_sf(k, mean, var) if above else count_cdf(k, mean, var)
         test = "poisson" if var <= mean * (1 + 1e-9) else "negative_binomial"
         ev.update({"count": k})
+    elif rule.metric in SUM_METRICS and mean > 0:
+        # a sum of calls' costs or tokens is right-skewed (few calls, mixed models): a scaled
+        # (quasi-)Poisson with dispersion c = var / mean, at least one call's size
+        volume = max(1, agg.requests)
+        c = max(var / mean, obs.value / volume, 1e-12) * widen * widen
+        var = c * mean
+        k = int(obs.value / c)
+        p = poisson_sf(k, mean / c) if above else poisson_cdf(k + 1, mean / c)
+        test = "scaled_poisson"
+        ev.update({"dispersion": c})
     else:
-        if rule.metric in SUM_METRICS:
-            volume = max(1, agg.requests)
-            var = max(var, abs(mean) * obs.value / volume)  # compound Poisson: lambda c^2 = mean c
-            test = "normal_compound_poisson"
-        else:
-            var = max(var, (0.01 * mean) ** 2)
-            test = "normal"
-        var *= widen * widen
+        var = max(var, (0.01 * mean) ** 2) * widen * widen
+        test = "normal"
         sd = math.sqrt(var)
         if sd <= 0:
             p = 0.0 if (obs.value > mean if above else obs.value < mean) else 1.0
