@@ -142,3 +142,19 @@ def rss_mb(pid: int) -> float:
     except OSError:
         pass
     return 0.0
+
+
+def calibration() -> dict[str, float]:
+    """How fast this machine runs Python right now, recorded beside a result so figures
+    from different machines, or from one machine under different load, can be compared:
+    `calibration_ms` is the best of 3 runs of a fixed pure-Python loop (a result measured
+    at twice another's calibration_ms ran about half as fast for the same code),
+    `load_average_1m` the machine's load when the benchmark started."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        acc = 0
+        for i in range(2_000_000):
+            acc += i * i % 7
+        best = min(best, time.perf_counter() - t0)
+    return {"calibration_ms": round(best * 1000, 1), "load_average_1m": round(os.getloadavg()[0], 2)}

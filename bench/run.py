@@ -17,7 +17,10 @@ HERE = Path(__file__).resolve().parent
 
 def main() -> int:
     if len(sys.argv) < 2:
-        names = sorted(p.stem for p in HERE.glob("*.py") if p.stem not in ("run", "__init__", "common"))
+        names = sorted(
+            p.stem for p in HERE.glob("*.py")
+            if p.stem not in ("run", "__init__", "common") and "\ndef main(" in p.read_text()
+        )  # fmt: skip
         print(f"usage: python bench/run.py NAME   (one of: {', '.join(names)})")
         return 2
     name = sys.argv[1]
@@ -29,6 +32,7 @@ def main() -> int:
     spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     sys.argv = [str(path), *sys.argv[2:]]
     figures = module.main()

@@ -1,0 +1,457 @@
+"""Detection benchmark: do the rules catch labelled incidents, name what is at fault, and
+stay quiet otherwise? Issue 14, part 7.
+
+    python bench/run.py detection [--days 3] [--seed 1] [--incidents 12] [--rules FILE]
+                                  [--rate 4.0] [--start-hour 0] [--window-s 60]
+
+A short check (6 hours around the afternoon peak, 6 incidents, one of each kind; about
+80k events, minutes on a loaded 2-core machine):
+
+    python bench/run.py detection --days 0.25 --start-hour 11 --incidents 6
+
+What it does: writes its own labelled workload (bench/detection_workload.py: days of
+ordinary traffic on a daily curve with noise and background errors, plus incidents of
+6 kinds on one model, app, API key or GPU each; `--seed` moves the incidents' times,
+kinds and targets and redraws the noise), and replays it in event time through the real
+worker: one event per Kafka message (as a user's own producer sends them) to a real
+embedded Tansu broker, `llmpulse worker` with the shipped rules (llmpulse/defaults/
+rules.yaml) or `--rules FILE`, the worker's default config otherwise. It reads every
+alert from the alerts topic and scores them against the labels. No sink or notifier
+runs: what the notifier would send is computed from the alert stream with the notifier's
+own grouping (llmpulse/sinks/notifier/grouping.py's Dispatcher and the default `notify`
+routes), its clock driven by event time (an alert "arrives" at its window's end), so
+group_wait, group_interval and repeat_interval count simulated seconds.
+
+Keys of bench/results/detection.json (W = `--window-s`, the rules' window, 60 s):
+  recall                      share of incidents with a firing alert that names the
+                              dimension at fault (the alert's dimensions hold it, or its
+                              root_cause does) on one of the first 2 windows of the
+                              incident: window_end <= incident start, floored to W, + 2 W
+  recall_<kind>               the same per incident kind
+  incidents, incidents_<kind>, incidents_at_peak (starting 13:30-16:00 UTC)
+  missed                      the incidents not recalled ("#n kind on dim=value ...")
+  detect_p50_s, detect_max_s  over recalled incidents: the first naming alert's
+                              window_end minus the incident's start (event time)
+  false_alerts                firing alert episodes (fingerprint + started_at; an
+                              escalation is the same episode) that started outside every
+                              incident: before its start floored to W, or at/after its
+                              end rounded up to W plus 2 W (the tolerance for rules that
+                              need a window or two to clear)
+  false_alerts_per_day        false_alerts / days
+  false_alerts_<rule>         false_alerts by rule
+  notifications               messages the notifier would send (firing, escalated,
+                              resolved, repeated), all receivers of the default route
+  notifications_per_incident  messages holding an alert that started within an incident
+                              (its span as above), summed over incidents / incidents
+  notifications_outside_incidents_per_day   the rest, per simulated day
+  alerts_firing, alerts_resolved            alert events read from the alerts topic
+  events, calls, gpu_samples, background_errors, days, seed, rate_per_s_peak, rules
+  wall_s                      from the first event produced to the last window closed
+  events_per_s                events / wall_s (the worker's replay speed)
+  calibration_ms, load_average_1m           this machine's speed (bench/common.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+from common import broker, calibration, make_config, start, stop
+from confluent_kafka import Consumer, Producer
+from detection_workload import (
+    GPU_HOST,
+    GPUS,
+    KINDS,
+    Incident,
+    Traffic,
+    Workload,
+    day_start,
+    encode,
+    plan,
+)
+
+from llmpulse.config import Settings, load_settings
+from llmpulse.schemas.alert import Alert
+from llmpulse.schemas.base import SCHEMA_VERSION
+from llmpulse.sinks.notifier.grouping import Dispatcher, Notification
+from llmpulse.sinks.notifier.routing import Router
+from llmpulse.sinks.notifier.silences import SilenceStore
+
+DAY_S = 86400.0
+
+
+# -- scoring (pure: incidents and alerts in, figures out) --------------------------------------
+def _floor(ts: datetime, w: int) -> float:
+    return math.floor(ts.timestamp() / w) * w
+
+
+def _ceil(ts: datetime, w: int) -> float:
+    return math.ceil(ts.timestamp() / w) * w
+
+
+def zone(inc: Incident, w: int, after_windows: int = 2) -> tuple[float, float]:
+    """[from, to) in epoch seconds: the alerts an incident can account for start in here."""
+    return _floor(inc.start, w), _ceil(inc.end, w) + after_windows * w
+
+
+def names_fault(alert: Alert, inc: Incident) -> bool:
+    """The alert names the incident's dimension at fault: in its dimensions, or its root cause."""
+    if alert.dimensions.get(inc.dimension) == inc.value:
+        return inc.dimension != "gpu" or alert.dimensions.get("host", GPU_HOST) == GPU_HOST
+    rc = alert.root_cause or {}
+    return rc.get("dimension") == inc.dimension and str(rc.get("value")) == inc.value
+
+
+@dataclass
+class IncidentScore:
+    incident: Incident
+    recalled: bool = False
+    detect_s: float | None = None  # first naming alert, any time during the incident
+    first_rule: str = ""
+    any_alert: bool = False  # some alert started within the incident's zone
+    notifications: int = 0
+
+
+@dataclass
+class Score:
+    incidents: list[IncidentScore]
+    false_by_rule: Counter[str] = field(default_factory=Counter)
+    notifications: int = 0
+    notifications_outside: int = 0
+
+
+def score(incidents: Iterable[Incident], alerts: list[Alert], w: int, data_end: datetime) -> Score:
+    scores = [IncidentScore(i) for i in incidents]
+    zones = [zone(s.incident, w) for s in scores]
+    firing = [a for a in alerts if a.state == "firing" and a.window_start < data_end]
+    for s in scores:
+        inc = s.incident
+        deadline = _floor(inc.start, w) + 2 * w
+        lo, hi = zone(inc, w)
+        for a in sorted(firing, key=lambda a: (a.window_end, a.ts)):
+            if lo <= a.started_at.timestamp() < hi:
+                s.any_alert = True
+            if a.window_start >= inc.end or a.window_end <= inc.start or not names_fault(a, inc):
+                continue
+            if s.detect_s is None:
+                s.detect_s = (a.window_end - inc.start).total_seconds()
+                s.first_rule = a.rule
+            if a.window_end.timestamp() <= deadline:
+                s.recalled = True
+                break
+    out = Score(scores)
+    episodes: set[tuple[str, datetime]] = set()
+    for a in firing:
+        t = a.started_at.timestamp()
+        if any(lo <= t < hi for lo, hi in zones) or (a.fingerprint, a.started_at) in episodes:
+            continue
+        episodes.add((a.fingerprint, a.started_at))
+        out.false_by_rule[a.rule] += 1
+    return out
+
+
+# -- what the notifier would send ---------------------------------------------------------------
+class EventClock:
+    """The Dispatcher's monotonic and wall clocks, both set to the replay's event time."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def mono(self) -> float:
+        return self.t
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.t, UTC)
+
+
+def notifications(alerts: list[Alert], settings: Settings, until: datetime) -> list[Notification]:
+    """The messages the notifier's grouping sends for this alert stream, in event time: each
+    alert arrives at its window's end; groups flush when their group_wait/interval is due."""
+    clock = EventClock()
+    disp = Dispatcher(Router(settings.notify), SilenceStore(), settings.notify.send_resolved,
+                      clock=clock.mono, wallclock=clock.now)  # fmt: skip
+    sent: list[Notification] = []
+
+    def flush_until(t: float) -> None:
+        while True:
+            idle = [g.next_flush for g in disp.groups.values() if not g.busy]
+            if not idle or min(idle) > t:
+                break
+            clock.t = max(clock.t, min(idle))
+            for group in disp.due():
+                f = disp.plan(group)
+                n = f.notification
+                if n is not None and n.send:
+                    sent.append(n)
+                disp.complete(f, n.record if n is not None else None)
+
+    ordered = sorted(alerts, key=lambda a: (a.window_end, a.ts))
+    for i, a in enumerate(ordered):
+        t = a.window_end.timestamp()
+        flush_until(t)
+        clock.t = max(clock.t, t)
+        disp.apply(a, (0, i))
+    flush_until(until.timestamp())
+    return sent
+
+
+def attribute(sent: list[Notification], scores: Score, w: int) -> None:
+    """Count each message against the incidents whose zone one of its alerts started in."""
+    zones = [(s, *zone(s.incident, w)) for s in scores.incidents]
+    for n in sent:
+        hit = False
+        for s, lo, hi in zones:
+            if any(lo <= a.started_at.timestamp() < hi for a in (*n.firing, *n.resolved)):
+                s.notifications += 1
+                hit = True
+        scores.notifications += 1
+        scores.notifications_outside += not hit
+
+
+# -- the replay ---------------------------------------------------------------------------------
+def messages(
+    w: Workload, traffic: Traffic, settings: Settings
+) -> Iterator[tuple[str, bytes, bytes]]:
+    """(topic, key, value): the workload's events, then one closer per model and GPU far past
+    the data so every partition's event time passes the last window."""
+    topics = {"calls": settings.kafka.topic("calls"), "gpu": settings.kafka.topic("gpu")}
+    models: set[str] = set()
+    for kind, key, ev in traffic.events():
+        if kind == "calls":
+            models.add(key)
+        yield topics[kind], key.encode(), encode(ev)
+    after = w.end + timedelta(seconds=200)
+    for m in sorted(models):
+        closer = {
+            "schema_version": SCHEMA_VERSION,
+            "event_id": f"closer-{w.seed}-{m}",
+            "ts": after,
+            "model": m,
+        }
+        yield topics["calls"], m.encode(), encode(closer)
+    for g in range(GPUS):
+        closer = {"event_id": f"closer-{w.seed}-gpu{g}", "ts": after, "host": GPU_HOST, "gpu_index": g,
+                  "utilization_gpu_pct": 0.0}  # fmt: skip
+        yield topics["gpu"], GPU_HOST.encode(), encode(closer)
+
+
+def _produce(
+    bootstrap: str, msgs: Iterable[tuple[str, bytes, bytes]], done: dict[str, Any]
+) -> None:
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "log_level": 3})
+    n = 0
+    for topic, key, value in msgs:
+        while True:
+            try:
+                p.produce(topic, key=key, value=value)
+                break
+            except BufferError:
+                p.poll(0.05)
+        n += 1
+        if n % 10_000 == 0:
+            p.poll(0)
+    left = p.flush(120)
+    done.update(n=n, undelivered=left, t=time.monotonic())
+
+
+def replay(w: Workload, rules: Path | None, timeout_s: float, window_s: int) -> dict[str, Any]:
+    traffic = Traffic(w)
+    last_window = datetime.fromtimestamp(_floor(w.end - timedelta(seconds=1), window_s), UTC)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        with broker(work) as b:
+            config, _ = make_config(
+                work, b.bootstrap,
+                worker={"windows_s": [10, 60], "grace_s": 5.0, "idle_close_s": 30.0, "batch_max_messages": 2000},
+            )  # fmt: skip
+            if rules is not None:
+                data = yaml.safe_load(config.read_text())
+                data["rules_file"] = str(rules.resolve())
+                config.write_text(yaml.safe_dump(data))
+            settings = load_settings(config, environ={})
+            worker = start(config, "worker", log=work / "worker.log")
+            consumer = Consumer({
+                "bootstrap.servers": b.bootstrap, "group.id": f"bench-detection-{uuid.uuid4().hex}",
+                "auto.offset.reset": "earliest", "enable.auto.commit": False, "log_level": 3,
+            })  # fmt: skip
+            alerts_topic = settings.kafka.topic("alerts")
+            consumer.subscribe([settings.kafka.topic("aggregates"), alerts_topic])
+            alerts: list[Alert] = []
+            done: dict[str, Any] = {}
+            try:
+                time.sleep(10)  # the worker joins its group (Tansu answers JoinGroup after ~3 s)
+                t0 = time.monotonic()
+                producer = threading.Thread(
+                    target=_produce,
+                    args=(b.bootstrap, messages(w, traffic, settings), done),
+                    daemon=True,
+                )
+                producer.start()
+                closed = {"calls": False, "gpu": False}
+                seen_until = w.start
+                last_note = last_got = time.monotonic()
+                closed_at: float | None = None
+                while True:
+                    got = consumer.consume(5000, 0.5)
+                    if got:
+                        last_got = time.monotonic()
+                    for m in got:
+                        if m.error() is not None:
+                            continue
+                        value = m.value() or b""
+                        if m.topic() == alerts_topic:
+                            alerts.append(Alert.model_validate_json(value))
+                        elif b'"dims_key":"*"' in value or b'"kind":"gpu"' in value:
+                            a = json.loads(value)
+                            if a.get("window_s") == window_s and a.get("kind") in closed:
+                                ws = datetime.fromisoformat(a["window_start"])
+                                if a["kind"] == "calls":
+                                    seen_until = max(seen_until, ws)
+                                if ws >= last_window:
+                                    closed[a["kind"]] = True
+                    if closed_at is None and all(closed.values()):
+                        closed_at = time.monotonic()
+                    # every window is closed: read on until the alerts of the last ones are in
+                    if closed_at is not None and time.monotonic() - last_got > 10:
+                        break
+                    if worker.poll() is not None:
+                        raise RuntimeError(
+                            f"the worker exited with {worker.returncode}: {work / 'worker.log'}"
+                        )
+                    if time.monotonic() - t0 > timeout_s:
+                        raise TimeoutError(
+                            f"not done in {timeout_s} s: windows closed up to {seen_until}"
+                        )
+                    if time.monotonic() - last_note > 60:
+                        last_note = time.monotonic()
+                        done_h = (seen_until - w.start).total_seconds() / 3600
+                        print(f"  {time.monotonic() - t0:6.0f} s: windows closed through {done_h:.1f} of "
+                              f"{w.span_s / 3600:.1f} h, {len(alerts)} alerts", file=sys.stderr, flush=True)  # fmt: skip
+                wall = closed_at - t0
+                producer.join(60)
+                if done.get("undelivered"):
+                    raise RuntimeError(f"{done['undelivered']} messages not delivered")
+            finally:
+                consumer.close()
+                stop(worker)
+    return {"alerts": alerts, "wall_s": wall, "messages": done.get("n", 0), "counts": traffic.counts,
+            "settings": settings}  # fmt: skip
+
+
+def main() -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--days", type=float, default=3.0, help="simulated days (default 3)")
+    ap.add_argument("--seed", type=int, default=1, help="moves the incidents and redraws the noise")
+    ap.add_argument(
+        "--incidents", type=int, default=12, help="labelled incidents (default 12, 2 of each kind)"
+    )
+    ap.add_argument(
+        "--rules", type=Path, default=None, help="a rules file (default: the shipped rules)"
+    )
+    ap.add_argument("--rate", type=float, default=4.0, help="calls a second at the daily peak")
+    ap.add_argument(
+        "--start-hour", type=float, default=0.0, help="UTC hour of day the span starts at"
+    )
+    ap.add_argument(
+        "--window-s", type=int, default=60, help="the rules' window (recall within 2 of them)"
+    )
+    ap.add_argument("--timeout-s", type=float, default=4 * 3600.0)
+    ap.add_argument(
+        "--alerts-out",
+        type=Path,
+        default=None,
+        help="also write every alert event here (JSON lines)",
+    )
+    args = ap.parse_args()
+    if args.rules is not None and not args.rules.is_file():
+        raise SystemExit(f"--rules {args.rules}: no such file")
+    cal = calibration()
+    w = plan(
+        args.seed,
+        day_start(args.days, args.start_hour),
+        args.days * DAY_S,
+        args.incidents,
+        args.rate,
+    )
+    print(
+        f"detection: {args.days} days from {w.start:%Y-%m-%d %H:%M} UTC, seed {args.seed}, incidents:",
+        file=sys.stderr,
+    )
+    for inc in w.incidents:
+        print(f"  {inc.describe()} (x{inc.factor})", file=sys.stderr)
+    r = replay(w, args.rules, args.timeout_s, args.window_s)
+    alerts: list[Alert] = r["alerts"]
+    if args.alerts_out is not None:
+        args.alerts_out.write_text("".join(a.model_dump_json() + "\n" for a in alerts))
+    s = score(w.incidents, alerts, args.window_s, w.end)
+    sent = notifications(
+        [a for a in alerts if a.window_start < w.end], r["settings"], w.end + timedelta(minutes=10)
+    )
+    attribute(sent, s, args.window_s)
+    n = len(s.incidents)
+    days = w.span_s / DAY_S
+    recalled = [x for x in s.incidents if x.recalled]
+    detect = [x.detect_s for x in recalled if x.detect_s is not None]
+    print(
+        "incident                                                        recalled detect_s first rule  notifications",
+        file=sys.stderr,
+    )
+    for x in s.incidents:
+        print(f"  {x.incident.describe():60} {x.recalled!s:8} {x.detect_s!s:8} {x.first_rule:12} {x.notifications}"
+              f"{'' if x.any_alert else '  (no alert at all)'}", file=sys.stderr)  # fmt: skip
+    out: dict[str, Any] = {
+        "seed": args.seed,
+        "days": args.days,
+        "rules": str(args.rules) if args.rules else "llmpulse/defaults/rules.yaml (shipped)",
+        "recall": round(len(recalled) / n, 3) if n else None,
+        "false_alerts_per_day": round(sum(s.false_by_rule.values()) / days, 2),
+        "notifications_per_incident": round(sum(x.notifications for x in s.incidents) / n, 2)
+        if n
+        else None,
+        "detect_p50_s": statistics.median(detect) if detect else None,
+        "detect_max_s": max(detect) if detect else None,
+        "incidents": n,
+        "incidents_at_peak": sum(
+            13.5 <= x.incident.start.hour + x.incident.start.minute / 60 < 16 for x in s.incidents
+        ),
+        "missed": "; ".join(x.incident.describe() for x in s.incidents if not x.recalled),
+        "false_alerts": sum(s.false_by_rule.values()),
+        "notifications": s.notifications,
+        "notifications_outside_incidents_per_day": round(s.notifications_outside / days, 2),
+        "alerts_firing": sum(a.state == "firing" for a in alerts),
+        "alerts_resolved": sum(a.state == "resolved" for a in alerts),
+        "events": r["counts"]["calls"] + r["counts"]["gpu_samples"],
+        "calls": r["counts"]["calls"],
+        "gpu_samples": r["counts"]["gpu_samples"],
+        "background_errors": r["counts"]["background_errors"],
+        "rate_per_s_peak": args.rate,
+        "wall_s": round(r["wall_s"], 1),
+        "events_per_s": round(
+            (r["counts"]["calls"] + r["counts"]["gpu_samples"]) / max(1e-9, r["wall_s"]), 1
+        ),
+        "notifications_grouping": "notifier's Dispatcher (grouping.py), default notify routes, event-time clock",
+        **cal,
+    }
+    for kind in KINDS:
+        of_kind = [x for x in s.incidents if x.incident.kind == kind]
+        out[f"incidents_{kind}"] = len(of_kind)
+        out[f"recall_{kind}"] = (
+            round(sum(x.recalled for x in of_kind) / len(of_kind), 3) if of_kind else None
+        )
+    for rule, count in sorted(s.false_by_rule.items()):
+        out[f"false_alerts_{rule}"] = count
+    return out
