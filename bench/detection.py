@@ -85,6 +85,7 @@ from detection_workload import (
 )
 
 from llmpulse.config import Settings, load_settings
+from llmpulse.config.notify import NotifyConfig
 from llmpulse.schemas.alert import Alert
 from llmpulse.schemas.base import SCHEMA_VERSION
 from llmpulse.sinks.notifier.grouping import Dispatcher, Notification
@@ -178,11 +179,11 @@ class EventClock:
         return datetime.fromtimestamp(self.t, UTC)
 
 
-def notifications(alerts: list[Alert], settings: Settings, until: datetime) -> list[Notification]:
+def notifications(alerts: list[Alert], notify: NotifyConfig, until: datetime) -> list[Notification]:
     """The messages the notifier's grouping sends for this alert stream, in event time: each
     alert arrives at its window's end; groups flush when their group_wait/interval is due."""
     clock = EventClock()
-    disp = Dispatcher(Router(settings.notify), SilenceStore(), settings.notify.send_resolved,
+    disp = Dispatcher(Router(notify), SilenceStore(), notify.send_resolved,
                       clock=clock.mono, wallclock=clock.now)  # fmt: skip
     sent: list[Notification] = []
 
@@ -399,7 +400,9 @@ def main() -> dict[str, Any]:
         args.alerts_out.write_text("".join(a.model_dump_json() + "\n" for a in alerts))
     s = score(w.incidents, alerts, args.window_s, w.end)
     sent = notifications(
-        [a for a in alerts if a.window_start < w.end], r["settings"], w.end + timedelta(minutes=10)
+        [a for a in alerts if a.window_start < w.end],
+        r["settings"].notify,
+        w.end + timedelta(minutes=10),
     )
     attribute(sent, s, args.window_s)
     n = len(s.incidents)

@@ -26,7 +26,7 @@ Incidents (what MUST alert, each on one target; 10-20 minutes each by default):
     cost_spike      model         answers 6x and prompts 2x as long on one priced model
     gpu_saturation  gpu           one GPU pinned at 96-99%
 Incidents are spread over the span after a warm-up (one per slot of span / n, at a
-random time in it, 30 minutes apart at least); one is moved into the afternoon peak
+random time in it, 15 minutes apart at least); one is moved into the afternoon peak
 (13:30-16:00 UTC) when the span covers one; every kind appears once before any repeats.
 """
 
@@ -62,7 +62,7 @@ GPUS = 2
 GPU_INTERVAL_S = 15.0
 BACKGROUND_ERROR_SHARE = 0.003
 PEAK_HOURS = (13.5, 16.0)  # UTC, where daily_rhythm is near 1.0
-MIN_GAP_S = 1800.0  # between the end of one incident and the start of the next
+MIN_GAP_S = 900.0  # between the end of one incident and the start of the next
 # the keys are hashed as the proxy and SDK hash them (a keyed hash); a fixed bench secret
 # keeps the hashes, and so the labels, the same on every run
 HASHER = KeyHasher(b"llmpulse-detection-bench-secret-0001")
@@ -125,10 +125,10 @@ def plan(
     warmup = min(3 * 3600.0, max(1200.0, 0.1 * span_s))
     tail = duration_s[1] + 600.0
     slot = (span_s - warmup - tail) / max(1, incidents)
-    if slot < duration_s[1] + MIN_GAP_S / 2:
+    if slot < duration_s[1] + MIN_GAP_S:
         raise SystemExit(
             f"{incidents} incidents do not fit in {span_s / 3600:.1f} h with {warmup / 60:.0f} min of warm-up "
-            f"(each needs {(duration_s[1] + MIN_GAP_S / 2) / 60:.0f} min): fewer --incidents or more --days"
+            f"(each needs {(duration_s[1] + MIN_GAP_S) / 60:.0f} min): fewer --incidents or more --days"
         )
     kinds: list[Kind] = []
     while len(kinds) < incidents:
@@ -140,14 +140,14 @@ def plan(
     for i in range(incidents):
         dur = round(rng.uniform(*duration_s) / 60) * 60
         lo = warmup + i * slot
-        offsets.append(lo + rng.uniform(0, max(0.0, slot - dur - MIN_GAP_S / 2)))
+        offsets.append(lo + rng.uniform(0, max(0.0, slot - dur - MIN_GAP_S)))
         durations.append(dur)
     # one incident at the afternoon peak: the slot whose room overlaps a day's peak hours
     at_peak = [i for i, off in enumerate(offsets) if _at_peak(start + timedelta(seconds=off))]
     if not at_peak:
         candidates = []
         for i in range(incidents):
-            lo, hi = warmup + i * slot, warmup + (i + 1) * slot - durations[i] - MIN_GAP_S / 2
+            lo, hi = warmup + i * slot, warmup + (i + 1) * slot - durations[i] - MIN_GAP_S
             t = _first_peak_in(start, lo, hi)
             if t is not None:
                 candidates.append((i, t))

@@ -1,0 +1,174 @@
+"""The detection benchmark's labels and scoring (bench/detection*.py), on cases worked out by
+hand: a wrong score would send the rules' tuning the wrong way without anyone noticing."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from detection import attribute, notifications, score
+from detection_workload import KINDS, Incident, Traffic, plan
+
+from llmpulse.config.notify import NotifyConfig
+from llmpulse.schemas.alert import Alert, alert_fingerprint
+
+T0 = datetime(2026, 11, 2, 12, 0, tzinfo=UTC)
+W = 60
+
+
+def at(minutes: float) -> datetime:
+    return T0 + timedelta(minutes=minutes)
+
+
+def alert(
+    rule: str,
+    dims: dict[str, str],
+    window_min: float,
+    *,
+    state: str = "firing",
+    started_min: float | None = None,
+    severity: str = "warning",
+    root_cause: dict[str, str | float] | None = None,
+) -> Alert:
+    return Alert(
+        fingerprint=alert_fingerprint(rule, dims), rule=rule, severity=severity, state=state,
+        metric="m", dimensions=dims, window_start=at(window_min), window_end=at(window_min + 1),
+        started_at=at(window_min if started_min is None else started_min), ts=at(window_min + 1),
+        root_cause=root_cause,
+    )  # fmt: skip
+
+
+# an error burst on gpt-4o from 12:00:30 to 12:10:30: its first 2 windows end 12:01 and 12:02
+BURST = Incident(1, "error_burst", at(0.5), at(10.5), "model", "gpt-4o", 0.5, "gpt-4o")
+
+
+def test_recall_needs_the_fault_named_within_two_windows() -> None:
+    on_time = alert("success_rate", {"model": "gpt-4o"}, 1)  # window 12:01-12:02
+    s = score([BURST], [on_time], W, at(60)).incidents[0]
+    assert (s.recalled, s.detect_s, s.first_rule) == (True, 90.0, "success_rate")
+
+    late = alert("success_rate", {"model": "gpt-4o"}, 2)  # ends 12:03: a third window
+    s = score([BURST], [late], W, at(60)).incidents[0]
+    assert (s.recalled, s.detect_s) == (False, 150.0)
+
+    other_model = alert("success_rate", {"model": "gpt-4o-mini"}, 0)
+    s = score([BURST], [other_model], W, at(60)).incidents[0]
+    assert (s.recalled, s.detect_s, s.any_alert) == (False, None, True)
+
+    global_with_cause = alert(
+        "success_rate", {}, 0, root_cause={"dimension": "model", "value": "gpt-4o", "share": 0.9}
+    )
+    assert score([BURST], [global_with_cause], W, at(60)).incidents[0].recalled
+    global_without = alert("success_rate", {}, 0)
+    assert not score([BURST], [global_without], W, at(60)).incidents[0].recalled
+
+    before = alert("success_rate", {"model": "gpt-4o"}, -2)  # window ends before the start
+    assert score([BURST], [before], W, at(60)).incidents[0].detect_s is None
+
+
+def test_false_alerts_are_episodes_outside_every_incident() -> None:
+    alerts = [
+        alert("cost_anomaly", {"app": "search"}, 30),  # outside: false
+        alert(
+            "cost_anomaly", {"app": "search"}, 31, started_min=30, severity="critical"
+        ),  # same episode
+        alert(
+            "cost_anomaly", {"app": "search"}, 33, state="resolved", started_min=30
+        ),  # not a firing
+        alert(
+            "latency_avg", {"model": "gpt-4o"}, 12
+        ),  # starts in the 2-window tail: the incident's
+        alert("latency_avg", {"model": "gpt-4o"}, 13),  # starts after the tail: false
+        alert("daily_tokens", {}, 90),  # after the data's end: not judged
+    ]
+    s = score([BURST], alerts, W, at(60))
+    assert dict(s.false_by_rule) == {"cost_anomaly": 1, "latency_avg": 1}
+
+
+def test_one_alert_fired_and_resolved_is_two_notifications_for_its_incident() -> None:
+    alerts = [
+        alert("success_rate", {"model": "gpt-4o"}, 1),
+        alert("success_rate", {"model": "gpt-4o"}, 13, state="resolved", started_min=1),
+        alert("cost_anomaly", {"app": "search"}, 40),  # no incident: a message outside
+    ]
+    sent = notifications(alerts, NotifyConfig(), at(120))
+    s = score([BURST], alerts, W, at(120))
+    attribute(sent, s, W)
+    assert s.incidents[0].notifications == 2
+    # the burst: fired (after group_wait) and resolved; the cost alert: fired, never resolved
+    assert (s.notifications, s.notifications_outside) == (3, 1)
+
+
+def test_the_plan_moves_with_the_seed_and_covers_every_kind() -> None:
+    start = datetime(2026, 11, 2, tzinfo=UTC)
+    a, b = plan(1, start, 3 * 86400), plan(2, start, 3 * 86400)
+    assert len(a.incidents) == 12 and {i.kind for i in a.incidents} == set(KINDS)
+    assert [(i.kind, i.start, i.value) for i in a.incidents] != [
+        (i.kind, i.start, i.value) for i in b.incidents
+    ]
+    assert a == plan(1, start, 3 * 86400)
+    assert any(13.5 <= i.start.hour + i.start.minute / 60 < 16 for i in a.incidents)
+    for x, y in zip(a.incidents, a.incidents[1:], strict=False):
+        assert (y.start - x.end).total_seconds() >= 900
+
+
+def test_incident_calls_carry_the_fault_and_ordinary_calls_do_not() -> None:
+    w = plan(1, datetime(2026, 11, 2, 11, tzinfo=UTC), 6 * 3600, incidents=6)
+    assert {i.kind for i in w.incidents} == set(KINDS)
+    traffic = Traffic(w)
+    events = list(traffic.events())
+    calls = [e for kind, _, e in events if kind == "calls"]
+    assert [e.ts for e in calls] == sorted(e.ts for e in calls)
+    assert 0.001 < traffic.counts["background_errors"] / traffic.counts["calls"] < 0.006
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    for inc in w.incidents:
+
+        def on(e: Any, inc: Incident = inc) -> bool:
+            return getattr(e, inc.dimension, None) == inc.value
+
+        during = [e for e in calls if inc.start <= e.ts < inc.end and on(e)]
+        calm = [
+            e
+            for e in calls
+            if inc.start - timedelta(minutes=40) <= e.ts < inc.start - timedelta(minutes=10)
+            and on(e)
+        ]
+        if inc.kind == "error_burst":
+            assert (
+                mean([e.status_code >= 400 for e in during])
+                > 0.2
+                > 0.02
+                > mean([e.status_code >= 400 for e in calm])
+            )
+        elif inc.kind == "latency_spike":
+            assert (
+                mean([e.latency_ms for e in during])
+                > 2500
+                > 2000
+                > mean([e.latency_ms for e in calm])
+            )
+        elif inc.kind in ("token_spike", "cost_spike"):
+            assert mean([e.cost_usd or 0 for e in during]) > 3 * mean(
+                [e.cost_usd or 0 for e in calm]
+            )
+        elif inc.kind == "abusive_key":
+            assert len(during) / ((inc.end - inc.start).total_seconds() / 60) > 100 > len(calm) / 30
+        else:
+            samples = [e for kind, _, e in events if kind == "gpu" and isinstance(e, dict)]
+            hot = [
+                e["utilization_gpu_pct"]
+                for e in samples
+                if e["gpu_index"] == int(inc.value) and inc.start <= e["ts"] < inc.end
+            ]
+            assert (
+                min(hot)
+                > 90
+                > max(e["utilization_gpu_pct"] for e in samples if e["ts"] < inc.start)
+            )
