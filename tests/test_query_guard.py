@@ -31,6 +31,7 @@ import pytest
 import yaml
 
 from llmpulse.analysis.api import DashboardServer, is_loopback
+from llmpulse.analysis.query_guard import QueryRefused, check_ast
 from llmpulse.analysis.query_server import QueryServer
 from llmpulse.analysis.readonly import QueryLimits
 from llmpulse.config import ConfigError, load_settings
@@ -85,6 +86,10 @@ def attacks(canary: Canary, secret: Path) -> list[tuple[str, str, int, str]]:
         ("system table as an IN set", "SELECT 1 WHERE 'default' IN system.users", 403, "system.users"),
         ("another database", "SELECT * FROM information_schema.tables", 403, "information_schema.tables"),
         ("merge() over other databases", "SELECT * FROM merge('system', '^users$')", 403, "table function merge()"),
+        ("view() over another database", "SELECT * FROM view(SELECT name FROM system.users)", 403, "table function view()"),
+        ("a table of the session's database", "SELECT * FROM llm_calls", 403, "not a WITH name"),
+        ("a dictionary", "SELECT dictGet('d', 'x', toUInt64(1))", 403, "function dictGet()"),
+        ("a Join table by name", "SELECT joinGet('system.users', 'name', 1)", 403, "function joinGet()"),
         ("SETTINGS lifting a limit", "SELECT count() FROM llmpulse.llm_calls SETTINGS max_rows_to_read = 0", 403, "SETTINGS"),
         ("a write", "INSERT INTO llmpulse.llm_calls (event_id) VALUES ('x')", 403, "read-only"),
         ("a second statement", "SELECT 1; DROP TABLE llmpulse.llm_calls", 403, "one statement per query"),
@@ -260,3 +265,11 @@ def test_the_cli_refuses_to_start_the_dashboard_open_on_every_interface(world: W
                         "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True, timeout=60,
                        env={"PATH": "/usr/bin:/bin"})  # fmt: skip
     assert r.returncode == 2 and "without a token" in r.stderr and "LLMPULSE_SECRET_DASHBOARD_TOKEN" in r.stderr, r
+
+
+def test_a_cut_parse_tree_is_refused() -> None:
+    """A server profile's result-row limit could cut EXPLAIN AST short and hide part of a query."""
+    lines = ["SelectWithUnionQuery (children 2)", " ExpressionList (children 1)", "  SelectQuery (children 2)",
+             "   ExpressionList (children 1)", "    Asterisk"]  # fmt: skip
+    with pytest.raises(QueryRefused, match="incomplete"):
+        check_ast(lines, "llmpulse")

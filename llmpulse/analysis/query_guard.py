@@ -253,7 +253,7 @@ _KNOWN_KINDS = frozenset({
     "TableJoin", "ArrayJoin", "Subquery", "WithElement", "Identifier", "Literal", "Asterisk",
     "QualifiedAsterisk", "ColumnsRegexpMatcher", "ColumnsListMatcher", "QualifiedColumnsRegexpMatcher",
     "QualifiedColumnsListMatcher", "ColumnsTransformerList", "ColumnsExceptTransformer",
-    "ColumnsReplaceTransformer", "ColumnsApplyTransformer", "ColumnsReplaceTransformerReplacement",
+    "ColumnsReplaceTransformer", "ColumnsApplyTransformer", "ColumnsReplaceTransformer::Replacement",
     "OrderByElement", "Interpolate", "InterpolateElement", "WindowDefinition", "WindowListElement",
     "SampleRatio", "QueryParameter", "Function", "Set", "LimitByElement", "TTLElement",
     "CollationElement", "DataType", "NameTypePair", "ObjectTypeArgument",

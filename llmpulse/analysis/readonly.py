@@ -124,7 +124,7 @@ def _error(exc: Exception, limits: QueryLimits, max_seconds: float) -> LLMPulseE
         )
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     # the echo of our own settings says nothing to the user
-    first = re.sub(r"\s*SETTINGS max_result_rows = .*$", "", first)
+    first = re.sub(r"\s*SETTINGS max_(result_rows|execution_time) = .*$", "", first)
     return LLMPulseError(f"query failed: {first}")
 
 
