@@ -25,8 +25,9 @@ group_wait, group_interval and repeat_interval count simulated seconds.
 Keys of bench/results/detection.json (W = `--window-s`, the rules' window, 60 s):
   recall                      share of incidents with a firing alert that names the
                               dimension at fault (the alert's dimensions hold it, or its
-                              root_cause does) on one of the first 2 windows of the
-                              incident: window_end <= incident start, floored to W, + 2 W
+                              root_cause does) within 2 windows of the incident's start:
+                              the alert's window overlaps the incident and ends at most
+                              2 W after its start (as "alerted within 0-120 s" reads)
   recall_<kind>               the same per incident kind
   incidents, incidents_<kind>, incidents_at_peak (starting 13:30-16:00 UTC)
   missed                      the incidents not recalled ("#n kind on dim=value ...")
@@ -141,7 +142,7 @@ def score(incidents: Iterable[Incident], alerts: list[Alert], w: int, data_end: 
     firing = [a for a in alerts if a.state == "firing" and a.window_start < data_end]
     for s in scores:
         inc = s.incident
-        deadline = _floor(inc.start, w) + 2 * w
+        deadline = inc.start.timestamp() + 2 * w
         lo, hi = zone(inc, w)
         for a in sorted(firing, key=lambda a: (a.window_end, a.ts)):
             if lo <= a.started_at.timestamp() < hi:

@@ -20,10 +20,12 @@ Ordinary traffic (what must NOT alert):
 
 Incidents (what MUST alert, each on one target; 10-20 minutes each by default):
     error_burst     model         30-60% of the model's calls fail (500 / 429)
-    latency_spike   model         calls take 3-6x as long (at least ~3 s on average)
+    latency_spike   model         calls take 3-6x as long (more on fast models: at least
+                                  ~3 s on average)
     token_spike     app           the app's prompts 4x, answers 8x as long
     abusive_key     api_key_hash  one existing key adds 150-300 calls a minute
-    cost_spike      model         answers 6x and prompts 2x as long on one priced model
+    cost_spike      model         prompts 4x and answers 6x as long on one of the models
+                                  where that costs money (>= $0.003 per 1k+1k tokens)
     gpu_saturation  gpu           one GPU pinned at 96-99%
 Incidents are spread over the span after a warm-up (one per slot of span / n, at a
 random time in it, 15 minutes apart at least); one is moved into the afternoon peak
@@ -108,8 +110,8 @@ def _key_of(app: AppProfile, i: int) -> str:
     return app.keys[i % len(app.keys)]
 
 
-def _priced(model: str) -> bool:
-    return (price_call(model, 1000, 1000) or 0.0) > 0.0
+def _costly(model: str) -> bool:
+    return (price_call(model, 1000, 1000) or 0.0) >= 0.003
 
 
 def plan(
@@ -165,7 +167,7 @@ def plan(
                 if m.operation != "embedding" or kind == "error_burst"
             ]
             if kind == "cost_spike":
-                pool = [m for m in pool if _priced(m)]
+                pool = [m for m in pool if _costly(m)]
             value = about = rng.choice(sorted(pool))
             factor = {
                 "error_burst": rng.uniform(0.3, 0.6),
@@ -294,7 +296,7 @@ class Traffic:
             prompt, completion, incident = prompt * 4, int(completion * tokens.factor), tokens
         cost = self.w.active("cost_spike", ts)
         if cost is not None and cost.value == model.model:
-            prompt, completion, incident = prompt * 2, int(completion * cost.factor), cost
+            prompt, completion, incident = prompt * 4, int(completion * cost.factor), cost
         if model.operation == "embedding":
             completion = 0
         streamed = model.operation != "embedding" and rng.random() < app.stream_share
