@@ -5,8 +5,8 @@ a broker stall, librdkafka retries a produce whose acknowledgement was lost, an 
 client retries after a 503. The copy arrives at a new offset, which the offset-based
 exactness of windowing.py takes for a new event. So each source partition remembers
 the ids it counted, per window of the smallest size (a copy has the same `ts`, so it
-falls in the same window): a set of 64-bit hashes while the window is open, a sorted
-array of them (8 bytes an id) once it has closed, forgotten `horizon_ms` of event time
+falls in the same window): a set of 64-bit hashes while the window is open, an array of
+them (8 bytes an id, sorted when first searched) once it has closed, forgotten `horizon_ms` of event time
 after the partition's close mark passed the window's end. A copy found there is dropped
 and counted (`llmpulse_worker_duplicates_total`); past the horizon it is reported late
 like any other event of a closed window. Memory is bounded by the events of the open
@@ -48,20 +48,19 @@ def chunk_key_parse(text: str) -> ChunkKey:
     return int(start), int(through)
 
 
-def _sorted_hashes(hashes: set[int]) -> array[int]:
-    return array("q", sorted(hashes))
-
-
 class SeenIds:
     """The event ids one source partition counted, by window start (ms) of the smallest window."""
 
-    __slots__ = ("added", "base_ms", "chunks", "closed", "horizon_ms", "open", "restoring")
+    __slots__ = ("added", "base_ms", "chunks", "closed", "horizon_ms", "open", "restoring", "unsorted")
 
     def __init__(self, base_ms: int, horizon_ms: int) -> None:
         self.base_ms = base_ms
         self.horizon_ms = horizon_ms
         self.open: dict[int, set[int]] = {}  # windows not closed yet: read and written per event
-        self.closed: dict[int, array[int]] = {}  # closed within the horizon: sorted, looked up by bisection
+        # closed within the horizon; most are never searched, so an array is sorted (for
+        # bisection) only when first searched: closing costs a copy, not a sort
+        self.closed: dict[int, array[int]] = {}
+        self.unsorted: set[int] = set()
         self.added: dict[int, list[str]] = {}  # ids counted since the last take_added (not persisted yet)
         self.chunks: dict[int, list[int]] = {}  # the persisted chunks of each window (their `through`)
         self.restoring: dict[ChunkKey, str] = {}
@@ -80,6 +79,9 @@ class SeenIds:
         """Whether hash `h` was counted in the closed window `start` (False past the horizon)."""
         arr = self.closed.get(start)
         if arr is not None:
+            if start in self.unsorted:
+                arr = self.closed[start] = array("q", sorted(arr))
+                self.unsorted.discard(start)
             i = bisect_left(arr, h)
             return i < len(arr) and arr[i] == h
         ids = self.open.get(start)
@@ -121,11 +123,13 @@ class SeenIds:
         """Freeze the windows the close mark passed; forget those past the horizon (their chunks)."""
         base = self.base_ms
         for start in [s for s in self.open if s + base <= mark_ms]:
-            self.closed[start] = _sorted_hashes(self.open.pop(start))
+            self.closed[start] = array("q", self.open.pop(start))
+            self.unsorted.add(start)
         expired: list[ChunkKey] = []
         horizon_mark = mark_ms - self.horizon_ms
         for start in [s for s in self.closed if s + base <= horizon_mark]:
             del self.closed[start]
+            self.unsorted.discard(start)
             self.added.pop(start, None)
             expired += [(start, t) for t in self.chunks.pop(start, [])]
         return expired
