@@ -75,15 +75,23 @@ def settings_from(config: Path) -> Settings:
 
 
 def wait_for(settings: Settings, sql: str, ok: Callable[[list[list[Any]]], bool], timeout: float = 120.0) -> list[list[Any]]:
-    """Poll a query until `ok(rows)`; the last rows on timeout (the assertion shows them)."""
+    """Poll a query until `ok(rows)`; the last rows on timeout (the assertion shows them).
+
+    A query that fails while the pipeline starts (store not yet owned, table not yet
+    migrated) is polled again; but if it still fails at the deadline, that error is raised:
+    returning [] there would let a check such as "no row holds the key" pass on a query that
+    never ran.
+    """
     deadline = time.monotonic() + timeout
     rows: list[list[Any]] = []
-    while time.monotonic() < deadline:
+    while True:
         try:
             rows = query(settings, sql).rows
             if ok(rows):
                 return rows
         except LLMPulseError:
-            pass
+            if time.monotonic() >= deadline:
+                raise
+        if time.monotonic() >= deadline:
+            return rows
         time.sleep(0.5)
-    return rows
