@@ -10,6 +10,7 @@ import pytest
 
 from llmpulse.streams.rules import RulesEngine, load_rules
 from llmpulse.streams.rules.stats import (
+    betabinom_sf,
     binom_cdf,
     binom_sf,
     count_sf,
@@ -66,6 +67,14 @@ def test_binomial_tails_and_negative_binomial() -> None:
     # mean 4, variance 20 -> r = 16 / 16 = 1, p = 1 / 5: P(X >= 3) = 0.8^3 = 0.512
     assert count_sf(3, 4.0, 20.0) == pytest.approx(0.8**3, rel=1e-9)
     assert count_sf(3, 4.0, 4.0) == pytest.approx(poisson_sf(3, 4.0))  # not overdispersed: Poisson
+    # beta-binomial with Beta(1, 1) is uniform on 0..n: P(X >= 2 | n = 5) = 4 / 6
+    assert betabinom_sf(2, 5, 1.0, 1.0) == pytest.approx(4 / 6, rel=1e-12)
+    # an error baseline of 1 in 360 calls (Jeffreys a = 1.5, b = 359.5), a window of 12 calls:
+    # P(X >= 4) <= C(12, 4) E[p^4] = 495 x (1.5 x 2.5 x 3.5 x 4.5) / (361 x 362 x 363 x 364) = 1.7e-6
+    # (a bound: it drops the (1 - p)^8 of the mass; the exact tail is 1.54e-6): below the
+    # 6.9e-6 of a 60 s anomaly rule, so 4 errors stand out; 3 (5.6e-5) do not
+    assert betabinom_sf(4, 12, 1.5, 359.5) == pytest.approx(1.538e-6, rel=1e-3)
+    assert betabinom_sf(3, 12, 1.5, 359.5) == pytest.approx(5.603e-5, rel=1e-3)
 
 
 def test_wilson_normal_median_mad() -> None:

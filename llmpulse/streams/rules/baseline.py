@@ -60,6 +60,7 @@ class Expectation:
     windows: int  # windows of history behind it
     volume: int  # rates: the calls behind the expected share
     source: str  # "seasonal", "seasonal_weekly", "rolling" or "rolling_fallback"
+    dispersion: float = 0.0  # sums: the series' median var / mean over its whole history
 
     @property
     def wide(self) -> bool:
@@ -170,6 +171,24 @@ def _seasonal(rule: AnomalyRule, st: State, now_s: int) -> Expectation | None:
     if factor is None:
         return exp
     return Expectation(exp.mean * factor, exp.var * factor, exp.windows, exp.volume, "seasonal_weekly")
+
+
+def series_dispersion(st: State) -> float:
+    """The median over all bucket-days of the series of (within variance / mean).
+
+    The dispersion of a sum (cost, tokens) is a property of the calls (one call's cost
+    times one plus its squared coefficient of variation), not of the hour: estimated from
+    all of history it does not fall to a lucky quiet bucket's. O(buckets x days), computed
+    only when a window's effect already passed the factor (the engine asks lazily).
+    """
+    ratios = []
+    for entries in (st.get("slots") or {}).values():
+        for _, w, s1, s2 in entries:
+            if w >= 3 and s1 > 0:
+                mean = s1 / w
+                var = max(0.0, s2 / w - mean * mean) * w / (w - 1)
+                ratios.append(var / mean)
+    return median(ratios) if ratios else 0.0
 
 
 def _weekday_factor(st: State, today: int, first_s: int) -> float | None:

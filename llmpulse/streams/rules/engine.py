@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from llmpulse.schemas import Alert, WindowAggregate, alert_fingerprint
-from llmpulse.streams.rules.baseline import add, expected, observe
+from llmpulse.streams.rules.baseline import add, expected, observe, series_dispersion
 from llmpulse.streams.rules.evidence import Verdict, judge_anomaly, judge_threshold, rounded
 from llmpulse.streams.rules.lifecycle import Transition, advance, firing_severity
 from llmpulse.streams.rules.model import (
@@ -385,7 +385,7 @@ def _judge_anomaly(rule: AnomalyRule, agg: WindowAggregate, rst: State) -> Verdi
     bst: State = rst.setdefault("baseline", {})
     exp = expected(rule, bst, start_s)
     add(rule, bst, start_s, obs)
-    return judge_anomaly(rule, obs, exp, agg)
+    return judge_anomaly(rule, obs, exp, agg, lambda: series_dispersion(bst))
 
 
 def _judge_budget(rule: BudgetRule, agg: WindowAggregate, rst: State) -> Verdict:

@@ -32,12 +32,16 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from llmpulse.schemas import WindowAggregate
 from llmpulse.streams.rules.baseline import RATE_METRICS, Expectation, Observation
 from llmpulse.streams.rules.model import VOLUME_FIELD, AnomalyRule, Severity, ThresholdRule
 from llmpulse.streams.rules.stats import (
+    betabinom_cdf,
+    betabinom_sf,
     binom_cdf,
     binom_sf,
     count_cdf,
@@ -240,9 +244,11 @@ def anomaly_test(
     """(p-value, expected_low, expected_high, evidence) of ``obs`` under ``exp``.
 
     counts: negative binomial with the baseline's variance (Poisson when it is not
-    overdispersed); rates: exact binomial against the baseline share's Wilson bound;
+    overdispersed); rates: beta-binomial, the binomial of the window with the baseline
+    share's own uncertainty (Jeffreys: Beta(errors + 1/2, calls - errors + 1/2));
     sums (cost, tokens): a scaled Poisson (the sum in units of its dispersion ``var /
-    mean``, at least this window's cost of one call), whose right tail is as skewed as a
+    mean``, at least the series' typical dispersion over all its history and this
+    window's cost of one call), whose right tail is as skewed as a
     compound sum of few calls; the rest: a normal tail. Until a day of history exists the
     spread is doubled (``rolling_fallback``).
     """
@@ -253,13 +259,17 @@ def anomaly_test(
     if rule.metric in RATE_METRICS:
         n = obs.volume
         k = obs.count
-        base_k = round(exp.mean * exp.volume)
-        lo0, hi0 = wilson_bounds(base_k, exp.volume, z * widen)
-        p0 = hi0 if above else lo0
-        p = binom_sf(k, n, p0) if above else binom_cdf(k, n, p0)
-        sd = math.sqrt(max(exp.mean * (1 - exp.mean), 0.0) / n)
-        ev.update({"test": "binomial", "n": n, "count": k, "p_value": p, "baseline_share_bound": p0})
-        return p, max(0.0, lo0 - z * sd), min(1.0, hi0 + z * sd), ev
+        # the baseline share is itself an estimate (from exp.volume calls): beta-binomial with
+        # Jeffreys' Beta(errors + 1/2, rest + 1/2); a quarter of the weight until a day exists
+        base_k = exp.mean * exp.volume
+        shrink = 1.0 / (widen * widen)
+        a = (base_k + 0.5) * shrink
+        b = (exp.volume - base_k + 0.5) * shrink
+        p = betabinom_sf(k, n, a, b) if above else betabinom_cdf(k, n, a, b)
+        share = a / (a + b)
+        sd = math.sqrt(share * (1 - share) / n + share * (1 - share) / (a + b + 1))
+        ev.update({"test": "beta_binomial", "n": n, "count": k, "p_value": p, "baseline_calls": exp.volume})
+        return p, max(0.0, share - z * sd), min(1.0, share + z * sd), ev
     mean = exp.mean
     var = exp.var
     if rule.metric in COUNT_METRICS:
@@ -272,7 +282,7 @@ def anomaly_test(
         # a sum of calls' costs or tokens is right-skewed (few calls, mixed models): a scaled
         # (quasi-)Poisson with dispersion c = var / mean, at least one call's size
         volume = max(1, agg.requests)
-        c = max(var / mean, obs.value / volume, 1e-12) * widen * widen
+        c = max(var / mean, exp.dispersion, obs.value / volume, 1e-12) * widen * widen
         var = c * mean
         k = int(obs.value / c)
         p = poisson_sf(k, mean / c) if above else poisson_cdf(k + 1, mean / c)
@@ -292,8 +302,13 @@ def anomaly_test(
 
 
 def judge_anomaly(
-    rule: AnomalyRule, obs: Observation, exp: Expectation | None, agg: WindowAggregate
+    rule: AnomalyRule,
+    obs: Observation,
+    exp: Expectation | None,
+    agg: WindowAggregate,
+    dispersion: Callable[[], float] | None = None,
 ) -> Verdict:
+    """``dispersion``: the series' dispersion for sums, asked only once the effect passed."""
     v = obs.value
     vol_ok = rule.min_requests <= 0 or getattr(agg, VOLUME_FIELD[rule.kind]) >= rule.min_requests
     if exp is None or exp.windows < rule.min_baseline_windows or not vol_ok:
@@ -308,6 +323,8 @@ def judge_anomaly(
         effect = v <= limit and v < mean and mean >= rule.min_value
     if not effect:
         return Verdict(None, v, limit, mean)
+    if dispersion is not None and rule.metric in SUM_METRICS:
+        exp = replace(exp, dispersion=dispersion())
     p, lo, hi, ev = anomaly_test(rule, obs, exp, agg)
     ev["alpha"] = rule.alpha
     ratio = v / mean if mean else math.inf

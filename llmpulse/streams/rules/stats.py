@@ -100,6 +100,27 @@ def binom_cdf(k: int, n: int, p: float) -> float:
     return 1.0 - binom_sf(k + 1, n, p) if k < n else 1.0
 
 
+def betabinom_sf(k: int, n: int, a: float, b: float) -> float:
+    """P(X >= k) for X ~ BetaBinomial(n, a, b): a binomial whose share is itself uncertain,
+    Beta(a, b) (e.g. a baseline of ``a - 0.5`` errors in ``a + b - 1`` calls, Jeffreys)."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    c = math.lgamma(n + 1) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) - math.lgamma(n + a + b)
+
+    def logpmf(i: int) -> float:
+        return c - math.lgamma(i + 1) - math.lgamma(n - i + 1) + math.lgamma(i + a) + math.lgamma(n - i + b)
+
+    mode = int(n * max(0.0, a - 1) / max(1e-12, a + b - 2)) if a > 1 and b > 1 else (0 if a <= 1 else n)
+    return _upper_tail(logpmf, k, min(mode, n), n)
+
+
+def betabinom_cdf(k: int, n: int, a: float, b: float) -> float:
+    """P(X <= k) for X ~ BetaBinomial(n, a, b)."""
+    return 1.0 - betabinom_sf(k + 1, n, a, b) if k < n else 1.0
+
+
 def poisson_sf(k: int, lam: float) -> float:
     """P(X >= k) for X ~ Poisson(lam)."""
     if k <= 0:
