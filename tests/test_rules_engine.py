@@ -350,3 +350,25 @@ def test_sweep_resolves_alerts_of_a_dimension_set_that_went_quiet() -> None:
         "resolved",
         T0.replace(day=2, hour=0),
     )
+
+
+def test_a_version_1_state_migrates_keeping_open_alerts() -> None:
+    """A state stored before issue 14 (v1: old-format anomaly baselines) keeps its open alert,
+    which resolves normally; the baseline is rebuilt from the next windows."""
+    e = engine(ERROR_RATE + "  - {name: traffic, type: anomaly, metric: requests, by: [model], method: rolling}\n")
+    v1 = {
+        "v": 1, "sig": "old", "seen": {"calls/60": int(T0.timestamp() * 1000)}, "dims": GPT,
+        "rules": {
+            "errors": {"k": "threshold", "streak": 1, "streak_start": int(T0.timestamp() * 1000),
+                       "alert": {"severity": "critical", "started_at": int(T0.timestamp() * 1000), "clear": 0,
+                                 "metric": "error_rate", "publish": True}},
+            # the same data signature: only the version says the baseline's format is old
+            "traffic": {"k": e.rules.by_name()["traffic"].data_signature(), "streak": 0, "baseline": {"buckets": [[1714564800, 100.0, 1]], "sum": 100.0,
+                                                                "n": 1, "first": 1714564800}},
+        },
+    }  # fmt: skip
+    state = json.loads(json.dumps(v1))
+    assert e.evaluate(calls(1, 100, 0, dims=GPT), state) == []  # one clear window of resolve_after 2
+    assert state["v"] == 2 and "buckets" not in state["rules"]["traffic"]["baseline"]
+    [res] = e.evaluate(calls(2, 100, 0, dims=GPT), state)
+    assert (res.rule, res.state, res.severity, res.started_at) == ("errors", "resolved", "critical", T0)
