@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +28,7 @@ import pytest
 import llmpulse
 from llmpulse.config import Settings
 from llmpulse.embedded.broker import EmbeddedBroker
+from llmpulse.kafka.clients import producer_settings
 from llmpulse.kafka.topics import ensure_topics
 from llmpulse.producers.ingest import start_ingest_thread
 from llmpulse.producers.spool import SpoolingPublisher
@@ -263,3 +265,52 @@ def test_ingest_broker_sigterm_and_restart_loses_no_acknowledged_event(
             restarted.terminate()
             restarted.wait(10)
     _assert_each_once(events, during)
+
+
+PUBLISHER_SCRIPT = """
+import sys, time
+from pathlib import Path
+from llmpulse.kafka.clients import producer_settings
+from llmpulse.config import load_settings
+from llmpulse.producers.spool import SpoolingPublisher
+bootstrap, topic, spool = sys.argv[1:4]
+settings = load_settings(None, environ={}, overrides={"kafka.url": "kafka://" + bootstrap})
+pub = SpoolingPublisher(producer_settings(bootstrap, settings.kafka), Path(spool), delivery_timeout_s=60)
+for i in range(20):
+    pub.publish_raw(topic, b'{"n":%d}' % i, "k")
+while pub._queue or len(pub._producer) < 20:
+    time.sleep(0.01)
+print("queued", flush=True)
+time.sleep(600)
+"""
+
+
+def test_publisher_killed_with_messages_in_librdkafka_loses_none(
+    make_settings: Callable[..., Settings], own_broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """SIGKILL of the publishing process while the broker does not answer (stalled): the
+    messages lived only in librdkafka's memory; the next process replays them."""
+    settings = make_settings(**{"kafka.url": f"kafka://{own_broker.bootstrap}"})
+    ensure_topics(own_broker.bootstrap, settings.kafka)
+    topic = settings.kafka.topic("calls")
+    spool = tmp_path / "spool"
+    assert own_broker.process is not None
+    os.kill(own_broker.process.pid, signal.SIGSTOP)
+    proc = subprocess.Popen([sys.executable, "-c", PUBLISHER_SCRIPT, own_broker.bootstrap, topic, str(spool)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"queued"
+        proc.kill()
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.kill(own_broker.process.pid, signal.SIGCONT)
+    pub = SpoolingPublisher(producer_settings(own_broker.bootstrap, settings.kafka), spool)
+    try:
+        assert pub.flush(60)
+    finally:
+        pub.close()
+    msgs = read_messages(own_broker.bootstrap, topic, expect=20, timeout=60, quiet_s=2.0)
+    assert sorted({m.value() for m in msgs}) == sorted(b'{"n":%d}' % i for i in range(20))

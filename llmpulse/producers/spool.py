@@ -23,6 +23,11 @@ with the rest. This is the failure measured before: events published while the
 broker stopped were acknowledged, counted in ``llmpulse_events_out_total`` and then
 gone with the broker, never spooled and never counted as dropped.
 
+A process killed while librdkafka holds messages in memory loses nothing either: the
+proxy's publisher writes each message it hands to librdkafka to an in-flight log
+(``<spool_dir>/inflight/``, see InflightLog) and the next process replays what was
+never settled.
+
 Delivery is at least once: an event can arrive twice (a resent message the broker
 had kept; a message that timed out in a stalled broker and was spooled, then
 written when the broker resumed; a process stopped while a message is in flight).
@@ -224,6 +229,106 @@ class SpoolFile:
         self._reader.close()
 
 
+def _intact_records(data: bytes) -> list[bytes]:
+    """The whole records of `data` whose crc holds, up to the first torn or corrupt one."""
+    out: list[bytes] = []
+    pos = 0
+    while pos + _HEADER.size <= len(data):
+        crc, tl, kl, vl = _HEADER.unpack_from(data, pos)
+        end = pos + _HEADER.size + tl + max(kl, 0) + vl
+        if end > len(data) or zlib.crc32(data[pos + 4 : end]) != crc:
+            break
+        out.append(data[pos:end])
+        pos = end
+    return out
+
+
+class InflightLog:
+    """Messages handed to librdkafka and not yet settled (delivered, spooled or dropped), on disk.
+
+    librdkafka holds a message in memory until the broker acknowledges it or the delivery
+    timeout passes; a process killed meanwhile (SIGKILL, OOM) lost it, measured by the chaos
+    benchmark: 14 calls answered by a proxy killed right after a broker stall. Each message
+    is appended here (no fsync: the page cache outlives the process) in segments of
+    `SEGMENT_S`; a segment is deleted once all its messages are settled, and a new process
+    moves the segments it finds into the spool (at least once: some may have arrived).
+    Not thread-safe: the publisher thread alone uses it."""
+
+    SEGMENT_S = 2.0
+    SEGMENT_BYTES = 8 << 20
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._unsettled: dict[int, int] = {}
+        self._cur_id = max((int(p.stem) for p in directory.glob("*.bin") if p.stem.isdigit()), default=0) + 1
+        self._cur: Any = None
+        self._cur_bytes = 0
+        self._cur_since = 0.0
+
+    def _path(self, seg: int) -> Path:
+        return self.dir / f"{seg:012d}.bin"
+
+    def recover(self) -> list[bytes]:
+        """The intact records of the segments an earlier process left; the files are removed."""
+        out: list[bytes] = []
+        for path in sorted(self.dir.glob("*.bin")):
+            try:
+                out += _intact_records(path.read_bytes())
+                path.unlink()
+            except OSError as exc:
+                log.error("cannot read the in-flight log %s: %s", path, exc)
+        return out
+
+    def segment(self) -> int:
+        """The segment the next records go to (a new one every SEGMENT_S or SEGMENT_BYTES)."""
+        now = time.monotonic()
+        if self._cur is not None and (now - self._cur_since > self.SEGMENT_S or self._cur_bytes > self.SEGMENT_BYTES):
+            self._cur.close()
+            self._cur = None
+            done = self._cur_id
+            self._cur_id += 1
+            if self._unsettled.get(done, 0) == 0:
+                self._remove(done)
+        if self._cur is None:
+            self._cur = open(self._path(self._cur_id), "ab")  # noqa: SIM115 - kept open for appends
+            self._cur_bytes = 0
+            self._cur_since = now
+        return self._cur_id
+
+    def write(self, seg: int, records: Sequence[bytes]) -> None:
+        if not records:
+            return
+        data = b"".join(records)
+        self._cur.write(data)
+        self._cur.flush()
+        self._cur_bytes += len(data)
+        self._unsettled[seg] = self._unsettled.get(seg, 0) + len(records)
+
+    def settle(self, seg: int) -> None:
+        left = self._unsettled.get(seg, 0) - 1
+        if left > 0:
+            self._unsettled[seg] = left
+            return
+        self._unsettled.pop(seg, None)
+        if seg != self._cur_id:
+            self._remove(seg)
+
+    def _remove(self, seg: int) -> None:
+        self._unsettled.pop(seg, None)
+        with contextlib.suppress(OSError):
+            self._path(seg).unlink()
+
+    def close(self) -> None:
+        if self._cur is not None:
+            self._cur.close()
+            self._cur = None
+        if not self._unsettled:  # everything settled: nothing to recover
+            for path in self.dir.glob("*.bin"):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
 class MemorySpool:
     """The spool's records in memory, for a process that must not write files (the in-app SDK).
 
@@ -342,6 +447,13 @@ class SpoolingPublisher:
         self.stats = SpoolStats()
         self._lock = threading.Lock()
         self._spool: SpoolFile | MemorySpool = SpoolFile(spool_dir) if spool_dir is not None else MemorySpool()
+        self._wal = InflightLog(spool_dir / "inflight") if spool_dir is not None else None
+        if self._wal is not None:
+            left = self._wal.recover()
+            if left:
+                log.warning("%d messages were in flight when an earlier process stopped: replaying them "
+                            "(at least once)", len(left))
+                self._spool.append(left)
         # acknowledged messages kept until the broker has stayed up `hold_s` after their ack
         self._hold = AckHold(delivery_timeout_s if hold_s is None else hold_s, hold_max_bytes)
         self._up = True
@@ -406,6 +518,8 @@ class SpoolingPublisher:
                 log.warning("%d events not delivered before close: dropped", lost)
                 self._count_drop(lost)
             self._spool.close()
+            if self._wal is not None:
+                self._wal.close()
 
     # ---- background thread ----
 
@@ -438,7 +552,14 @@ class SpoolingPublisher:
             self.stats.resent += len(items)
             self._spool_items(items)
 
-    def _on_delivery(self, err: Any, msg: Any) -> None:
+    def _on_delivery(self, err: Any, msg: Any, seg: int = 0) -> None:
+        try:
+            self._settle_delivery(err, msg)
+        finally:  # only now, with the message delivered, spooled or dropped, may its log record go
+            if seg and self._wal is not None:
+                self._wal.settle(seg)
+
+    def _settle_delivery(self, err: Any, msg: Any) -> None:
         if err is None:
             value = msg.value() or b""
             n = events_in(value)
@@ -491,9 +612,13 @@ class SpoolingPublisher:
             log.warning("spool full (%d bytes): %d events dropped", self._spool_max, lost)
         return kept
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes) -> bool:
+    def _produce(self, topic: str, key: bytes | None, value: bytes, seg: int = 0) -> bool:
         try:
-            self._producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+            if seg:
+                self._producer.produce(topic, value=value, key=key,
+                                       on_delivery=lambda err, msg: self._on_delivery(err, msg, seg))  # fmt: skip
+            else:
+                self._producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
             return True
         except BufferError:
             return False
@@ -511,7 +636,15 @@ class SpoolingPublisher:
         if not items:
             return 0
         if self._up:
-            rest = [it for it in items if not self._produce(*it)]
+            seg = self._wal.segment() if self._wal is not None else 0
+            rest, logged = [], []
+            for it in items:
+                if self._produce(*it, seg=seg):
+                    logged.append(_record(*it))
+                else:
+                    rest.append(it)
+            if self._wal is not None:  # before any delivery report can settle them (those come from poll)
+                self._wal.write(seg, logged)
             if rest:
                 self._spool_items(rest)
         else:
@@ -537,11 +670,16 @@ class SpoolingPublisher:
                 return
             records = self._spool.read(self._batch)
             done = self._spool.offset
+            seg = self._wal.segment() if self._wal is not None else 0
+            logged = []
             for end, (topic, key, value) in records:
-                if not self._produce(topic, key, value):
+                if not self._produce(topic, key, value, seg=seg):
                     break
                 done = end
+                logged.append(_record(topic, key, value))
                 self.stats.replayed += 1
+            if self._wal is not None:  # in the log before they leave the spool
+                self._wal.write(seg, logged)
             self._spool.commit(done)
             self._gauge()
 
