@@ -4,8 +4,9 @@ stay quiet otherwise? Issue 14, part 7.
     python bench/run.py detection [--days 3] [--seed 1] [--incidents 12] [--rules FILE]
                                   [--rate 4.0] [--start-hour 0] [--window-s 60]
 
-A short check (6 hours around the afternoon peak, 6 incidents, one of each kind; about
-80k events, minutes on a loaded 2-core machine):
+A short check (6 hours around the afternoon peak, 6 incidents, one of each kind; 82k
+events, 3 to 9 minutes on the shared 2-core machine, replayed at 160-440 events/s while
+the worker is slow on sparse traffic, issue 15; the 3-day default is ~620k events):
 
     python bench/run.py detection --days 0.25 --start-hour 11 --incidents 6
 
