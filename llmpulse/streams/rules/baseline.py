@@ -11,8 +11,9 @@ else the value and its square. Entries are ``[key, windows, s1, s2]``.
 
 Seasonal (the default): per time-of-day bucket (15 min by default), one entry for each
 of the last ``baseline`` UTC days. The expected value is the median over previous days
-of that bucket's per-day mean (rate), the spread the median within-day variance plus the
-between-day MAD, so one bad day changes nothing. Once a whole day a week back is in the
+of that bucket's per-day mean (for rates: the share pooled over the days but the worst),
+the spread the median within-day variance plus the between-day MAD, so one bad day
+changes nothing. Once a whole day a week back is in the
 history, counts and sums are scaled by how busy that weekday was against the week
 (``seasonal_weekly``). Until a bucket has a previous day, a rolling hour of 5-minute
 buckets stands in, with the bounds made twice as wide.
@@ -129,11 +130,16 @@ def _summarise(
         return None
     windows = sum(g[0] for g in groups)
     if rule.metric in RATE_METRICS:
-        shares = [g[1] / g[2] for g in groups if g[2] > 0]
-        volume = int(sum(g[2] for g in groups))
-        if not shares:
+        # pooled, not the median share: the median of rare-event shares is biased to 0 (most
+        # 5-minute buckets of a 0.3% error rate have no error); robust by leaving out the
+        # group with the highest share (one incident) once there are 3 or more
+        used = [g for g in groups if g[2] > 0]
+        if not used:
             return None
-        return Expectation(median(shares), 0.0, windows, volume, source)
+        if len(used) >= 3:
+            used.remove(max(used, key=lambda g: g[1] / g[2]))
+        volume = int(sum(g[2] for g in used))
+        return Expectation(sum(g[1] for g in used) / volume, 0.0, windows, volume, source)
     means = [g[1] / g[0] for g in groups]
     within = [max(0.0, g[2] / g[0] - (g[1] / g[0]) ** 2) * g[0] / max(1, g[0] - 1) for g in groups]
     var = median(within) + mad_sigma(means) ** 2
