@@ -460,6 +460,7 @@ class SpoolingPublisher:
         self._next_probe = 0.0
         self._stopping = threading.Event()
         self._close_timeout = 5.0
+        self._prober: threading.Thread | None = None
         self._thread = threading.Thread(target=self._run, name=f"llmpulse-publisher-{component}", daemon=True)
         if self._spool.pending:
             log.info("spool %s holds %d bytes from earlier; replaying when Kafka answers", spool_dir, self._spool.pending)
@@ -653,16 +654,23 @@ class SpoolingPublisher:
         return n
 
     def _probe(self) -> None:
+        """Ask for metadata from a thread of its own: while the question waits (a stalled broker
+        answers nothing), this thread keeps moving new events from memory into the spool."""
         now = time.monotonic()
-        if now < self._next_probe:
+        if now < self._next_probe or (self._prober is not None and self._prober.is_alive()):
             return
         self._next_probe = now + self._retry_s
+        self._prober = threading.Thread(target=self._ask_broker, name=f"llmpulse-probe-{self.component}", daemon=True)
+        self._prober.start()
+
+    def _ask_broker(self) -> None:
         try:
-            self._producer.list_topics(timeout=min(self._retry_s, 0.5))  # short: close() may wait on it
+            self._producer.list_topics(timeout=min(self._retry_s, 5.0))
         except Exception:  # still down
             return
-        log.info("Kafka reachable again; replaying %d spooled bytes", self._spool.pending)
-        self._up = True
+        if not self._stopping.is_set():
+            log.info("Kafka reachable again; replaying %d spooled bytes", self._spool.pending)
+            self._up = True
 
     def _replay(self) -> None:
         with self._lock:
