@@ -191,8 +191,14 @@ def test_sums_use_a_scaled_poisson_as_skewed_as_few_calls() -> None:
     exact = 1 - math.exp(-5) * sum(5**i / math.factorial(i) for i in range(20))
     assert p == pytest.approx(exact, rel=1e-6) and 3e-7 < p < 4e-7
     assert ev["test"] == "scaled_poisson" and ev["dispersion"] == 2.0
-    # one call's size floors the dispersion: 4 calls of $10 -> c = 10, 4 units against 1
+    # the series' dispersion over its history floors it: c = 10 -> 4 units against 1
     p1, *_ = anomaly_test(
-        rule, Observation(40.0), Expectation(10.0, 20.0, 100, 0, "seasonal"), agg(0, requests=4, cost_usd=40.0)
-    )
+        rule, Observation(40.0), Expectation(10.0, 20.0, 100, 0, "seasonal", dispersion=10.0),
+        agg(0, requests=100, cost_usd=40.0),
+    )  # fmt: skip
     assert p1 == pytest.approx(poisson_sf(4, 1.0)) and p1 > 0.01
+    # a history without any spread: one call of this window sets the unit (4 calls of $10)
+    p2, *_ = anomaly_test(
+        rule, Observation(40.0), Expectation(10.0, 0.0, 100, 0, "seasonal"), agg(0, requests=4, cost_usd=40.0)
+    )
+    assert p2 == pytest.approx(poisson_sf(4, 1.0))

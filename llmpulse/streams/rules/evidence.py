@@ -247,8 +247,8 @@ def anomaly_test(
     overdispersed); rates: beta-binomial, the binomial of the window with the baseline
     share's own uncertainty (Jeffreys: Beta(errors + 1/2, calls - errors + 1/2));
     sums (cost, tokens): a scaled Poisson (the sum in units of its dispersion ``var /
-    mean``, at least the series' typical dispersion over all its history and this
-    window's cost of one call), whose right tail is as skewed as a
+    mean``, at least the series' typical dispersion over all its history; this window's
+    cost of one call while the history shows no spread), whose right tail is as skewed as a
     compound sum of few calls; the rest: a normal tail. Until a day of history exists the
     spread is doubled (``rolling_fallback``).
     """
@@ -281,8 +281,13 @@ def anomaly_test(
     elif rule.metric in SUM_METRICS and mean > 0:
         # a sum of calls' costs or tokens is right-skewed (few calls, mixed models): a scaled
         # (quasi-)Poisson with dispersion c = var / mean, at least one call's size
-        volume = max(1, agg.requests)
-        c = max(var / mean, exp.dispersion, obs.value / volume, 1e-12) * widen * widen
+        # under the baseline a call costs what it used to: the history's dispersion, not this
+        # window's (a 5x larger call is the spike being tested); one call of this window
+        # only while the history shows no spread at all
+        c = max(var / mean, exp.dispersion)
+        if c <= 0:
+            c = obs.value / max(1, agg.requests)
+        c = max(c, 1e-12) * widen * widen
         var = c * mean
         k = int(obs.value / c)
         p = poisson_sf(k, mean / c) if above else poisson_cdf(k + 1, mean / c)
