@@ -314,3 +314,26 @@ def test_publisher_killed_with_messages_in_librdkafka_loses_none(
         pub.close()
     msgs = read_messages(own_broker.bootstrap, topic, expect=20, timeout=60, quiet_s=2.0)
     assert sorted({m.value() for m in msgs}) == sorted(b'{"n":%d}' % i for i in range(20))
+
+
+def test_sample_publisher_counts_undelivered_events_as_dropped(make_settings: Callable[..., Settings]) -> None:
+    """EventPublisher (GPU and host samples) has no spool: what times out is dropped, counted in events."""
+    from prometheus_client import REGISTRY
+
+    from llmpulse.producers.publisher import EventPublisher
+    from llmpulse.schemas import GpuSample
+    from tests.test_proxy_spool import _closed_port
+
+    settings = make_settings()
+    metric = ("llmpulse_publish_dropped_total", {"component": "outage-test"})
+    before = REGISTRY.get_sample_value(*metric) or 0.0
+    dead = producer_settings(f"127.0.0.1:{_closed_port()}", settings.kafka, **{"message.timeout.ms": 1000})
+    pub = EventPublisher(dead, component="outage-test")
+    samples = [GpuSample(host="h", gpu_index=i, utilization_gpu_pct=50.0) for i in range(4)]
+    assert pub.publish_batch(settings.kafka.topic("gpu"), samples, key="h")
+    assert pub.publish(settings.kafka.topic("gpu"), samples[0], key="h")
+    deadline = time.monotonic() + 30
+    while pub.stats.dropped < 5 and time.monotonic() < deadline:
+        pub.poll(0.1)
+    assert (pub.stats.delivered, pub.stats.failed, pub.stats.dropped) == (0, 2, 5)
+    assert (REGISTRY.get_sample_value(*metric) or 0.0) - before == 5

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
         bootstrap = resolve_bootstrap(settings)
         ensure_topics(bootstrap, settings.kafka)
-        publisher = EventPublisher(producer_settings(bootstrap, settings.kafka, **{"linger.ms": 50}))
+        publisher = EventPublisher(producer_settings(bootstrap, settings.kafka, **{"linger.ms": 50}), component="gpu")
         publish = publisher.publish  # type: ignore[assignment]
 
     sampler = GpuSampler.from_settings(settings, nvml, publish)
