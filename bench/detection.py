@@ -46,6 +46,8 @@ Keys of bench/results/detection.json (W = `--window-s`, the rules' window, 60 s)
   notifications_per_incident  messages holding an alert that started within an incident
                               (its span as above), summed over incidents / incidents
   notifications_outside_incidents_per_day   the rest, per simulated day
+  incidents_without_notification            incidents no message told anyone about
+                              (e.g. an alert that joined another open incident's group)
   alerts_firing, alerts_resolved            alert events read from the alerts topic
   events, calls, gpu_samples, background_errors, days, seed, rate_per_s_peak, rules
   wall_s                      from the first event produced to the last window closed
@@ -436,6 +438,7 @@ def main() -> dict[str, Any]:
         "missed": "; ".join(x.incident.describe() for x in s.incidents if not x.recalled),
         "false_alerts": sum(s.false_by_rule.values()),
         "notifications": s.notifications,
+        "incidents_without_notification": sum(x.notifications == 0 for x in s.incidents),
         "notifications_outside_incidents_per_day": round(s.notifications_outside / days, 2),
         "alerts_firing": sum(a.state == "firing" for a in alerts),
         "alerts_resolved": sum(a.state == "resolved" for a in alerts),
