@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ import pytest
 
 from llmpulse.config import Settings
 from llmpulse.producers.ingest import IngestThread, start_ingest_thread
+from llmpulse.producers.retry_stamps import RetryStamps
 from llmpulse.schemas import CallEvent, DeadLetter, Feedback, decode
 from tests.kafkatools import read_messages
 
@@ -184,3 +186,42 @@ def test_deeply_nested_json_is_a_400_with_a_reason_on_every_input(make_settings:
         assert all("nested deeper than 64 levels" in d.reason for d in dead)
     finally:
         server.stop()
+
+
+def test_a_retried_event_without_ts_keeps_the_ts_of_its_first_arrival(ingest: tuple[Settings, IngestThread]) -> None:
+    """A client retrying its batch (same event ids, no ts) sends the same events, not new ones:
+    llm_calls is keyed by (.., ts, event_id) and the worker dedups by id within ts's window."""
+    settings, server = ingest
+    batch = json.dumps([{"event_id": f"retry-{i}", "model": "gpt-4o"} for i in range(3)]).encode()
+    assert post(server.url + "/ingest/calls", batch)[0] == 202
+    time.sleep(1.1)  # a second later: a fresh stamp would differ
+    assert post(server.url + "/ingest/calls", batch)[0] == 202
+    fresh = json.dumps({"event_id": "retry-new", "model": "gpt-4o"}).encode()
+    assert post(server.url + "/ingest/calls", fresh)[0] == 202
+    events = _events(
+        read_messages(
+            settings.kafka.bootstrap_servers(), settings.kafka.topic("calls"),
+            until=lambda ms: len(_events(ms, CallEvent)) >= 7, quiet_s=1.0, timeout=60,
+        ),
+        CallEvent,
+    )
+    stamps: dict[str, set[Any]] = {}
+    for e in events:
+        stamps.setdefault(e.event_id, set()).add(e.ts)
+    assert sorted(stamps) == ["retry-0", "retry-1", "retry-2", "retry-new"]
+    assert all(len(ts) == 1 for ts in stamps.values()), stamps
+    assert next(iter(stamps["retry-new"])) > next(iter(stamps["retry-0"]))
+
+
+def test_retry_stamps_are_bounded_by_age_and_count() -> None:
+    now = [1_000.0]
+    stamps = RetryStamps(horizon_s=60, max_ids=2, clock=lambda: now[0])
+    first = stamps.stamp("a")
+    now[0] += 30
+    assert stamps.stamp("a") == first  # a retry within the horizon: same ts
+    assert stamps.stamp("b").timestamp() == 1_030.0
+    now[0] += 31  # "a" is now 61 s old: forgotten, a late copy is stamped anew
+    assert stamps.stamp("a").timestamp() == 1_061.0
+    assert len(stamps) == 2
+    stamps.stamp("c")  # over max_ids: the oldest ("b") goes
+    assert len(stamps) == 2 and stamps.stamp("b").timestamp() == 1_061.0

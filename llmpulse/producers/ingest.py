@@ -15,7 +15,8 @@ Responses (JSON, always with per-item ``results`` in request order)::
     401  bearer token missing/wrong (only when LLMPULSE_SECRET_INGEST_TOKEN is set)
     413  body larger than ingest.max_body_bytes
     503  Kafka did not acknowledge within ingest.delivery_timeout_s (retry; send your
-         own event_id so that a retry never counts twice)
+         own event_id so that a retry never counts twice; an event with an id but no
+         ts keeps the ts of its first arrival for 15 min: producers/retry_stamps.py)
 
 A result is ``{"index": i, "status": "accepted", "event_id": ...}`` or
 ``{"index": i, "status": "rejected", "error": "field 'latency_ms': ..."}``. Accepted
@@ -47,6 +48,7 @@ from llmpulse.metrics import DEAD_LETTERS, EVENTS_IN, EVENTS_OUT, OTLP_SPANS
 from llmpulse.producers import otlp_wire
 from llmpulse.producers.otlp_genai import Skipped, attributes, call_from_span
 from llmpulse.producers.pricing import PriceTable
+from llmpulse.producers.retry_stamps import RetryStamps
 from llmpulse.schemas import CallEvent, DeadLetter, Feedback, encode, encode_batch
 from llmpulse.schemas.base import WireModel
 from llmpulse.schemas.codec import validate_item
@@ -141,6 +143,7 @@ class KafkaSender:
 
 
 _PRODUCER = web.AppKey("producer", KafkaSender)
+_STAMPS = web.AppKey("retry_stamps", RetryStamps)
 
 
 @dataclass(slots=True)
@@ -214,8 +217,14 @@ async def _dead_letter(app: web.Application, endpoint: str, items: list[tuple[by
     EVENTS_OUT.labels("ingest", topic).inc(len(letters))
 
 
-def _prepare_call(value: dict[str, Any]) -> dict[str, Any]:
-    return {**value, "source": "ingest"}
+def _prepare(value: dict[str, Any], kind: str, stamps: RetryStamps) -> dict[str, Any]:
+    """Source forced to ingest; an event with its own id but no ts gets the ts of its first
+    arrival, so a retry is the same event (producers/retry_stamps.py)."""
+    out = {**value, "source": "ingest"} if kind == "calls" else dict(value)
+    event_id = out.get("event_id")
+    if out.get("ts") is None and isinstance(event_id, str) and event_id:
+        out["ts"] = stamps.stamp(event_id).isoformat()
+    return out
 
 
 async def _handle(request: web.Request, endpoint: str, kind: str) -> web.Response:
@@ -246,8 +255,8 @@ async def _handle(request: web.Request, endpoint: str, kind: str) -> web.Respons
         valid: list[WireModel] = []
         bad: list[tuple[bytes, str]] = []
         for i, item in enumerate(items):
-            if item.error is None and isinstance(item.value, dict) and kind == "calls":
-                item.value = _prepare_call(item.value)
+            if item.error is None and isinstance(item.value, dict):
+                item.value = _prepare(item.value, kind, app[_STAMPS])
             outcome = item.error or validate_item(model, item.value)
             if isinstance(outcome, str):
                 results.append({"index": i, "status": "rejected", "error": outcome})
@@ -376,6 +385,7 @@ def make_app(settings: Settings, sender: KafkaSender, token: str | None = None) 
     app[_PRODUCER] = sender
     app[_TOKEN] = os.environ.get(TOKEN_ENV, "") if token is None else token
     app[_PRICES] = PriceTable.from_config(settings.pricing)
+    app[_STAMPS] = RetryStamps()
     app.router.add_post("/ingest/calls", _calls)
     app.router.add_post("/ingest/feedback", _feedback)
     app.router.add_post("/v1/traces", _traces)
