@@ -18,10 +18,14 @@ group has notified them, resolved them, or decided they need no message; a muted
 alert that was never notified keeps its ref, so a restart replays it.
 
 Incident grouping (``group_by: [incident]``): one incident, one page. An alert that fires
-while a group of its route and receiver still has firing alerts, and within an hour of
-that group's first alert, joins that group (the open incident), whatever its rule or
-dimensions: the model alert, the app alert and the
-SLO burn of one outage arrive as one message. The group notifies when the incident opens
+while a group of its route and receiver still has firing alerts joins that group (the
+open incident) when it is part of the same outage: it started within
+``INCIDENT_JOIN_S`` of the group's first alert, whatever its rule or dimensions (the
+model alert, the app alert and the key alert of one outage come in the same windows),
+or, up to an hour after it, it shares a dimension value with an alert of the group
+(the SLO burn of that model, minutes later). An unrelated outage later in that hour
+opens its own incident and gets its own page: a budget alert firing all day, or an
+incident on one model, must not swallow the next one on another. The group notifies when the incident opens
 (after ``group_wait``), when it escalates to a higher severity, when every alert of it
 has resolved, and on ``repeat_interval``; alerts joining or resolving in between are
 recorded in the delivery log without a message. The group's label names the dimension
@@ -51,6 +55,9 @@ INCIDENT = "incident"
 INCIDENT_SPAN_S = 3600.0
 """An alert joins an open incident only if it started within this long of the incident's
 first alert, so a long-firing alert (a daily budget) does not swallow the next outage."""
+INCIDENT_JOIN_S = 300.0
+"""Alerts starting within this long of an incident's first alert join it whatever their
+dimensions; later ones (up to INCIDENT_SPAN_S) only if they share a dimension value."""
 
 
 def fault_of(alert: Alert) -> str:
@@ -61,6 +68,27 @@ def fault_of(alert: Alert) -> str:
     if "dimension" in rc and "value" in rc:
         return f"{rc['dimension']}={rc['value']}"
     return alert.rule
+
+
+def fault_values(alert: Alert) -> set[str]:
+    """Every `dimension=value` the alert points at: its dimensions and its root cause."""
+    out = {f"{k}={v}" for k, v in alert.dimensions.items()}
+    rc = alert.root_cause or {}
+    if "dimension" in rc and "value" in rc:
+        out.add(f"{rc['dimension']}={rc['value']}")
+    return out
+
+
+def same_incident(alert: Alert, group_alerts: list[Alert]) -> bool:
+    """Whether a new alert belongs to the open incident made of `group_alerts`."""
+    first = min(a.started_at for a in group_alerts)
+    age = abs((alert.started_at - first).total_seconds())
+    if age > INCIDENT_SPAN_S:
+        return False
+    if age <= INCIDENT_JOIN_S:
+        return True
+    mine = fault_values(alert)
+    return any(mine & fault_values(a) for a in group_alerts)
 
 
 def group_id_of(route: str, receiver: str, group_key: str) -> str:
@@ -220,8 +248,7 @@ class Dispatcher:
                 and g.receiver == receiver
                 and INCIDENT in g.labels
                 and any(a.state == "firing" for a in g.alerts.values())
-                and (alert.started_at - min(a.started_at for a in g.alerts.values())).total_seconds()
-                <= INCIDENT_SPAN_S
+                and same_incident(alert, list(g.alerts.values()))
             ),
             key=lambda g: g.gid,
         )
