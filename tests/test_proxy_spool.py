@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import openai
+import yaml
 
 from llmpulse.config import Settings
 from llmpulse.embedded.broker import EmbeddedBroker, broker_binary
 from llmpulse.kafka.clients import producer_settings
 from llmpulse.kafka.topics import ensure_topics
+from llmpulse.producers.mock_upstream import start_mock_upstream
 from llmpulse.producers.spool import SPOOL_FILE, SpoolFile, SpoolingPublisher
 from tests.kafkatools import read_messages
-from tests.mock_servers import Servers, call_events, upstream_settings
+from tests.mock_servers import LoopThread, Servers, call_events, upstream_settings
 
 
 def _tansu_on(port: int) -> subprocess.Popen[bytes]:
@@ -127,3 +133,80 @@ def test_spool_limit_drops_and_counts_and_a_restart_replays(
     msgs = read_messages(broker.bootstrap, topic, expect=pub.stats.spooled, timeout=60, quiet_s=1.0)
     values = [m.value() for m in msgs]
     assert len(values) == pub.stats.spooled == len(set(values))
+
+
+def _proxy_process(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """`llmpulse proxy` as a process of its own, ready (healthz answers)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPULSE_")}
+    with open(log, "ab") as fh:
+        p = subprocess.Popen([sys.executable, "-m", "llmpulse", "--config", str(config), "proxy", "--port", str(port)],
+                             stdout=fh, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return p
+        except OSError:
+            pass
+        assert p.poll() is None, f"the proxy exited: {log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, "the proxy did not start"
+        time.sleep(0.2)
+
+
+def test_proxy_sigkilled_with_events_in_its_batch_buffer_loses_none(
+    broker: EmbeddedBroker, make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """Every call the proxy answered reaches Kafka although the proxy was SIGKILLed while the
+    events waited in its batch buffer (batch_linger_ms 5 s): the next proxy on the same data
+    dir replays them from the in-flight log, each once."""
+    settings = make_settings()
+    topic = settings.kafka.topic("calls")
+    lt = LoopThread()
+    mock = lt.run(start_mock_upstream())
+    port = _closed_port()
+    config = tmp_path / "proxy.yaml"
+    config.write_text(yaml.safe_dump({
+        "data_dir": str(tmp_path / "data"),
+        "kafka": {"url": settings.kafka.url, "topic_prefix": settings.kafka.topic_prefix},
+        "proxy": {"batch_linger_ms": 5000, "batch_max_events": 200,
+                  "upstreams": [{"name": "mock", "base_url": mock.base_url}]},
+    }))  # fmt: skip
+    inflight = tmp_path / "data" / "spool" / "proxy" / "inflight"
+    log = tmp_path / "proxy.log"
+    users = {f"killed-{i}" for i in range(20)}
+    proc = _proxy_process(config, port, log)
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-x", max_retries=0)
+        started = time.monotonic()
+        for i in range(20):
+            msgs = [{"role": "user", "content": "hi"}]
+            if i % 4 == 3:  # streamed calls are recorded after their last byte
+                with client.chat.completions.create(model="gpt-4o", messages=msgs, user=f"killed-{i}",  # type: ignore[arg-type]
+                                                    stream=True) as stream:  # fmt: skip
+                    assert [c for c in stream]
+            else:
+                r = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=msgs, user=f"killed-{i}")  # type: ignore[arg-type]
+                assert r.status_code == 200
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        # all of them were still in the batch buffer (the linger is 5 s, the batch limit 200)
+        assert time.monotonic() - started < 5.0, "too slow to kill the proxy within the batch linger"
+        second = _proxy_process(config, port, log)
+        events = [e for e in call_events(read_messages(
+            broker.bootstrap, topic, until=lambda ms: users <= {e.user for e in call_events(ms)}, timeout=60, quiet_s=2.0,
+        )) if e.user in users]  # fmt: skip
+        assert {e.user for e in events} == users, f"lost: {sorted(users - {e.user for e in events})}"
+        assert len(events) == len({e.event_id for e in events}) == 20, "replayed more than once"
+        # a clean stop with everything delivered leaves no in-flight records for a later start to replay
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0
+        assert not list(inflight.glob("*.bin"))
+    finally:
+        for p in (proc, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
+        lt.run(mock.stop())
+        lt.close()

@@ -64,6 +64,9 @@ _HEADER = struct.Struct("<IHiI")
 SPOOL_FILE = "spool.bin"
 OFFSET_FILE = "spool.offset"
 Item = tuple[str, bytes | None, bytes]
+# the in-flight log records a queued message settles: (segment, how many), see log_accepted
+Logged = tuple[tuple[int, int], ...]
+Queued = tuple[str, bytes | None, bytes, Logged]
 
 try:
     from llmpulse.metrics import EVENTS_OUT, PUBLISH_DROPPED, PUBLISH_SPOOL_BYTES
@@ -244,15 +247,21 @@ def _intact_records(data: bytes) -> list[bytes]:
 
 
 class InflightLog:
-    """Messages handed to librdkafka and not yet settled (delivered, spooled or dropped), on disk.
+    """Accepted events and messages not yet settled (delivered, spooled or dropped), on disk.
 
     librdkafka holds a message in memory until the broker acknowledges it or the delivery
     timeout passes; a process killed meanwhile (SIGKILL, OOM) lost it, measured by the chaos
-    benchmark: 14 calls answered by a proxy killed right after a broker stall. Each message
-    is appended here (no fsync: the page cache outlives the process) in segments of
-    `SEGMENT_S`; a segment is deleted once all its messages are settled, and a new process
-    moves the segments it finds into the spool (at least once: some may have arrived).
-    Not thread-safe: the publisher thread alone uses it."""
+    benchmark: 14 calls answered by a proxy killed right after a broker stall. The proxy's
+    batch buffer held answered calls in memory too (up to `batch_linger_ms`, then the
+    publisher's queue): one event lost per SIGKILL of the proxy in the chaos benchmark. So
+    each event is appended here when the caller accepts it (``SpoolingPublisher.log_accepted``,
+    the caller's thread), and each message the publisher hands to librdkafka that carries
+    no logged events (spool replays, unlogged callers) when it is handed over. No fsync:
+    the page cache outlives the process. Records go to segments of `SEGMENT_S`; each
+    record counts once in its segment until settled, a segment is deleted once all its
+    records are settled, and a new process moves the segments it finds into the spool
+    (at least once: some may have arrived). Thread-safe (one lock, never held over I/O
+    that can wait on the network)."""
 
     SEGMENT_S = 2.0
     SEGMENT_BYTES = 8 << 20
@@ -265,6 +274,7 @@ class InflightLog:
         self._cur: Any = None
         self._cur_bytes = 0
         self._cur_since = 0.0
+        self._lock = threading.Lock()
 
     def _path(self, seg: int) -> Path:
         return self.dir / f"{seg:012d}.bin"
@@ -280,7 +290,7 @@ class InflightLog:
                 log.error("cannot read the in-flight log %s: %s", path, exc)
         return out
 
-    def segment(self) -> int:
+    def _segment(self) -> int:
         """The segment the next records go to (a new one every SEGMENT_S or SEGMENT_BYTES)."""
         now = time.monotonic()
         if self._cur is not None and (now - self._cur_since > self.SEGMENT_S or self._cur_bytes > self.SEGMENT_BYTES):
@@ -296,37 +306,52 @@ class InflightLog:
             self._cur_since = now
         return self._cur_id
 
-    def write(self, seg: int, records: Sequence[bytes]) -> None:
-        if not records:
-            return
-        data = b"".join(records)
-        self._cur.write(data)
-        self._cur.flush()
-        self._cur_bytes += len(data)
-        self._unsettled[seg] = self._unsettled.get(seg, 0) + len(records)
+    def write(self, records: Sequence[bytes]) -> int:
+        """Append `records`, unsettled, to the current segment; returns it (0: nothing written).
 
-    def settle(self, seg: int) -> None:
-        left = self._unsettled.get(seg, 0) - 1
-        if left > 0:
-            self._unsettled[seg] = left
-            return
-        self._unsettled.pop(seg, None)
-        if seg != self._cur_id:
-            self._remove(seg)
+        Picking the segment and writing are one step under the lock: another thread may
+        rotate segments at any time."""
+        if not records:
+            return 0
+        data = records[0] if len(records) == 1 else b"".join(records)
+        with self._lock:
+            seg = self._segment()
+            self._cur.write(data)
+            self._cur.flush()  # in the OS now: a SIGKILL after this line loses nothing
+            self._cur_bytes += len(data)
+            self._unsettled[seg] = self._unsettled.get(seg, 0) + len(records)
+            return seg
+
+    def settle(self, seg: int, n: int = 1) -> None:
+        """`n` records of segment `seg` are delivered, spooled or dropped."""
+        with self._lock:
+            left = self._unsettled.get(seg, 0) - n
+            if left > 0:
+                self._unsettled[seg] = left
+                return
+            self._unsettled.pop(seg, None)
+            if seg != self._cur_id:
+                self._remove(seg)
 
     def _remove(self, seg: int) -> None:
         self._unsettled.pop(seg, None)
         with contextlib.suppress(OSError):
             self._path(seg).unlink()
 
+    @property
+    def unsettled(self) -> int:
+        with self._lock:
+            return sum(self._unsettled.values())
+
     def close(self) -> None:
-        if self._cur is not None:
-            self._cur.close()
-            self._cur = None
-        if not self._unsettled:  # everything settled: nothing to recover
-            for path in self.dir.glob("*.bin"):
-                with contextlib.suppress(OSError):
-                    path.unlink()
+        with self._lock:
+            if self._cur is not None:
+                self._cur.close()
+                self._cur = None
+            if not self._unsettled:  # everything settled: nothing to recover
+                for path in self.dir.glob("*.bin"):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
 
 
 class MemorySpool:
@@ -438,7 +463,7 @@ class SpoolingPublisher:
             "error_cb": self._on_error,
         }
         self._producer = Producer(settings)
-        self._queue: deque[Item] = deque()
+        self._queue: deque[Queued] = deque()
         self._queue_size = queue_size
         self._spool_max = spool_max_bytes
         self._retry_s = retry_s
@@ -469,13 +494,38 @@ class SpoolingPublisher:
 
     # ---- caller side (any thread, never blocks on the network) ----
 
-    def publish_raw(self, topic: str, value: bytes, key: bytes | str | None = None) -> bool:
-        """Queue one message; it is spooled when the queue is full. False only when dropped."""
+    def log_accepted(self, topic: str, value: bytes, key: bytes | str | None = None) -> int:
+        """Write one accepted event to the in-flight log now (the caller's thread); its segment.
+
+        For a caller that holds events before publishing them (the proxy's batch buffer):
+        from here on a killed process loses nothing, the next one replays the event. The
+        caller owes the segment back: ``publish_raw(..., logged=((seg, n), ...))`` with the
+        message that carries the event settles it once that message is delivered, spooled
+        or dropped. 0 (nothing logged: publish as usual) without a spool directory or
+        once closing. Never raises: a log that cannot be written logs a warning and gives 0."""
+        if self._wal is None or self._stopping.is_set():
+            return 0
+        k = key.encode() if isinstance(key, str) else key
+        try:
+            return self._wal.write((_record(topic, k, value),))
+        except (OSError, ValueError) as exc:  # the message still goes out, only unprotected
+            log.warning("cannot write the in-flight log %s: %s", self._wal.dir, exc)
+            return 0
+
+    def publish_raw(
+        self, topic: str, value: bytes, key: bytes | str | None = None, logged: Logged = ()
+    ) -> bool:
+        """Queue one message; it is spooled when the queue is full. False only when dropped.
+
+        `logged`: the in-flight log records of the events this message carries (from
+        ``log_accepted``); this publisher settles them with the message (never twice)."""
         k = key.encode() if isinstance(key, str) else key
         if len(self._queue) < self._queue_size and not self._stopping.is_set():
-            self._queue.append((topic, k, value))
+            self._queue.append((topic, k, value, logged))
             return True
-        return self._spool_items([(topic, k, value)]) > 0
+        kept = self._spool_items([(topic, k, value)]) > 0
+        self._settle(logged)
+        return kept
 
     def publish(self, topic: str, event: WireModel, key: str | None = None) -> bool:
         return self.publish_raw(topic, encode(event), key)
@@ -553,12 +603,17 @@ class SpoolingPublisher:
             self.stats.resent += len(items)
             self._spool_items(items)
 
-    def _on_delivery(self, err: Any, msg: Any, seg: int = 0) -> None:
+    def _on_delivery(self, err: Any, msg: Any, logged: Logged = ()) -> None:
         try:
             self._settle_delivery(err, msg)
-        finally:  # only now, with the message delivered, spooled or dropped, may its log record go
-            if seg and self._wal is not None:
-                self._wal.settle(seg)
+        finally:  # only now, with the message delivered, spooled or dropped, may its log records go
+            self._settle(logged)
+
+    def _settle(self, logged: Logged) -> None:
+        if self._wal is not None:
+            for seg, n in logged:
+                if seg:
+                    self._wal.settle(seg, n)
 
     def _settle_delivery(self, err: Any, msg: Any) -> None:
         if err is None:
@@ -613,11 +668,11 @@ class SpoolingPublisher:
             log.warning("spool full (%d bytes): %d events dropped", self._spool_max, lost)
         return kept
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes, seg: int = 0) -> bool:
+    def _produce(self, topic: str, key: bytes | None, value: bytes, logged: Logged = ()) -> bool:
         try:
-            if seg:
+            if logged:
                 self._producer.produce(topic, value=value, key=key,
-                                       on_delivery=lambda err, msg: self._on_delivery(err, msg, seg))  # fmt: skip
+                                       on_delivery=lambda err, msg: self._on_delivery(err, msg, logged))  # fmt: skip
             else:
                 self._producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
             return True
@@ -629,7 +684,7 @@ class SpoolingPublisher:
 
     def _drain(self) -> int:
         n = 0
-        items: list[Item] = []
+        items: list[Queued] = []
         q = self._queue
         while q and n < self._batch:
             items.append(q.popleft())
@@ -637,19 +692,25 @@ class SpoolingPublisher:
         if not items:
             return 0
         if self._up:
-            seg = self._wal.segment() if self._wal is not None else 0
-            rest, logged = [], []
-            for it in items:
-                if self._produce(*it, seg=seg):
-                    logged.append(_record(*it))
-                else:
-                    rest.append(it)
-            if self._wal is not None:  # before any delivery report can settle them (those come from poll)
-                self._wal.write(seg, logged)
+            # messages whose events are not in the log yet go in now, before librdkafka holds
+            # them (delivery reports, which settle them, come only from this thread's poll)
+            bare = [_record(t, k, v) for t, k, v, logged in items if not logged] if self._wal is not None else []
+            seg = self._wal.write(bare) if self._wal is not None else 0
+            rest: list[Item] = []
+            settle: list[Logged] = []
+            for topic, key, value, logged in items:
+                mine = logged or (((seg, 1),) if seg else ())
+                if not self._produce(topic, key, value, mine):
+                    rest.append((topic, key, value))
+                    settle.append(mine)
             if rest:
                 self._spool_items(rest)
+                for logged in settle:  # spooled (or dropped, counted): the spool holds them now
+                    self._settle(logged)
         else:
-            self._spool_items(items)
+            self._spool_items([(t, k, v) for t, k, v, _ in items])
+            for _, _, _, logged in items:
+                self._settle(logged)
         self.stats.queued += n
         return n
 
@@ -678,16 +739,17 @@ class SpoolingPublisher:
                 return
             records = self._spool.read(self._batch)
             done = self._spool.offset
-            seg = self._wal.segment() if self._wal is not None else 0
-            logged = []
+            # in the log before librdkafka holds them and before they leave the spool
+            seg = self._wal.write([_record(*it) for _, it in records]) if self._wal is not None else 0
+            sent = 0
             for end, (topic, key, value) in records:
-                if not self._produce(topic, key, value, seg=seg):
+                if not self._produce(topic, key, value, ((seg, 1),) if seg else ()):
                     break
                 done = end
-                logged.append(_record(topic, key, value))
+                sent += 1
                 self.stats.replayed += 1
-            if self._wal is not None:  # in the log before they leave the spool
-                self._wal.write(seg, logged)
+            if sent < len(records):  # still in the spool (the offset stops before them)
+                self._settle(((seg, len(records) - sent),))
             self._spool.commit(done)
             self._gauge()
 
