@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -20,7 +21,8 @@ from llmpulse.embedded.broker import EmbeddedBroker, broker_binary
 from llmpulse.kafka.clients import producer_settings
 from llmpulse.kafka.topics import ensure_topics
 from llmpulse.producers.mock_upstream import start_mock_upstream
-from llmpulse.producers.spool import SPOOL_FILE, SpoolFile, SpoolingPublisher
+from llmpulse.producers.proxy.batching import KeyedBatcher
+from llmpulse.producers.spool import SPOOL_FILE, SpoolFile, SpoolingPublisher, events_in
 from tests.kafkatools import read_messages
 from tests.mock_servers import LoopThread, Servers, call_events, upstream_settings
 
@@ -199,10 +201,18 @@ def test_proxy_sigkilled_with_events_in_its_batch_buffer_loses_none(
         )) if e.user in users]  # fmt: skip
         assert {e.user for e in events} == users, f"lost: {sorted(users - {e.user for e in events})}"
         assert len(events) == len({e.event_id for e in events}) == 20, "replayed more than once"
-        # a clean stop with everything delivered leaves no in-flight records for a later start to replay
+        # calls answered by the second proxy are logged too, and settled once delivered: a clean
+        # stop (which publishes the batch buffer) leaves no in-flight records for a later start
+        later = {f"later-{i}" for i in range(5)}
+        for u in sorted(later):
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], user=u)  # type: ignore[list-item]
         second.send_signal(signal.SIGTERM)
         assert second.wait(30) == 0
-        assert not list(inflight.glob("*.bin"))
+        assert not list(inflight.glob("*.bin")), "records left unsettled after a clean stop"
+        after = [e for e in call_events(read_messages(
+            broker.bootstrap, topic, until=lambda ms: later <= {e.user for e in call_events(ms)}, timeout=60, quiet_s=2.0,
+        )) if e.user in later]  # fmt: skip
+        assert sorted(e.user or "" for e in after) == sorted(later)
     finally:
         for p in (proc, second):
             if p is not None and p.poll() is None:
@@ -210,3 +220,38 @@ def test_proxy_sigkilled_with_events_in_its_batch_buffer_loses_none(
                 p.wait(10)
         lt.run(mock.stop())
         lt.close()
+
+
+def test_events_logged_when_accepted_are_settled_once_when_spooled_or_dropped(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """Broker unreachable, spool too small for all: every accepted event ends up either in the
+    spool or counted as dropped, once, and a clean close leaves nothing in the in-flight log
+    (which a later start would replay a second time)."""
+    settings = make_settings()
+    topic = settings.kafka.topic("calls")
+    spool_dir = tmp_path / "spool"
+    dead = producer_settings(f"127.0.0.1:{_closed_port()}", settings.kafka)
+    pub = SpoolingPublisher(dead, spool_dir, spool_max_bytes=2000, delivery_timeout_s=1, retry_s=0.2)
+
+    async def accept() -> KeyedBatcher:
+        b = KeyedBatcher(pub, topic, max_events=4, linger_s=10)
+        for i in range(40):
+            b.add("gpt-4o", b'{"n":%d,"pad":"%s"}' % (i, b"x" * 60))
+        assert b.buffered == 0  # 40 events, 4 a batch: every batch went out when full
+        return b
+
+    try:
+        batcher = asyncio.run(accept())
+        batcher.close()
+        deadline = time.monotonic() + 20
+        while pub.stats.spooled + pub.stats.dropped // 4 < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        pub.close(timeout=1)
+    assert not list((spool_dir / "inflight").glob("*.bin")), "settled records left in the in-flight log"
+    sf = SpoolFile(spool_dir)
+    spooled = sum(events_in(v) for _, (_, _, v) in sf.read(1000))
+    sf.close()
+    assert pub.stats.delivered == 0 and spooled > 0 and pub.stats.dropped > 0
+    assert spooled + pub.stats.dropped == 40

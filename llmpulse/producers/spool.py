@@ -23,10 +23,14 @@ with the rest. This is the failure measured before: events published while the
 broker stopped were acknowledged, counted in ``llmpulse_events_out_total`` and then
 gone with the broker, never spooled and never counted as dropped.
 
-A process killed while librdkafka holds messages in memory loses nothing either: the
-proxy's publisher writes each message it hands to librdkafka to an in-flight log
-(``<spool_dir>/inflight/``, see InflightLog) and the next process replays what was
-never settled.
+A process killed (SIGKILL, OOM) while events wait in memory loses nothing either: the
+proxy's publisher keeps an in-flight log (``<spool_dir>/inflight/``, see InflightLog)
+holding each event from the moment the caller accepted it (``log_accepted``: the proxy
+logs a call's event before answering the call, then holds it in its batch buffer) and
+each other message from the moment it is handed to librdkafka, until the message
+carrying it is delivered, spooled or dropped; the next process replays what was never
+settled. Measured before: about one answered call lost per SIGKILL of the proxy (its
+batch buffer and this publisher's queue were memory only).
 
 Delivery is at least once: an event can arrive twice (a resent message the broker
 had kept; a message that timed out in a stalled broker and was spooled, then
