@@ -34,7 +34,9 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
 PANELS = ["summary", "qps", "error_rate", "latency_p95", "ttft_p95", "tokens", "cost",
-          "gpu_util", "gpu_memory", "gpu_temperature", "alerts", "calls"]  # fmt: skip
+          "gpu_util", "gpu_memory", "gpu_temperature", "host_cpu", "host_memory", "host_load",
+          "alerts", "calls"]  # fmt: skip
+CHARTS = PANELS[1:13]
 CAPTURED_PROMPT = "What is the capital of France? (captured)"
 
 
@@ -70,6 +72,7 @@ def demo(make_settings: Callable[..., Settings], tmp_path: Path) -> Iterator[tup
         n = stats.calls + len(captured)
         assert wait_for(settings, "SELECT count() FROM llmpulse.llm_calls FINAL", lambda r: r[0][0] >= n)[0][0] == n
         assert wait_for(settings, "SELECT count() FROM llmpulse.gpu_samples", lambda r: r[0][0] > 0)[0][0] > 0
+        assert wait_for(settings, "SELECT count() FROM llmpulse.host_samples", lambda r: r[0][0] > 0)[0][0] > 0
         assert wait_for(settings, "SELECT count() FROM llmpulse.llm_aggregates WHERE window_s = 60 AND kind = 'calls'",
                         lambda r: r[0][0] > 0)[0][0] > 0  # fmt: skip
         assert wait_for(settings, "SELECT count() FROM llmpulse.alerts", lambda r: r[0][0] > 0)[0][0] > 0
@@ -123,7 +126,7 @@ def test_dashboard_in_chromium(demo: tuple[Settings, str]) -> None:
             states = _panel_states(page)
             assert set(states) == set(PANELS)
             assert states == dict.fromkeys(PANELS, "ready"), states
-            for name in PANELS[1:10]:  # the charts: plotly drew traces with points
+            for name in CHARTS:  # the charts: plotly drew traces with points
                 points = page.evaluate(
                     f"(document.querySelector('[data-panel={name}] .plot').data || [])"
                     ".reduce((n, t) => n + (t.y || []).filter(v => v !== null).length, 0)"

@@ -37,7 +37,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from llmpulse.config import Settings
-from llmpulse.producers.gpu.host import PsutilHost
+from llmpulse.producers.gpu.host import PsutilHost, read_host_sample
 from llmpulse.producers.gpu.nvml import PinnedWindow, SimulatedNvml
 from llmpulse.producers.gpu.sampler import GpuSampler, read_samples
 from llmpulse.producers.keyhash import KeyHasher, load_secret
@@ -425,12 +425,18 @@ class LoadGenerator:
             nvml.nvmlInit()
             host = self.settings.gpu.host or "demo-gpu-host"
             topic = self.settings.kafka.topic("gpu")
+            # beside the simulated GPUs, this machine's real CPU, memory and load, stamped on
+            # the same event-time grid (as the realtime demo samples them on the wall clock)
+            host_reader = PsutilHost() if self.settings.gpu.host_resources else None
+            host_topic = self.settings.kafka.topic("host")
             g = 0.0
             while g < total:
                 when = start + timedelta(seconds=g)
                 nvml.clock = _fixed_clock(when.timestamp())
                 for s in read_samples(nvml, host, ts=when):
                     self._publish_gpu(topic, s, host)
+                if host_reader is not None:
+                    self._publish_gpu(host_topic, read_host_sample(host_reader, host, ts=when), host)
                 g += self.gpu_interval_s
         self.flush()
         return self.stats
