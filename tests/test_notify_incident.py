@@ -71,7 +71,7 @@ def test_incident_of_an_all_traffic_alert_names_its_root_cause() -> None:
 
 def test_an_unrelated_outage_within_the_hour_gets_its_own_page() -> None:
     """A budget alert or an incident on one model must not swallow the next outage's page;
-    the same model's SLO burn 20 minutes later still joins its incident."""
+    the same model's SLO burn 45 minutes later still joins its incident."""
     from datetime import timedelta
 
     from tests.test_notify import T0
@@ -79,15 +79,15 @@ def test_an_unrelated_outage_within_the_hour_gets_its_own_page() -> None:
     clock = Clock()
     d = dispatcher(clock, group_by=["incident"])
     d.apply(make_alert(rule="daily_tokens", dims={}), (0, 0))
-    d.apply(make_alert(rule="error_rate_anomaly", dims={"model": "gpt-4o"}, started_at=T0 + timedelta(minutes=10)), (0, 1))
+    d.apply(make_alert(rule="error_rate_anomaly", dims={"model": "gpt-4o"}, started_at=T0 + timedelta(minutes=40)), (0, 1))
     pages = sent(flush_all(d, clock, 10.1))
     assert sorted(p.notification.group_labels["incident"].split(" ")[0] for p in pages if p.notification) == [
         "daily_tokens", "model=gpt-4o",
     ]
-    # 20 minutes later: the same model's SLO burn joins quietly, another model's burst pages
-    clock.advance(20 * 60)
-    d.apply(make_alert(rule="success_rate", dims={"model": "gpt-4o", "app": "chat"}, started_at=T0 + timedelta(minutes=30)), (0, 2))
-    d.apply(make_alert(rule="latency_avg", dims={"model": "llama"}, started_at=T0 + timedelta(minutes=31)), (0, 3))
+    # 45 minutes later: the same model's SLO burn joins quietly, another model's burst pages
+    clock.advance(45 * 60)
+    d.apply(make_alert(rule="success_rate", dims={"model": "gpt-4o", "app": "chat"}, started_at=T0 + timedelta(minutes=85)), (0, 2))
+    d.apply(make_alert(rule="latency_avg", dims={"model": "llama"}, started_at=T0 + timedelta(minutes=86)), (0, 3))
     (page,) = sent(flush_all(d, clock, 60))
     assert page.notification is not None
     assert [a.rule for a in page.notification.firing] == ["latency_avg"]
