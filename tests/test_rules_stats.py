@@ -202,3 +202,36 @@ def test_sums_use_a_scaled_poisson_as_skewed_as_few_calls() -> None:
         rule, Observation(40.0), Expectation(10.0, 0.0, 100, 0, "seasonal"), agg(0, requests=4, cost_usd=40.0)
     )
     assert p2 == pytest.approx(poisson_sf(4, 1.0))
+
+
+KEY_RATE = """
+rules:
+  - name: key_rate
+    metric: requests
+    direction: above
+    warning: 15
+    critical: 1000
+    window: 60
+    by: [api_key_hash]
+    min_requests: 0
+"""
+
+
+def test_fire_on_evidence_resolve_on_recovery() -> None:
+    """Hysteresis: 40 calls against a limit of 15 is evidence (P(X >= 40 | 15) ~ 1e-7) and
+    fires; 20 calls is past the limit but no evidence of it (P(X >= 20 | 15) = 0.125), and
+    no evidence of recovery either, so the alert holds; 10 calls (within the limit) twice
+    resolves it (resolve_after 2). Before, the 20s counted as clear and the alert resolved
+    while the key still sent more than its limit (and its rate-limit action was lifted)."""
+    key = {"api_key_hash": "k1"}
+    r = Runner(engine(KEY_RATE))
+    assert poisson_sf(20, 15.0) == pytest.approx(0.1248, abs=1e-3)
+    r.feed(calls(0, 40, dims=key))
+    assert r.events() == [("key_rate", "firing", "warning")]
+    r.feed(*(calls(i, 20, dims=key) for i in range(1, 6)))
+    assert r.events() == [("key_rate", "firing", "warning")]
+    r.feed(calls(6, 10, dims=key), calls(7, 10, dims=key))
+    assert r.events() == [("key_rate", "firing", "warning"), ("key_rate", "resolved", "warning")]
+    # an inconclusive window never fires on its own, nor does a run of them
+    r.feed(*(calls(i, 20, dims=key) for i in range(8, 14)))
+    assert len(r.alerts) == 2

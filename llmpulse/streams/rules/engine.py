@@ -175,7 +175,7 @@ class RulesEngine:
                 for_windows = 1
             tr = advance(
                 rst, verdict.level, start_ms, metric=rule.metric,
-                for_windows=for_windows, resolve_after=rule.resolve_after,
+                for_windows=for_windows, resolve_after=rule.resolve_after, hold=verdict.inconclusive,
             )  # fmt: skip
             if tr is not None:
                 if tr.change == "fired":

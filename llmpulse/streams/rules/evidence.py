@@ -77,8 +77,8 @@ class Verdict:
     """One rule's judgement of one window, with what a person needs to check it."""
 
     __slots__ = (
-        "baseline", "evidence", "expected_high", "expected_low", "judged", "level",
-        "threshold", "value",
+        "baseline", "evidence", "expected_high", "expected_low", "inconclusive", "judged",
+        "level", "threshold", "value",
     )  # fmt: skip
 
     def __init__(
@@ -100,6 +100,15 @@ class Verdict:
         self.expected_low = expected_low
         self.expected_high = expected_high
         self.evidence: Evidence = evidence or {}
+        # The point value is past a level but the window's data do not show the breach
+        # with the rule's confidence: not evidence to fire on, and not evidence of
+        # recovery either, so a firing alert holds (see lifecycle.advance's `hold`).
+        self.inconclusive = False
+
+    def held(self) -> Verdict:
+        """This verdict, marked inconclusive."""
+        self.inconclusive = True
+        return self
 
 
 # -- thresholds ---------------------------------------------------------------------------
@@ -208,7 +217,7 @@ def judge_threshold(rule: ThresholdRule, agg: WindowAggregate) -> Verdict:
                 lo, hi = wilson_bounds(k, n, z_of(conf))
                 ev.update({"p_value": p, "bound": lo if above else hi})
                 return Verdict(sev, v, lvl, None, True, *band, evidence=ev)
-        return Verdict(None, v, shown, None, True, *band, evidence=ev)
+        return _clear_or_held(v, levels, above, Verdict(None, v, shown, None, True, *band, evidence=ev))
     if rule.metric in COUNT_METRICS:
         k = round(v)
         ev = {"count": k, "confidence": conf}
@@ -219,7 +228,7 @@ def judge_threshold(rule: ThresholdRule, agg: WindowAggregate) -> Verdict:
             if p < alpha:
                 ev["p_value"] = p
                 return Verdict(sev, v, lvl, None, True, *band, evidence=ev)
-        return Verdict(None, v, shown, None, True, *band, evidence=ev)
+        return _clear_or_held(v, levels, above, Verdict(None, v, shown, None, True, *band, evidence=ev))
     z = z_of(conf)
     bound = _bound(rule, agg, v, z)
     if bound is None:  # no spread to bound with: the point value
@@ -232,7 +241,18 @@ def judge_threshold(rule: ThresholdRule, agg: WindowAggregate) -> Verdict:
     for sev, lvl in levels:
         if (b > lvl) if above else (b < lvl):
             return Verdict(sev, v, lvl, None, True, *band, evidence=ev)
-    return Verdict(None, v, shown, None, True, *band, evidence=ev)
+    return _clear_or_held(v, levels, above, Verdict(None, v, shown, None, True, *band, evidence=ev))
+
+
+def _clear_or_held(v: float, levels: list[tuple[Severity, float]], above: bool, verdict: Verdict) -> Verdict:
+    """A window without evidence of a breach: clear if its point value is within every level,
+    else inconclusive. Firing needs evidence of the breach and resolving needs the point value
+    back within target: without that hysteresis a rate hovering just past its level, whose
+    windows are alternately significant and not, fired and resolved by turns (and an action
+    tied to the alert, such as a rate limit, was lifted and re-applied with a fresh budget)."""
+    if any((v > lvl) if above else (v < lvl) for _, lvl in levels):
+        return verdict.held()
+    return verdict
 
 
 # -- anomalies ----------------------------------------------------------------------------

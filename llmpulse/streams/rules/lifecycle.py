@@ -12,7 +12,8 @@ Transitions, one verdict (None, "warning" or "critical") per window:
 - firing warning, verdict critical         -> escalates: one event (state firing, critical)
 - firing critical, verdict warning         -> nothing (an incident keeps its highest severity)
 - firing, `resolve_after` clear windows    -> resolves: one event (state resolved)
-A breach while firing resets the clear count.
+A breach while firing resets the clear count. A held window (``hold``: no evidence of the
+breach, but no recovery either) leaves a firing alert as it is and breaks a streak.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def advance(
     metric: str,
     for_windows: int = 1,
     resolve_after: int = 1,
+    hold: bool = False,
 ) -> Transition | None:
     """Apply one window's verdict to ``st`` (mutated); the event to publish, if any."""
     if verdict is None:
@@ -62,6 +64,8 @@ def advance(
         st["alert"] = {"severity": verdict, "started_at": started, "clear": 0, "metric": metric}
         return Transition("fired", verdict, started)
     if verdict is None:
+        if hold:
+            return None
         alert["clear"] = int(alert.get("clear", 0)) + 1
         if alert["clear"] >= resolve_after:
             st["alert"] = None
