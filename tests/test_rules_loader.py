@@ -251,3 +251,19 @@ def test_runtime_from_settings_reloads_and_judges(tmp_path: Path) -> None:
     assert [(a.rule, a.state) for a in alerts + alerts2] == [("a", "resolved")]
     with pytest.raises(RulesError, match="worker window"):
         RulesRuntime.from_settings(Settings(rules_file=path, worker=WorkerConfig(windows_s=[30])))
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("rules: " + "[" * 100_000, "nested deeper than"),
+        ("a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+         + "".join(f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+                   for p, c in zip("abcdefgh", "bcdefghi", strict=True)), "aliases counted as expanded"),
+    ],
+)
+def test_a_pathological_rules_file_is_a_rules_error(text: str, reason: str) -> None:
+    """Deep nesting and alias bombs give the clean error naming the file, never a RecursionError."""
+    with pytest.raises(RulesError) as err:
+        parse_rules(text, "bomb.yaml")
+    assert "bomb.yaml" in str(err.value) and reason in str(err.value)

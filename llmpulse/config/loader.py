@@ -84,7 +84,7 @@ def _env_overrides(environ: Mapping[str, str]) -> list[tuple[tuple[str, ...], An
         else:
             path = tuple(p.lower() for p in rest.split("__"))
         try:
-            value = _bounded_yaml(raw, f"environment variable {name}") if raw.strip() else ""
+            value = bounded_yaml(raw, f"environment variable {name}") if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         if isinstance(value, (dict, list)) or value is None:
@@ -95,7 +95,7 @@ def _env_overrides(environ: Mapping[str, str]) -> list[tuple[tuple[str, ...], An
     return out
 
 
-def _bounded_yaml(text: str, where: str) -> Any:
+def bounded_yaml(text: str, where: str) -> Any:
     """yaml.safe_load within the depth and size limits, or ConfigError naming `where`."""
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{where}: larger than {MAX_CONFIG_BYTES} bytes; a config is much smaller")
@@ -132,7 +132,7 @@ def load_settings(
         try:
             if file_path.stat().st_size > MAX_CONFIG_BYTES:
                 raise ConfigError(f"{file_path}: larger than {MAX_CONFIG_BYTES} bytes; a config is much smaller")
-            loaded = _bounded_yaml(file_path.read_text(encoding="utf-8"), str(file_path))
+            loaded = bounded_yaml(file_path.read_text(encoding="utf-8"), str(file_path))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{file_path}: not valid YAML: {exc}") from exc
         except OSError as exc:

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from llmpulse.config.loader import ConfigError, bounded_yaml
 from llmpulse.errors import LLMPulseError
 from llmpulse.streams.rules.model import RULE_MODELS, CompositeRule, Rule, RuleSet
 
@@ -82,7 +83,11 @@ def parse_rules(
 ) -> RuleSet:
     """Validate rules YAML text. ``windows_s``: the worker's windows (None: do not check)."""
     try:
-        tree = yaml.safe_load(text)
+        # the config's bounds (size, depth, aliases expanded): a pathological rules file is a
+        # RulesError naming it, never a RecursionError escaping the worker's reload
+        tree = bounded_yaml(text, source)
+    except ConfigError as exc:
+        raise RulesError(str(exc)) from None
     except yaml.YAMLError as exc:
         raise RulesError(f"{source}: not valid YAML: {exc}") from None
     if tree is None:
