@@ -19,6 +19,11 @@ produced again). "ClickHouse unreachable for the sink" is not injected: the embe
 store (chDB) lives inside the sink's process, there is no network path to cut; the
 result says so (`faults_not_injected`).
 
+One incident is injected as well (seeded start, 30-70 s in): for 45 s the SDK's calls take
+6-8 s, so the shipped `latency_avg` rule fires for app `sdk` and resolves afterwards; its
+notifications must reach Slack through the Slack faults and notifier kills, each once
+(`incident_notified_firing`, `incident_notified_resolved`).
+
 Afterwards (load stopped, producers flushed, windows closed) it compares with the ground
 truth: raw rows (`llm_calls FINAL`), the worker's 10 s windows (`llm_aggregates FINAL`,
 global and per model), the per-minute roll-ups (`llm_calls_1m`) and the notifications
@@ -59,6 +64,7 @@ from llmpulse.errors import LLMPulseError
 WEBHOOK_ENV = "LLMPULSE_SECRET_CHAOS_SLACK_WEBHOOK"
 DELIVERY_TIMEOUT_S = 3.0
 WINDOW_S = 10
+INCIDENT_S = 45.0
 MODELS = ["gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet"]
 KINDS = ["kill_worker", "kill_sink", "kill_notifier", "kill_proxy", "broker_stall",
          "slack_429", "slack_500", "duplicates"]  # fmt: skip
@@ -133,7 +139,9 @@ def proxy_load(base: str, truth: Truth, rate: float, stop: threading.Event, rng:
         stop.wait(1 / rate)
 
 
-def sdk_load(truth: Truth, rate: float, stop: threading.Event, rng: random.Random) -> None:
+def sdk_load(truth: Truth, rate: float, stop: threading.Event, rng: random.Random,
+             incident: tuple[float, float] = (-1.0, -1.0)) -> None:  # fmt: skip
+    """SDK calls; between `incident` (start, end; monotonic) they take 6-8 s: a latency incident of app `sdk`."""
     import llmpulse
 
     n = 0
@@ -141,8 +149,10 @@ def sdk_load(truth: Truth, rate: float, stop: threading.Event, rng: random.Rando
         user = f"s-{n}"
         n += 1
         err = rng.random() < 0.05
+        slow = incident[0] <= time.monotonic() < incident[1]
+        latency = rng.uniform(6000, 8000) if slow else rng.uniform(50, 900)
         ev = llmpulse.record(model=rng.choice(MODELS), prompt_tokens=rng.randint(5, 500),
-                             completion_tokens=rng.randint(1, 200), latency_ms=rng.uniform(50, 900), user=user,
+                             completion_tokens=rng.randint(1, 200), latency_ms=latency, user=user,
                              status_code=500 if err else 200, error_type="upstream_5xx" if err else None)  # fmt: skip
         if ev is not None:
             truth.add([user])
@@ -201,6 +211,10 @@ def main() -> dict[str, Any]:
     cal = common.calibration()  # this machine's speed before the run (bench/common.py)
     rng = random.Random(args.seed)
     schedule = _schedule(args.seed, args.duration_s, args.faults)
+    # one latency incident (seeded start) early enough to fire and resolve within the run: its
+    # notifications are the ones that must reach Slack exactly once through the faults
+    incident_at = rng.uniform(30.0, max(30.0, min(70.0, args.duration_s - 170.0)))
+    incident: list[float] = [-1.0, -1.0]
     workdir = Path(tempfile.mkdtemp(prefix="llmpulse-chaos-"))
     truth = Truth()
     injected = Counter[str]()
@@ -247,12 +261,13 @@ def main() -> dict[str, Any]:
             loads = [
                 threading.Thread(target=proxy_load, args=(f"http://127.0.0.1:{proxy_port}", truth, args.rate, stop,
                                                           random.Random(args.seed + 1)), daemon=True),
-                threading.Thread(target=sdk_load, args=(truth, args.rate, stop, random.Random(args.seed + 2)),
-                                 daemon=True),
+                threading.Thread(target=sdk_load, args=(truth, args.rate, stop, random.Random(args.seed + 2),
+                                                        incident), daemon=True),
                 threading.Thread(target=ingest_load, args=(ingest.url, truth, args.rate, stop,
                                                            random.Random(args.seed + 3)), daemon=True),
             ]  # fmt: skip
             t0 = time.monotonic()
+            incident[:] = [t0 + incident_at, t0 + incident_at + INCIDENT_S]
             for t in loads:
                 t.start()
             for at, kind in schedule:
@@ -271,6 +286,7 @@ def main() -> dict[str, Any]:
             print(f"load stopped after {load_s:.0f} s: {sent} events accepted, {sum(injected.values())} faults; settling")
             raw = _settle(settings, truth, timeout=300)
             figures = _compare(settings, truth, raw, fake)
+            figures.update(_incident_notified(fake, incident_at, args.duration_s))
         finally:
             stop.set()
             if ingest is not None:
@@ -380,6 +396,18 @@ def _settle(settings: Any, truth: Truth, timeout: float) -> dict[str, tuple[str,
         time.sleep(3)
     time.sleep(WINDOW_S + 3 + 2 + 5)  # the last window's end + grace + idle close + the sink's batch
     return _raw(settings)
+
+
+def _incident_notified(fake: Any, at: float, duration_s: float) -> dict[str, Any]:
+    """Whether the injected latency incident reached Slack: firing, then resolved (rule `latency_avg`)."""
+    heads = [m.header for m in fake.snapshot() if "latency_avg" in m.header or "latency_avg" in m.body_text]
+    return {
+        "incident": f"latency of app sdk 6-8 s from {at:.0f} s for {INCIDENT_S:.0f} s",
+        "incident_notified_firing": any("firing" in h for h in heads),
+        # resolving takes the incident's last window, then `resolve_after` clear windows (about 3 min)
+        "incident_notified_resolved": any("resolved" in h for h in heads) if duration_s >= 200 else None,
+        "incident_notifications": len(heads),
+    }
 
 
 def _raw(settings: Any) -> dict[str, tuple[str, int, str, str, int]]:
