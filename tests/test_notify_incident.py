@@ -92,3 +92,47 @@ def test_an_unrelated_outage_within_the_hour_gets_its_own_page() -> None:
     assert page.notification is not None
     assert [a.rule for a in page.notification.firing] == ["latency_avg"]
     assert page.notification.group_labels["incident"].startswith("model=llama since ")
+
+
+def test_a_budget_alert_pages_once_escalates_once_and_is_never_repeated() -> None:
+    """A daily budget: one page at warning, one at critical, no reminder all day (the breach
+    does not get better by waiting), one resolution; incidents of that hour page on their own."""
+    from datetime import timedelta
+
+    from tests.test_notify import T0
+
+    clock = Clock()
+    d = dispatcher(clock, group_by=["incident"], repeat_interval_s=4 * 3600)
+    budget = make_alert(rule="daily_tokens", dims={}).model_copy(update={"rule_type": "budget"})
+    d.apply(budget, (0, 0))
+    (first,) = sent(flush_all(d, clock, 10.1))
+    assert first.notification is not None and first.notification.group_labels["budget"] == "daily_tokens"
+    # an outage 5 minutes later does not join the budget's group: it pages on its own
+    outage = make_alert(rule="error_rate_anomaly", dims={"model": "gpt-4o"}, started_at=T0 + timedelta(minutes=5))
+    d.apply(outage, (0, 1))
+    (page,) = sent(flush_all(d, clock, 60))
+    assert page.notification is not None and [a.rule for a in page.notification.firing] == ["error_rate_anomaly"]
+    # ...and the budget's escalation does not join the outage's incident either
+    d.apply(budget.model_copy(update={"severity": "critical", "alert_id": "esc"}), (0, 2))
+    (esc,) = sent(flush_all(d, clock, 60))
+    assert esc.notification is not None and esc.notification.severity == "critical"
+    assert [a.rule for a in esc.notification.firing] == ["daily_tokens"]
+    d.apply(outage.model_copy(update={"state": "resolved", "alert_id": "r0"}), (0, 3))
+    assert len(sent(flush_all(d, clock, 60))) == 1
+    # 20 hours still over budget: no reminder (a threshold alert would get 5)
+    reminders = [f for _ in range(20 * 60) for f in sent(flush_all(d, clock, 60))]
+    assert reminders == []
+    # the UTC day rolls over: one resolution
+    d.apply(budget.model_copy(update={"state": "resolved", "severity": "critical", "alert_id": "r1"}), (0, 4))
+    (res,) = sent(flush_all(d, clock, 60))
+    assert res.notification is not None and [a.rule for a in res.notification.resolved] == ["daily_tokens"]
+    assert d.groups == {}
+
+
+def test_other_alerts_are_still_repeated() -> None:
+    clock = Clock()
+    d = dispatcher(clock, group_by=["incident"], repeat_interval_s=4 * 3600)
+    d.apply(make_alert(rule="latency_avg", dims={"model": "gpt-4o"}).model_copy(update={"rule_type": "threshold"}), (0, 0))
+    assert len(sent(flush_all(d, clock, 10.1))) == 1
+    reminders = [f for _ in range(9 * 60) for f in sent(flush_all(d, clock, 60))]
+    assert len(reminders) == 2  # after 4 h and 8 h

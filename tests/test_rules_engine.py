@@ -224,7 +224,8 @@ def test_daily_budget_warning_then_critical_then_reset_next_utc_day() -> None:
     # the next UTC day starts from zero: the alert resolves, then fires only when exceeded again
     next_day = T0.replace(day=2, hour=0, minute=0)
     [res] = r.feed(agg(0, start=next_day, dims=app, requests=1, total_tokens=10_000))
-    assert (res.state, res.value) == ("resolved", 10_000)
+    assert (res.state, res.value, res.rule_type) == ("resolved", 120_000, "budget")
+    assert res.summary.startswith("resolved: total_tokens budget starts again at 00:00 UTC; 2024-05-01 ended at 120,000")
     assert (
         r.feed(
             agg(0, start=next_day + timedelta(minutes=1), dims=app, requests=1, total_tokens=60_000)
@@ -236,6 +237,34 @@ def test_daily_budget_warning_then_critical_then_reset_next_utc_day() -> None:
     )
     assert (again.state, again.severity, again.value) == ("firing", "warning", 90_000)
     assert again.started_at == next_day + timedelta(minutes=2)
+
+
+def test_shipped_daily_budget_alerts_once_escalates_once_and_ends_with_the_day() -> None:
+    """daily_tokens of the shipped rules (resolve_after 2) on a day that passes 100k early:
+    one alert at 80k, one escalation at 100k, nothing more all day however far over, and
+    the alert resolves in the first window of the next UTC day."""
+    r = Runner(RulesEngine(load_rules(None)))
+    day = T0.replace(hour=0, minute=0)
+    out = []
+    for i in range(24 * 60):  # 2,000 tokens a minute: 2.88M by the end of the day
+        out += r.feed(agg(0, start=day + timedelta(minutes=i), requests=10, total_tokens=2_000))
+    budget = [a for a in out if a.rule == "daily_tokens"]
+    assert [(a.state, a.severity, a.window_start - day) for a in budget] == [
+        ("firing", "warning", timedelta(minutes=40)),  # 82k > 80k
+        ("firing", "critical", timedelta(minutes=50)),  # 102k > 100k
+    ]
+    assert {a.rule_type for a in budget} == {"budget"}
+    assert budget[0].evidence == {"day_total": 82_000, "day": day.strftime("%Y-%m-%d")}
+    # a new day whose first window is already past the warning level: the old day's alert
+    # resolves and the new day's fires, in the same window
+    nxt = day + timedelta(days=1)
+    got = [a for a in r.feed(agg(0, start=nxt, requests=10, total_tokens=90_000)) if a.rule == "daily_tokens"]
+    assert [(a.state, a.severity, a.started_at) for a in got] == [
+        ("resolved", "critical", day + timedelta(minutes=40)),
+        ("firing", "warning", nxt),
+    ]
+    assert got[0].value == 2_880_000 and got[1].value == 90_000
+    assert len({a.alert_id for a in got}) == 2
 
 
 def test_budget_counts_one_window_size_only() -> None:

@@ -5,6 +5,10 @@ Every firing alert says why in terms a person can check: ``value`` against ``thr
 one side may be open), and ``evidence``: the numbers the rule decided on (``n`` calls,
 ``count``, ``p_value``, a confidence ``bound``, SLO ``burn_rate_long``/``burn_rate_short``
 and ``error_budget_remaining``...). Older producers leave the new fields empty.
+
+``rule_type`` says what kind of rule fired (threshold, slo, anomaly, budget, composite): the
+notifier paces by it (a daily budget alert is not repeated while it fires, and stays out of
+incident grouping: a spent budget is not an outage, see docs/notify.md).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from llmpulse.schemas.base import IdStr, UtcDatetime, WireModel, new_event_id, u
 
 Severity = Literal["warning", "critical"]
 AlertState = Literal["firing", "resolved"]
+RuleType = Literal["threshold", "slo", "anomaly", "budget", "composite"]
 
 
 def alert_fingerprint(rule: str, dimensions: dict[str, str]) -> str:
@@ -45,3 +50,4 @@ class Alert(WireModel):
     expected_low: float | None = None
     expected_high: float | None = None
     evidence: dict[str, str | float] | None = None
+    rule_type: RuleType | None = None

@@ -30,6 +30,13 @@ incident on one model, must not swallow the next one on another. The group notif
 has resolved, and on ``repeat_interval``; alerts joining or resolving in between are
 recorded in the delivery log without a message. The group's label names the dimension
 at fault of the alert that opened it (its dimensions, else its root cause) and when.
+
+Budgets (``rule_type: budget``, a running total per UTC day) are paced apart: a budget
+alert is never repeated on ``repeat_interval`` (a spent budget does not get better by
+waiting; its next news is the escalation at critical or the day's end), and under incident
+grouping it opens a group of its own that nothing joins and that it joins nobody's: it
+fires once a day on ordinary traffic and is no outage, so it must neither swallow an
+incident's page nor ride along on one.
 """
 
 from __future__ import annotations
@@ -55,6 +62,10 @@ INCIDENT = "incident"
 INCIDENT_SPAN_S = 3600.0
 """An alert joins an open incident only if it started within this long of the incident's
 first alert, so a long-firing alert (a daily budget) does not swallow the next outage."""
+NO_REPEAT_TYPES = frozenset({"budget"})
+"""Rule types whose firing alerts are not repeated on repeat_interval (see the docstring)."""
+BUDGET_LABEL = "budget"
+"""The label of an incident group opened by a budget alert (it holds that budget only)."""
 INCIDENT_JOIN_S = 1800.0
 """Alerts starting within this long of an incident's first alert join it whatever their
 dimensions; later ones (up to INCIDENT_SPAN_S) only if they share a dimension value.
@@ -244,6 +255,7 @@ class Dispatcher:
                 if prev is not None and prev.resolved.get(fp) == alert.started_at:
                     return None  # a replayed firing alert whose resolution was already sent
                 return group
+        budget = alert.rule_type == "budget"
         open_groups = sorted(
             (
                 g
@@ -251,14 +263,17 @@ class Dispatcher:
                 if g.route.name == route.name
                 and g.receiver == receiver
                 and INCIDENT in g.labels
+                and BUDGET_LABEL not in g.labels
                 and any(a.state == "firing" for a in g.alerts.values())
                 and same_incident(alert, list(g.alerts.values()))
             ),
             key=lambda g: g.gid,
         )
-        if open_groups:
+        if open_groups and not budget:
             return open_groups[0]
         labels = {k: v for k, v in route.group_labels(alert).items() if k != INCIDENT}
+        if budget:
+            labels[BUDGET_LABEL] = alert.rule
         labels[INCIDENT] = f"{fault_of(alert)} since {alert.started_at.strftime('%Y-%m-%dT%H:%M:%SZ')}"
         return self._group(route, receiver, labels, route.group_wait_s)
 
@@ -314,7 +329,7 @@ class Dispatcher:
                 or SEVERITY_RANK[a.severity] > SEVERITY_RANK[entry.severity]
             ):
                 new.add(a.fingerprint)
-        repeat = bool(visible) and prev is not None and (
+        repeat = any(a.rule_type not in NO_REPEAT_TYPES for a in visible) and prev is not None and (
             (now - prev.ts).total_seconds() >= group.route.repeat_interval_s
         )
         send = bool(new or resolved or repeat)

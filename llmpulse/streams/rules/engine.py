@@ -11,6 +11,11 @@ Usage (one state per dimension set, e.g. a changelog-backed table keyed by ``dim
 A window a rule cannot judge (fewer than ``min_requests``, no value, too little baseline)
 counts as clear: it breaks a ``for`` streak and counts towards ``resolve_after``.
 
+A budget alert belongs to its UTC day: it fires once when the day's total passes
+``warning``, escalates once at ``critical``, stays firing without repeats (a total does not
+fall within a day), and resolves with the first window of the next day, whatever
+``resolve_after`` says.
+
 Call it with each dimension set's windows in window order. A window at or before the last
 one judged for the same (kind, window size) is ignored, so a re-delivered window after a
 crash neither repeats nor loses an alert. Everything is deterministic: timestamps come
@@ -39,6 +44,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from llmpulse.schemas import Alert, WindowAggregate, alert_fingerprint
+from llmpulse.schemas.alert import RuleType
 from llmpulse.streams.rules.baseline import add, expected, observe, series_dispersion
 from llmpulse.streams.rules.evidence import Verdict, judge_anomaly, judge_threshold, rounded
 from llmpulse.streams.rules.lifecycle import Transition, advance, firing_severity
@@ -171,8 +177,10 @@ class RulesEngine:
                 verdict = _judge_anomaly(rule, agg, rst)
                 for_windows = rule.for_
             else:
-                verdict = _judge_budget(rule, agg, rst)
+                verdict, ended = _judge_budget(rule, agg, rst)
                 for_windows = 1
+                if ended is not None and rst.get("alert") is not None:
+                    self._end_budget_day(rule, agg, rst, ended, alerts)
             tr = advance(
                 rst, verdict.level, start_ms, metric=rule.metric,
                 for_windows=for_windows, resolve_after=rule.resolve_after, hold=verdict.inconclusive,
@@ -224,9 +232,8 @@ class RulesEngine:
             if last is None:
                 continue
             w_ms = rule.window * 1000
-            if isinstance(rule, BudgetRule):
-                next_day_ms = ((last // 1000) // DAY_S + 1) * DAY_S * 1000
-                start = next_day_ms + (rule.resolve_after - 1) * w_ms
+            if isinstance(rule, BudgetRule):  # resolves with the day, not after clear windows
+                start = ((last // 1000) // DAY_S + 1) * DAY_S * 1000
                 why = "the daily budget starts again at 00:00 UTC"
             else:
                 start = last + (rule.resolve_after - int(alert.get("clear", 0))) * w_ms
@@ -247,7 +254,8 @@ class RulesEngine:
                 )
                 alerts.append(
                     _build_at(
-                        name, rule.metric, tr, None, None, None, dimensions, *window, text
+                        name, rule.metric, tr, None, None, None, dimensions, *window, text,
+                        rule.type,
                     )
                 )  # fmt: skip
         if last_window is None:
@@ -269,7 +277,8 @@ class RulesEngine:
                 text = f"resolved: {comp.name}: its rules no longer fire {fmt_dims(dimensions)}"
                 alerts.append(
                     _build_at(
-                        comp.name, "composite", tr, None, None, None, dimensions, *last_window, text
+                        comp.name, "composite", tr, None, None, None, dimensions, *last_window, text,
+                        "composite",
                     )
                 )  # fmt: skip
         return alerts
@@ -303,6 +312,29 @@ class RulesEngine:
 
     # -- alerts ---------------------------------------------------------------------------
 
+    def _end_budget_day(
+        self, rule: BudgetRule, agg: WindowAggregate, rst: State, ended: State, alerts: list[Alert]
+    ) -> None:
+        """A new UTC day: the firing budget alert of the day before resolves now."""
+        alert = rst["alert"]
+        rst["alert"] = None
+        rst["streak"] = 0
+        if not alert.get("publish", True):
+            return
+        tr = Transition("resolved", alert["severity"], int(alert["started_at"]))
+        day = datetime.fromtimestamp(int(ended["day"]) * DAY_S, tz=UTC).strftime("%Y-%m-%d")
+        total = float(ended["total"])
+        text = (
+            f"resolved: {rule.metric} budget starts again at 00:00 UTC; {day} ended at "
+            f"{fmt_value(rule.metric, total)} {fmt_dims(agg.dimensions)} "
+            f"(firing since {fmt_time(_from_ms(tr.started_at_ms))})"
+        )
+        limit = rule.critical if alert["severity"] == "critical" else rule.warning
+        alerts.append(
+            _build(rule.name, rule.metric, tr, total, limit, None, agg, text, rule.type)
+            .model_copy(update={"evidence": rounded({"day_total": total, "day": day})})
+        )  # fmt: skip
+
     def _alert(self, rule: WindowRule, tr: Transition, v: Verdict, agg: WindowAggregate) -> Alert:
         alert = _build(
             rule.name,
@@ -313,6 +345,7 @@ class RulesEngine:
             v.baseline,
             agg,
             _summary(rule, tr, v, agg),
+            rule.type,
         )
         if tr.change == "resolved" and not v.judged:
             return alert
@@ -353,8 +386,11 @@ class RulesEngine:
             text = f"{comp.name}: {what} [{listed}] firing ({tr.severity}) {where}"
         need = len(comp.members) if comp.mode == "all_of" else 1
         alerts.append(
-            _build(comp.name, "composite", tr, float(len(active)), float(need), None, agg, text)
-        )
+            _build(
+                comp.name, "composite", tr, float(len(active)), float(need), None, agg, text,
+                "composite",
+            )
+        )  # fmt: skip
 
 
 def _composite_level(
@@ -388,19 +424,28 @@ def _judge_anomaly(rule: AnomalyRule, agg: WindowAggregate, rst: State) -> Verdi
     return judge_anomaly(rule, obs, exp, agg, lambda: series_dispersion(bst))
 
 
-def _judge_budget(rule: BudgetRule, agg: WindowAggregate, rst: State) -> Verdict:
+def _judge_budget(rule: BudgetRule, agg: WindowAggregate, rst: State) -> tuple[Verdict, State | None]:
+    """The verdict on the day's running total; and the previous day's budget state when
+    this window opens a new UTC day (its alert, if any, ends with that day)."""
     day = (_ms(agg.window_start) // 1000) // DAY_S
     bst: State | None = rst.get("budget")
+    ended: State | None = None
     if bst is None or day > int(bst["day"]):
+        ended = bst
         bst = rst["budget"] = {"day": day, "total": 0.0}
     if day == int(bst["day"]):  # a window of an earlier day arriving late is not counted today
         bst["total"] = float(bst["total"]) + float(getattr(agg, rule.metric))
     total = float(bst["total"])
+    evidence: dict[str, float | str] = {
+        "day_total": total,
+        "day": datetime.fromtimestamp(int(bst["day"]) * DAY_S, tz=UTC).strftime("%Y-%m-%d"),
+    }
     if rule.critical is not None and total > rule.critical:
-        return Verdict("critical", total, rule.critical)
+        return Verdict("critical", total, rule.critical, evidence=evidence), ended
     if rule.warning is not None and total > rule.warning:
-        return Verdict("warning", total, rule.warning)
-    return Verdict(None, total, rule.warning if rule.warning is not None else rule.critical)
+        return Verdict("warning", total, rule.warning, evidence=evidence), ended
+    limit = rule.warning if rule.warning is not None else rule.critical
+    return Verdict(None, total, limit, evidence=evidence), ended
 
 
 # -- alert building -----------------------------------------------------------------------
@@ -415,10 +460,11 @@ def _build(
     baseline: float | None,
     agg: WindowAggregate,
     summary: str,
+    rule_type: RuleType | None = None,
 ) -> Alert:
     return _build_at(
         rule, metric, tr, value, threshold, baseline,
-        agg.dimensions, agg.window_start, agg.window_end, summary,
+        agg.dimensions, agg.window_start, agg.window_end, summary, rule_type,
     )  # fmt: skip
 
 
@@ -433,6 +479,7 @@ def _build_at(
     window_start: datetime,
     window_end: datetime,
     summary: str,
+    rule_type: RuleType | None = None,
 ) -> Alert:
     fp = alert_fingerprint(rule, dimensions)
     end_ms = _ms(window_end)
@@ -453,6 +500,7 @@ def _build_at(
         started_at=_from_ms(tr.started_at_ms),
         ts=window_end,
         summary=summary[:4096],
+        rule_type=rule_type,
     )
 
 

@@ -20,11 +20,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from llmpulse.config.worker import CALL_DIMENSIONS
+from llmpulse.schemas.alert import RuleType as RuleType  # the `type` of a rule, as alerts carry it
 
 Kind = Literal["calls", "gpu", "feedback", "host"]
 Direction = Literal["above", "below"]
 Severity = Literal["warning", "critical"]
-RuleType = Literal["threshold", "slo", "anomaly", "budget", "composite"]
 
 CALL_METRICS = frozenset(
     {
