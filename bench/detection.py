@@ -38,14 +38,26 @@ Keys of bench/results/detection.json (W = `--window-s`, the rules' window, 60 s)
                               escalation is the same episode) that started outside every
                               incident: before its start floored to W, or at/after its
                               end rounded up to W plus 2 W (the tolerance for rules that
-                              need a window or two to clear)
+                              need a window or two to clear), and are not the alert of a
+                              budget crossing (below); a budget alert at any other time
+                              is a false alert like any other
   false_alerts_per_day        false_alerts / days
   false_alerts_<rule>         false_alerts by rule
   notifications               messages the notifier would send (firing, escalated,
                               resolved, repeated), all receivers of the default route
   notifications_per_incident  messages holding an alert that started within an incident
                               (its span as above), summed over incidents / incidents
-  notifications_outside_incidents_per_day   the rest, per simulated day
+  notifications_outside_incidents_per_day   the rest, per simulated day, less the
+                              budget notifications (below)
+  budget_crossings            expected alerts: a UTC day's running total passing a level
+                              of a budget rule (the shipped daily_tokens: 80k warning,
+                              100k critical), known to the workload (BudgetLedger)
+  budget_alerts_on_time       crossings with a firing alert of that rule and dimension
+                              set, at the level's severity or higher, for the window of
+                              the crossing call or the next one
+  budget_missed               the crossings without one
+  budget_notifications        messages holding only such alerts (their firing,
+                              escalation and resolution at the day's end), and per day
   incidents_without_notification            incidents no message told anyone about
                               (e.g. an alert that joined another open incident's group)
   alerts_firing, alerts_resolved            alert events read from the alerts topic
@@ -80,6 +92,7 @@ from detection_workload import (
     GPU_HOST,
     GPUS,
     KINDS,
+    BudgetCrossing,
     Incident,
     Traffic,
     Workload,
@@ -90,11 +103,13 @@ from detection_workload import (
 
 from llmpulse.config import Settings, load_settings
 from llmpulse.config.notify import NotifyConfig
-from llmpulse.schemas.alert import Alert
+from llmpulse.schemas.alert import Alert, alert_fingerprint
 from llmpulse.schemas.base import SCHEMA_VERSION
 from llmpulse.sinks.notifier.grouping import Dispatcher, Notification
 from llmpulse.sinks.notifier.routing import Router
 from llmpulse.sinks.notifier.silences import SilenceStore
+from llmpulse.streams.rules import load_rules
+from llmpulse.streams.rules.model import BudgetRule
 
 DAY_S = 86400.0
 
@@ -137,12 +152,54 @@ class Score:
     false_by_rule: Counter[str] = field(default_factory=Counter)
     notifications: int = 0
     notifications_outside: int = 0
+    budget_crossings: int = 0
+    budget_on_time: int = 0
+    budget_missed: list[str] = field(default_factory=list)
+    budget_episodes: set[tuple[str, datetime]] = field(default_factory=set)
+    budget_notifications: int = 0
 
 
-def score(incidents: Iterable[Incident], alerts: list[Alert], w: int, data_end: datetime) -> Score:
+_RANK = {"warning": 1, "critical": 2}
+
+
+def score_budgets(crossings: Iterable[BudgetCrossing], alerts: list[Alert], data_end: datetime, out: Score) -> None:
+    """Each crossing is due an alert of its rule and dimension set, at its severity or higher,
+    for the window of the crossing call or the next one; those alerts' episodes are expected."""
+    firing = [a for a in alerts if a.state == "firing" and a.window_start < data_end]
+    for c in crossings:
+        if c.at >= data_end:
+            continue
+        out.budget_crossings += 1
+        fp = alert_fingerprint(c.rule, dict(c.dimensions))
+        ws = math.floor(c.at.timestamp() / c.window_s) * c.window_s
+        due = [
+            a for a in firing
+            if a.fingerprint == fp and _RANK[a.severity] >= _RANK[c.severity]
+            and ws <= a.window_start.timestamp() <= ws + c.window_s
+        ]  # fmt: skip
+        if due:
+            out.budget_on_time += 1
+            out.budget_episodes.update((a.fingerprint, a.started_at) for a in due)
+        else:
+            out.budget_missed.append(c.describe())
+
+
+def score(
+    incidents: Iterable[Incident],
+    alerts: list[Alert],
+    w: int,
+    data_end: datetime,
+    crossings: Iterable[BudgetCrossing] = (),
+) -> Score:
     scores = [IncidentScore(i) for i in incidents]
     zones = [zone(s.incident, w) for s in scores]
-    firing = [a for a in alerts if a.state == "firing" and a.window_start < data_end]
+    out = Score(scores)
+    score_budgets(crossings, alerts, data_end, out)
+    firing = [
+        a for a in alerts
+        if a.state == "firing" and a.window_start < data_end
+        and (a.fingerprint, a.started_at) not in out.budget_episodes
+    ]  # fmt: skip
     for s in scores:
         inc = s.incident
         deadline = inc.start.timestamp() + 2 * w
@@ -158,7 +215,6 @@ def score(incidents: Iterable[Incident], alerts: list[Alert], w: int, data_end: 
             if a.window_end.timestamp() <= deadline:
                 s.recalled = True
                 break
-    out = Score(scores)
     episodes: set[tuple[str, datetime]] = set()
     for a in firing:
         t = a.started_at.timestamp()
@@ -215,15 +271,21 @@ def notifications(alerts: list[Alert], notify: NotifyConfig, until: datetime) ->
 
 
 def attribute(sent: list[Notification], scores: Score, w: int) -> None:
-    """Count each message against the incidents whose zone one of its alerts started in."""
+    """Count each message against the incidents whose zone one of its alerts started in;
+    a message holding only the alerts of budget crossings is a budget notification."""
     zones = [(s, *zone(s.incident, w)) for s in scores.incidents]
     for n in sent:
+        listed = [*n.firing, *n.resolved]
+        scores.notifications += 1
+        others = [a for a in listed if (a.fingerprint, a.started_at) not in scores.budget_episodes]
+        if listed and not others:
+            scores.budget_notifications += 1
+            continue
         hit = False
         for s, lo, hi in zones:
-            if any(lo <= a.started_at.timestamp() < hi for a in (*n.firing, *n.resolved)):
+            if any(lo <= a.started_at.timestamp() < hi for a in others):
                 s.notifications += 1
                 hit = True
-        scores.notifications += 1
         scores.notifications_outside += not hit
 
 
@@ -274,7 +336,8 @@ def _produce(
 
 
 def replay(w: Workload, rules: Path | None, timeout_s: float, window_s: int) -> dict[str, Any]:
-    traffic = Traffic(w)
+    budgets = [r for r in load_rules(rules, (10, 60)).rules if isinstance(r, BudgetRule)]
+    traffic = Traffic(w, budgets)
     last_window = datetime.fromtimestamp(_floor(w.end - timedelta(seconds=1), window_s), UTC)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -354,7 +417,7 @@ def replay(w: Workload, rules: Path | None, timeout_s: float, window_s: int) -> 
                 consumer.close()
                 stop(worker)
     return {"alerts": alerts, "wall_s": wall, "messages": done.get("n", 0), "counts": traffic.counts,
-            "settings": settings}  # fmt: skip
+            "settings": settings, "crossings": traffic.ledger.crossings}  # fmt: skip
 
 
 def main() -> dict[str, Any]:
@@ -402,7 +465,7 @@ def main() -> dict[str, Any]:
     alerts: list[Alert] = r["alerts"]
     if args.alerts_out is not None:
         args.alerts_out.write_text("".join(a.model_dump_json() + "\n" for a in alerts))
-    s = score(w.incidents, alerts, args.window_s, w.end)
+    s = score(w.incidents, alerts, args.window_s, w.end, r["crossings"])
     sent = notifications(
         [a for a in alerts if a.window_start < w.end],
         r["settings"].notify,
@@ -440,6 +503,11 @@ def main() -> dict[str, Any]:
         "notifications": s.notifications,
         "incidents_without_notification": sum(x.notifications == 0 for x in s.incidents),
         "notifications_outside_incidents_per_day": round(s.notifications_outside / days, 2),
+        "budget_crossings": s.budget_crossings,
+        "budget_alerts_on_time": s.budget_on_time,
+        "budget_missed": "; ".join(s.budget_missed),
+        "budget_notifications": s.budget_notifications,
+        "budget_notifications_per_day": round(s.budget_notifications / days, 2),
         "alerts_firing": sum(a.state == "firing" for a in alerts),
         "alerts_resolved": sum(a.state == "resolved" for a in alerts),
         "events": r["counts"]["calls"] + r["counts"]["gpu_samples"],

@@ -27,6 +27,11 @@ Incidents (what MUST alert, each on one target; 10-20 minutes each by default):
     cost_spike      model         prompts 4x and answers 6x as long on one of the models
                                   where that costs money (>= $0.003 per 1k+1k tokens)
     gpu_saturation  gpu           one GPU pinned at 96-99%
+Budget crossings (what MUST alert, once): the running total of each UTC day per budget
+rule of the rules file (the shipped `daily_tokens`: 80k tokens warning, 100k critical,
+passed early every day by this traffic) is kept as the calls are made, so the workload
+knows the call that takes each day's total past each level (`BudgetLedger`).
+
 Incidents are spread over the span after a warm-up (one per slot of span / n, at a
 random time in it, 15 minutes apart at least); one is moved into the afternoon peak
 (13:30-16:00 UTC) when the span covers one; every kind appears once before any repeats.
@@ -36,7 +41,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -47,6 +52,7 @@ from llmpulse.producers.keyhash import KeyHasher
 from llmpulse.producers.loadgen import APPS, MODELS, AppProfile, daily_rhythm
 from llmpulse.producers.pricing import price_call
 from llmpulse.schemas.fast import CallEventFast
+from llmpulse.streams.rules.model import DAY_S, BudgetRule
 
 Kind = Literal[
     "error_burst", "latency_spike", "token_spike", "abusive_key", "cost_spike", "gpu_saturation"
@@ -208,12 +214,60 @@ def _first_peak_in(start: datetime, lo: float, hi: float) -> float | None:
     return None
 
 
+# -- budgets --------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class BudgetCrossing:
+    """A day's running total passing a budget rule's level: a labelled, expected alert."""
+
+    rule: str
+    severity: Literal["warning", "critical"]
+    level: float
+    dimensions: tuple[tuple[str, str], ...]
+    at: datetime  # the call that took the day's total past the level
+    window_s: int  # the rule's window: the alert is due for the window holding `at`
+
+    def describe(self) -> str:
+        dims = ",".join(f"{k}={v}" for k, v in self.dimensions) or "all traffic"
+        return f"{self.rule} {self.severity} ({self.level:g}) on {dims} at {self.at:%d %H:%M:%S}"
+
+
+class BudgetLedger:
+    """The running total of each UTC day per budget rule and dimension set, as the engine
+    keeps it (strictly greater than a level breaches it), and when each level was passed."""
+
+    def __init__(self, budgets: Sequence[BudgetRule]) -> None:
+        self.budgets = tuple(budgets)
+        self.totals: dict[tuple[str, tuple[tuple[str, str], ...], int], float] = {}
+        self.crossings: list[BudgetCrossing] = []
+
+    def add(self, ev: CallEventFast) -> None:
+        day = int(ev.ts.timestamp() // DAY_S)
+        for rule in self.budgets:
+            if any(getattr(ev, k, None) != v for k, v in rule.match.items()):
+                continue
+            amount = float(getattr(ev, rule.metric, None) or (1 if rule.metric == "requests" else 0))
+            for names in rule.dim_sets:
+                dims = tuple((n, str(getattr(ev, n))) for n in names)
+                if any(v == "None" for _, v in dims):
+                    continue
+                key = (rule.name, dims, day)
+                before = self.totals.get(key, 0.0)
+                after = self.totals[key] = before + amount
+                levels = (("warning", rule.warning), ("critical", rule.critical))
+                for severity, level in levels:
+                    if level is not None and before <= level < after:
+                        self.crossings.append(
+                            BudgetCrossing(rule.name, severity, level, dims, ev.ts, rule.window)  # type: ignore[arg-type]
+                        )
+
+
 # -- the calls ------------------------------------------------------------------------------------
 class Traffic:
     """The calls and GPU samples of a workload, in event-time order, as wire events."""
 
-    def __init__(self, w: Workload) -> None:
+    def __init__(self, w: Workload, budgets: Sequence[BudgetRule] = ()) -> None:
         self.w = w
+        self.ledger = BudgetLedger(budgets)
         self.rng = random.Random(f"traffic/{w.seed}")
         days = math.ceil(w.span_s / 86400) + 1
         self.day_wobble = [self.rng.gauss(1.0, 0.05) for _ in range(days)]
@@ -273,6 +327,7 @@ class Traffic:
                     calls.append(self._call(ts0 + timedelta(seconds=self.rng.random()), abuse))
             calls.sort(key=lambda e: e.ts)
             for e in calls:
+                self.ledger.add(e)
                 yield "calls", e.model, e
             second += 1
 

@@ -11,10 +11,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from detection import attribute, notifications, score
-from detection_workload import KINDS, Incident, Traffic, plan
+from detection_workload import KINDS, BudgetCrossing, BudgetLedger, Incident, Traffic, plan
 
 from llmpulse.config.notify import NotifyConfig
 from llmpulse.schemas.alert import Alert, alert_fingerprint
+from llmpulse.schemas.fast import CallEventFast
+from llmpulse.streams.rules import load_rules, parse_rules
+from llmpulse.streams.rules.model import BudgetRule
 
 T0 = datetime(2026, 11, 2, 12, 0, tzinfo=UTC)
 W = 60
@@ -33,12 +36,13 @@ def alert(
     started_min: float | None = None,
     severity: str = "warning",
     root_cause: dict[str, str | float] | None = None,
+    rule_type: str | None = None,
 ) -> Alert:
     return Alert(
         fingerprint=alert_fingerprint(rule, dims), rule=rule, severity=severity, state=state,
         metric="m", dimensions=dims, window_start=at(window_min), window_end=at(window_min + 1),
         started_at=at(window_min if started_min is None else started_min), ts=at(window_min + 1),
-        root_cause=root_cause,
+        root_cause=root_cause, rule_type=rule_type,
     )  # fmt: skip
 
 
@@ -172,3 +176,92 @@ def test_incident_calls_carry_the_fault_and_ordinary_calls_do_not() -> None:
                 > 90
                 > max(e["utilization_gpu_pct"] for e in samples if e["ts"] < inc.start)
             )
+
+
+def _budgets(text: str) -> list[BudgetRule]:
+    return [r for r in parse_rules(text, "t.yaml", (60,)).rules if isinstance(r, BudgetRule)]
+
+
+def test_the_ledger_knows_the_call_that_passes_each_level_per_utc_day_and_dimension_set() -> None:
+    budgets = _budgets(
+        "rules:\n  - {name: tok, type: budget, metric: total_tokens, warning: 100, critical: 150, window: 60}\n"
+        "  - {name: app_cost, type: budget, metric: cost_usd, by: [app], critical: 1.0, window: 60}\n"
+    )
+    ledger = BudgetLedger(budgets)
+    calls = [  # (time, app, tokens, cost)
+        (at(0), "chat", 60, 0.5),
+        (at(1), "chat", 40, 0.5),  # 100 tokens: not past 100; $1.00: not past $1
+        (at(2), "search", 10, 0.9),  # 110 > 100: warning; search $0.90
+        (at(3), "chat", 40, 0.01),  # 150: not past 150; chat $1.01 > $1: critical
+        (at(4), "chat", 1, 0.0),  # 151 > 150: critical
+        (at(5), "chat", 500, 0.0),  # nothing new: each level once a day
+        (T0.replace(day=3, hour=0), "chat", 200, 0.0),  # the next UTC day: both at once
+    ]
+    for ts, app, tokens, cost in calls:
+        ledger.add(CallEventFast(model="m", ts=ts, app=app, prompt_tokens=tokens, cost_usd=cost))
+    assert [(c.rule, c.severity, c.dimensions, c.at) for c in ledger.crossings] == [
+        ("tok", "warning", (), at(2)),
+        ("app_cost", "critical", (("app", "chat"),), at(3)),
+        ("tok", "critical", (), at(4)),
+        ("tok", "warning", (), T0.replace(day=3, hour=0)),
+        ("tok", "critical", (), T0.replace(day=3, hour=0)),
+    ]
+
+
+def test_the_shipped_daily_budget_is_crossed_by_the_workload_and_labelled() -> None:
+    w = plan(1, datetime(2026, 11, 2, 23, tzinfo=UTC), 2 * 3600, incidents=1)
+    budgets = [r for r in load_rules(None).rules if isinstance(r, BudgetRule)]
+    traffic = Traffic(w, budgets)
+    calls = [e for _, _, e in traffic.events() if isinstance(e, CallEventFast)]
+    got = [(c.rule, c.severity, c.level) for c in traffic.ledger.crossings]
+    # the day of the start, then the next: 80k, then 100k, each day
+    assert got == [("daily_tokens", "warning", 80_000), ("daily_tokens", "critical", 100_000)] * 2
+    for c in traffic.ledger.crossings:
+        day = c.at.replace(hour=0, minute=0, second=0, microsecond=0)
+        before = sum(e.total_tokens or 0 for e in calls if day <= e.ts < c.at)
+        upto = before + sum(e.total_tokens or 0 for e in calls if e.ts == c.at)
+        assert before <= c.level < upto
+
+
+CROSSINGS = [
+    BudgetCrossing("daily_tokens", "warning", 80_000, (), at(40.5), 60),
+    BudgetCrossing("daily_tokens", "critical", 100_000, (), at(42.2), 60),
+    BudgetCrossing("daily_tokens", "warning", 80_000, (), at(50.5), 60),  # a day that got none
+]
+
+
+def test_a_budget_alert_at_its_crossing_is_expected_and_a_missing_one_is_a_miss() -> None:
+    alerts = [
+        alert("daily_tokens", {}, 40, rule_type="budget"),  # the window of the warning crossing
+        alert("daily_tokens", {}, 43, started_min=40, severity="critical", rule_type="budget"),  # next window: on time
+        alert("daily_tokens", {}, 20, rule_type="budget"),  # no crossing then: a false alert
+        alert("cost_anomaly", {"app": "search"}, 30),  # false, as before
+    ]
+    s = score([BURST], alerts, W, at(120), CROSSINGS)
+    assert (s.budget_crossings, s.budget_on_time) == (3, 2)
+    assert s.budget_missed == ["daily_tokens warning (80000) on all traffic at 02 12:50:30"]
+    assert dict(s.false_by_rule) == {"daily_tokens": 1, "cost_anomaly": 1}
+    # an escalation two windows late is not on time (and its episode is a false alert)
+    late = [alert("daily_tokens", {}, 40, rule_type="budget"), alert("daily_tokens", {}, 44, started_min=44, severity="critical", rule_type="budget")]
+    s = score([], late, W, at(120), CROSSINGS[:2])
+    assert (s.budget_on_time, dict(s.false_by_rule)) == (1, {"daily_tokens": 1})
+
+
+def test_budget_messages_are_counted_apart_from_incidents_and_noise() -> None:
+    alerts = [
+        alert("daily_tokens", {}, 1, rule_type="budget"),  # a crossing inside the burst's span
+        alert("daily_tokens", {}, 2, started_min=1, severity="critical", rule_type="budget"),
+        alert("success_rate", {"model": "gpt-4o"}, 1),
+        alert("success_rate", {"model": "gpt-4o"}, 13, state="resolved", started_min=1),
+        alert("daily_tokens", {}, 100, state="resolved", started_min=1, severity="critical", rule_type="budget"),
+    ]
+    crossings = [
+        BudgetCrossing("daily_tokens", "warning", 80_000, (), at(1.2), 60),
+        BudgetCrossing("daily_tokens", "critical", 100_000, (), at(2.5), 60),
+    ]
+    sent = notifications(alerts, NotifyConfig(), at(120))
+    s = score([BURST], alerts, W, at(120), crossings)
+    attribute(sent, s, W)
+    # the budget: warning, critical, resolved; the burst: fired, resolved, in messages of its own
+    assert (s.budget_notifications, s.incidents[0].notifications, s.notifications_outside) == (3, 2, 0)
+    assert s.notifications == 5 and not s.false_by_rule
