@@ -49,7 +49,7 @@ def test_fires_at_1_6x_the_baseline_and_not_at_1_4x() -> None:
     assert (a.value, a.baseline, a.threshold) == (160, 100, 150)
     assert a.summary == (
         "requests 160 is 1.60x its 24h baseline 100 (> 1.5x) (expected 56.54..143.46)"
-        " [count 160, p=2.1e-08] (warning) overall in 60 s window ending 12:31:00 UTC"
+        " [count 160, p=2.1e-08 (poisson), baseline: rolling] (warning) overall in 60 s window ending 12:31:00 UTC"
     )
     [c] = loud.feed(calls(31, 400))
     # the baseline is the median of the 5-minute bucket means: the anomalous window does not move it

@@ -139,15 +139,16 @@ def test_slo_rule_validation() -> None:
 def test_the_alert_says_why_in_slack_text_and_the_alerts_table_row() -> None:
     from datetime import timedelta
 
+    from llmpulse.schemas.alert import evidence_text
     from llmpulse.sinks.clickhouse.rows import ALERT_COLUMNS, alert_row
-    from llmpulse.sinks.notifier.blocks import alert_text, evidence_text
+    from llmpulse.sinks.notifier.blocks import alert_text
 
     r = Runner(engine(SLO))
     for i in range(30):
         r.feed(calls(i, 100, 30, dims=M))  # 30% errors: burn 30x everywhere
     [a] = r.alerts
     assert a.severity == "critical"
-    why = evidence_text(a)
+    why = evidence_text(a.evidence)
     assert why.startswith("error budget burning 30x over 1h and 30x over 5m (alert above 14.4x)")
     assert "% of the error budget left" in why
     text = alert_text(a, "http://dash", a.window_end + timedelta(minutes=1))
@@ -155,3 +156,31 @@ def test_the_alert_says_why_in_slack_text_and_the_alerts_table_row() -> None:
     row = dict(zip(ALERT_COLUMNS, alert_row(a), strict=True))
     assert (row["expected_low"], row["expected_high"]) == (0.0, 1.0)
     assert json.loads(row["evidence"])["burn_rate_threshold"] == 14.4
+
+
+def test_every_surface_words_the_evidence_the_same() -> None:
+    """One formatter (schemas/alert.py): the alert's summary, Slack, the webhook's `why`."""
+    from datetime import timedelta
+
+    from llmpulse.schemas.alert import evidence_text
+    from llmpulse.sinks.notifier.blocks import alert_text, plain_text, webhook_payload
+    from llmpulse.sinks.notifier.grouping import Notification
+    from llmpulse.sinks.notifier.models import DeliveryRecord
+
+    r = Runner(engine(SLO))
+    for i in range(30):
+        r.feed(calls(i, 100, 30, dims=M))
+    [a] = r.alerts
+    why = a.why()
+    assert why == evidence_text(a.evidence)
+    assert why.startswith(
+        "error budget burning 30x over 1h and 30x over 5m (alert above 14.4x), "
+        "30 of 100 calls failed over 1h, "
+    )
+    assert why in a.summary
+    assert f"_evidence:_ {why}" in alert_text(a, "http://dash", a.window_end + timedelta(minutes=1))
+    record = DeliveryRecord(group_id="g", route="default", receiver="r", group_key="k",
+                            notification_id="n1", seq=1)  # fmt: skip
+    n = Notification("n1", "g", "default", "r", "k", {}, [a], {a.fingerprint}, [], record)
+    assert webhook_payload(n, "http://dash")["firing"][0]["why"] == why
+    assert f"({why})" in plain_text(n, "http://dash")

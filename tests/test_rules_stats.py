@@ -103,7 +103,7 @@ def test_one_failure_in_20_does_not_breach_99_percent_but_7_do() -> None:
     p = sum(math.comb(20, j) * 0.05**j * 0.95 ** (20 - j) for j in range(7, 21))
     assert float(a.evidence["p_value"]) == pytest.approx(p, rel=1e-4) and 3e-5 < p < 5e-5
     assert (a.expected_low, a.expected_high) == (0.99, None)  # healthy: at or above the target
-    assert "[13 of 20, p=3.4e-05]" in a.summary
+    assert "[13 of 20, p=3.4e-05, 99% bound 0.8405]" in a.summary
     # the same 1 in 20, judged on its point value (confidence: null), reads as a breach
     point = Runner(engine(SUCCESS_99.replace("min_requests: 20", "min_requests: 20\n    confidence: null")))
     assert [x.severity for x in point.feed(calls(0, 20, 1, dims=GPT))] == ["warning"]

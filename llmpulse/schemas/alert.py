@@ -13,6 +13,7 @@ incident grouping: a spent budget is not an outage, see docs/notify.md).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Literal
 
 from pydantic import Field
@@ -28,6 +29,69 @@ def alert_fingerprint(rule: str, dimensions: dict[str, str]) -> str:
     """Rule plus dimensions: one alert stream per fingerprint."""
     dims = ",".join(f"{k}={dimensions[k]}" for k in sorted(dimensions)) or "*"
     return f"{rule}|{dims}"
+
+
+def format_number(v: float | None) -> str:
+    """A figure for people: 4 significant digits, thousands separated, tiny or huge in e-notation."""
+    if v is None:
+        return "n/a"
+    if v == 0 or 0.01 <= abs(v) < 1e6:
+        return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return f"{v:.3g}"
+
+
+def _f(v: object) -> float:
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _span(v: object) -> str:
+    s = int(_f(v)) if v is not None else 0
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s and s % size == 0:
+            return f"{s // size}{unit}"
+    return f"{s}s"
+
+
+def evidence_text(evidence: Mapping[str, str | float] | None) -> str:
+    """An alert's evidence in words a person can check, the one wording every surface uses
+    (the alert's summary, Slack, the webhook's ``why``, the dashboard): ``13 of 20, p=3.4e-05
+    (binomial)``, a confidence bound, SLO burn rates and the error budget left, a budget's
+    day total. Empty when there is none."""
+    ev = evidence or {}
+    parts: list[str] = []
+    if "burn_rate_long" in ev:
+        parts.append(
+            f"error budget burning {format_number(_f(ev['burn_rate_long']))}x over {_span(ev.get('long_window_s'))}"
+            f" and {format_number(_f(ev.get('burn_rate_short')))}x over {_span(ev.get('short_window_s'))}"
+            f" (alert above {format_number(_f(ev.get('burn_rate_threshold')))}x)"
+        )
+        if "long_calls" in ev and "long_errors" in ev:
+            parts.append(
+                f"{_f(ev['long_errors']):.0f} of {_f(ev['long_calls']):.0f} calls failed over "
+                f"{_span(ev.get('long_window_s'))}"
+            )
+        if "error_budget_remaining" in ev:
+            parts.append(f"{_f(ev['error_budget_remaining']) * 100:.0f}% of the error budget left")
+    if "count" in ev and "n" in ev:
+        parts.append(f"{_f(ev['count']):.0f} of {_f(ev['n']):.0f}")
+    elif "n" in ev:
+        parts.append(f"n={_f(ev['n']):.0f}")
+    elif "count" in ev:
+        parts.append(f"count {_f(ev['count']):.0f}")
+    if "p_value" in ev:
+        test = f" ({ev['test']})" if "test" in ev else ""
+        parts.append(f"p={_f(ev['p_value']):.2g}{test}")
+    if "bound" in ev and "confidence" in ev:
+        parts.append(f"{_f(ev['confidence']) * 100:g}% bound {format_number(_f(ev['bound']))}")
+    if "history" in ev:
+        parts.append(f"baseline: {ev['history']}")
+    if "day_total" in ev:
+        day = f" on {ev['day']}" if "day" in ev else ""
+        parts.append(f"total {format_number(_f(ev['day_total']))}{day} (UTC)")
+    return ", ".join(parts)
 
 
 class Alert(WireModel):
@@ -51,3 +115,7 @@ class Alert(WireModel):
     expected_high: float | None = None
     evidence: dict[str, str | float] | None = None
     rule_type: RuleType | None = None
+
+    def why(self) -> str:
+        """The evidence in words (``evidence_text``)."""
+        return evidence_text(self.evidence)

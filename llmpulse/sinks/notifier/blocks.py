@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
-from llmpulse.schemas.alert import Alert
+from llmpulse.schemas.alert import Alert, format_number
 from llmpulse.sinks.notifier.grouping import Notification
 
 MAX_ALERT_BLOCKS = 40  # Slack allows 50 blocks per message
@@ -35,12 +35,7 @@ def dashboard_link(base_url: str, alert: Alert) -> str:
     return f"{base_url.rstrip('/')}/?{urlencode(params)}"
 
 
-def _num(v: float | None) -> str:
-    if v is None:
-        return "n/a"
-    if v == 0 or 0.01 <= abs(v) < 1e6:
-        return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.0f}"
-    return f"{v:.3g}"
+_num = format_number
 
 
 def comparison(alert: Alert) -> str:
@@ -59,51 +54,6 @@ def comparison(alert: Alert) -> str:
         hi = "" if alert.expected_high is None else _num(alert.expected_high)
         text += f" (expected {lo}..{hi})"
     return text
-
-
-def evidence_text(alert: Alert) -> str:
-    """The evidence in words a person can check: `13 of 20 calls, p=3.4e-05`, or the burn rates."""
-    ev = alert.evidence or {}
-    if not ev:
-        return ""
-    parts: list[str] = []
-    if "burn_rate_long" in ev:
-        parts.append(
-            f"error budget burning {_num(_f(ev['burn_rate_long']))}x over {_span(ev.get('long_window_s'))}"
-            f" and {_num(_f(ev.get('burn_rate_short')))}x over {_span(ev.get('short_window_s'))}"
-            f" (alert above {_num(_f(ev.get('burn_rate_threshold')))}x)"
-        )
-        if "error_budget_remaining" in ev:
-            parts.append(f"{_f(ev['error_budget_remaining']) * 100:.0f}% of the error budget left")
-    if "count" in ev and "n" in ev:
-        parts.append(f"{_f(ev['count']):.0f} of {_f(ev['n']):.0f}")
-    elif "n" in ev:
-        parts.append(f"n={_f(ev['n']):.0f}")
-    elif "count" in ev:
-        parts.append(f"count {_f(ev['count']):.0f}")
-    if "p_value" in ev:
-        test = f" ({ev['test']})" if "test" in ev else ""
-        parts.append(f"p={_f(ev['p_value']):.2g}{test}")
-    if "bound" in ev and "confidence" in ev:
-        parts.append(f"{_f(ev['confidence']) * 100:g}% bound {_num(_f(ev['bound']))}")
-    if "history" in ev:
-        parts.append(f"baseline: {ev['history']}")
-    return ", ".join(parts)
-
-
-def _f(v: object) -> float:
-    try:
-        return float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def _span(v: object) -> str:
-    s = int(_f(v)) if v is not None else 0
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s and s % size == 0:
-            return f"{s // size}{unit}"
-    return f"{s}s"
 
 
 def _since(alert: Alert, now: datetime) -> str:
@@ -133,7 +83,7 @@ def alert_text(alert: Alert, base_url: str, now: datetime, new: bool = False) ->
         f"*<{dashboard_link(base_url, alert)}|{_escape(alert.rule)}>* `{_escape(_dims(alert))}` {state}{marker}",
         f"{comparison(alert)} · window {window} · {_since(alert, now)}",
     ]
-    why = evidence_text(alert)
+    why = alert.why()
     if why and alert.state == "firing":
         lines.append(f"_evidence:_ {_escape(why[:400])}")
     if alert.summary:
@@ -199,7 +149,7 @@ def plain_text(n: Notification, base_url: str) -> str:
             value += f" vs threshold {_num(a.threshold)}"
         if a.baseline is not None:
             value += f" vs baseline {_num(a.baseline)}"
-        why = evidence_text(a) if a.state == "firing" else ""
+        why = a.why() if a.state == "firing" else ""
         if why:
             value += f" ({why})"
         lines.append(f"- {state} {a.rule} [{_dims(a)}] {value} {dashboard_link(base_url, a)}")
@@ -211,7 +161,7 @@ def webhook_payload(n: Notification, base_url: str) -> dict[str, Any]:
         d = a.model_dump(mode="json", exclude_none=True)
         d["dashboard_url"] = dashboard_link(base_url, a)
         d["new"] = a.fingerprint in n.new
-        why = evidence_text(a)
+        why = a.why()
         if why:
             d["why"] = why  # expected_low/expected_high/evidence come with the alert's own fields
         return d

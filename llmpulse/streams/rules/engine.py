@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from llmpulse.schemas import Alert, WindowAggregate, alert_fingerprint
-from llmpulse.schemas.alert import RuleType
+from llmpulse.schemas.alert import RuleType, evidence_text
 from llmpulse.streams.rules.baseline import add, expected, observe, series_dispersion
 from llmpulse.streams.rules.evidence import Verdict, judge_anomaly, judge_threshold, rounded
 from llmpulse.streams.rules.lifecycle import Transition, advance, firing_severity
@@ -512,20 +512,9 @@ def _band(metric: str, v: Verdict) -> str:
 
 
 def _why(v: Verdict) -> str:
-    """The evidence in a few words: how many calls, the p-value."""
-    ev = v.evidence
-    parts = []
-    if "count" in ev and "n" in ev:
-        parts.append(f"{ev['count']:.0f} of {ev['n']:.0f}")
-    elif "n" in ev:
-        parts.append(f"n={float(ev['n']):.0f}")
-    elif "count" in ev:
-        parts.append(f"count {float(ev['count']):.0f}")
-    if "p_value" in ev:
-        parts.append(f"p={float(ev['p_value']):.2g}")
-    elif "bound" in ev and "confidence" in ev:
-        parts.append(f"{float(ev['confidence']) * 100:g}% bound {float(ev['bound']):.4g}")
-    return f" [{', '.join(parts)}]" if parts else ""
+    """The evidence in the one wording alerts use everywhere (schemas/alert.py)."""
+    text = evidence_text(rounded(v.evidence))
+    return f" [{text}]" if text else ""
 
 
 def _summary(rule: WindowRule, tr: Transition, v: Verdict, agg: WindowAggregate) -> str:
@@ -544,12 +533,7 @@ def _summary(rule: WindowRule, tr: Transition, v: Verdict, agg: WindowAggregate)
         left = float(ev.get("error_budget_remaining", 1.0)) * 100
         if tr.change == "resolved":
             return f"resolved: {slo}: error budget burn back under its alert rates {where} ({left:.0f}% of the budget left) {since}"
-        return (
-            f"{slo}: error budget burning {float(ev['burn_rate_long']):.1f}x over "
-            f"{fmt_span(int(ev['long_window_s']))} and {float(ev['burn_rate_short']):.1f}x over "
-            f"{fmt_span(int(ev['short_window_s']))} (> {float(ev['burn_rate_threshold']):g}x) "
-            f"({tr.severity}) {where}; {left:.0f}% of the budget left"
-        )
+        return f"{slo}: {evidence_text(rounded(ev))} ({tr.severity}) {where}"
     if isinstance(rule, AnomalyRule):
         if rule.method == "seasonal":
             method = (
