@@ -13,7 +13,6 @@ from aiohttp import web
 from llmpulse.actions.hints import approval_lines
 from llmpulse.actions.hooks import run_hook
 from llmpulse.actions.model import action_id_of, matches, propose, step
-from llmpulse.actions.rootcause import explain_window
 from llmpulse.actions.state import ActionStore
 from llmpulse.config import ConfigError, load_settings
 from llmpulse.config.actions import ActionsConfig, HookConfig
@@ -21,6 +20,7 @@ from llmpulse.producers.proxy.enforce import Bucket, build
 from llmpulse.schemas import Alert, alert_fingerprint
 from llmpulse.schemas.base import utc_now
 from llmpulse.schemas.codec import encode
+from llmpulse.streams.rules.rootcause import explain_window
 from tests.mock_servers import LoopThread
 from tests.rules_helpers import Runner, calls, engine
 

@@ -6,5 +6,5 @@
 - `engine`: `ActionEngine` / `run_engine` (`llmpulse actions run`)
 - `ops`: `list_actions`, `approve_action`, `reject_action`, `undo_action`
 - `hooks`: `run_hook`; `hints`: approval lines for notifications
-- `rootcause`: `explain_window(aggregates, alerts)` for the worker's finalizer
+(root causes are the rules' part: `llmpulse.streams.rules.rootcause.explain_window`)
 """

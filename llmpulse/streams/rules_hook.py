@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from llmpulse.config import Settings
-from llmpulse.streams.rules.hook import RulesRuntime
-from llmpulse.streams.worker_app import RulesHook
+from llmpulse.streams.rules.hook import RulesHook, RulesRuntime
 
 
 def load_rules_hook(settings: Settings) -> RulesHook | None:

@@ -30,7 +30,6 @@ import msgspec
 from faust.types import TP
 
 from llmpulse import metrics
-from llmpulse.actions.rootcause import explain_window
 from llmpulse.config import Settings
 from llmpulse.kafka import topics as T
 from llmpulse.schemas import Alert, CallEvent, DeadLetter, Feedback, GpuSample, WindowAggregate
@@ -50,6 +49,7 @@ from llmpulse.streams.finalizing import (
 from llmpulse.streams.positions import position
 from llmpulse.streams.restore import read_changelog_partition
 from llmpulse.streams.rules.engine import has_open_alerts
+from llmpulse.streams.rules.rootcause import explain_window
 from llmpulse.streams.tables import PartitionedTable, state_key
 from llmpulse.streams.windowing import AccKey, Partial, PartitionWindows
 

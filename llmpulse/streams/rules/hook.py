@@ -1,7 +1,8 @@
 """The worker's entry point to the rules: load from settings, hot reload, judge, sweep.
 
-``RulesRuntime`` is callable with the worker's hook signature
-``(aggregate, stored_state_or_None) -> (alerts, state_to_store_or_None)``.
+``RulesRuntime`` is callable with the worker's hook signature ``RulesHook``:
+``(aggregate, stored_state_or_None) -> (alerts, state_to_store_or_None)``. The type lives
+here, on the rules side, so the rules never import the worker.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from llmpulse.streams.rules.engine import RulesEngine, new_state
 from llmpulse.streams.rules.loader import DEFAULT_WINDOWS_S, RulesReloader
 
 log = logging.getLogger(__name__)
+
+RulesHook = Callable[[WindowAggregate, dict[str, Any] | None], tuple[list[Alert], dict[str, Any] | None]]
+"""What the worker's finalizer calls per final aggregate: (aggregate, stored state or None)
+-> (alerts to publish, state to store or None)."""
 
 
 class RulesRuntime:

@@ -7,11 +7,23 @@ metric, with its share. For ratio metrics (error rate, latency) the score is the
 of the member's share of the numerator (errors, latency) over its share of the calls, so
 a model with 80% of the errors but 10% of the calls stands out, while an app that simply
 carries all traffic does not. For sums (requests, tokens, cost) the score is the share.
+
+The worker's finalizer has, for one closed window, the final aggregates of every dimension
+set and the alerts the rules made of them; ``explain_window`` gives each firing alert on a
+coarse dimension set its ``root_cause`` and a clause in its summary, so a person (or an
+action rule matching on the root cause) can target it::
+
+    alerts = explain_window(final_aggregates_of_the_window, alerts)
+
+Alerts whose aggregate is missing, resolved alerts and metrics without a contribution
+(see ``CONTRIBUTION``) come back unchanged; order is kept. It lives with the rules, not
+with the actions that read its result, so the worker depends on the rules only (no
+``streams`` -> ``actions`` -> ``streams`` import cycle).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from llmpulse.schemas import Alert, WindowAggregate
 
@@ -116,3 +128,33 @@ def explain(alert: Alert, parent: WindowAggregate, children: Iterable[WindowAggr
     return alert.model_copy(
         update={"root_cause": cause, "summary": (alert.summary + clause)[:4096]}
     )
+
+
+def _parent_of(alert: Alert, aggregates: Sequence[WindowAggregate]) -> WindowAggregate | None:
+    found = [
+        a
+        for a in aggregates
+        if a.window_start == alert.window_start
+        and a.window_end == alert.window_end
+        and a.dimensions == alert.dimensions
+    ]
+    if not found:
+        return None
+    calls = [a for a in found if a.kind == "calls"]
+    return (calls or found)[0]
+
+
+def explain_window(aggregates: Iterable[WindowAggregate], alerts: Sequence[Alert]) -> list[Alert]:
+    """The alerts, each firing one with a root cause when a finer dimension value stands out."""
+    aggs = list(aggregates)
+    out: list[Alert] = []
+    for alert in alerts:
+        if alert.state != "firing" or alert.root_cause or alert.metric not in CONTRIBUTION:
+            out.append(alert)
+            continue
+        parent = _parent_of(alert, aggs)
+        if parent is None:
+            out.append(alert)
+            continue
+        out.append(explain(alert, parent, aggs))
+    return out
