@@ -136,3 +136,32 @@ def test_other_alerts_are_still_repeated() -> None:
     assert len(sent(flush_all(d, clock, 10.1))) == 1
     reminders = [f for _ in range(9 * 60) for f in sent(flush_all(d, clock, 60))]
     assert len(reminders) == 2  # after 4 h and 8 h
+
+
+def test_a_new_days_budget_alert_pages_even_when_yesterdays_resolves_in_the_same_window() -> None:
+    from datetime import timedelta
+
+    from tests.test_notify import T0
+
+    clock = Clock()
+    d = dispatcher(clock, group_by=["incident"])
+    budget = make_alert(rule="daily_tokens", dims={}, severity="critical").model_copy(update={"rule_type": "budget"})
+    d.apply(budget, (0, 0))
+    assert len(sent(flush_all(d, clock, 10.1))) == 1
+    # 00:00 UTC: the engine resolves yesterday's alert and fires today's in one window
+    today = T0 + timedelta(hours=12)
+    d.apply(budget.model_copy(update={"state": "resolved", "alert_id": "r"}), (0, 1))
+    d.apply(budget.model_copy(update={"alert_id": "new", "severity": "warning", "started_at": today}), (0, 2))
+    got = sent(flush_all(d, clock, 60))
+    got += sent(flush_all(d, clock, 60))
+    kinds = sorted(
+        ("resolved", a.started_at) if a.state == "resolved" else ("firing", a.started_at)
+        for f in got
+        if f.notification is not None
+        for a in (*f.notification.firing, *f.notification.resolved)
+    )
+    assert kinds == [("firing", today), ("resolved", T0)]
+    # today's escalation goes to today's group, and is news
+    d.apply(budget.model_copy(update={"alert_id": "esc", "started_at": today}), (0, 3))
+    (esc,) = sent(flush_all(d, clock, 300))
+    assert esc.notification is not None and [a.started_at for a in esc.notification.firing] == [today]

@@ -248,14 +248,19 @@ class Dispatcher:
     def _incident_group(self, route: Route, receiver: str, alert: Alert) -> Group | None:
         """The open incident of (route, receiver) this alert joins, or a new one it opens."""
         fp = alert.fingerprint
+        budget = alert.rule_type == "budget"
         for gid in sorted(self.holding.get(fp, ())):  # an update of an alert already held
             group = self.groups.get(gid)
             if group is not None and group.route.name == route.name and group.receiver == receiver:
+                held = group.alerts.get(fp)
+                if budget and held is not None and held.started_at != alert.started_at:
+                    # a new day's budget alert (yesterday's resolution may not have gone
+                    # out yet, in the same window): a page of its own, not an overwrite
+                    continue
                 prev = self.nflog.get(gid)
                 if prev is not None and prev.resolved.get(fp) == alert.started_at:
                     return None  # a replayed firing alert whose resolution was already sent
                 return group
-        budget = alert.rule_type == "budget"
         open_groups = sorted(
             (
                 g
