@@ -125,7 +125,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     alert = Alert(fingerprint=alert_fingerprint("success_rate", dims), rule="success_rate", severity="critical",
                   state="firing", metric="success_rate", value=0.8, threshold=0.95, dimensions=dims,
                   window_start=T0 + timedelta(minutes=1), window_end=T0 + timedelta(minutes=2),
-                  started_at=T0 + timedelta(minutes=2), ts=T0 + timedelta(minutes=2, seconds=3))  # fmt: skip
+                  started_at=T0 + timedelta(minutes=2), ts=T0 + timedelta(minutes=2, seconds=3),
+                  expected_low=0.99, expected_high=1.0,
+                  evidence={"n": 20.0, "count": 16.0, "confidence": 0.99, "p_value": 3.4e-05, "bound": 0.84})  # fmt: skip
     write(w, "alerts", [alert])
     yield s
     qs.stop()
@@ -240,6 +242,32 @@ def test_panels_answer_from_the_store(dash: Dash, served: Served) -> None:
     a = al["active"][0]
     assert (a["value"], a["threshold"], a["dimensions"]) == (0.8, 0.95, {"model": "gpt-4o-mini"})
     assert a["link"].startswith("/?alert=") and a["link"].endswith("&model=gpt-4o-mini")
+    # the evidence: the band, the numbers (migration 7's columns) and the notifier's words for them
+    assert (a["expected_low"], a["expected_high"]) == (0.99, 1.0)
+    assert a["evidence"] == {"n": 20.0, "count": 16.0, "confidence": 0.99, "p_value": 3.4e-05, "bound": 0.84}
+    assert a["why"] == "16 of 20, p=3.4e-05, 99% bound 0.84"
+
+
+def test_slo_error_budget_left_per_rule_and_dimension(dash: Dash, served: Served) -> None:
+    """The shipped success_rate SLO (99% over 30 days, by model and by app): each model's and
+    app's budget left is 1 - error rate / 1%, from the calls of the period up to the range's end."""
+    code, slo, _ = dash.get(f"/api/slo?{RANGE}")
+    assert code == 200, slo
+    got = {(b["rule"], b["dimension"], b["group"]): b for b in slo["budgets"]}
+    for dim, values in (("model", MODELS), ("app", APPS)):
+        for v in values:
+            mine = [c for c in served.calls if getattr(c, dim) == v]
+            errors = sum(1 for c in mine if c.error_type)
+            b = got.pop(("success_rate", dim, v))
+            assert (b["requests"], b["errors"], b["objective"], b["period_days"]) == (len(mine), errors, 0.99, 30)
+            assert b["remaining"] == pytest.approx(1 - (errors / len(mine)) / 0.01)
+            assert b["remaining"] < 0  # ~10% errors against a 1% budget: overspent ten times
+    assert got == {}
+    # lowest first within a dimension; a range ending before the calls has none to judge
+    models = [b["remaining"] for b in slo["budgets"] if b["dimension"] == "model"]
+    assert models == sorted(models)
+    code, before, _ = dash.get(f"/api/slo?from={iso(T0 - timedelta(hours=2))}&to={iso(T0)}")
+    assert code == 200 and before["budgets"] == []
 
 
 def test_alert_link_matches_the_notifier(served: Served) -> None:

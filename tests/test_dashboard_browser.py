@@ -35,7 +35,7 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 PANELS = ["summary", "qps", "error_rate", "latency_p95", "ttft_p95", "tokens", "cost",
           "gpu_util", "gpu_memory", "gpu_temperature", "host_cpu", "host_memory", "host_load",
-          "alerts", "calls"]  # fmt: skip
+          "alerts", "slo", "calls"]  # fmt: skip
 CHARTS = PANELS[1:13]
 CAPTURED_PROMPT = "What is the capital of France? (captured)"
 

@@ -3,6 +3,7 @@
     GET  /                      the dashboard (static/index.html)
     GET  /static/plotly.min.js  plotly.js from the installed `plotly` wheel
     GET  /api/summary|timeseries|gpu|host|alerts|calls|options   panels (time range + filters)
+    GET  /api/slo               each SLO rule's error budget left over its period, up to the range's end
     GET  /api/calls/{event_id}  one call; prompt/response only when they were captured
     GET|POST /api/query         read-only SQL with a row and time limit
     GET  /metrics               Prometheus exposition of the pipeline metrics of this process and the
@@ -30,7 +31,7 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -41,6 +42,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from llmpulse.analysis import panels
 from llmpulse.analysis.readonly import QueryRefused, QueryResult
+from llmpulse.analysis.report import SloPanel, slo_panel
 from llmpulse.config import ConfigError, Settings
 from llmpulse.config.dashboard import TOKEN_ENV
 from llmpulse.errors import LLMPulseError
@@ -214,6 +216,19 @@ async def api_alerts(request: web.Request) -> web.StreamResponse:
     return _json(await _in_thread(panels.alerts, s.run, s.db, s.filters(request), 200, fingerprint))
 
 
+def _slo_panel(s: DashboardState, end: datetime) -> SloPanel:
+    from llmpulse.streams.rules import SloRule, load_rules
+
+    # read per request, as the worker reloads it: the panel follows the rules in force
+    slos = [r for r in load_rules(s.settings.rules_file, None).rules if isinstance(r, SloRule)]
+    return slo_panel(s.run, s.db, slos, end)
+
+
+async def api_slo(request: web.Request) -> web.StreamResponse:
+    s: DashboardState = request.app[_STATE]
+    return _json(await _in_thread(_slo_panel, s, s.filters(request).end))
+
+
 async def api_calls(request: web.Request) -> web.StreamResponse:
     s: DashboardState = request.app[_STATE]
     f = s.filters(request)
@@ -276,6 +291,7 @@ def make_app(settings: Settings, token: str | None = None, query_fn: QueryFn | N
     app.router.add_get("/api/gpu", api_gpu)
     app.router.add_get("/api/host", api_host)
     app.router.add_get("/api/alerts", api_alerts)
+    app.router.add_get("/api/slo", api_slo)
     app.router.add_get("/api/calls", api_calls)
     app.router.add_get("/api/calls/{event_id}", api_call)
     app.router.add_get("/api/options", api_options)

@@ -9,6 +9,7 @@ dimension set the worker aggregates by; otherwise they read `llm_calls`.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from llmpulse.analysis.readonly import QueryResult
 from llmpulse.errors import LLMPulseError
+from llmpulse.schemas.alert import evidence_text
 from llmpulse.sinks.clickhouse.schema import hist_quantile_sql
 
 Runner = Callable[[str], QueryResult]
@@ -404,6 +406,10 @@ class AlertRow(BaseModel):
     ts: str
     summary: str
     link: str
+    expected_low: float | None = None
+    expected_high: float | None = None
+    evidence: dict[str, str | float] = Field(default_factory=dict, description="the numbers the rule decided on")
+    why: str = Field(default="", description="the evidence in words (llmpulse.schemas.alert.evidence_text)")
     actions: list[ActionRow] = Field(default_factory=list, description="actions taken on this alert's incident")
 
 
@@ -453,6 +459,17 @@ def actions_of(run: Runner, db: str, fingerprints: set[str]) -> dict[str, list[A
     return out
 
 
+def _evidence(raw: Any) -> dict[str, str | float]:
+    """The `evidence` column (JSON text, '' when none; rows before migration 7 have none)."""
+    try:
+        data = json.loads(raw) if raw else {}
+    except (TypeError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): v if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v) for k, v in data.items()}
+
+
 class AlertsPanel(BaseModel):
     active: list[AlertRow]
     recent: list[AlertRow]
@@ -461,7 +478,7 @@ class AlertsPanel(BaseModel):
 
 def alerts(run: Runner, db: str, f: Filters, limit: int = 200, fingerprint: str | None = None) -> AlertsPanel:
     cols = ("alert_id, fingerprint, rule, severity, state, metric, value, threshold, baseline, dimensions, "
-            "window_start, window_end, started_at, ts, summary")  # fmt: skip
+            "window_start, window_end, started_at, ts, summary, expected_low, expected_high, evidence")  # fmt: skip
     # active: the latest event of each fingerprint is still firing (whatever the range)
     active_sql = (
         f"SELECT {cols} FROM {db}.alerts FINAL WHERE (fingerprint, ts) IN "
@@ -477,14 +494,16 @@ def alerts(run: Runner, db: str, f: Filters, limit: int = 200, fingerprint: str 
         out = []
         for r in run(sql).rows:
             d = dict(zip(("alert_id", "fingerprint", "rule", "severity", "state", "metric", "value", "threshold",
-                          "baseline", "dimensions", "window_start", "window_end", "started_at", "ts", "summary"), r,
-                         strict=True))  # fmt: skip
+                          "baseline", "dimensions", "window_start", "window_end", "started_at", "ts", "summary",
+                          "expected_low", "expected_high", "evidence"), r, strict=True))  # fmt: skip
             for k in ("window_start", "window_end", "started_at", "ts"):
                 d[k] = _iso(d[k])
             dims = {str(k): str(v) for k, v in (d["dimensions"] or {}).items()}
             d["dimensions"] = dims
-            for k in ("value", "threshold", "baseline"):
+            for k in ("value", "threshold", "baseline", "expected_low", "expected_high"):
                 d[k] = _float(d[k])
+            d["evidence"] = _evidence(d["evidence"])
+            d["why"] = evidence_text(d["evidence"])
             out.append(AlertRow(**d, active=active, link=alert_link(d["fingerprint"], d["window_start"], d["window_end"], dims)))
         return out
 

@@ -59,6 +59,7 @@ class ErrorBudget(BaseModel):
     rule: str
     objective: float
     period_days: int
+    dimension: str = ""  # the column judged (model, app, user, api_key_hash); "" for all traffic
     group: str
     requests: int
     errors: int
@@ -96,29 +97,63 @@ FIGS = ("count(), sum(is_error), quantile(0.95)(latency_ms), quantile(0.95)(ttft
         "sum(total_tokens), sum(cost_usd)")  # fmt: skip
 
 
+def _budget_rows(run: Runner, db: str, rule: SloRule, col: str | None, end: datetime, top: int) -> list[ErrorBudget]:
+    """One SLO's budget left over its period up to `end`: per value of `col` (the `top` by
+    calls), or on all traffic when `col` is None."""
+    start = end - timedelta(seconds=rule.period)
+    where = f"ts >= {ts_lit(start)} AND ts < {ts_lit(end)}"
+    if col is not None:
+        rows = run(f"SELECT {col}, count(), sum(is_error) FROM {db}.llm_calls FINAL WHERE {where} "
+                   f"GROUP BY {col} ORDER BY count() DESC, {col} LIMIT {top}").rows  # fmt: skip
+    else:
+        rows = [["total", *r] for r in run(f"SELECT count(), sum(is_error) FROM {db}.llm_calls FINAL WHERE {where}").rows]
+    out: list[ErrorBudget] = []
+    for name, n, e in rows:
+        n, e = int(n), int(e or 0)
+        if n == 0:
+            continue
+        left = 1.0 - (e / n) / (1.0 - rule.objective)
+        out.append(ErrorBudget(rule=rule.name, objective=rule.objective, period_days=rule.period // 86400,
+                               dimension=col or "", group=str(name) or "(none)", requests=n, errors=e,
+                               remaining=left))  # fmt: skip
+    return out
+
+
 def error_budgets(run: Runner, db: str, by: ReportBy, slos: Sequence[SloRule], end: datetime, top: int) -> list[ErrorBudget]:
     """Per SLO rule judged by the report's dimension (or on all traffic): the budget left."""
     col = COLUMN[by]
     out: list[ErrorBudget] = []
     for rule in slos:
-        per_group = (col,) in rule.dim_sets
-        if not per_group and () not in rule.dim_sets:
-            continue
-        start = end - timedelta(seconds=rule.period)
-        where = f"ts >= {ts_lit(start)} AND ts < {ts_lit(end)}"
-        if per_group:
-            rows = run(f"SELECT {col}, count(), sum(is_error) FROM {db}.llm_calls FINAL WHERE {where} "
-                       f"GROUP BY {col} ORDER BY count() DESC, {col} LIMIT {top}").rows  # fmt: skip
-        else:
-            rows = [["total", *r] for r in run(f"SELECT count(), sum(is_error) FROM {db}.llm_calls FINAL WHERE {where}").rows]
-        for name, n, e in rows:
-            n, e = int(n), int(e or 0)
-            if n == 0:
-                continue
-            left = 1.0 - (e / n) / (1.0 - rule.objective)
-            out.append(ErrorBudget(rule=rule.name, objective=rule.objective, period_days=rule.period // 86400,
-                                   group=str(name) or "(none)", requests=n, errors=e, remaining=left))  # fmt: skip
+        if (col,) in rule.dim_sets:
+            out += _budget_rows(run, db, rule, col, end, top)
+        elif () in rule.dim_sets:
+            out += _budget_rows(run, db, rule, None, end, top)
     return out
+
+
+class SloPanel(BaseModel):
+    """The dashboard's SLO panel: every SLO rule's budget left, as `llmpulse report` computes it."""
+
+    end: datetime
+    budgets: list[ErrorBudget]
+    skipped: list[str] = []  # dimension sets of several columns (not shown: one row per combination)
+
+
+def slo_panel(run: Runner, db: str, slos: Sequence[SloRule], end: datetime, top: int = 20) -> SloPanel:
+    """Per SLO rule and dimension set it judges (all traffic, or one of model, app, user,
+    api_key_hash): the budget left over the rule's period up to `end`, lowest first."""
+    budgets: list[ErrorBudget] = []
+    skipped: list[str] = []
+    known = set(COLUMN.values())
+    for rule in slos:
+        for dims in rule.dim_sets:
+            if dims == ():
+                budgets += _budget_rows(run, db, rule, None, end, top)
+            elif len(dims) == 1 and dims[0] in known:
+                budgets += sorted(_budget_rows(run, db, rule, dims[0], end, top), key=lambda b: b.remaining)
+            else:
+                skipped.append(f"{rule.name}: by {', '.join(dims)}")
+    return SloPanel(end=end, budgets=budgets, skipped=skipped)
 
 
 def build_report(run: Runner, db: str, by: ReportBy, since: timedelta, end: datetime | None = None, top: int = 20,

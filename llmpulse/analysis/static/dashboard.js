@@ -157,14 +157,21 @@ async function loadHost(q) {
   drawChart("host_load", h.series, "load1", "load (1 min)");
 }
 
+// the band a healthy value lies in (one side may be open), as the notifier words it
+function band(a) {
+  if (a.expected_low === null && a.expected_high === null) return "";
+  return `expected ${a.expected_low === null ? "" : fmt(a.expected_low)}..${a.expected_high === null ? "" : fmt(a.expected_high)}`;
+}
+
 function alertRow(a, focus) {
   const dims = Object.entries(a.dimensions).map(([k, v]) => `${esc(k)}=${esc(v)}`).join(", ") || "all traffic";
-  const vs = [a.threshold !== null ? "threshold " + fmt(a.threshold) : "", a.baseline !== null ? "baseline " + fmt(a.baseline) : ""].filter(Boolean).join(", ");
+  const vs = [a.threshold !== null ? "threshold " + fmt(a.threshold) : "", a.baseline !== null ? "baseline " + fmt(a.baseline) : "", band(a)].filter(Boolean).join(", ");
   const st = a.state === "resolved" ? '<span class="state-resolved">resolved</span>' : (a.active ? "<b>firing</b>" : "firing");
   return `<tr class="${focus ? "focus" : ""}" data-fingerprint="${esc(a.fingerprint)}">
     <td class="sev-${esc(a.severity)}">${esc(a.severity)}</td><td>${st}</td>
     <td><a class="alert-link" href="${esc(a.link)}">${esc(a.rule)}</a></td><td>${dims}</td>
     <td>${esc(a.metric)}</td><td class="num">${fmt(a.value)}</td><td>${esc(vs)}</td>
+    <td class="evidence" title="${esc(JSON.stringify(a.evidence || {}))}">${esc(a.why || "")}</td>
     <td>${esc(a.window_start.slice(0, 19).replace("T", " "))} – ${esc(a.window_end.slice(11, 19))}</td>
     <td>${esc(a.ts.slice(0, 19).replace("T", " "))}</td><td>${esc(a.summary)}</td>
     <td class="actions">${(a.actions || []).map((x) => `<span class="action action-${esc(x.status)}" title="${esc(x.action_id)}">` +
@@ -190,6 +197,7 @@ async function loadAlerts(q) {
     focus.hidden = false;
     focus.innerHTML = `Alert <b>${esc(f.rule)}</b> (${esc(f.severity)}, ${esc(f.state)}): ${esc(f.metric)} ${fmt(f.value)}` +
       (f.threshold !== null ? ` vs threshold ${fmt(f.threshold)}` : "") + (f.baseline !== null ? ` vs baseline ${fmt(f.baseline)}` : "") +
+      (band(f) ? ` (${band(f)})` : "") + (f.why ? ` · evidence: ${esc(f.why)}` : "") +
       ` · window ${esc(f.window_start)} – ${esc(f.window_end)} · ${esc(f.summary)}`;
     focus.dataset.fingerprint = fp;
   } else if (fp) {
@@ -201,8 +209,27 @@ async function loadAlerts(q) {
   if (!rows.length) { setPanel("alerts", "empty", "no alerts in this range"); return; }
   const box = setPanel("alerts", "ready");
   box.innerHTML = `<table><thead><tr><th>severity</th><th>state</th><th>rule</th><th>dimensions</th><th>metric</th>
-    <th>value</th><th>against</th><th>window (UTC)</th><th>at</th><th>summary</th><th>actions</th></tr></thead>
+    <th>value</th><th>against</th><th>evidence</th><th>window (UTC)</th><th>at</th><th>summary</th><th>actions</th></tr></thead>
     <tbody>${rows.map((r) => alertRow(r, r.fingerprint === fp)).join("")}</tbody></table>`;
+}
+
+async function loadSlo(q) {
+  const s = await api("/api/slo", q);
+  if (!s.budgets.length) {
+    setPanel("slo", "empty", s.skipped.length ? `SLOs by several dimensions are not shown (${s.skipped.join("; ")})` : "no SLO rules, or no calls in their periods");
+    return;
+  }
+  const box = setPanel("slo", "ready");
+  const row = (b) => {
+    const left = b.remaining;
+    const cls = left < 0 ? "sev-critical" : left < 0.25 ? "sev-warning" : "";
+    return `<tr><td>${esc(b.rule)}</td><td>${esc((b.objective * 100).toPrecision(4).replace(/\.?0+$/, ""))}% over ${b.period_days}d</td>
+      <td>${b.dimension ? esc(b.dimension) + "=" + esc(b.group) : "all traffic"}</td>
+      <td class="num">${fmt(b.requests)}</td><td class="num">${fmt(b.errors)}</td>
+      <td class="num ${cls}" data-remaining="${left}">${(left * 100).toFixed(0)}%</td></tr>`;
+  };
+  box.innerHTML = `<table><thead><tr><th>rule</th><th>objective</th><th>where</th><th>calls</th><th>errors</th>
+    <th>error budget left</th></tr></thead><tbody>${s.budgets.map(row).join("")}</tbody></table>`;
 }
 
 async function loadCalls(q) {
@@ -269,11 +296,11 @@ async function refresh() {
   line.textContent = "loading…";
   const jobs = {
     summary: loadSummary(q), timeseries: loadTimeseries(q), gpu: loadGpu(q), host: loadHost(q),
-    alerts: loadAlerts(q), calls: loadCalls(q), options: loadOptions(q),
+    alerts: loadAlerts(q), slo: loadSlo(q), calls: loadCalls(q), options: loadOptions(q),
   };
   const panelsOf = {
     summary: ["summary"], timeseries: ["qps", "error_rate", "latency_p95", "ttft_p95", "tokens", "cost"],
-    gpu: ["gpu_util", "gpu_memory", "gpu_temperature"], host: ["host_cpu", "host_memory", "host_load"], alerts: ["alerts"], calls: ["calls"], options: [],
+    gpu: ["gpu_util", "gpu_memory", "gpu_temperature"], host: ["host_cpu", "host_memory", "host_load"], alerts: ["alerts"], slo: ["slo"], calls: ["calls"], options: [],
   };
   const errors = [];
   await Promise.all(Object.entries(jobs).map(([name, p]) => p.catch((e) => {
