@@ -103,6 +103,7 @@ from detection_workload import (
 
 from llmpulse.config import Settings, load_settings
 from llmpulse.config.notify import NotifyConfig
+from llmpulse.kafka.clients import produce_all
 from llmpulse.schemas.alert import Alert, alert_fingerprint
 from llmpulse.schemas.base import SCHEMA_VERSION
 from llmpulse.sinks.notifier.grouping import Dispatcher, Notification
@@ -320,18 +321,7 @@ def _produce(
     bootstrap: str, msgs: Iterable[tuple[str, bytes, bytes]], done: dict[str, Any]
 ) -> None:
     p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "log_level": 3})
-    n = 0
-    for topic, key, value in msgs:
-        while True:
-            try:
-                p.produce(topic, key=key, value=value)
-                break
-            except BufferError:
-                p.poll(0.05)
-        n += 1
-        if n % 10_000 == 0:
-            p.poll(0)
-    left = p.flush(120)
+    n, left = produce_all(p, msgs, 120)
     done.update(n=n, undelivered=left, t=time.monotonic())
 
 

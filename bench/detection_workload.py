@@ -49,7 +49,7 @@ from typing import Literal
 import msgspec
 
 from llmpulse.producers.keyhash import KeyHasher
-from llmpulse.producers.loadgen import APPS, MODELS, AppProfile, daily_rhythm
+from llmpulse.producers.loadgen import APPS, MODELS, AppProfile, daily_rhythm, weighted_choice
 from llmpulse.producers.pricing import price_call
 from llmpulse.schemas.fast import CallEventFast
 from llmpulse.streams.rules.model import DAY_S, BudgetRule
@@ -293,12 +293,7 @@ class Traffic:
             k += 1
 
     def _pick(self, options: tuple[tuple[str, float], ...]) -> str:
-        r = self.rng.random() * sum(w for _, w in options)
-        for name, w in options:
-            r -= w
-            if r <= 0:
-                return name
-        return options[-1][0]
+        return weighted_choice(self.rng, options)
 
     def events(self) -> Iterator[tuple[str, str, CallEventFast | dict[str, object]]]:
         """(topic kind, key, event) in event-time order: "calls" events and "gpu" samples."""

@@ -13,19 +13,12 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer
 
+from llmpulse.kafka.clients import produce_all
+
 
 def produce(bootstrap: str, topic: str, values: Iterable[tuple[bytes | str | None, bytes]]) -> int:
     p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "batch.size": 1_000_000, "log_level": 3})
-    n = 0
-    for key, value in values:
-        while True:
-            try:
-                p.produce(topic, key=key, value=value)
-                break
-            except BufferError:
-                p.poll(0.05)
-        n += 1
-    remaining = p.flush(30)
+    n, remaining = produce_all(p, ((topic, key, value) for key, value in values), 30)
     assert remaining == 0, f"{remaining} messages not delivered to {topic}"
     return n
 

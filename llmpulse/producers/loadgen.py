@@ -53,6 +53,17 @@ HOT_KEY = "sk-demo-search-hot-7f3a9c21d4e8b6a0"
 HOT_KEY_PER_MIN = 180.0
 
 
+def weighted_choice(rng: random.Random, options: tuple[tuple[str, float], ...]) -> str:
+    """One name of (name, weight) pairs, drawn in proportion to the weights with one
+    `rng.random()` (so a seeded generator replays the same traffic)."""
+    r = rng.random() * sum(w for _, w in options)
+    for name, w in options:
+        r -= w
+        if r <= 0:
+            return name
+    return options[-1][0]
+
+
 @dataclass(frozen=True, slots=True)
 class Incident:
     kind: IncidentKind
@@ -237,12 +248,7 @@ class TrafficModel:
         return out
 
     def _pick(self, options: tuple[tuple[str, float], ...]) -> str:
-        r = self.rng.random() * sum(w for _, w in options)
-        for name, w in options:
-            r -= w
-            if r <= 0:
-                return name
-        return options[-1][0]
+        return weighted_choice(self.rng, options)
 
     def _call(self, start: datetime, t: float, hot_key: Incident | None = None) -> SyntheticCall:
         rng = self.rng
