@@ -2,7 +2,12 @@
 stay quiet otherwise? Issue 14, part 7.
 
     python bench/run.py detection [--days 3] [--seed 1] [--incidents 12] [--rules FILE]
-                                  [--rate 4.0] [--start-hour 0] [--window-s 60]
+                                  [--rate 4.0] [--start-hour 0] [--window-s 60] [--offline]
+
+`--offline` judges the same workload in this process (the worker's accumulators, dimension
+sets, rules runtime and root-cause step; no broker, no worker; seconds): the reference a
+replay of the seed must match when it loses no event, and a quick loop to try rules. Its
+results say "mode": "offline"; only a replay measures the product.
 
 A short check (6 hours around the afternoon peak, 6 incidents, one of each kind; 82k
 events, 3 to 9 minutes on the shared 2-core machine, replayed at 160-440 events/s while
@@ -61,6 +66,14 @@ Keys of bench/results/detection.json (W = `--window-s`, the rules' window, 60 s)
   incidents_without_notification            incidents no message told anyone about
                               (e.g. an alert that joined another open incident's group)
   alerts_firing, alerts_resolved            alert events read from the alerts topic
+  dead_letters_late, dead_letters_invalid, late_by_model   what the worker dead-lettered
+  windows_short, calls_missing_from_windows, windows_short_first   all-traffic windows
+                              (W = 60) whose first published aggregate, the one the rules
+                              judged, held fewer calls than the workload made (events lost
+                              to the windows: late, closed early); two runs of a seed judge
+                              the same windows only when both have 0
+  windows_republished         windows published again (revision > 1: partials that came
+                              after the window was final; the rules do not judge them again)
   events, calls, gpu_samples, background_errors, days, seed, rate_per_s_peak, rules
   wall_s                      from the first event produced to the last window closed
   events_per_s                events / wall_s (the worker's replay speed)
@@ -104,13 +117,19 @@ from detection_workload import (
 from llmpulse.config import Settings, load_settings
 from llmpulse.config.notify import NotifyConfig
 from llmpulse.kafka.clients import produce_all
+from llmpulse.schemas.aggregate import dimensions_key
 from llmpulse.schemas.alert import Alert, alert_fingerprint
 from llmpulse.schemas.base import SCHEMA_VERSION
+from llmpulse.schemas.gpu import GpuSample
 from llmpulse.sinks.notifier.grouping import Dispatcher, Notification
 from llmpulse.sinks.notifier.routing import Router
 from llmpulse.sinks.notifier.silences import SilenceStore
+from llmpulse.streams.accumulators import ACCUMULATORS
 from llmpulse.streams.rules import load_rules
-from llmpulse.streams.rules.model import BudgetRule
+from llmpulse.streams.rules.engine import has_open_alerts
+from llmpulse.streams.rules.hook import RulesRuntime
+from llmpulse.streams.rules.model import BudgetRule, CompositeRule
+from llmpulse.streams.rules.rootcause import explain_window
 
 DAY_S = 86400.0
 
@@ -347,8 +366,14 @@ def replay(w: Workload, rules: Path | None, timeout_s: float, window_s: int) -> 
                 "auto.offset.reset": "earliest", "enable.auto.commit": False, "log_level": 3,
             })  # fmt: skip
             alerts_topic = settings.kafka.topic("alerts")
-            consumer.subscribe([settings.kafka.topic("aggregates"), alerts_topic])
+            dead_topic = settings.kafka.topic("deadletter")
+            consumer.subscribe([settings.kafka.topic("aggregates"), alerts_topic, dead_topic])
             alerts: list[Alert] = []
+            # the calls of each all-traffic 60 s window as first published, and its revisions
+            first_calls: dict[int, int] = {}
+            revised: set[int] = set()
+            dead: Counter[str] = Counter()
+            late_by_model: Counter[str] = Counter()
             done: dict[str, Any] = {}
             try:
                 time.sleep(10)  # the worker joins its group (Tansu answers JoinGroup after ~3 s)
@@ -373,12 +398,21 @@ def replay(w: Workload, rules: Path | None, timeout_s: float, window_s: int) -> 
                         value = m.value() or b""
                         if m.topic() == alerts_topic:
                             alerts.append(Alert.model_validate_json(value))
+                        elif m.topic() == dead_topic:
+                            d = json.loads(value)
+                            dead[d.get("kind", "?")] += 1
+                            if d.get("kind") == "late":
+                                late_by_model[str(json.loads(d.get("payload") or "{}").get("model"))] += 1
                         elif b'"dims_key":"*"' in value or b'"kind":"gpu"' in value:
                             a = json.loads(value)
                             if a.get("window_s") == window_s and a.get("kind") in closed:
                                 ws = datetime.fromisoformat(a["window_start"])
                                 if a["kind"] == "calls":
                                     seen_until = max(seen_until, ws)
+                                    t = int(ws.timestamp())
+                                    if int(a.get("revision", 1)) > 1:
+                                        revised.add(t)
+                                    first_calls.setdefault(t, int(a.get("requests", 0)))
                                 if ws >= last_window:
                                     closed[a["kind"]] = True
                     if closed_at is None and all(closed.values()):
@@ -406,8 +440,98 @@ def replay(w: Workload, rules: Path | None, timeout_s: float, window_s: int) -> 
             finally:
                 consumer.close()
                 stop(worker)
+    # each window's calls as the rules judged them (its first publication) against the workload's
+    short = {
+        t: n - first_calls.get(t, 0)
+        for t, n in traffic.per_minute.items()
+        if t % window_s == 0 and window_s == 60 and n > first_calls.get(t, 0)
+    }
+    integrity = {
+        "dead_letters_late": dead["late"],
+        "dead_letters_invalid": dead["invalid"],
+        "late_by_model": ", ".join(f"{k} {v}" for k, v in late_by_model.most_common()),
+        "windows_short": len(short),
+        "calls_missing_from_windows": sum(short.values()),
+        "windows_short_first": ", ".join(
+            f"{datetime.fromtimestamp(t, UTC):%d %H:%M} -{short[t]}" for t in sorted(short)[:10]
+        ),
+        "windows_republished": len(revised),
+    }
     return {"alerts": alerts, "wall_s": wall, "messages": done.get("n", 0), "counts": traffic.counts,
-            "settings": settings, "crossings": traffic.ledger.crossings}  # fmt: skip
+            "settings": settings, "crossings": traffic.ledger.crossings, "integrity": integrity}  # fmt: skip
+
+
+def judge_offline(w: Workload, rules: Path | None, window_s: int) -> dict[str, Any]:
+    """The workload judged in this process, no broker and no worker: each event added to the
+    accumulator of its window and dimension set (the worker's accumulators, dimension sets and
+    window sizes), a window final once event time reaches its end (the events come in order),
+    judged by the worker's RulesRuntime with its root-cause step, open alerts swept at each
+    window end. What the worker must publish for this workload when it loses no event: a
+    reference for a replay (`--offline` next to a replay of the same seed) and a quick loop
+    for trying rules. The sweep's clock is the last window end, so a quiet series' resolution
+    can come a window apart from the worker's."""
+    settings = Settings()
+    runtime = RulesRuntime(rules, settings.worker.windows_s, reload_every_s=math.inf)
+    budgets = [r for r in runtime.engine.rules.rules if isinstance(r, BudgetRule)]
+    traffic = Traffic(w, budgets)
+    sizes = sorted({r.window for r in runtime.engine.rules.rules if not isinstance(r, CompositeRule)})
+    dim_sets = {"calls": [tuple(d) for d in settings.worker.dimensions], "gpu": [("host", "gpu")]}
+    open_windows: dict[tuple[str, int, int], dict[str, tuple[dict[str, str], Any]]] = {}
+    states: dict[tuple[str, int, str], dict[str, Any]] = {}
+    alerts: list[Alert] = []
+    first_calls: dict[int, int] = {}
+
+    def finalize_through(t_ms: int) -> None:
+        due = sorted((k for k in open_windows if k[2] + k[1] * 1000 <= t_ms), key=lambda k: (k[2] + k[1] * 1000, k[1]))
+        for kind, size, start in due:
+            window = open_windows.pop((kind, size, start))
+            aggs = [acc.result(size, start, dims, dk) for dk, (dims, acc) in sorted(window.items())]
+            for agg in aggs:
+                if kind == "calls" and size == 60 and agg.dims_key == "*":
+                    first_calls[start // 1000] = agg.requests
+                if not runtime.engine.applies(agg):
+                    continue
+                key = (kind, size, agg.dims_key)
+                got, state = runtime(agg, states.get(key))
+                if state is not None:
+                    states[key] = state
+                alerts.extend(explain_window(aggs, got) if got else got)
+            now = datetime.fromtimestamp((start + size * 1000) / 1000, UTC)
+            for st in states.values():
+                if has_open_alerts(st):
+                    alerts.extend(runtime.sweep(st, now))
+
+    for kind, _key, ev in traffic.events():
+        if kind == "calls":
+            event: Any = ev
+        else:
+            event = GpuSample.model_validate(ev)
+        t_ms = int(event.ts.timestamp() * 1000)
+        finalize_through(t_ms)
+        cls = ACCUMULATORS[kind]
+        names = cls.dimension_names
+        tup = cls.key_of(event)
+        for size in sizes:
+            start = t_ms - t_ms % (size * 1000)
+            window = open_windows.setdefault((kind, size, start), {})
+            for ds in dim_sets[kind]:
+                dims = {}
+                for d in ds:
+                    v = tup[names.index(d)]
+                    if v == "":
+                        break
+                    dims[d] = v
+                else:
+                    dk = dimensions_key(dims)
+                    slot = window.get(dk)
+                    if slot is None:
+                        slot = window[dk] = (dims, cls())
+                    slot[1].agg(event)
+    finalize_through(int((w.end + timedelta(seconds=200)).timestamp() * 1000))
+    short = {t: n - first_calls.get(t, 0) for t, n in traffic.per_minute.items() if n > first_calls.get(t, 0)}
+    assert not short, f"windows short of calls in-process: {short}"
+    return {"alerts": alerts, "wall_s": 0.0, "messages": 0, "counts": traffic.counts,
+            "settings": settings, "crossings": traffic.ledger.crossings, "integrity": {}}  # fmt: skip
 
 
 def main() -> dict[str, Any]:
@@ -428,6 +552,11 @@ def main() -> dict[str, Any]:
         "--window-s", type=int, default=60, help="the rules' window (recall within 2 of them)"
     )
     ap.add_argument("--timeout-s", type=float, default=4 * 3600.0)
+    ap.add_argument(
+        "--offline",
+        action="store_true",
+        help="judge the workload in this process (no broker, no worker): the reference a replay must match",
+    )
     ap.add_argument(
         "--alerts-out",
         type=Path,
@@ -451,7 +580,12 @@ def main() -> dict[str, Any]:
     )
     for inc in w.incidents:
         print(f"  {inc.describe()} (x{inc.factor})", file=sys.stderr)
-    r = replay(w, args.rules, args.timeout_s, args.window_s)
+    if args.offline:
+        t0 = time.monotonic()
+        r = judge_offline(w, args.rules, args.window_s)
+        r["wall_s"] = time.monotonic() - t0
+    else:
+        r = replay(w, args.rules, args.timeout_s, args.window_s)
     alerts: list[Alert] = r["alerts"]
     if args.alerts_out is not None:
         args.alerts_out.write_text("".join(a.model_dump_json() + "\n" for a in alerts))
@@ -476,6 +610,7 @@ def main() -> dict[str, Any]:
     out: dict[str, Any] = {
         "seed": args.seed,
         "days": args.days,
+        "mode": "offline (in-process windows and rules, no worker)" if args.offline else "replay through the worker",
         "rules": str(args.rules) if args.rules else "llmpulse/defaults/rules.yaml (shipped)",
         "recall": round(len(recalled) / n, 3) if n else None,
         "false_alerts_per_day": round(sum(s.false_by_rule.values()) / days, 2),
@@ -510,6 +645,7 @@ def main() -> dict[str, Any]:
             (r["counts"]["calls"] + r["counts"]["gpu_samples"]) / max(1e-9, r["wall_s"]), 1
         ),
         "notifications_grouping": "notifier's Dispatcher (grouping.py), default notify routes, event-time clock",
+        **r["integrity"],
         **cal,
     }
     for kind in KINDS:

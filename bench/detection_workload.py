@@ -281,6 +281,9 @@ class Traffic:
             "gpu_samples": 0,
             "incident_calls": 0,
         }
+        # calls per minute (epoch seconds of its start): what each 60 s window must hold, so a
+        # replay can tell a window short of events (dead-lettered late, lost) from a judging change
+        self.per_minute: dict[int, int] = {}
 
     def _poisson(self, lam: float) -> int:
         if lam <= 0:
@@ -321,6 +324,8 @@ class Traffic:
                 for _ in range(self._poisson(abuse.factor / 60.0)):
                     calls.append(self._call(ts0 + timedelta(seconds=self.rng.random()), abuse))
             calls.sort(key=lambda e: e.ts)
+            minute = int(ts0.timestamp()) // 60 * 60
+            self.per_minute[minute] = self.per_minute.get(minute, 0) + len(calls)
             for e in calls:
                 self.ledger.add(e)
                 yield "calls", e.model, e

@@ -100,13 +100,14 @@ rules:
 
 
 def test_min_requests_below_which_the_rule_does_not_judge() -> None:
-    r = Runner(engine(ERROR_RATE))
+    # each window alone (pool_windows: 1); test_rules_pooling.py: short windows pooled
+    r = Runner(engine(ERROR_RATE.replace("resolve_after: 2", "resolve_after: 2\n    pool_windows: 1")))
     assert r.feed(calls(0, 10, 9, dims=GPT)) == []  # 90% errors, but 10 < 20 requests
     assert r.feed(calls(1, 20, 9, dims=GPT))[0].severity == "critical"
     # too little traffic to judge counts as clear for resolution
     assert r.feed(calls(2, 5, 5, dims=GPT)) == []
     assert [a.state for a in r.feed(calls(3, 5, 5, dims=GPT))] == ["resolved"]
-    assert "too little data" in r.alerts[-1].summary
+    assert "too little data to judge: fewer than 20 over 1m" in r.alerts[-1].summary
 
 
 def test_below_direction_and_missing_value() -> None:

@@ -58,8 +58,8 @@ def _span(v: object) -> str:
 def evidence_text(evidence: Mapping[str, str | float] | None) -> str:
     """An alert's evidence in words a person can check, the one wording every surface uses
     (the alert's summary, Slack, the webhook's ``why``, the dashboard): ``13 of 20, p=3.4e-05
-    (binomial)``, a confidence bound, SLO burn rates and the error budget left, a budget's
-    day total. Empty when there is none."""
+    (binomial)``, the span of windows pooled for a low-traffic series, a confidence bound,
+    SLO burn rates and the error budget left, a budget's day total. Empty when there is none."""
     ev = evidence or {}
     parts: list[str] = []
     if "burn_rate_long" in ev:
@@ -81,6 +81,8 @@ def evidence_text(evidence: Mapping[str, str | float] | None) -> str:
         parts.append(f"n={_f(ev['n']):.0f}")
     elif "count" in ev:
         parts.append(f"count {_f(ev['count']):.0f}")
+    if "span_s" in ev and "windows" in ev:  # a low-traffic window pooled with the ones before it
+        parts.append(f"over the last {_span(ev['span_s'])} ({_f(ev['windows']):.0f} windows pooled)")
     if "p_value" in ev:
         test = f" ({ev['test']})" if "test" in ev else ""
         parts.append(f"p={_f(ev['p_value']):.2g}{test}")

@@ -8,8 +8,9 @@ Usage (one state per dimension set, e.g. a changelog-backed table keyed by ``dim
     table[agg.dims_key] = state               # plain JSON data: dicts, lists, str, int, float
     for alert in alerts: publish(alert)
 
-A window a rule cannot judge (fewer than ``min_requests``, no value, too little baseline)
-counts as clear: it breaks a ``for`` streak and counts towards ``resolve_after``.
+A window a rule cannot judge (no value, too little baseline, fewer than ``min_requests``
+even pooled with the windows before it: pooling.py) counts as clear: it breaks a ``for``
+streak and counts towards ``resolve_after``.
 
 A budget alert belongs to its UTC day: it fires once when the day's total passes
 ``warning``, escalates once at ``critical``, stays firing without repeats (a total does not
@@ -33,6 +34,7 @@ State format (version 1)::
          "streak": 0, "streak_start": 0,     # lifecycle (see lifecycle.py)
          "alert": null | {"severity", "started_at", "clear", "metric", "publish"},
          "baseline": {...},                  # anomaly rules (see baseline.py)
+         "pool": {"k", "w"},                 # threshold rules: the last windows (pooling.py)
          "budget": {"day": 19700, "total": 0.0}}}}   # budget rules
 """
 
@@ -61,6 +63,7 @@ from llmpulse.streams.rules.model import (
     ThresholdRule,
     WindowRule,
 )
+from llmpulse.streams.rules.pooling import POOLED_METRICS
 from llmpulse.streams.rules.slo import judge_slo
 from llmpulse.streams.rules.summary import fmt_dims, fmt_span, fmt_time, fmt_value, fmt_window
 
@@ -168,7 +171,7 @@ class RulesEngine:
             if rst is None:
                 rst = all_states[rule.name] = {"k": self._data_sig[rule.name], "streak": 0}
             if isinstance(rule, ThresholdRule):
-                verdict = judge_threshold(rule, agg)
+                verdict = judge_threshold(rule, agg, rst)
                 for_windows = rule.for_
             elif isinstance(rule, SloRule):
                 verdict = judge_slo(rule, agg, rst.setdefault("slo", {}))
@@ -568,7 +571,11 @@ def _summary(rule: WindowRule, tr: Transition, v: Verdict, agg: WindowAggregate)
     back = "<=" if rule.direction == "above" else ">="
     if tr.change == "resolved":
         if v.value is None:
-            return f"resolved: {m} not breaching (too little data to judge) {where} {since}"
+            few = ""
+            if rule.min_requests > 0:
+                over = rule.pool_windows * rule.window if rule.metric in POOLED_METRICS else rule.window
+                few = f": fewer than {rule.min_requests} over {fmt_span(over)}"
+            return f"resolved: {m} not breaching (too little data to judge{few}) {where} {since}"
         limit = fmt_value(m, v.threshold, level=True)
         return f"resolved: {m} {value} {back} {limit} {where} {since}"
     limit = fmt_value(m, v.threshold, level=True)

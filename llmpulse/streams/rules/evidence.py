@@ -25,7 +25,9 @@ Thresholds, by metric:
   106 in some minute; 130 against 100 is P = 0.002);
 - sums and GPU/host figures (tokens, cost, GPU utilisation): the window's value is the
   measured quantity itself, not an estimate: judged as is.
-Without the data for a bound (no quantiles), the point value is judged.
+Without the data for a bound (no quantiles), the point value is judged. A window with
+fewer than ``min_requests`` calls is judged on the pooled sample of the series' latest
+windows, up to ``pool_windows`` of them (pooling.py), with the same bounds and the pooled n.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Any
 from llmpulse.schemas import WindowAggregate
 from llmpulse.streams.rules.baseline import RATE_METRICS, Expectation, Observation
 from llmpulse.streams.rules.model import VOLUME_FIELD, AnomalyRule, Severity, ThresholdRule
+from llmpulse.streams.rules.pooling import PERCENTILES, Curve, Sample, sample_to_judge
 from llmpulse.streams.rules.stats import (
     betabinom_cdf,
     betabinom_sf,
@@ -56,12 +59,6 @@ from llmpulse.streams.rules.stats import (
 Evidence = dict[str, str | float]
 COUNT_METRICS = frozenset({"requests", "errors", "unpriced_requests", "feedback_count", "samples"})
 SUM_METRICS = frozenset({"cost_usd", "prompt_tokens", "completion_tokens", "total_tokens"})
-PERCENTILES: dict[str, float] = {
-    "latency_p50_ms": 0.5,
-    "latency_p95_ms": 0.95,
-    "latency_p99_ms": 0.99,
-    "ttft_p95_ms": 0.95,
-}
 _Z_CACHE: dict[float, float] = {}
 
 
@@ -122,30 +119,7 @@ def _rate_test(
     return p < alpha, p
 
 
-def _latency_sd(agg: WindowAggregate) -> float | None:
-    p50, p95, p99 = agg.latency_p50_ms, agg.latency_p95_ms, agg.latency_p99_ms
-    if p50 is None or (p95 is None and p99 is None):
-        return None
-    cands = []
-    if p95 is not None:
-        cands.append((p95 - p50) / 1.645)
-    if p99 is not None:
-        cands.append((p99 - p50) / 2.326)
-    return max(cands)
-
-
-def _quantile_curve(rule: ThresholdRule, agg: WindowAggregate) -> list[tuple[float, float]] | None:
-    if rule.metric == "ttft_p95_ms":
-        pts = [(0.95, agg.ttft_p95_ms)]
-    else:
-        pts = [(0.5, agg.latency_p50_ms), (0.95, agg.latency_p95_ms), (0.99, agg.latency_p99_ms)]
-    known = [(q, float(v)) for q, v in pts if v is not None]
-    if not known:
-        return None
-    return [(0.0, 0.0), *known]
-
-
-def _interp(curve: list[tuple[float, float]], q: float) -> float:
+def _interp(curve: Curve, q: float) -> float:
     if q <= curve[0][0]:
         return curve[0][1]
     for (q0, v0), (q1, v1) in itertools.pairwise(curve):
@@ -154,42 +128,46 @@ def _interp(curve: list[tuple[float, float]], q: float) -> float:
     return curve[-1][1]  # beyond the highest known rank: the highest known value
 
 
-def _bound(rule: ThresholdRule, agg: WindowAggregate, v: float, z: float) -> tuple[float, Evidence] | None:
+def _bound(rule: ThresholdRule, s: Sample, z: float) -> tuple[float, Evidence] | None:
     """The one-sided confidence bound of the metric on the side that must clear the level."""
     above = rule.direction == "above"
     m = rule.metric
+    n = s.n
     if m in PERCENTILES:
-        n = agg.requests
-        curve = _quantile_curve(rule, agg)
-        if curve is None or n <= 0:
+        if s.curve is None or n <= 0:
             return None
         q = PERCENTILES[m]
         shift = z * math.sqrt(q * (1 - q) / n)
         rank = max(0.0, q - shift) if above else min(1.0, q + shift)
-        return _interp(curve, rank), {"n": n, "rank": round(rank, 4)}
+        return _interp(s.curve, rank), {"n": n, "rank": round(rank, 4)}
     if m == "latency_avg_ms":
-        sd = _latency_sd(agg)
-        n = agg.requests
+        sd = s.sd
     elif m == "relevance_avg":
-        sd = math.sqrt(max(0.0, (5.0 - v) * v))
-        n = agg.feedback_count
+        sd = math.sqrt(max(0.0, (5.0 - s.value) * s.value))
     else:
         return None
     if sd is None or n <= 0:
         return None
     se = sd / math.sqrt(n)
-    return (v - z * se if above else v + z * se), {"n": n, "sd": round(sd, 4)}
+    return (s.value - z * se if above else s.value + z * se), {"n": n, "sd": round(sd, 4)}
 
 
-def judge_threshold(rule: ThresholdRule, agg: WindowAggregate) -> Verdict:
+def judge_threshold(rule: ThresholdRule, agg: WindowAggregate, rst: dict[str, Any] | None = None) -> Verdict:
+    """One window's verdict. ``rst``: the rule's state for the series, which pools a window
+    short of ``min_requests`` with the ones before it (pooling.py); None judges it alone."""
     shown = rule.warning if rule.warning is not None else rule.critical
-    vol = int(getattr(agg, VOLUME_FIELD[rule.kind]))
-    if rule.min_requests > 0 and vol < rule.min_requests:
+    sample = sample_to_judge(rule, agg, rst)
+    if sample is None:
         return Verdict(None, None, shown, judged=False)
-    value = getattr(agg, rule.metric)
-    if value is None:
-        return Verdict(None, None, shown, judged=False)
-    v = float(value)
+    verdict = _judge_sample(rule, sample, shown)
+    if sample.windows > 1:  # the span judged, for a person to check
+        verdict.evidence["windows"] = sample.windows
+        verdict.evidence["span_s"] = sample.span_s
+    return verdict
+
+
+def _judge_sample(rule: ThresholdRule, sample: Sample, shown: float | None) -> Verdict:
+    v = sample.value
     above = rule.direction == "above"
     levels: list[tuple[Severity, float]] = []
     if rule.critical is not None:
@@ -206,7 +184,7 @@ def judge_threshold(rule: ThresholdRule, agg: WindowAggregate) -> Verdict:
         return Verdict(None, v, shown, None, True, *band)
     alpha = 1.0 - conf
     if rule.metric in RATE_METRICS:
-        n = vol
+        n = sample.n
         k = round(v * n)
         ev: Evidence = {"n": n, "count": k, "confidence": conf}
         for sev, lvl in levels:
@@ -230,7 +208,7 @@ def judge_threshold(rule: ThresholdRule, agg: WindowAggregate) -> Verdict:
                 return Verdict(sev, v, lvl, None, True, *band, evidence=ev)
         return _clear_or_held(v, levels, above, Verdict(None, v, shown, None, True, *band, evidence=ev))
     z = z_of(conf)
-    bound = _bound(rule, agg, v, z)
+    bound = _bound(rule, sample, z)
     if bound is None:  # no spread to bound with: the point value
         for sev, lvl in levels:
             if (v > lvl) if above else (v < lvl):
