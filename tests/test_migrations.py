@@ -11,7 +11,10 @@ import clickhouse_connect
 from llmpulse.config.clickhouse import ClickHouseConfig
 from llmpulse.embedded.store import open_store
 from llmpulse.sinks.clickhouse.migrate import applied_versions, emit_ddl, migrate
-from llmpulse.sinks.clickhouse.schema import migrations
+from llmpulse.sinks.clickhouse.rows import TABLES
+from llmpulse.sinks.clickhouse.schema import migrations, migrations_table_ddl
+from llmpulse.sinks.clickhouse.steps.rebuild import Intent
+from llmpulse.sinks.clickhouse.writer import BatchWriter
 
 EXPECTED = {
     "llm_calls", "llm_aggregates", "gpu_samples", "host_samples", "feedback", "alerts", "deadletter", "actions",
@@ -75,6 +78,33 @@ def test_retention_is_configurable(tmp_path: Path) -> None:
         assert "toIntervalDay(7)" in schema["llm_calls"]
         assert "toIntervalDay(90)" in schema["llm_calls_1h"]
         assert "toIntervalDay(60)" in schema["actions"]
+    finally:
+        store.close()
+
+
+def test_migration_8_keeps_batches_recorded_before_it_rebuildable_as_written(tmp_path: Path) -> None:
+    cfg = ClickHouseConfig()
+    store = open_store(cfg, tmp_path)
+    try:
+        # a store at migration 7, with a batch recorded by a sink of that time
+        store.client.command(f"CREATE DATABASE IF NOT EXISTS {cfg.database}")
+        store.client.command(migrations_table_ddl(cfg))
+        for m in migrations(cfg):
+            if m.version <= 7:
+                for stmt in m.statements:
+                    store.client.command(stmt)
+                store.client.insert("llmpulse.schema_migrations", [[m.version, m.name]], column_names=["version", "name"])
+        store.client.insert("llmpulse.sink_intents", [["llm_calls", "old", "t.calls", [(0, 0, 9)], 500]],
+                            column_names=["table", "token", "topic", "ranges", "rows"])  # fmt: skip
+        assert migrate(store.client, cfg) == [8]
+        writer = BatchWriter(store.client, cfg.database)
+        writer.record_intent(TABLES["calls"], "t.calls", "new", [(0, 10, 19)], 500, frozenset({"e2", "e1"}))
+        writer.record_intent(TABLES["calls"], "t.calls", "none-left-out", [(0, 20, 29)], 500, frozenset())
+        got = {i.token: i for i in writer.intents(["t.calls"])}
+        assert got["old"] == Intent("t.calls", "old", [(0, 0, 9)], None)  # rebuilt whole, as it was written
+        assert got["new"] == Intent("t.calls", "new", [(0, 10, 19)], frozenset({"e1", "e2"}))
+        assert got["none-left-out"].skipped == frozenset()  # deduplicated, nothing left out: not the old kind
+        assert migrate(store.client, cfg) == []
     finally:
         store.close()
 

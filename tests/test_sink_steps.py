@@ -18,7 +18,7 @@ from llmpulse.sinks.clickhouse.rows import TABLES, TableSpec
 from llmpulse.sinks.clickhouse.steps.batch import BatchByTable
 from llmpulse.sinks.clickhouse.steps.commit import CommitOffsets
 from llmpulse.sinks.clickhouse.steps.decode import Decode
-from llmpulse.sinks.clickhouse.steps.rebuild import Rebuild, plan_rebuilds
+from llmpulse.sinks.clickhouse.steps.rebuild import Intent, Rebuild, plan_rebuilds
 from llmpulse.sinks.clickhouse.steps.write import WriteInThread
 
 TOPIC = "t.calls"
@@ -32,24 +32,33 @@ class Store:
 
     log: list[tuple[str, str, int]] = field(default_factory=list)  # (what, token, rows)
     ids: set[str] = field(default_factory=set)
+    written: list[list[str]] = field(default_factory=list)  # the ids of each INSERT, in order
+    skipped: dict[str, frozenset[str] | None] = field(default_factory=dict)  # token -> ids recorded as left out
+    lookups: int = 0
     fail: int = 0
+    land_on_fail: set[str] = field(default_factory=set)  # ids another writer's INSERT lands while one fails
     failed: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record_intent(self, spec: TableSpec, topic: str, token: str, ranges: list[tuple[int, int, int]], rows: int) -> None:
+    def record_intent(self, spec: TableSpec, topic: str, token: str, ranges: list[tuple[int, int, int]], rows: int,
+                      skipped: frozenset[str] | None = None) -> None:  # fmt: skip
         with self.lock:
             self.log.append(("intent", token, rows))
+            self.skipped[token] = skipped
 
     def insert(self, spec: TableSpec, items: list[Any], token: str | None = None) -> None:
         with self.lock:
             if self.fail > 0:
                 self.fail -= 1
                 self.failed += 1
+                self.ids |= self.land_on_fail
                 raise ConnectionError("connection refused")
             self.log.append(("insert", str(token), len(items)))
+            self.written.append([str(e.event_id) for e in items])
             self.ids.update(str(e.event_id) for e in items)
 
     def present_ids(self, spec: TableSpec, items: list[Any]) -> set[str]:
+        self.lookups += 1
         return {str(e.event_id) for e in items} & self.ids
 
 
@@ -215,6 +224,69 @@ def test_part_of_a_batch_rebuilt_here_writes_only_the_events_the_table_lacks() -
     assert pl.consumer.commits == [{0: 5}]
 
 
+def test_roll_ups_get_each_event_id_once_and_the_ids_left_out_are_recorded_before_the_insert() -> None:
+    pl = pipeline(batch_rows=30)
+    pl.store.ids = {"a1", "a2"}  # written by an earlier batch
+    pl.decode.submit(Msg(0, 0, events("a", 5)))  # a0-a4: a1, a2 already in the table
+    pl.decode.submit(Msg(0, 1, events("b", 5) + events("b", 3)))  # b0-b2 twice in one message
+    pl.decode.submit(Msg(1, 0, events("a", 4) + events("c", 8)))  # a0-a3 again at a new offset, in the same batch
+    pl.decode.join()
+    token = f"{TOPIC}|0:0-1,1:0-0|1700000000000"
+    assert pl.store.log == [("intent", token, 25), ("insert", token, 16)]
+    assert pl.store.skipped[token] == {"a1", "a2"}  # the table's ids; copies within the batch follow from the rule
+    assert pl.store.written == [["a0", "a3", "a4", *(f"b{i}" for i in range(5)), *(f"c{i}" for i in range(8))]]
+    pl.decode.submit(Msg(0, 2, events("c", 10)))  # a later batch: c0-c7 again, c8, c9 new
+    pl.decode.join()
+    assert pl.store.written[1] == ["c8", "c9"]
+    assert pl.store.skipped[f"{TOPIC}|0:2-2|1700000000000"] == {f"c{i}" for i in range(8)}
+    assert pl.consumer.commits == [{0: 2, 1: 1}, {0: 3}]
+
+
+def test_the_rows_are_chosen_once_a_retry_writes_the_same_rows() -> None:
+    pl = pipeline(batch_rows=10)
+    pl.store.fail = 1
+    pl.store.land_on_fail = {"a3"}  # while the first INSERT fails, a copy of a3 lands from elsewhere
+    pl.decode.submit(Msg(0, 0, events("a")))
+    pl.decode.join()
+    assert pl.store.failed == 1 and "a3" in pl.store.ids
+    # the retry writes the rows recorded with the intent, a3 included, without asking again
+    assert pl.store.lookups == 1 and pl.store.written == [[f"a{i}" for i in range(10)]]
+    assert set(pl.store.skipped.values()) == {frozenset()}
+
+
+def test_a_rebuilt_batch_leaves_out_the_recorded_ids_without_asking_the_table() -> None:
+    pl = pipeline()
+    pl.store.ids = {f"a{i}" for i in range(10)}  # its own INSERT may have landed: all its ids are there
+    pl.batch.plan([Rebuild(TOPIC, SPEC, "old-token", {0: (3, 4)}, skipped=frozenset({"a1", "a2"}))])
+    pl.decode.submit(Msg(0, 3, events("a", 5)))
+    pl.decode.submit(Msg(0, 4, events("a", 10)))  # a0-a4 again within the batch
+    pl.decode.join()
+    assert pl.store.lookups == 0 and pl.store.log == [("insert", "old-token", 8)]
+    assert pl.store.written == [["a0", "a3", "a4", *(f"a{i}" for i in range(5, 10))]]  # as first written
+
+
+def test_a_batch_recorded_without_deduplication_is_rebuilt_whole() -> None:
+    pl = pipeline()
+    pl.batch.plan([Rebuild(TOPIC, SPEC, "old-token", {0: (3, 3)})])  # recorded before migration 8
+    pl.decode.submit(Msg(0, 3, events("a", 5) + events("a", 5)))
+    pl.decode.join()
+    assert pl.store.log == [("insert", "old-token", 10)] and pl.store.lookups == 0
+
+
+def test_a_batch_written_before_a_pending_rebuild_leaves_its_ids_to_it() -> None:
+    pl = pipeline(batch_rows=10)
+    pl.batch.plan([Rebuild(TOPIC, SPEC, "old-token", {0: (0, 0), 1: (0, 0)}, skipped=frozenset())])
+    pl.decode.submit(Msg(0, 0, events("a", 5)))  # taken by the rebuild, which still waits for partition 1
+    pl.decode.submit(Msg(0, 1, events("a", 5) + events("n", 5)))  # a copy of a0-a4 at a new offset: a batch of its own
+    pl.write.wait_idle()
+    new = f"{TOPIC}|0:1-1|1700000000000"
+    assert pl.store.skipped[new] == {f"a{i}" for i in range(5)} and pl.store.written == [[f"n{i}" for i in range(5)]]
+    pl.decode.submit(Msg(1, 0, events("b", 5)))  # completes the rebuild: it writes a0-a4
+    pl.decode.join()
+    assert pl.store.written[1] == [*(f"a{i}" for i in range(5)), *(f"b{i}" for i in range(5))]
+    assert pl.consumer.commits == [{0: 2, 1: 1}]
+
+
 def test_offsets_of_partitions_given_away_are_not_committed() -> None:
     pl = pipeline(batch_rows=20)
     pl.decode.submit(Msg(0, 0, events("a")))
@@ -244,9 +316,10 @@ def test_terminate_gives_up_a_failing_batch_without_committing_it() -> None:
     ],
 )
 def test_plan_rebuilds(positions: dict[tuple[str, int], int], expect: list[tuple[str, dict[int, tuple[int, int]], bool]]) -> None:
-    intents = [(TOPIC, "tok", [(0, 3, 9), (1, 2, 4)])]
+    intents = [Intent(TOPIC, "tok", [(0, 3, 9), (1, 2, 4)], frozenset({"x"}))]
     got = [(r.token, r.ranges, r.only_missing) for r in plan_rebuilds(intents, positions, {TOPIC: SPEC})]
     assert got == expect
+    assert all(r.skipped == {"x"} for r in plan_rebuilds(intents, positions, {TOPIC: SPEC}))  # as recorded
     # a table without roll-ups rebuilds only whole batches; its re-delivered rows replace their twins
     gpu = [(r.token, r.ranges) for r in plan_rebuilds(intents, positions, {TOPIC: GPU})]
     assert gpu == [(t, r) for t, r, partial in expect if not partial]

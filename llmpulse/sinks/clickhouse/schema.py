@@ -254,6 +254,15 @@ def migrations(cfg: ClickHouseConfig) -> list[Migration]:
             "alert evidence: expected band and the numbers a rule decided on",
             _alert_evidence(cfg),
         ),
+        Migration(
+            8,
+            "sink intents record the ids a batch of llm_calls leaves out (each event id once in the roll-ups)",
+            (
+                # a batch recorded before this migration reads dedup_by_id = 0: rebuilt whole, as it was written
+                f"ALTER TABLE {db}.sink_intents{oc} ADD COLUMN IF NOT EXISTS skipped_ids Array(String) DEFAULT []",
+                f"ALTER TABLE {db}.sink_intents{oc} ADD COLUMN IF NOT EXISTS dedup_by_id UInt8 DEFAULT 0",
+            ),
+        ),
     ]
 
 

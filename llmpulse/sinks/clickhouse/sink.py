@@ -29,6 +29,26 @@ holds a block skips it, the others get it; the raw tables are also keyed by even
   after migrating (`migrate.open_migrated`; the process that creates a view names it
   otherwise, which counted a rebuilt batch twice in every roll-up: issue 16);
 - no offset is committed ahead of a recorded batch still being rebuilt (steps/batch.py).
+
+Each event id once in the roll-ups, also when a producer sent the event again at a new
+offset (an ingest client's retry, an SDK resend, the proxy's spool replay): the raw table
+replaces such copies by key, but its views count every row inserted. So a batch of a table
+with roll-ups (`llm_calls`) writes the first copy of each id in the batch, and none of the
+ids the table already holds or a recorded batch being rebuilt holds (steps/dedup.py: one
+lookup by id within the batch's time range, per batch). This holds because the batches of
+a partition are written one after the other by its one owner, each INSERT after the
+previous returned, so each lookup sees every earlier copy of that partition; and because
+the choice is recorded with the batch's intent before its INSERT (`skipped_ids`, migration
+8) and a rebuild repeats it from the record, never from a new lookup (its own rows may
+be in the table already), so the same token always carries the same rows.
+Its limit: a copy keyed to another partition than its original. Producers key calls by
+model, so a copy lands on its original's partition; one keyed otherwise (a producer that
+changed its key) can reach a partition that another sink owns, and when both sinks look up
+before either INSERT has landed, both write it: `llm_calls` holds it once (FINAL), the
+roll-ups count it twice. One sink alone (the embedded store's only mode) writes all
+partitions one batch at a time and sees every earlier copy, except in one window: after a
+crash between recording a batch and its INSERT, a copy on another partition written before
+the recorded batch's messages are read again (its ids are not known yet) is written twice.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ Contract:
   so once this one is written all earlier ones are too. A partition with a recorded
   batch still being rebuilt is left out until that rebuilt batch is handed over: its
   offsets are never committed ahead of it, even when later rows were written first.
+- A batch of a table with roll-ups handed over while recorded batches of it are still
+  being rebuilt carries the ids they hold so far (`Batch.pending`): it leaves them out,
+  they write them (steps/dedup.py).
 - A buffer holds each partition's offsets contiguously: a rebuilt batch's first message
   on a partition the buffer already holds flushes the buffer first.
 """
@@ -138,13 +141,22 @@ class BatchByTable:
         if buf.oldest is None:
             return
         ranges = {p: (a, b) for p, (a, b) in buf.ranges.items()}
-        batch = Batch(buf.topic, buf.spec, buf.items, buf.token(), ranges)
+        batch = Batch(buf.topic, buf.spec, buf.items, buf.token(), ranges, pending=self._pending_ids(buf))
         buf.clear()
         for p, (_, last) in ranges.items():
             key = (batch.topic, p)
             self._handed[key] = max(self._handed.get(key, -1), last)
         batch.commit = self._commit_after(batch.topic, ranges)
         self.next.submit(batch)
+
+    def _pending_ids(self, buf: Buffer) -> frozenset[str]:
+        """The ids that recorded batches of this table still being rebuilt hold so far: they
+        write them (their rows are fixed), so a batch written before them leaves them out."""
+        if not buf.spec.rolled_up or not self.rebuilding:
+            return frozenset()
+        col = buf.spec.id_column
+        rebuilds = {id(r): r for (topic, _), rs in self.rebuilding.items() if topic == buf.topic for r in rs}
+        return frozenset(str(getattr(e, col)) for r in rebuilds.values() for e in r.items)
 
     def _hand_over_rebuilt(self, r: Rebuild) -> None:
         for p, (_, last) in r.ranges.items():
@@ -155,7 +167,8 @@ class BatchByTable:
                 rs.remove(r)
             if not rs:
                 self.rebuilding.pop(key, None)
-        batch = Batch(r.topic, r.spec, r.items, r.token, dict(r.ranges), rebuilt=True, only_missing=r.only_missing)
+        batch = Batch(r.topic, r.spec, r.items, r.token, dict(r.ranges), rebuilt=True, only_missing=r.only_missing,
+                      skipped=r.skipped)  # fmt: skip
         batch.commit = self._commit_after(r.topic, r.ranges)
         self.next.wait_idle()
         self.next.submit(batch)

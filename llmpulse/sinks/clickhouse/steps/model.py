@@ -20,6 +20,15 @@ class Batch:
     partitions whose recorded batches are still being rebuilt. A `rebuilt` batch was
     recorded by an earlier sink (not recorded again); `only_missing` marks a part of one
     that nobody can rebuild whole: only the events the table lacks are written.
+
+    A table with roll-ups (`spec.rolled_up`) gets each event id once (steps/dedup.py):
+    `skipped` holds the ids left out because the table (or a recorded batch still being
+    rebuilt) has them; chosen once, in the INSERT thread, and recorded in the batch's
+    intent before its INSERT; a rebuilt batch carries the recorded set (None: recorded
+    without deduplication, written as it is). `pending` are the ids that recorded batches
+    still being rebuilt hold when this one is handed over: they will write them.
+    `rows` is what the INSERT writes, fixed at the first attempt, so a retry writes the
+    same rows under the same token.
     """
 
     topic: str
@@ -30,3 +39,6 @@ class Batch:
     commit: dict[int, int] = field(default_factory=dict)
     rebuilt: bool = False
     only_missing: bool = False
+    skipped: frozenset[str] | None = None
+    pending: frozenset[str] = frozenset()
+    rows: list[Any] | None = None

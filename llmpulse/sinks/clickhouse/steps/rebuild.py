@@ -5,7 +5,9 @@ INSERT. A successor that finds a recorded batch beyond the committed offsets can
 whether its INSERT landed (wholly, partly: some roll-ups only, or not at all). It
 rebuilds the batch from exactly those offsets and writes it under the same token: every
 table and roll-up that already holds the block skips it, the others get it. Rebuilding
-the same rows under a different token would count them twice in the roll-ups.
+the same rows under a different token would count them twice in the roll-ups; so would
+other rows under the same token: a batch of a table with roll-ups leaves out the ids
+recorded with it and later copies in the batch, exactly as it first did (dedup.py).
 
 When a rebalance (or a partial commit) leaves only part of a recorded batch here,
 nobody can rebuild it whole: this sink rebuilds its own part, and for a table with
@@ -17,15 +19,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from llmpulse.sinks.clickhouse.rows import TableSpec
 from llmpulse.sinks.clickhouse.steps.model import TopicPart
 
 log = logging.getLogger(__name__)
 
-Intent = tuple[str, str, list[tuple[int, int, int]]]
-"""(topic, token, [(partition, first, last), ...]) as recorded in sink_intents."""
+class Intent(NamedTuple):
+    """A batch as recorded in sink_intents."""
+
+    topic: str
+    token: str
+    ranges: list[tuple[int, int, int]]  # (partition, first, last)
+    skipped: frozenset[str] | None = None  # ids its INSERT left out (None: written whole, see dedup.py)
 
 
 @dataclass
@@ -37,6 +44,7 @@ class Rebuild:
     token: str
     ranges: dict[int, tuple[int, int]]
     only_missing: bool = False
+    skipped: frozenset[str] | None = None  # as recorded: the rebuilt INSERT leaves out the same ids
     done: set[int] = field(default_factory=set)
     items: list[Any] = field(default_factory=list)
 
@@ -68,7 +76,7 @@ def plan_rebuilds(intents: list[Intent], positions: dict[TopicPart, int], tables
     """The recorded batches (newest first in `intents`) that this sink, owning the partitions
     in `positions` (partition -> committed offset), must rebuild; oldest first."""
     out: list[Rebuild] = []
-    for topic, token, ranges in reversed(intents):
+    for topic, token, ranges, skipped in reversed(intents):
         spec = tables.get(topic)
         if spec is None or not ranges:
             continue
@@ -92,9 +100,9 @@ def plan_rebuilds(intents: list[Intent], positions: dict[TopicPart, int], tables
                 "on partitions %s are written where %s lacks them",
                 token, sorted(own), spec.table,
             )  # fmt: skip
-            out.append(Rebuild(topic, spec, token, own, only_missing=True))
+            out.append(Rebuild(topic, spec, token, own, only_missing=True, skipped=skipped))
         else:
-            out.append(Rebuild(topic, spec, token, {p: (a, b) for p, a, b in ranges}))
+            out.append(Rebuild(topic, spec, token, {p: (a, b) for p, a, b in ranges}, skipped=skipped))
     if out:
         log.warning("rebuilding %d recorded batch(es) from Kafka (a previous sink stopped before committing)", len(out))
     return out

@@ -4,9 +4,10 @@ Contract:
 - submit(batch): starts writing it in the INSERT thread and returns at once; first waits
   (wait_idle) for the batch in flight. One batch in flight at a time: INSERTs of one sink
   never overlap, and batches are written and passed on in the order submitted.
-- Writing a batch: record its offset ranges and token in `sink_intents` (skipped for a
-  rebuilt batch, recorded by the sink that first wrote it), then INSERT its rows under
-  the token. A failure (intent or INSERT) is counted in llmpulse_sink_insert_failures_total
+- Writing a batch: for a table with roll-ups, choose its rows (each event id once,
+  steps/dedup.py); record its offset ranges, token and the ids left out in `sink_intents`
+  (skipped for a rebuilt batch, recorded by the sink that first wrote it), then INSERT
+  its rows under the token. The rows are chosen once: a retry writes the same rows. A failure (intent or INSERT) is counted in llmpulse_sink_insert_failures_total
   and retried in the thread with exponential backoff, same token, until it succeeds or
   `terminate()` is called: a batch is never dropped.
 - While a write is failing, whoever waits for it calls `stall()` (the sink pauses
@@ -29,6 +30,7 @@ from concurrent.futures import wait as wait_futures
 
 from llmpulse import metrics
 from llmpulse.sinks.clickhouse.steps.commit import CommitOffsets
+from llmpulse.sinks.clickhouse.steps.dedup import missing_rows, rows_to_write
 from llmpulse.sinks.clickhouse.steps.model import Batch
 from llmpulse.sinks.clickhouse.writer import BatchWriter
 
@@ -125,15 +127,19 @@ class WriteInThread:
                 delay = min(self.retry_max_s, delay * 2)
 
     def _write_once(self, batch: Batch) -> None:
+        if batch.only_missing:
+            self._write_missing(batch)
+            return
+        # a table with roll-ups gets each event id once; chosen at the first attempt (steps/dedup.py)
+        rows = rows_to_write(batch, self.writer.present_ids)
         if not batch.rebuilt:
             ranges = [(p, a, b) for p, (a, b) in sorted(batch.ranges.items())]
-            self.writer.record_intent(batch.spec, batch.topic, batch.token, ranges, len(batch.items))
-        if not batch.only_missing:
-            self.writer.insert(batch.spec, batch.items, batch.token)
-            return
+            self.writer.record_intent(batch.spec, batch.topic, batch.token, ranges, len(batch.items), batch.skipped)
+        self.writer.insert(batch.spec, rows, batch.token)
+
+    def _write_missing(self, batch: Batch) -> None:
         col = batch.spec.id_column
-        have = self.writer.present_ids(batch.spec, batch.items)
-        missing = [e for e in batch.items if str(getattr(e, col)) not in have]
+        missing = missing_rows(batch, self.writer.present_ids)
         # the token names exactly these events: a retry of the same rows is skipped, other rows are not
         digest = hashlib.sha256("\n".join(str(getattr(e, col)) for e in missing).encode()).hexdigest()[:32]
         parts = ",".join(f"{p}:{a}-{b}" for p, (a, b) in sorted(batch.ranges.items()))
