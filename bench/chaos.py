@@ -15,9 +15,12 @@ run, one at a time: SIGKILL of the worker, the sink, the notifier or the proxy a
 random moment, each restarted; broker stalls (SIGSTOP) longer than the producers'
 delivery timeout; Slack answering 429 with Retry-After, or a storm of 500s; duplicate
 deliveries (an accepted ingest batch posted again with the same event ids, SDK messages
-produced again). "ClickHouse unreachable for the sink" is not injected: the embedded
-store (chDB) lives inside the sink's process, there is no network path to cut; the
-result says so (`faults_not_injected`).
+produced again); the ClickHouse store unreachable for the sink for 3-6 s (longer than a
+batch): the embedded store (chDB) lives inside the sink's process, there is no connection
+to cut, so the sink runs with `LLMPULSE_FAULT_STORE_DOWN_FILE` set
+(llmpulse/embedded/store.py) and every call of its store client fails like a dropped
+connection while the bench holds that file; the sink's own retry, backoff and backpressure
+do the rest (`store_down_s`, and `sink_store_down_errors`: the failures its log shows).
 
 One incident is injected as well (seeded start, 30-70 s in): for 45 s the SDK's calls take
 6-8 s, so the shipped `latency_avg` rule fires for app `sdk` and resolves afterwards; its
@@ -67,8 +70,9 @@ WINDOW_S = 10
 INCIDENT_S = 45.0
 MODELS = ["gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet"]
 KINDS = ["kill_worker", "kill_sink", "kill_notifier", "kill_proxy", "broker_stall",
-         "slack_429", "slack_500", "duplicates"]  # fmt: skip
-NOT_INJECTED = ["clickhouse_unreachable: the embedded store (chDB) runs inside the sink's process"]
+         "slack_429", "slack_500", "duplicates", "store_down"]  # fmt: skip
+NOT_INJECTED: list[str] = []
+STORE_DOWN_ENV = "LLMPULSE_FAULT_STORE_DOWN_FILE"  # llmpulse.embedded.store.FAULT_STORE_DOWN_ENV
 
 
 class Proc:
@@ -218,6 +222,7 @@ def main() -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="llmpulse-chaos-"))
     truth = Truth()
     injected = Counter[str]()
+    down_s = 0.0
     fake = FakeSlack().start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPULSE_")}
     env.update({WEBHOOK_ENV: fake.webhook_url(), "PYTHONUNBUFFERED": "1"})
@@ -246,7 +251,8 @@ def main() -> dict[str, Any]:
         )  # fmt: skip
         procs["mock"] = Proc("mock", config, ["mock-upstream", "--port", str(mock_port), "--error-rate", "0.05",
                                               "--seed", str(args.seed)], workdir, env)  # fmt: skip
-        procs["sink"] = Proc("sink", config, ["sink"], workdir, env)
+        # the sink alone runs with the store's fault gate: the bench makes its store unreachable
+        procs["sink"] = Proc("sink", config, ["sink"], workdir, {**env, STORE_DOWN_ENV: str(workdir / "store-down")})
         procs["worker"] = Proc("worker", config, ["worker"], workdir, env)
         procs["notifier"] = Proc("notifier", config, ["notify"], workdir, env)
         procs["proxy"] = Proc("proxy", config, ["proxy", "--port", str(proxy_port)], workdir, env)
@@ -273,7 +279,7 @@ def main() -> dict[str, Any]:
             for at, kind in schedule:
                 while time.monotonic() - t0 < at:
                     time.sleep(0.05)
-                _inject(kind, procs, broker_pid, fake, truth, settings, b.bootstrap, rng)
+                down_s += _inject(kind, procs, broker_pid, fake, truth, settings, b.bootstrap, rng, workdir)
                 injected[kind] += 1
             while time.monotonic() - t0 < args.duration_s:
                 time.sleep(0.2)
@@ -307,6 +313,8 @@ def main() -> dict[str, Any]:
         "refused_by_producers": dict(truth.refused),
         **figures,
         "kills": {name: p.kills for name, p in procs.items()},
+        "store_down_s": round(down_s, 1),
+        "sink_store_down_errors": _store_down_errors(workdir / "sink.log"),
         "workdir": str(workdir),
         **cal,
     }
@@ -323,8 +331,25 @@ def _wait_http(url: str, timeout: float) -> None:
     raise TimeoutError(f"{url} did not answer")
 
 
+def _store_down_errors(log: Path) -> int:
+    """The sink's log lines of calls failed by the store-down fault (its INSERT retries among them)."""
+    with contextlib.suppress(OSError):
+        return sum("fault injected" in line for line in log.read_text(errors="replace").splitlines())
+    return 0
+
+
 def _inject(kind: str, procs: dict[str, Proc], broker_pid: int, fake: Any, truth: Truth, settings: Any,
-            bootstrap: str, rng: random.Random) -> None:  # fmt: skip
+            bootstrap: str, rng: random.Random, workdir: Path) -> float:  # fmt: skip
+    """Inject one fault; returns how long the store was unreachable (store_down), else 0."""
+    if kind == "store_down":
+        flag = workdir / "store-down"
+        down = rng.uniform(3.0, 6.0)  # several batches (batch_seconds 0.5) fail and are retried
+        flag.touch()
+        try:
+            time.sleep(down)
+        finally:
+            flag.unlink()
+        return down
     if kind.startswith("kill_"):
         p = procs[kind.removeprefix("kill_")]
         p.kill()
@@ -349,6 +374,7 @@ def _inject(kind: str, procs: dict[str, Proc], broker_pid: int, fake: Any, truth
             if ingest_url:
                 _post(ingest_url + "/ingest/calls", b)
         _duplicate_sdk(settings, bootstrap)
+    return 0.0
 
 
 _INGEST_URL: list[str] = []

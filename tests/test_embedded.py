@@ -9,7 +9,7 @@ import pytest
 
 from llmpulse.config.clickhouse import ClickHouseConfig
 from llmpulse.embedded.broker import EmbeddedBroker
-from llmpulse.embedded.store import open_store, store_owner
+from llmpulse.embedded.store import FAULT_STORE_DOWN_ENV, StoreDownFault, open_store, store_owner
 from llmpulse.errors import LLMPulseError, StoreError
 from llmpulse.sinks.clickhouse.migrate import applied_versions, emit_ddl, migrate
 from llmpulse.sinks.clickhouse.schema import migrations
@@ -59,3 +59,35 @@ def test_cluster_ddl_uses_replicated_engines() -> None:
     ddl = emit_ddl(ClickHouseConfig(cluster="prod"))
     assert "ON CLUSTER prod" in ddl
     assert "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/llmpulse/llm_calls', '{replica}')" in ddl
+
+
+def test_the_store_down_fault_fails_every_call_while_its_file_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    cfg = ClickHouseConfig()
+    flag = tmp_path / "store-down"
+    plain = open_store(cfg, tmp_path)
+    plain.close()
+    assert not isinstance(plain.client, StoreDownFault)  # off unless the variable names a file
+    monkeypatch.setenv(FAULT_STORE_DOWN_ENV, str(flag))
+    store = open_store(cfg, tmp_path)
+    try:
+        c = store.client
+        assert isinstance(c, StoreDownFault)
+        c.command("CREATE TABLE default.t (x UInt8) ENGINE = MergeTree ORDER BY x")
+        flag.touch()
+        for call in (
+            lambda: c.insert("default.t", [[1]], column_names=["x"]),
+            lambda: c.raw_insert("default.t", ["x"], b"1\n", fmt="CSV"),
+            lambda: c.query("SELECT 1"),
+            lambda: c.command("SELECT 1"),
+        ):
+            with pytest.raises(OperationalError, match="connection refused"):
+                call()
+        flag.unlink()  # back: the same calls go through
+        c.insert("default.t", [[2]], column_names=["x"])
+        c.raw_insert("default.t", ["x"], b"3\n", fmt="CSV")
+        assert c.query("SELECT groupArray(x) FROM (SELECT x FROM default.t ORDER BY x)").result_rows == [([2, 3],)]
+        assert c.command("SELECT 7") == 7
+    finally:
+        store.close()

@@ -98,6 +98,52 @@ class Store:
             self.lock.release()
 
 
+FAULT_STORE_DOWN_ENV = "LLMPULSE_FAULT_STORE_DOWN_FILE"
+"""Fault injection, off unless set: names a file; while it exists, the store is unreachable."""
+
+
+class StoreDownFault:
+    """The store unreachable on demand, for fault injection (the chaos bench's "ClickHouse
+    unreachable for the sink", bench/chaos.py).
+
+    The embedded store lives inside the sink's process: there is no connection to cut, and
+    a file mode does not stop root from writing. So, only when `LLMPULSE_FAULT_STORE_DOWN_FILE`
+    names a path when the store is opened, every call of the client (insert, raw_insert,
+    query, command) raises the driver's `OperationalError`, as a dropped connection does,
+    while that file exists, and goes through unchanged otherwise. The code under test (the
+    sink's retries, backoff and backpressure) runs as it does against a server that went
+    away. One `stat` per call; without the variable the client is not wrapped at all.
+    """
+
+    CALLS = frozenset({"insert", "raw_insert", "query", "command"})
+
+    def __init__(self, client: Any, flag: Path) -> None:
+        self._client = client
+        self.flag = flag
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if name not in self.CALLS:
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.flag.exists():
+                from clickhouse_connect.driver.exceptions import OperationalError
+
+                raise OperationalError(
+                    f"Error HTTPConnectionPool(host='clickhouse', port=8123): connection refused "
+                    f"(fault injected: {self.flag} exists)"
+                )
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def _with_faults(client: Any) -> Any:
+    flag = os.environ.get(FAULT_STORE_DOWN_ENV)
+    return StoreDownFault(client, Path(flag)) if flag else client
+
+
 def open_store(
     cfg: ClickHouseConfig, data_dir: Path, owner_info: dict[str, Any] | None = None, wait_s: float = 0.0
 ) -> Store:
@@ -123,7 +169,7 @@ def open_store(
         except Exception as exc:
             lock.release()
             raise StoreError(f"cannot open the embedded ClickHouse store in {directory}: {exc}") from None
-        return Store(client, lock, cfg)
+        return Store(_with_faults(client), lock, cfg)
     url = urlparse(cfg.url)
     try:
         client = clickhouse_connect.get_client(
@@ -135,4 +181,4 @@ def open_store(
         )
     except Exception as exc:
         raise StoreError(f"cannot reach ClickHouse at {url.hostname}:{url.port}: {exc}") from None
-    return Store(client, None, cfg)
+    return Store(_with_faults(client), None, cfg)
