@@ -41,6 +41,11 @@ DUPLICATES = Counter(
     "Copies of events already counted in an open or recently closed window (same event_id), dropped",
     ["kind"],
 )
+LATE_REVISED = Counter(
+    "llmpulse_worker_late_events_total",
+    "Events that arrived after their window closed, within worker.allowed_lateness_s, counted in a new revision",
+    ["kind"],
+)
 WINDOWS_CLOSED = Counter("llmpulse_windows_closed_total", "Windows closed and published", ["kind"])
 SINK_BATCH_ROWS = Histogram(
     "llmpulse_sink_batch_rows",

@@ -267,8 +267,10 @@ def window_truth(events: list[CallEvent], window_s: int) -> dict[tuple[str, str]
 @pytest.mark.e2e
 def test_events_produced_again_at_new_offsets_count_once(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
     port = free_port()
+    # the sentinels below are older than the allowed lateness (else they would revise their window):
+    # they may be applied before the closers move the mark, under phase B's mark (t0 + 55 s)
     config = write_config(tmp_path / "llmpulse.yaml", make_settings(), worker__grace_s=5.0, worker__idle_close_s=120.0,
-                          worker__web_port=port)  # fmt: skip
+                          worker__web_port=port, worker__allowed_lateness_s=10.0)  # fmt: skip
     settings = settings_from(config)
     bootstrap = settings.kafka.bootstrap_servers()
     topic = settings.kafka.topic("calls")
@@ -323,7 +325,8 @@ def test_events_produced_again_at_new_offsets_count_once(make_settings: Callable
         again, _ = one_per_message(phase_b[::2])
         rest, rest_copies = one_per_message(phase_c, copy_every=5)
         produce(bootstrap, topic, again + rest)
-        # a new event in an old window is late; one per model, behind every copy of its partition
+        # a new event in a window closed longer ago than the allowed lateness is late; one per
+        # model, behind every copy of its partition
         sentinels = [CallEvent(event_id=f"late-{m}", ts=t0 + timedelta(seconds=1), model=m) for m in MODELS]
         closers = [CallEvent(event_id=f"close-{m}", ts=events[-1].ts + timedelta(seconds=120), model=m) for m in MODELS]
         produce(bootstrap, topic, [(e.model, encode(e)) for e in sentinels + closers])

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from llmpulse.config.base import Section
 
 CALL_DIMENSIONS = ("model", "provider", "app", "user", "api_key_hash", "operation")
+# how long (event time) the finalizer keeps a published window to publish it again with a
+# higher revision when a late partial changes it (llmpulse.streams.finalizing.RETAIN_MS)
+FINALIZED_RETENTION_S = 900.0
 
 
 class WorkerConfig(Section):
@@ -24,9 +27,14 @@ class WorkerConfig(Section):
         description="dimension sets of call windows; [] is the global set",
     )
     dedup_horizon_s: Annotated[float, Field(ge=0, le=86400)] = Field(
-        default=300.0,
+        default=900.0,
         description="how long (event time) after a window closed a copy of one of its events (same event_id, "
-        "resent by a producer) is still recognised and dropped; later copies go to the dead-letter topic as late",
+        "resent by a producer) is still recognised and dropped; at least allowed_lateness_s",
+    )
+    allowed_lateness_s: Annotated[float, Field(ge=0, le=FINALIZED_RETENTION_S)] = Field(
+        default=FINALIZED_RETENTION_S,
+        description="an event arriving after its window closed, less than this long (event time) after the window "
+        "closed, is counted in a new revision of the window; older ones go to the dead-letter topic as late",
     )
     batch_max_messages: Annotated[int, Field(ge=1)] = 2000
     batch_within_s: Annotated[float, Field(gt=0)] = 0.2
@@ -38,6 +46,16 @@ class WorkerConfig(Section):
     web_port: Annotated[int, Field(ge=0, le=65535)] = Field(
         default=0, description="serve Prometheus /metrics on this port (0: off)"
     )
+
+    @model_validator(mode="after")
+    def _lateness_within_dedup_horizon(self) -> WorkerConfig:
+        if self.allowed_lateness_s > self.dedup_horizon_s:
+            raise ValueError(
+                f"allowed_lateness_s ({self.allowed_lateness_s:g}) must not exceed dedup_horizon_s "
+                f"({self.dedup_horizon_s:g}): copies of late events would be counted twice; raise "
+                "dedup_horizon_s or lower allowed_lateness_s"
+            )
+        return self
 
     @field_validator("dimensions")
     @classmethod

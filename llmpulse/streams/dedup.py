@@ -9,8 +9,10 @@ falls in the same window): a set of 64-bit hashes while the window is open, an a
 them (8 bytes an id, sorted when first searched) once it has closed, forgotten `horizon_ms` of event time
 after the partition's close mark passed the window's end. A copy found there is dropped
 and counted (`llmpulse_worker_duplicates_total`); past the horizon it is reported late
-like any other event of a closed window. Memory is bounded by the events of the open
-windows and of the horizon.
+like any other event of a closed window. A late event counted in a revision of its closed
+window (windowing.py, allowed lateness <= the horizon) adds its id to that window, so its
+copy is a duplicate too. Memory is bounded by the events of the open windows and of the
+horizon.
 
 The hash is Python's own of the id string: 64-bit SipHash under a per-process random
 key, computed once per string, so ids cannot be chosen from outside to collide. What is
@@ -51,7 +53,7 @@ def chunk_key_parse(text: str) -> ChunkKey:
 class SeenIds:
     """The event ids one source partition counted, by window start (ms) of the smallest window."""
 
-    __slots__ = ("added", "base_ms", "chunks", "closed", "horizon_ms", "open", "restoring", "unsorted")
+    __slots__ = ("added", "base_ms", "chunks", "closed", "horizon_ms", "late", "open", "restoring", "unsorted")
 
     def __init__(self, base_ms: int, horizon_ms: int) -> None:
         self.base_ms = base_ms
@@ -61,6 +63,7 @@ class SeenIds:
         # bisection) only when first searched: closing costs a copy, not a sort
         self.closed: dict[int, array[int]] = {}
         self.unsorted: set[int] = set()
+        self.late: dict[int, set[int]] = {}  # ids of late events counted in closed windows (rare)
         self.added: dict[int, list[str]] = {}  # ids counted since the last take_added (not persisted yet)
         self.chunks: dict[int, list[int]] = {}  # the persisted chunks of each window (their `through`)
         self.restoring: dict[ChunkKey, str] = {}
@@ -83,9 +86,19 @@ class SeenIds:
                 arr = self.closed[start] = array("q", sorted(arr))
                 self.unsorted.discard(start)
             i = bisect_left(arr, h)
-            return i < len(arr) and arr[i] == h
-        ids = self.open.get(start)
-        return ids is not None and h in ids
+            if i < len(arr) and arr[i] == h:
+                return True
+        else:
+            ids = self.open.get(start)
+            if ids is not None and h in ids:
+                return True
+        late = self.late.get(start)
+        return late is not None and h in late
+
+    def add_late(self, start: int, h: int, event_id: str) -> None:
+        """Record a late event counted in the closed window `start` (persisted like the others)."""
+        self.late.setdefault(start, set()).add(h)
+        self.added.setdefault(start, []).append(event_id)
 
     # -- persistence -------------------------------------------------------------------------------
     def take_added(self, through: int) -> list[tuple[ChunkKey, str]]:
@@ -127,8 +140,9 @@ class SeenIds:
             self.unsorted.add(start)
         expired: list[ChunkKey] = []
         horizon_mark = mark_ms - self.horizon_ms
-        for start in [s for s in self.closed if s + base <= horizon_mark]:
-            del self.closed[start]
+        for start in [s for s in self.closed.keys() | self.late.keys() if s + base <= horizon_mark]:
+            self.closed.pop(start, None)
+            self.late.pop(start, None)
             self.unsorted.discard(start)
             self.added.pop(start, None)
             expired += [(start, t) for t in self.chunks.pop(start, [])]
@@ -136,4 +150,4 @@ class SeenIds:
 
     def __len__(self) -> int:
         """How many ids are held (open and closed windows)."""
-        return sum(map(len, self.open.values())) + sum(map(len, self.closed.values()))
+        return sum(map(len, self.open.values())) + sum(map(len, self.closed.values())) + sum(map(len, self.late.values()))

@@ -18,6 +18,7 @@ from typing import Any
 
 from aiokafka.partitioner import murmur2
 
+from llmpulse.config.worker import FINALIZED_RETENTION_S
 from llmpulse.schemas.aggregate import WindowAggregate
 from llmpulse.streams.accumulators import ACCUMULATORS
 from llmpulse.streams.windowing import Partial
@@ -55,7 +56,7 @@ def finalizer_partition(kind: str, window_s: int, partitions: int) -> int:
 
 
 EMPTY = -(2**62)  # the close mark of a source that has seen no event yet
-RETAIN_MS = 15 * 60 * 1000  # how long a finalized window accepts a backfilled partial
+RETAIN_MS = round(FINALIZED_RETENTION_S * 1000)  # how long a finalized window accepts a backfilled partial
 
 
 class Finalizer:

@@ -6,6 +6,17 @@ when a window closes. A window closes once the partition's event time passes its
 plus the grace period, or, when the partition goes idle, once wall-clock time since
 the last event has carried event time that far. Events of a closed window are late.
 
+A late event whose window closed less than the allowed lateness ago (event time of the
+close mark) is still counted: it goes to a late accumulator of its window, and the next
+close emits, for every window and dimension set it touched, a partial of source
+`<source>~late` holding ALL late events of that window from this partition (cumulative,
+because the finalizer replaces a source's part: a partial re-sent after a crash or a
+restore is the same state, never added twice). The finalizer merges it as one more part
+and publishes the window again with a higher revision. Late accumulators are persisted
+like the others (offset per accumulator) and dropped once the largest window holding them
+is past the allowed lateness; only events older than that are reported late. Their ids
+join the closed window's (dedup.py), so a copy of a late event is a duplicate.
+
 Replays never count twice: the partition's applied offset skips whole replays, and
 each accumulator remembers the last offset it absorbed, which covers a crash in the
 middle of persisting a batch. Copies of an event at new offsets (resent by a producer)
@@ -25,6 +36,7 @@ from llmpulse.streams.dedup import ChunkKey, SeenIds
 from llmpulse.streams.positions import BATCH_SLOTS
 
 AccKey = tuple[int, tuple[str, ...]]
+LATE_SUFFIX = "~late"  # source of the partials of late events: never a source the finalizer waits for
 
 
 @dataclass(slots=True)
@@ -63,8 +75,9 @@ class Late:
 
 @dataclass(slots=True)
 class Applied:
-    late: list[Late] = field(default_factory=list)
+    late: list[Late] = field(default_factory=list)  # past the allowed lateness: dead letters
     duplicates: int = 0  # copies of events already counted (same event_id), dropped
+    revised: int = 0  # late events within the allowed lateness, counted in a revision of their window
 
 
 @dataclass
@@ -72,6 +85,7 @@ class CloseResult:
     partials: list[Partial] = field(default_factory=list)
     removed: list[AccKey] = field(default_factory=list)
     removed_ids: list[ChunkKey] = field(default_factory=list)  # id chunks past the dedup horizon
+    removed_late: list[AccKey] = field(default_factory=list)  # late accumulators past the allowed lateness
     mark_ms: int | None = None
 
 
@@ -96,6 +110,7 @@ class PartitionWindows:
         idle_s: float,
         dimension_sets: Iterable[Iterable[str]],
         dedup_horizon_s: float = 300.0,
+        allowed_lateness_s: float = 0.0,
     ) -> None:
         self.kind = kind
         self.source = source
@@ -118,6 +133,17 @@ class PartitionWindows:
         self.last_event_wall: float | None = None
         self.dirty: set[AccKey] = set()
         self.seen = SeenIds(self.base_ms, round(dedup_horizon_s * 1000))
+        self.lateness_ms = round(allowed_lateness_s * 1000)
+        if self.lateness_ms > self.seen.horizon_ms:
+            raise ValueError(
+                f"allowed lateness {allowed_lateness_s} s exceeds the dedup horizon {dedup_horizon_s} s: "
+                "copies of late events would be counted twice"
+            )
+        self.late_source = source + LATE_SUFFIX
+        self.late_accs: dict[AccKey, Accumulator] = {}
+        self.late_offsets: dict[AccKey, int] = {}
+        self.late_dirty: set[AccKey] = set()  # to persist
+        self.late_unsent: set[AccKey] = set()  # changed since their windows' late partials were emitted
 
     # -- processing ---------------------------------------------------------------------------
     def apply(self, batch: Iterable[tuple[int, Any]], now_wall: float) -> Applied:
@@ -135,6 +161,7 @@ class PartitionWindows:
         max_ts = self.max_ts_ms
         new_cls = self.acc_cls
         seen = self.seen
+        late_from = None if mark is None else mark - self.lateness_ms  # closed windows ending after it take late events
         ids_start: int | None = None
         ids: set[int] = set()
         ids_added: list[str] = []
@@ -149,6 +176,9 @@ class PartitionWindows:
             if mark is not None and start + base <= mark:
                 if seen.seen_closed(start, h):
                     duplicates += 1
+                elif late_from is not None and start + base > late_from:
+                    self._apply_late(offset, (start, key_of(event)), event, h)
+                    out.revised += 1
                 else:
                     late.append(Late(offset, event, start + base))
                 applied = offset
@@ -183,6 +213,19 @@ class PartitionWindows:
         out.duplicates = duplicates
         return out
 
+    def _apply_late(self, offset: int, key: AccKey, event: Any, h: int) -> None:
+        # the id first, as for an open window: a replay after a crash records it again
+        self.seen.add_late(key[0], h, event.event_id)
+        if self.late_offsets.get(key, -1) >= offset:
+            return  # absorbed before a crash whose meta was lost: replayed, not counted again
+        acc = self.late_accs.get(key)
+        if acc is None:
+            acc = self.late_accs[key] = self.acc_cls()
+        acc.agg(event)  # type: ignore[attr-defined]
+        self.late_offsets[key] = offset
+        self.late_dirty.add(key)
+        self.late_unsent.add(key)
+
     def consumed_through(self, offset: int) -> None:
         """Every event of the messages up to `offset` is accounted for (applied, late or invalid)."""
         last = (offset + 1) * BATCH_SLOTS - 1
@@ -216,6 +259,7 @@ class PartitionWindows:
         new_mark = math.inf if force else self.watermark(now_wall) - self.grace_ms
         prev = self.close_mark_ms
         if prev is not None and new_mark <= prev:
+            self._close_late(result, prev)
             result.mark_ms = prev
             return result
         groups: dict[tuple[int, int], list[AccKey]] = {}
@@ -230,28 +274,8 @@ class PartitionWindows:
                     groups.setdefault((s, t), []).append(key)
             if (b - b % self.max_ms) + self.max_ms <= new_mark:
                 removable.append(key)
-        names = self.acc_cls.dimension_names
         for (s, t), keys in sorted(groups.items()):
-            # a fixed merge order: a window closed again after a restore gives the same
-            # state to the bit (float sums depend on the order), so it is not re-published
-            keys.sort()
-            merged: dict[str, tuple[dict[str, str], Any]] = {}
-            for dim_set in self.dim_sets:
-                for key in keys:
-                    dims = project(names, dim_set, key[1])
-                    if dims is None:
-                        continue
-                    dk = dimensions_key(dims)
-                    slot = merged.get(dk)
-                    acc: Any
-                    if slot is None:
-                        acc = self.acc_cls()
-                        merged[dk] = (dims, acc)
-                    else:
-                        acc = slot[1]
-                    acc.merge(self.accs[key])
-            for dk, (dims, acc) in merged.items():
-                result.partials.append(Partial(self.kind, s, t, dims, dk, self.source, acc.to_state()))
+            self._roll_up(s, t, keys, self.accs, self.source, result.partials)
         for key in removable:
             del self.accs[key]
             self.acc_offsets.pop(key, None)
@@ -263,8 +287,69 @@ class PartitionWindows:
             self.close_mark_ms = max(self.close_mark_ms or 0, self.max_ts_ms - self.max_ts_ms % self.max_ms + self.max_ms)
         if self.close_mark_ms is not None:
             result.removed_ids = self.seen.close_through(self.close_mark_ms)
+        self._close_late(result, prev)
         result.mark_ms = self.close_mark_ms
         return result
+
+    def _roll_up(
+        self, s: int, t: int, keys: list[AccKey], accs: dict[AccKey, Accumulator], source: str, out: list[Partial]
+    ) -> None:
+        """The partials of window (s, t): the finest accumulators `keys` merged per dimension set."""
+        # a fixed merge order: a window closed again after a restore gives the same
+        # state to the bit (float sums depend on the order), so it is not re-published
+        keys.sort()
+        names = self.acc_cls.dimension_names
+        merged: dict[str, tuple[dict[str, str], Any]] = {}
+        for dim_set in self.dim_sets:
+            for key in keys:
+                dims = project(names, dim_set, key[1])
+                if dims is None:
+                    continue
+                dk = dimensions_key(dims)
+                slot = merged.get(dk)
+                acc: Any
+                if slot is None:
+                    acc = self.acc_cls()
+                    merged[dk] = (dims, acc)
+                else:
+                    acc = slot[1]
+                acc.merge(accs[key])
+        for dk, (dims, acc) in merged.items():
+            out.append(Partial(self.kind, s, t, dims, dk, source, acc.to_state()))
+
+    def _close_late(self, result: CloseResult, prev_mark: int | None) -> None:
+        """Emit the late partials of every window late events touched; drop those past the lateness.
+
+        Each partial holds every late event of its window (cumulative). Emitted are the
+        windows of late events applied since the last close, which ended less than the
+        allowed lateness before `prev_mark` (the mark they were applied under, so the
+        finalizer still holds them), and, after a restore, those of restored accumulators
+        within that bound (their partial may not have gone out before the crash)."""
+        if not self.late_accs:
+            return
+        if self.late_unsent:
+            bound = -math.inf if prev_mark is None else prev_mark - self.lateness_ms
+            touched = set()
+            for b, _ in self.late_unsent:
+                for s in self.windows_s:
+                    size = s * 1000
+                    t = b - b % size
+                    if t + size > bound:
+                        touched.add((s, t))
+            self.late_unsent.clear()
+            for s, t in sorted(touched):
+                end = t + s * 1000
+                keys = [k for k in self.late_accs if t <= k[0] < end]
+                self._roll_up(s, t, keys, self.late_accs, self.late_source, result.partials)
+        if self.close_mark_ms is None:
+            return
+        drop_through = self.close_mark_ms - self.lateness_ms
+        max_ms = self.max_ms
+        for key in [k for k in self.late_accs if k[0] - k[0] % max_ms + max_ms <= drop_through]:
+            del self.late_accs[key]
+            self.late_offsets.pop(key, None)
+            self.late_dirty.discard(key)
+            result.removed_late.append(key)
 
     # -- persistence ----------------------------------------------------------------------------
     def meta_state(self) -> dict[str, Any]:
@@ -285,4 +370,19 @@ class PartitionWindows:
     def take_dirty(self) -> list[AccKey]:
         keys = [k for k in self.dirty if k in self.accs]
         self.dirty.clear()
+        return keys
+
+    def late_state(self, key: AccKey) -> dict[str, Any]:
+        return {"o": self.late_offsets[key], "a": self.late_accs[key].to_state()}
+
+    def restore_late(self, key: AccKey, s: dict[str, Any]) -> None:
+        self.late_accs[key] = self.acc_cls.from_state(s["a"])
+        self.late_offsets[key] = s["o"]
+        # its partial may not have been emitted before the crash: emitted again at the next
+        # close (the same cumulative state: the finalizer keeps its revision)
+        self.late_unsent.add(key)
+
+    def take_late_dirty(self) -> list[AccKey]:
+        keys = [k for k in self.late_dirty if k in self.late_accs]
+        self.late_dirty.clear()
         return keys

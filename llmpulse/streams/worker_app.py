@@ -273,7 +273,8 @@ class WorkerRuntime:
         wcfg = self.settings.worker
         dims = {"calls": self.call_dimensions, "gpu": GPU_DIMENSIONS, "host": HOST_DIMENSIONS}.get(kind, FEEDBACK_DIMENSIONS)
         pw = PartitionWindows(
-            kind, f"{kind}:{partition}", wcfg.windows_s, wcfg.grace_s, wcfg.idle_close_s, dims, wcfg.dedup_horizon_s
+            kind, f"{kind}:{partition}", wcfg.windows_s, wcfg.grace_s, wcfg.idle_close_s, dims, wcfg.dedup_horizon_s,
+            wcfg.allowed_lateness_s,
         )
         prefix = f"{partition}|{kind}|"
         for key, value in list(self.window_table.items()):
@@ -284,6 +285,8 @@ class WorkerRuntime:
                 pw.restore_meta(value)
             elif rest.startswith("A|"):
                 pw.restore_acc(_acc_key_parse(rest[2:]), value)
+            elif rest.startswith("L|"):
+                pw.restore_late(_acc_key_parse(rest[2:]), value)
             elif rest.startswith("D|"):
                 pw.seen.restore_chunk(chunk_key_parse(rest[2:]), value)
         # id chunks of a batch whose meta was never written are replayed: delete them
@@ -322,13 +325,16 @@ class WorkerRuntime:
             applied = pw.apply(batch, now)
             if applied.duplicates:
                 metrics.DUPLICATES.labels(kind).inc(applied.duplicates)
+            if applied.revised:
+                metrics.LATE_REVISED.labels(kind).inc(applied.revised)
             for late in applied.late:
                 ev_model = late.event
                 dead.append(
                     DeadLetter.for_bytes(
                         msgspec.json.encode(ev_model) if isinstance(ev_model, msgspec.Struct) else encode(ev_model),
-                        f"late event: its {pw.windows_s[0]} s window ended at "
-                        f"{late.window_end_ms} ms and closed (grace {pw.grace_ms} ms)",
+                        f"late event: its {pw.windows_s[0]} s window ended at {late.window_end_ms} ms, more than "
+                        f"the allowed lateness ({pw.lateness_ms / 1000:g} s, worker.allowed_lateness_s) before "
+                        f"the partition's close mark {pw.close_mark_ms} ms",
                         kind="late", source=self.topic_names[_topic_of_kind(kind)],
                         partition=partition, offset=late.offset >> 20,
                         dead_letter_id=f"late-{kind}-{partition}-{late.offset}",
@@ -375,6 +381,8 @@ class WorkerRuntime:
         table = self.window_table
         for key in pw.take_dirty():
             table[state_key(partition, pw.kind, "A", _acc_key_text(key))] = pw.acc_state(key)
+        for key in pw.take_late_dirty():
+            table[state_key(partition, pw.kind, "L", _acc_key_text(key))] = pw.late_state(key)
         # the ids before the meta: a chunk past the meta's applied offset is dropped on restore
         for chunk, ids in pw.seen.take_added(pw.applied_offset):
             table[state_key(partition, pw.kind, "D", chunk_key_text(chunk))] = ids
@@ -402,6 +410,7 @@ class WorkerRuntime:
         # already published. Not awaited here: the next batch is processed meanwhile.
         meta = pw.meta_state() if (res.partials or res.removed or pw.close_mark_ms != before) else None
         removed = [state_key(partition, pw.kind, "A", _acc_key_text(r)) for r in res.removed]
+        removed += [state_key(partition, pw.kind, "L", _acc_key_text(r)) for r in res.removed_late]
         removed += [state_key(partition, pw.kind, "D", chunk_key_text(c)) for c in res.removed_ids]
         self.inflight.setdefault((pw.kind, partition), []).append((futures, meta, removed))
         if force:
