@@ -125,6 +125,27 @@ def test_late_partials_are_cumulative_and_copies_of_late_events_count_once() -> 
     assert w.apply([(6, call(0, 1.0))], now_wall=0).duplicates == 1
 
 
+def test_several_late_parts_of_a_window_in_one_finalizer_batch_publish_it_again() -> None:
+    """Partials of two partitions (or two closes of one) reach the finalizer before it publishes."""
+    stage2 = Stage2(["calls:0", "calls:1"])
+    parts = {src: windows(source=src) for src in ("calls:0", "calls:1")}
+    for n, (src, w) in enumerate(parts.items()):
+        w.apply([(0, call(10 * n, 1.0)), (1, call(10 * n + 1, 30.0))], now_wall=0)
+        out = w.close(now_wall=0)
+        stage2.feed(src, out.partials, out.mark_ms)
+    assert stage2.latest(10, T0_MS).requests == 2
+    late: list[Partial] = []
+    for n, w in enumerate(parts.values()):
+        w.apply([(2, call(100 + n, 2.0))], now_wall=0)
+        late += w.close(now_wall=0).partials
+        w.apply([(3, call(200 + n, 3.0))], now_wall=0)
+        late += w.close(now_wall=0).partials
+    for p in late:  # one batch of the partials topic: four changes of the window, then one publication
+        stage2.fin.add_partial(p)
+    stage2.feed("calls:0", [], parts["calls:0"].close_mark_ms)
+    assert (stage2.latest(10, T0_MS).requests, stage2.latest(10, T0_MS).revision) == (6, 2)
+
+
 def test_events_older_than_the_lateness_are_late_and_late_state_is_dropped() -> None:
     w = windows(lateness_s=60.0, horizon_s=120.0)
     w.apply([(0, call(0, 1.0)), (1, call(1, 70.0))], now_wall=0)

@@ -84,8 +84,9 @@ class Finalizer:
             slot = self.pending[key] = Pending(p.dims)
         if slot.parts.get(p.source) != p.state:
             slot.parts[p.source] = p.state
-            if slot.revision:
-                slot.revision = -slot.revision  # published before: publish again
+            if slot.revision > 0:
+                # published before: publish again (once, however many parts change before then)
+                slot.revision = -slot.revision
         return key
 
     def set_mark(self, kind: str, source: str, mark: int | None) -> None:
