@@ -35,7 +35,7 @@ offset (an ingest client's retry, an SDK resend, the proxy's spool replay): the 
 replaces such copies by key, but its views count every row inserted. So a batch of a table
 with roll-ups (`llm_calls`) writes the first copy of each id in the batch, and none of the
 ids the table already holds or a recorded batch being rebuilt holds (steps/dedup.py: one
-lookup by id within the batch's time range, per batch). This holds because the batches of
+lookup per batch, the table's ids within the batch's seconds). This holds because the batches of
 a partition are written one after the other by its one owner, each INSERT after the
 previous returned, so each lookup sees every earlier copy of that partition; and because
 the choice is recorded with the batch's intent before its INSERT (`skipped_ids`, migration
