@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from llmpulse.config.clickhouse import ClickHouseConfig
+from llmpulse.config.loader import load_settings
 from llmpulse.embedded.broker import EmbeddedBroker
 from llmpulse.embedded.store import FAULT_STORE_DOWN_ENV, StoreDownFault, open_store, store_owner
 from llmpulse.errors import LLMPulseError, StoreError
@@ -70,6 +71,7 @@ def test_the_store_down_fault_fails_every_call_while_its_file_exists(tmp_path: P
     plain.close()
     assert not isinstance(plain.client, StoreDownFault)  # off unless the variable names a file
     monkeypatch.setenv(FAULT_STORE_DOWN_ENV, str(flag))
+    load_settings(None, environ={FAULT_STORE_DOWN_ENV: str(flag)})  # not a config key: a process with it starts
     store = open_store(cfg, tmp_path)
     try:
         c = store.client

@@ -37,8 +37,9 @@ ENV_ALIASES: dict[str, tuple[str, ...]] = {
     "APP": ("sdk", "app"),
     "TOPIC_PREFIX": ("kafka", "topic_prefix"),
 }
-# Read elsewhere (not config keys): the config path itself and secrets read by name.
-ENV_NOT_CONFIG = {"CONFIG"}
+# Read elsewhere (not config keys): the config path itself, secrets read by name, and the
+# store's fault-injection gate (llmpulse/embedded/store.py, for the chaos bench).
+ENV_NOT_CONFIG = {"CONFIG", "FAULT_STORE_DOWN_FILE"}
 ENV_SECRET_PREFIXES = ("SECRET_",)
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 MAX_CONFIG_DEPTH = 32
