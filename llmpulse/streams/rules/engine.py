@@ -33,7 +33,8 @@ State format (version 1)::
          "k": "<data signature>",            # baseline/budget reset when this changes
          "streak": 0, "streak_start": 0,     # lifecycle (see lifecycle.py)
          "alert": null | {"severity", "started_at", "clear", "metric", "publish"},
-         "baseline": {...},                  # anomaly rules (see baseline.py)
+         "baseline": {...},                  # anomaly rules (see baseline.py), and
+         "kept_out": 0,                      # anomalous windows in a row left out of it
          "pool": {"k", "w"},                 # threshold rules: the last windows (pooling.py)
          "budget": {"day": 19700, "total": 0.0}}}}   # budget rules
 """
@@ -68,6 +69,7 @@ from llmpulse.streams.rules.slo import judge_slo
 from llmpulse.streams.rules.summary import fmt_dims, fmt_span, fmt_time, fmt_value, fmt_window
 
 STATE_VERSION = 2
+KEEP_OUT_S = 3600  # the longest run of anomalous windows left out of an anomaly baseline
 State = dict[str, Any]
 _RANK = {"warning": 1, "critical": 2}
 
@@ -423,8 +425,17 @@ def _judge_anomaly(rule: AnomalyRule, agg: WindowAggregate, rst: State) -> Verdi
     start_s = _ms(agg.window_start) // 1000
     bst: State = rst.setdefault("baseline", {})
     exp = expected(rule, bst, start_s)
-    add(rule, bst, start_s, obs)
-    return judge_anomaly(rule, obs, exp, agg, lambda: series_dispersion(bst))
+    verdict = judge_anomaly(rule, obs, exp, agg, lambda: series_dispersion(bst))
+    # an incident does not teach the baseline: a window judged anomalous stays out of it
+    # (else a 15-minute error burst lifted its own rolling baseline and "resolved" at 44%
+    # errors), but for at most an hour of windows in a row: a level that stays is the new normal
+    kept_out = int(rst.get("kept_out", 0))
+    if verdict.level is not None and kept_out < max(1, KEEP_OUT_S // rule.window):
+        rst["kept_out"] = kept_out + 1
+    else:
+        rst["kept_out"] = 0
+        add(rule, bst, start_s, obs)
+    return verdict
 
 
 def _judge_budget(rule: BudgetRule, agg: WindowAggregate, rst: State) -> tuple[Verdict, State | None]:
