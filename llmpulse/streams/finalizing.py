@@ -7,6 +7,9 @@ copy instead of adding to it. A source that has seen no event yet does not hold 
 others back; if it later brings data for a window already finalized (a backfill of old
 events), the window is kept for a while after finalizing and published again, under
 the same key with a higher revision, so the stored aggregate converges to the truth.
+Late events a partition counted after closing their window arrive the same way, as the
+part of source `<source>~late` (windowing.py, cumulative); such a source sends no close
+mark and is never waited for (`complete_through` reads only `sources`).
 """
 
 from __future__ import annotations
