@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime
+from bisect import bisect_left
+from datetime import datetime, timedelta
+from operator import attrgetter
 from typing import Any
 
 from llmpulse import metrics
@@ -61,8 +63,8 @@ class BatchWriter:
         if not items:
             return set()
         col = spec.id_column
-        want = {str(getattr(e, col)) for e in items}
-        spans = time_spans([e.ts for e in items])
+        want = set(map(attrgetter(col), items))
+        spans = time_spans(list(map(attrgetter("ts"), items)))
         # integer literals of our own making (no user text): the sort key's ts compared with constants
         where = " OR ".join(f"(ts >= toDateTime64({lo}, 3, 'UTC') AND ts < toDateTime64({hi}, 3, 'UTC'))" for lo, hi in spans)
         table = f"{self.database}.{spec.table}"
@@ -121,19 +123,23 @@ class BatchWriter:
         return out
 
 
-def time_spans(ts: list[datetime], gap_s: int = 5, most: int = 16) -> list[tuple[int, int]]:
+def time_spans(ts: list[datetime], gap_s: float = 5.0, most: int = 16) -> list[tuple[int, int]]:
     """Spans of whole seconds, [first, last + 1) as Unix seconds, covering every one of these
-    times: seconds less than `gap_s` apart share a span, and the closest spans are joined
+    times: times less than `gap_s` apart share a span, and the closest spans are joined
     until at most `most` are left (a batch of live traffic with a few stragglers from a
-    replayed spool: a few short spans, not one from the oldest straggler to now)."""
-    seconds = sorted({int(t.timestamp()) for t in ts})
-    spans = [[seconds[0], seconds[0] + 1]]
-    for t in seconds[1:]:
-        if t - spans[-1][1] < gap_s:
-            spans[-1][1] = t + 1
-        else:
-            spans.append([t, t + 1])
+    replayed spool: a few short spans, not one from the oldest straggler to now). Per span
+    a few binary searches, no Python step per time: a batch is mostly in time order."""
+    points = sorted(ts)
+    gap = timedelta(seconds=gap_s)
+    spans: list[list[datetime]] = []
+    i, n = 0, len(points)
+    while i < n:
+        j = i
+        while (k := bisect_left(points, points[j] + gap, j + 1)) - 1 > j:
+            j = k - 1  # every time before points[j] + gap joins; go on from the last of them
+        spans.append([points[i], points[j]])
+        i = j + 1
     while len(spans) > most:
         k = min(range(len(spans) - 1), key=lambda j: spans[j + 1][0] - spans[j][1])
         spans[k : k + 2] = [[spans[k][0], spans[k + 1][1]]]
-    return [(a, b) for a, b in spans]
+    return [(int(a.timestamp()), int(b.timestamp()) + 1) for a, b in spans]

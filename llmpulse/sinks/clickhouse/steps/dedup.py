@@ -5,7 +5,8 @@ client's retry, an SDK resend, the proxy's spool replayed after a broker outage.
 table is a ReplacingMergeTree keyed by id and shows it once (FINAL, or after merges), but
 its materialized views add up every row an INSERT carries: each copy would be counted
 again in every roll-up. So a batch of a table with roll-ups (`spec.rolled_up`) writes:
-- the first copy of each id in the batch's order (later copies are left out);
+- the first copy of each id in the batch's order (later copies are left out; ids are
+  `spec.id_column` strings of event objects, as the Arrow items of `llm_calls`);
 - none of the ids the table already holds (`BatchWriter.present_ids`: one lookup per
   batch, bounded by the events' time range), nor those that a recorded batch still being
   rebuilt holds (`Batch.pending`: that batch's rows are fixed, it writes them).
@@ -26,6 +27,7 @@ A batch recorded without deduplication (before migration 8, or a table without r
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 from llmpulse.sinks.clickhouse.rows import TableSpec
@@ -36,7 +38,7 @@ PresentIds = Callable[[TableSpec, list[Any]], set[str]]
 
 def first_copies(items: list[Any], col: str) -> list[Any]:
     """The items, each id once: its first copy in this order."""
-    ids = [str(getattr(e, col)) for e in items]
+    ids = list(map(attrgetter(col), items))
     if len(set(ids)) == len(ids):
         return items
     seen: set[str] = set()
@@ -60,13 +62,14 @@ def rows_to_write(batch: Batch, present_ids: PresentIds) -> list[Any]:
         batch.rows = batch.items
         return batch.rows
     col = spec.id_column
+    get = attrgetter(col)
     firsts = first_copies(batch.items, col)
     if not batch.rebuilt:
-        pending = {i for e in firsts if (i := str(getattr(e, col))) in batch.pending}
-        ask = [e for e in firsts if str(getattr(e, col)) not in pending] if pending else firsts
+        pending = {i for i in map(get, firsts) if i in batch.pending} if batch.pending else set()
+        ask = [e for e in firsts if get(e) not in pending] if pending else firsts
         batch.skipped = frozenset(present_ids(spec, ask) | pending)
     skip = batch.skipped or frozenset()
-    batch.rows = [e for e in firsts if str(getattr(e, col)) not in skip] if skip else firsts
+    batch.rows = [e for e in firsts if get(e) not in skip] if skip else firsts
     return batch.rows
 
 
@@ -74,7 +77,7 @@ def missing_rows(batch: Batch, present_ids: PresentIds) -> list[Any]:
     """A part of a recorded batch that nobody can rebuild whole (`only_missing`): the first
     copy of each event the table lacks now (asked again at every attempt: a retry after an
     INSERT that landed writes nothing)."""
-    col = batch.spec.id_column
-    firsts = first_copies(batch.items, col)
+    get = attrgetter(batch.spec.id_column)
+    firsts = first_copies(batch.items, batch.spec.id_column)
     have = present_ids(batch.spec, firsts)
-    return [e for e in firsts if str(getattr(e, col)) not in have]
+    return [e for e in firsts if get(e) not in have]
