@@ -162,3 +162,50 @@ def test_a_state_stored_before_pooling_and_a_metric_change_start_a_fresh_pool() 
     other.evaluate(calls(3, 8, 8, dims=GPT), state)
     assert state["rules"]["errors"]["pool"]["k"] == "success_rate/60"
     assert len(state["rules"]["errors"]["pool"]["w"]) == 1
+
+
+ERROR_ANOMALY = """
+rules:
+  - name: error_rate_anomaly
+    type: anomaly
+    metric: error_rate
+    factor: 1.5
+    critical_factor: 3
+    window: 60
+    by: [model]
+    min_baseline_windows: 10
+    min_value: 0.02
+    min_requests: 10
+"""
+
+
+def test_a_rate_anomaly_on_a_low_traffic_series_is_judged_pooled() -> None:
+    """A model of 6 calls a minute at night: its error burst is never judged window by window
+    (6 < min_requests 10); pooled, two minutes hold 12 calls and are tested together."""
+    runs = {}
+    for pool in (5, 1):
+        r = Runner(engine(ERROR_ANOMALY.replace("min_requests: 10", f"min_requests: 10\n    pool_windows: {pool}")))
+        # an hour of 12 calls a minute, 1 failed call every 20 minutes: baseline share ~0.4%
+        for i in range(60):
+            assert r.feed(calls(i, 12, 1 if i % 20 == 5 else 0, dims=GPT)) == []
+        # then 6 calls a minute, 4 of them failing
+        runs[pool] = [r.feed(calls(60 + i, 6, 4, dims=GPT)) for i in range(4)]
+    alone = runs[1]
+    assert all(out == [] for out in alone)  # 6 < 10 calls: never judged
+    pooled = runs[5]
+    # minute 60: 6 calls, pooled with minute 59 (12 calls, 0 failed): 4 of 18 = 22%, 73x the
+    # baseline's share (2 failed of 660 calls in the rolling hour, its worst 5-minute bucket
+    # left out: 0.3%); P(X >= 4 | 18 calls at 0.3%) ~ C(18,4) 0.003^4 = 2.5e-7, and the
+    # beta-binomial, with the uncertainty of a share seen on 660 calls, 3.1e-6 < 6.9e-6
+    [a] = pooled[0]
+    assert (a.rule, a.state) == ("error_rate_anomaly", "firing")
+    assert a.value == pytest.approx(4 / 18)
+    assert a.evidence is not None
+    assert (a.evidence["n"], a.evidence["count"]) == (18, 4)
+    assert (a.evidence["windows"], a.evidence["span_s"]) == (2, 120)
+    assert float(a.evidence["baseline_calls"]) == 660 and a.baseline == pytest.approx(2 / 660)
+    assert float(a.evidence["p_value"]) == pytest.approx(3.1e-6, rel=0.05)
+    assert float(a.evidence["p_value"]) < float(a.evidence["alpha"])
+    assert "4 of 18, over the last 2m (2 windows pooled)" in a.summary
+    # the burst goes on at 6 calls a minute: pooled minutes keep it firing, no flapping
+    assert all(out == [] for out in pooled[1:])

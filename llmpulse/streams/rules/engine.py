@@ -48,7 +48,14 @@ from typing import Any
 
 from llmpulse.schemas import Alert, WindowAggregate, alert_fingerprint
 from llmpulse.schemas.alert import RuleType, evidence_text
-from llmpulse.streams.rules.baseline import add, expected, observe, series_dispersion
+from llmpulse.streams.rules.baseline import (
+    RATE_METRICS,
+    Observation,
+    add,
+    expected,
+    observe,
+    series_dispersion,
+)
 from llmpulse.streams.rules.evidence import Verdict, judge_anomaly, judge_threshold, rounded
 from llmpulse.streams.rules.lifecycle import Transition, advance, firing_severity
 from llmpulse.streams.rules.model import (
@@ -64,7 +71,7 @@ from llmpulse.streams.rules.model import (
     ThresholdRule,
     WindowRule,
 )
-from llmpulse.streams.rules.pooling import POOLED_METRICS
+from llmpulse.streams.rules.pooling import POOLED_METRICS, Sample, pooled
 from llmpulse.streams.rules.slo import judge_slo
 from llmpulse.streams.rules.summary import fmt_dims, fmt_span, fmt_time, fmt_value, fmt_window
 
@@ -425,7 +432,16 @@ def _judge_anomaly(rule: AnomalyRule, agg: WindowAggregate, rst: State) -> Verdi
     start_s = _ms(agg.window_start) // 1000
     bst: State = rst.setdefault("baseline", {})
     exp = expected(rule, bst, start_s)
-    verdict = judge_anomaly(rule, obs, exp, agg, lambda: series_dispersion(bst))
+    judged, span = obs, None
+    if rule.metric in RATE_METRICS and rule.min_requests > 0 and rule.pool_windows > 1:
+        # a low-traffic series' rate: this window with the ones before it (pooling.py)
+        s = pooled(rule, agg, rst, Sample(obs.volume, obs.value))
+        if s is not None and s.windows > 1:
+            judged, span = Observation(s.value, round(s.value * s.n), s.n), s
+    verdict = judge_anomaly(rule, judged, exp, agg, lambda: series_dispersion(bst), pooled=span is not None)
+    if span is not None and verdict.judged and verdict.evidence:
+        verdict.evidence["windows"] = span.windows
+        verdict.evidence["span_s"] = span.span_s
     # an incident does not teach the baseline: a window judged anomalous stays out of it
     # (else a 15-minute error burst lifted its own rolling baseline and "resolved" at 44%
     # errors), but for at most an hour of windows in a row: a level that stays is the new normal

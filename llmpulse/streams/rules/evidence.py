@@ -313,10 +313,12 @@ def judge_anomaly(
     exp: Expectation | None,
     agg: WindowAggregate,
     dispersion: Callable[[], float] | None = None,
+    pooled: bool = False,
 ) -> Verdict:
-    """``dispersion``: the series' dispersion for sums, asked only once the effect passed."""
+    """``dispersion``: the series' dispersion for sums, asked only once the effect passed;
+    ``pooled``: ``obs`` is a rate pooled over windows up to ``min_requests`` (pooling.py)."""
     v = obs.value
-    vol_ok = rule.min_requests <= 0 or getattr(agg, VOLUME_FIELD[rule.kind]) >= rule.min_requests
+    vol_ok = pooled or rule.min_requests <= 0 or getattr(agg, VOLUME_FIELD[rule.kind]) >= rule.min_requests
     if exp is None or exp.windows < rule.min_baseline_windows or not vol_ok:
         return Verdict(None, v, None, None if exp is None else exp.mean, judged=False)
     mean = exp.mean

@@ -182,6 +182,14 @@ class _Judged(_Windowed):
     for_: Annotated[int, Field(ge=1, le=10_000)] = Field(
         default=1, alias="for", description="consecutive breaching windows before firing"
     )
+    pool_windows: Annotated[int, Field(ge=1, le=60)] = Field(
+        default=5,
+        description=(
+            "a window with fewer than min_requests is judged on it and the windows before it"
+            " (rates, means, percentiles; for anomalies, rates), going back at most this many"
+            " windows until the sample holds min_requests; 1: judge every window alone"
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_metric(self) -> _Judged:
@@ -208,15 +216,6 @@ class ThresholdRule(_Judged):
             " confidence (one-sided); null: judge the point value"
         ),
     )
-    pool_windows: Annotated[int, Field(ge=1, le=60)] = Field(
-        default=5,
-        description=(
-            "a window with fewer than min_requests is judged on it and the windows before it"
-            " (rates, means, percentiles), going back at most this many windows until the"
-            " sample holds min_requests; 1: judge every window alone"
-        ),
-    )
-
     @model_validator(mode="after")
     def _check_levels(self) -> ThresholdRule:
         if self.warning is None and self.critical is None:

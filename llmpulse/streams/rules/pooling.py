@@ -25,7 +25,9 @@ bound needs):
   n gives: an approximation (a quantile of a mixture is not the mean of the quantiles;
   close when the pooled windows are alike, as consecutive minutes of one series are).
 Counts per window (calls per key), sums and measured figures (GPU, host) are not pooled:
-their level is per window or their value is exact.
+their level is per window or their value is exact. Anomaly rules on rates (error_rate...)
+pool the same way: the pooled share is tested against the baseline share with the pooled
+calls (each window still enters the baseline on its own).
 
 State (plain JSON, the rule's state key ``pool``; absent before the first window, so a
 state stored before pooling existed needs no migration)::
@@ -44,7 +46,7 @@ from typing import Any
 
 from llmpulse.schemas import WindowAggregate
 from llmpulse.streams.rules.baseline import RATE_METRICS
-from llmpulse.streams.rules.model import VOLUME_FIELD, ThresholdRule
+from llmpulse.streams.rules.model import VOLUME_FIELD, AnomalyRule, ThresholdRule
 
 State = dict[str, Any]
 Curve = tuple[tuple[float, float], ...]
@@ -121,6 +123,14 @@ def sample_to_judge(rule: ThresholdRule, agg: WindowAggregate, rst: State | None
         if floor > 0 and int(getattr(agg, VOLUME_FIELD[rule.kind])) < floor:
             return None
         return own
+    return pooled(rule, agg, rst, own)
+
+
+def pooled(rule: ThresholdRule | AnomalyRule, agg: WindowAggregate, rst: State, own: Sample | None) -> Sample | None:
+    """``own`` (this window's sample) joins the series' pool in ``rst``; the sample to judge:
+    ``own`` when it holds ``min_requests``, else the latest windows pooled until they do
+    (within ``pool_windows``), else None."""
+    floor = rule.min_requests
     idx = round(agg.window_start.timestamp()) // rule.window
     key = f"{rule.metric}/{rule.window}"
     pool: State | None = rst.get("pool")
