@@ -7,13 +7,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
+from confluent_kafka import Producer
 
 from llmpulse.analysis.client import query
 from llmpulse.config import Settings, load_settings
@@ -50,10 +51,12 @@ def make_config(workdir: Path, bootstrap: str, **sections: Any) -> tuple[Path, S
     return path, settings
 
 
-def start(config: Path, *argv: str, log: Path) -> subprocess.Popen[bytes]:
+def start(config: Path, *argv: str, log: Path, python_args: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    """`llmpulse --config CONFIG ARGV...` as a subprocess; `python_args` go to the interpreter
+    before `-m llmpulse` (e.g. `-m cProfile -o FILE` to profile the component)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPULSE_")}
     fh = open(log, "ab")  # noqa: SIM115
-    p = subprocess.Popen([sys.executable, "-m", "llmpulse", "--config", str(config), *argv],
+    p = subprocess.Popen([sys.executable, *python_args, "-m", "llmpulse", "--config", str(config), *argv],
                          stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
     fh.close()
     return p
@@ -158,3 +161,42 @@ def calibration() -> dict[str, float]:
             acc += i * i % 7
         best = min(best, time.perf_counter() - t0)
     return {"calibration_ms": round(best * 1000, 1), "load_average_1m": round(os.getloadavg()[0], 2)}
+
+
+def produce_all(bootstrap: str, msgs: Iterable[tuple[str, bytes, bytes]], timeout_s: float = 120) -> int:
+    """Produce (topic, key, value) messages in order; the count, once every one is delivered."""
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.size": 1_000_000, "log_level": 3})
+    n = 0
+    for topic, key, value in msgs:
+        while True:
+            try:
+                p.produce(topic, key=key, value=value)
+                break
+            except BufferError:
+                p.poll(0.05)
+        n += 1
+        if n % 10_000 == 0:
+            p.poll(0)
+    left = p.flush(timeout_s)
+    if left:
+        raise RuntimeError(f"{left} of {n} messages not delivered")
+    return n
+
+
+def counter_total(url: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus counter's series matching `labels` on a /metrics page (0 when absent)."""
+    from urllib.request import urlopen
+
+    try:
+        with urlopen(url, timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return 0.0
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total

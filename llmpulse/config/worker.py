@@ -24,7 +24,13 @@ class WorkerConfig(Section):
     )
     dimensions: list[list[str]] = Field(
         default_factory=lambda: [[], ["model"], ["provider"], ["app"], ["user"], ["api_key_hash"]],
-        description="dimension sets of call windows; [] is the global set",
+        description="dimension sets of call windows of every size not listed in window_dimensions; [] is the global set",
+    )
+    window_dimensions: dict[int, list[list[str]]] | None = Field(
+        default=None,
+        description="dimension sets of call windows per window size, instead of `dimensions` (sizes not listed "
+        "use `dimensions`); default: the smallest window has the global set and model only (the live charts). "
+        "Every size also gets the sets its rules judge (`by:`), the smallest the llm_metrics labels",
     )
     dedup_horizon_s: Annotated[float, Field(ge=0, le=86400)] = Field(
         default=900.0,
@@ -60,8 +66,30 @@ class WorkerConfig(Section):
     @field_validator("dimensions")
     @classmethod
     def _known_dimensions(cls, v: list[list[str]]) -> list[list[str]]:
-        for dims in v:
-            for d in dims:
-                if d not in CALL_DIMENSIONS:
-                    raise ValueError(f"unknown dimension {d!r}; expected one of {', '.join(CALL_DIMENSIONS)}")
+        _check_dimension_sets(v)
         return v
+
+    @model_validator(mode="after")
+    def _window_dimensions_of_known_windows(self) -> WorkerConfig:
+        for size, sets in (self.window_dimensions or {}).items():
+            if size not in self.windows_s:
+                raise ValueError(
+                    f"window_dimensions: {size} is not a window size of windows_s ({self.windows_s})"
+                )
+            _check_dimension_sets(sets, f"window_dimensions.{size}: ")
+        return self
+
+    def dimensions_by_window(self) -> dict[int, list[list[str]]]:
+        """The call dimension sets of each window size (before the rules' and metrics' own)."""
+        smallest = min(self.windows_s)
+        given = self.window_dimensions
+        if given is None:
+            given = {smallest: [[], ["model"]]} if len(set(self.windows_s)) > 1 else {}
+        return {s: [list(d) for d in given.get(s, self.dimensions)] for s in sorted(set(self.windows_s))}
+
+
+def _check_dimension_sets(sets: list[list[str]], where: str = "") -> None:
+    for dims in sets:
+        for d in dims:
+            if d not in CALL_DIMENSIONS:
+                raise ValueError(f"{where}unknown dimension {d!r}; expected one of {', '.join(CALL_DIMENSIONS)}")

@@ -10,29 +10,40 @@ the same key with a higher revision, so the stored aggregate converges to the tr
 Late events a partition counted after closing their window arrive the same way, as the
 part of source `<source>~late` (windowing.py, cumulative); such a source sends no close
 mark and is never waited for (`complete_through` reads only `sources`).
+
+State is held, and written, per window: one message of a source (all its dimension sets
+of the window, llmpulse.schemas.partials) is one state write, and a window's publication
+one more, whatever the number of its dimension values (issue 15).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from aiokafka.partitioner import murmur2
 
 from llmpulse.config.worker import FINALIZED_RETENTION_S
 from llmpulse.schemas.aggregate import WindowAggregate
+from llmpulse.schemas.partials import CloseMark, DimensionSetState, WindowPartials
+from llmpulse.streams import state_keys as SK
 from llmpulse.streams.accumulators import ACCUMULATORS
+from llmpulse.streams.state_keys import StateKey
 from llmpulse.streams.windowing import Partial
 
 log = logging.getLogger(__name__)
 
 PendingKey = tuple[str, int, int, str]  # kind, window_s, start_ms, dims_key
+WindowKey = tuple[str, int, int]  # kind, window_s, start_ms
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
+    """One dimension set of a window: its partials by source, and its publication."""
+
     dims: dict[str, str]
     parts: dict[str, dict[str, Any]] = field(default_factory=dict)
     revision: int = 0  # > 0 once published; each re-publication increments it
@@ -43,6 +54,25 @@ class Pending:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Pending:
         return cls(d["dims"], d["parts"], d.get("rev", 0))
+
+
+@dataclass(slots=True)
+class PendingWindow:
+    """Every dimension set of one window, and what of it is in the state (for removal)."""
+
+    sets: dict[str, Pending] = field(default_factory=dict)
+    chunks: dict[str, int] = field(default_factory=dict)  # source -> chunks of its largest send
+    legacy: set[str] = field(default_factory=set)  # dims keys stored by the previous version
+    published: bool = False  # its revisions are in the state
+
+    def revisions(self) -> dict[str, Any]:
+        """The state of its publication: revisions other than 1 (absent: none published)."""
+        return {"x": {dk: p.revision for dk, p in self.sets.items() if p.revision != 1}}
+
+    def restore_revisions(self, value: dict[str, Any]) -> None:
+        other = value.get("x") or {}
+        for dk, p in self.sets.items():
+            p.revision = int(other.get(dk, 1))
 
 
 def partial_key(kind: str, window_s: int) -> bytes:
@@ -65,32 +95,63 @@ RETAIN_MS = round(FINALIZED_RETENTION_S * 1000)  # how long a finalized window a
 class Finalizer:
     def __init__(self, sources: Mapping[str, Iterable[str]]) -> None:
         self.sources = {kind: set(srcs) for kind, srcs in sources.items()}
-        self.pending: dict[PendingKey, Pending] = {}
+        self.windows: dict[WindowKey, PendingWindow] = {}
+        self.unpublished: set[WindowKey] = set()  # windows holding a set to (re)publish
+        self.revised: set[WindowKey] = set()
         self.marks: dict[str, dict[str, int]] = {kind: {} for kind in self.sources}
         self.finalized: dict[str, int] = {}
         self.stale = 0
         self.applied: int | None = None  # the last partials offset this state holds
 
-    def add_partial(self, p: Partial) -> PendingKey | None:
-        """Keep a partial; None when its window is past the backfill retention (counted)."""
-        if p.end_ms <= self.finalized.get(p.kind, EMPTY) - RETAIN_MS:
+    def add(self, msg: WindowPartials) -> WindowKey | None:
+        """Keep a window's partials of one source; None when the window is past the backfill
+        retention (counted). A source's partial of a dimension set replaces its earlier copy."""
+        if msg.end_ms <= self.finalized.get(msg.kind, EMPTY) - RETAIN_MS:
             self.stale += 1
             log.warning(
                 "partial of %s %ss window %s from %s arrived %d s after the window was final; "
                 "the raw events are stored, the window's aggregate keeps its published figures",
-                p.kind, p.window_s, p.start_ms, p.source, (self.finalized[p.kind] - p.end_ms) // 1000,
-            )
+                msg.kind, msg.window_s, msg.start_ms, msg.source, (self.finalized[msg.kind] - msg.end_ms) // 1000,
+            )  # fmt: skip
             return None
-        key = (p.kind, p.window_s, p.start_ms, p.dims_key)
-        slot = self.pending.get(key)
-        if slot is None:
-            slot = self.pending[key] = Pending(p.dims)
-        if slot.parts.get(p.source) != p.state:
-            slot.parts[p.source] = p.state
-            if slot.revision > 0:
-                # published before: publish again (once, however many parts change before then)
-                slot.revision = -slot.revision
-        return key
+        wkey = (msg.kind, msg.window_s, msg.start_ms)
+        window = self.windows.get(wkey)
+        if window is None:
+            window = self.windows[wkey] = PendingWindow()
+        sets = window.sets
+        for entry in msg.sets:
+            slot = sets.get(entry.dims_key)
+            if slot is None:
+                slot = sets[entry.dims_key] = Pending(entry.dims)
+                if window.published:
+                    self.revised.add(wkey)  # a set the stored revisions do not know (revision 0)
+            if slot.parts.get(msg.source) != entry.state:
+                slot.parts[msg.source] = entry.state
+                if slot.revision > 0:
+                    slot.revision = -slot.revision  # published before: publish again
+                    self.revised.add(wkey)
+                if slot.revision <= 0:
+                    self.unpublished.add(wkey)
+        return wkey
+
+    def take_revised(self) -> list[WindowKey]:
+        """Published windows whose revisions changed since the last call (their state to write)."""
+        out = [w for w in self.revised if w in self.windows]
+        self.revised.clear()
+        return out
+
+    def add_partial(self, p: Partial) -> PendingKey | None:
+        """One dimension set of one window (see `add`)."""
+        msg = WindowPartials(
+            kind=p.kind, window_s=p.window_s, start_ms=p.start_ms, source=p.source, chunk=-1, chunks=0,
+            sets=[DimensionSetState(p.dims_key, p.dims, p.state)],
+        )  # fmt: skip
+        return None if self.add(msg) is None else (p.kind, p.window_s, p.start_ms, p.dims_key)
+
+    @property
+    def pending(self) -> dict[PendingKey, Pending]:
+        """Every dimension set held, by (kind, window_s, start_ms, dims_key) (a view for reading)."""
+        return {(*w, dk): p for w, window in self.windows.items() for dk, p in window.sets.items()}
 
     def set_mark(self, kind: str, source: str, mark: int | None) -> None:
         marks = self.marks.setdefault(kind, {})
@@ -106,37 +167,171 @@ class Finalizer:
         with_data = [marks[s] for s in expected if marks[s] != EMPTY]
         return min(with_data) if with_data else None
 
-    def ready(self) -> list[tuple[PendingKey, WindowAggregate]]:
-        """Aggregates to publish: complete windows (revision 1) and backfilled ones (revision n)."""
-        out: list[tuple[PendingKey, WindowAggregate]] = []
+    def ready_windows(self) -> list[tuple[WindowKey, list[tuple[PendingKey, WindowAggregate]]]]:
+        """Per window, its aggregates to publish: complete windows (revision 1) and the
+        backfilled dimension sets of published ones (revision n); windows in end order."""
         through = {kind: self.complete_through(kind) for kind in self.sources}
         for kind, t in through.items():
             if t is not None and t > self.finalized.get(kind, EMPTY):
                 self.finalized[kind] = t
-        done = [
-            k for k, slot in self.pending.items()
-            if slot.revision <= 0 and k[2] + k[1] * 1000 <= self.finalized.get(k[0], EMPTY)
-        ]  # fmt: skip
-        done.sort(key=lambda k: (k[2] + k[1] * 1000, k[1], k[3]))
-        for key in done:
-            kind, s, start, dk = key
-            slot = self.pending[key]
-            slot.revision = 1 - slot.revision
+        done = [w for w in self.unpublished if w[2] + w[1] * 1000 <= self.finalized.get(w[0], EMPTY)]
+        done.sort(key=lambda w: (w[2] + w[1] * 1000, w[1], w[0]))
+        out: list[tuple[WindowKey, list[tuple[PendingKey, WindowAggregate]]]] = []
+        for wkey in done:
+            self.unpublished.discard(wkey)
+            kind, s, start = wkey
             cls = ACCUMULATORS[kind]
-            acc = cls()
-            for state in slot.parts.values():
-                acc.merge(cls.from_state(state))  # type: ignore[arg-type]
-            agg = acc.result(s, start, slot.dims, dk)
-            agg.revision = slot.revision
-            out.append((key, agg))
+            aggs: list[tuple[PendingKey, WindowAggregate]] = []
+            for dk in sorted(self.windows[wkey].sets):
+                slot = self.windows[wkey].sets[dk]
+                if slot.revision > 0:
+                    continue
+                slot.revision = 1 - slot.revision
+                acc = cls()
+                for state in slot.parts.values():
+                    acc.merge(cls.from_state(state))  # type: ignore[arg-type]
+                agg = acc.result(s, start, slot.dims, dk)
+                agg.revision = slot.revision
+                aggs.append(((kind, s, start, dk), agg))
+            self.windows[wkey].published = True
+            out.append((wkey, aggs))
         return out
 
-    def expired(self) -> list[PendingKey]:
+    def ready(self) -> list[tuple[PendingKey, WindowAggregate]]:
+        """The aggregates of `ready_windows`, in one list."""
+        return [item for _, aggs in self.ready_windows() for item in aggs]
+
+    def expired(self) -> list[tuple[WindowKey, PendingWindow]]:
         """Finalized windows past the backfill retention: removed from the state."""
         gone = [
-            k for k, slot in self.pending.items()
-            if slot.revision > 0 and k[2] + k[1] * 1000 <= self.finalized.get(k[0], EMPTY) - RETAIN_MS
+            w for w in self.windows
+            if w not in self.unpublished and w[2] + w[1] * 1000 <= self.finalized.get(w[0], EMPTY) - RETAIN_MS
         ]  # fmt: skip
-        for k in gone:
-            del self.pending[k]
-        return gone
+        return [(w, self.windows.pop(w)) for w in gone]
+
+
+def restore_finalizer(sources: Mapping[str, Iterable[str]], state: Iterable[tuple[StateKey, Any]]) -> Finalizer:
+    """A finalizer from its stored state (llmpulse.streams.state_keys), this version's or the
+    previous one's (one `P` value per window and dimension set, kept until the window expires).
+
+    A window's state is applied in the order it was written: the previous version's sets,
+    then the received messages (a later copy of a source's set replaces an earlier one),
+    then the revisions."""
+    fin = Finalizer(sources)
+    by_shape: dict[str, list[tuple[StateKey, Any]]] = {}
+    for key, value in state:
+        by_shape.setdefault(key.shape, []).append((key, value))
+
+    def window_of(key: StateKey) -> PendingWindow:
+        wkey = (key.kind, key.window_s, key.start_ms)
+        window = fin.windows.get(wkey)
+        if window is None:
+            window = fin.windows[wkey] = PendingWindow()
+        return window
+
+    for key, value in by_shape.get("P", []):
+        window = window_of(key)
+        window.sets[key.dims_key] = Pending.from_json(value)
+        window.legacy.add(key.dims_key)
+        window.published = window.published or window.sets[key.dims_key].revision != 0
+    for key, value in sorted(by_shape.get("W", []), key=lambda kv: kv[0].chunk):
+        window = window_of(key)
+        window.chunks[key.source] = max(window.chunks.get(key.source, 0), key.chunk + 1)
+        for dims_key, dims, st in value:
+            slot = window.sets.get(dims_key)
+            if slot is None:
+                slot = window.sets[dims_key] = Pending(dims)
+            slot.parts[key.source] = st
+    for key, value in by_shape.get("V", []):
+        window = window_of(key)
+        window.restore_revisions(value)
+        window.published = True
+    for wkey, window in fin.windows.items():
+        if any(p.revision <= 0 for p in window.sets.values()):
+            fin.unpublished.add(wkey)
+    for key, value in by_shape.get("M", []):
+        fin.marks.setdefault(key.kind, {})[key.source] = int(value)
+    for key, value in by_shape.get("F", []):
+        fin.finalized[key.kind] = int(value)
+    for _, value in by_shape.get("O", []):
+        fin.applied = int(value)
+    return fin
+
+
+class StoredFinalizer:
+    """A partials partition's Finalizer with its state kept in a table (the Faust table in
+    the worker, a dict in tests), written per window: each received message is one write
+    (its dimension sets as received), each window's publication one more (its revisions).
+
+    Use per batch of partials messages: `apply` each, then `commit(offset)`, then
+    `publishable()` (the aggregates to publish, their publication already in the state:
+    publish them before the table's next changelog flush is relied upon), then `expire()`."""
+
+    def __init__(self, fp: int, fin: Finalizer, table: MutableMapping[str, Any]) -> None:
+        self.fp = fp
+        self.fin = fin
+        self.table = table
+        self._marks: set[tuple[str, str]] = set()
+
+    @classmethod
+    def restore(cls, fp: int, sources: Mapping[str, Iterable[str]], table: MutableMapping[str, Any]) -> StoredFinalizer:
+        prefix = f"{fp}|"
+        state = [
+            (parsed, value) for key, value in list(table.items())
+            if isinstance(key, str) and key.startswith(prefix) and value is not None
+            and (parsed := SK.parse(key)) is not None and parsed.shape != "R"
+        ]  # fmt: skip
+        return cls(fp, restore_finalizer(sources, state), table)
+
+    def apply(self, m: WindowPartials | CloseMark) -> None:
+        fin, fp, table = self.fin, self.fp, self.table
+        if isinstance(m, CloseMark):
+            fin.set_mark(m.kind, m.src, m.mark)
+            self._marks.add((m.kind, m.src))
+            return
+        wkey = fin.add(m)
+        if wkey is None:
+            return
+        window = fin.windows[wkey]
+        if m.chunk < 0:  # a previous version's message: kept as that version kept it
+            for entry in m.sets:
+                table[SK.legacy_pending_key(fp, *wkey, entry.dims_key)] = window.sets[entry.dims_key].to_json()
+                window.legacy.add(entry.dims_key)
+            return
+        table[SK.chunk_key(fp, *wkey, m.source, m.chunk)] = msgspec.to_builtins(m.sets)
+        # a window sent again (after a restore, or with backfilled events) holds the same
+        # dimension sets or more, in the same order: its chunks overwrite the earlier ones
+        window.chunks[m.source] = max(window.chunks.get(m.source, 0), m.chunks)
+
+    def commit(self, applied: int) -> None:
+        """The batch through partials offset `applied` is applied: its marks and revisions, then the offset."""
+        fin, fp, table = self.fin, self.fp, self.table
+        for kind, src in self._marks:
+            table[SK.mark_key(fp, kind, src)] = fin.marks[kind][src]
+        self._marks.clear()
+        for wkey in fin.take_revised():
+            table[SK.revisions_key(fp, *wkey)] = fin.windows[wkey].revisions()
+        fin.applied = applied
+        table[SK.applied_key(fp)] = applied
+
+    def publishable(self) -> list[WindowAggregate]:
+        """The aggregates to publish now, in window order; their publication is in the state."""
+        fin, fp, table = self.fin, self.fp, self.table
+        ready = fin.ready_windows()
+        for wkey, _ in ready:
+            table[SK.revisions_key(fp, *wkey)] = fin.windows[wkey].revisions()
+        if ready:
+            for kind, mark in fin.finalized.items():
+                table[SK.finalized_key(fp, kind)] = mark
+        return [agg for _, aggs in ready for _, agg in aggs]
+
+    def expire(self) -> None:
+        """Drop the windows past the backfill retention, from memory and from the table."""
+        fp, table = self.fp, self.table
+        for wkey, window in self.fin.expired():
+            gone = [SK.revisions_key(fp, *wkey)]
+            gone += [SK.chunk_key(fp, *wkey, src, c) for src, n in window.chunks.items() for c in range(n)]
+            gone += [SK.legacy_pending_key(fp, *wkey, dk) for dk in window.legacy]
+            for k in gone:
+                if k in table:
+                    del table[k]

@@ -26,7 +26,7 @@ are dropped by event_id while their window is open or recently closed (dedup.py)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,15 +55,6 @@ class Partial:
     def end_ms(self) -> int:
         return self.start_ms + self.window_s * 1000
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "type": "partial", "kind": self.kind, "s": self.window_s, "t": self.start_ms,
-            "dims": self.dims, "dk": self.dims_key, "src": self.source, "state": self.state,
-        }  # fmt: skip
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Partial:
-        return cls(d["kind"], d["s"], d["t"], d["dims"], d["dk"], d["src"], d["state"])
 
 
 @dataclass(slots=True)
@@ -108,10 +99,11 @@ class PartitionWindows:
         windows_s: Iterable[int],
         grace_s: float,
         idle_s: float,
-        dimension_sets: Iterable[Iterable[str]],
+        dimension_sets: Iterable[Iterable[str]] | Mapping[int, Iterable[Iterable[str]]],
         dedup_horizon_s: float = 300.0,
         allowed_lateness_s: float = 0.0,
     ) -> None:
+        """`dimension_sets`: the same for every window size, or per window size (every size listed)."""
         self.kind = kind
         self.source = source
         self.acc_cls = ACCUMULATORS[kind]
@@ -124,7 +116,11 @@ class PartitionWindows:
         self.grace_ms = round(grace_s * 1000)
         self.idle_s = idle_s
         names = self.acc_cls.dimension_names
-        self.dim_sets = [tuple(names.index(d) for d in ds) for ds in dimension_sets]
+        per_size = (
+            dimension_sets if isinstance(dimension_sets, Mapping)
+            else {s: list(map(tuple, dimension_sets)) for s in self.windows_s}
+        )  # fmt: skip
+        self.dim_sets_of = {s: [tuple(names.index(d) for d in ds) for ds in per_size[s]] for s in self.windows_s}
         self.accs: dict[AccKey, Accumulator] = {}
         self.acc_offsets: dict[AccKey, int] = {}
         self.applied_offset = -1
@@ -300,7 +296,7 @@ class PartitionWindows:
         keys.sort()
         names = self.acc_cls.dimension_names
         merged: dict[str, tuple[dict[str, str], Any]] = {}
-        for dim_set in self.dim_sets:
+        for dim_set in self.dim_sets_of[s]:
             for key in keys:
                 dims = project(names, dim_set, key[1])
                 if dims is None:

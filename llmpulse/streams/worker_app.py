@@ -2,10 +2,10 @@
 
 Stage 1 (`windows` agent) consumes calls, GPU samples and feedback, keeps event-time
 windows per source partition (llmpulse.streams.windowing) and publishes, for each
-closed window and dimension set, a partial to the internal `partials` topic keyed by
-kind and window size (so every dimension set of a window meets in one finalizer, which
-lets an alert on the global set name the model or key behind it), followed by the
-partition's close mark sent to every partials partition. Stage 2 (`finalize` agent) merges partials from all source
+closed window, one message holding all its dimension sets (llmpulse.schemas.partials)
+to the internal `partials` topic keyed by kind and window size (so every dimension set
+of a window meets in one finalizer, which lets an alert on the global set name the model
+or key behind it), followed by the partition's close mark sent to every partials partition. Stage 2 (`finalize` agent) merges partials from all source
 partitions (llmpulse.streams.finalizing), publishes each final window once to
 `aggregates` under a deterministic key, and runs the rules, publishing alerts.
 
@@ -17,7 +17,6 @@ tables are not used: they close on wall-clock time (faust-streaming #250, PR #75
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -36,16 +35,18 @@ from llmpulse.schemas import Alert, CallEvent, DeadLetter, Feedback, GpuSample, 
 from llmpulse.schemas.codec import decode, encode
 from llmpulse.schemas.fast import decode_calls
 from llmpulse.schemas.host import HostSample
+from llmpulse.schemas.partials import (
+    CloseMark,
+    DimensionSetState,
+    decode_partials,
+    encode_partials,
+    window_messages,
+)
+from llmpulse.streams import state_keys as SK
 from llmpulse.streams.contiguity import OffsetGuard
 from llmpulse.streams.credentials import faust_credentials
 from llmpulse.streams.dedup import chunk_key_parse, chunk_key_text
-from llmpulse.streams.finalizing import (
-    Finalizer,
-    Pending,
-    PendingKey,
-    finalizer_partition,
-    partial_key,
-)
+from llmpulse.streams.finalizing import Finalizer, StoredFinalizer, finalizer_partition, partial_key
 from llmpulse.streams.positions import position
 from llmpulse.streams.restore import read_changelog_partition
 from llmpulse.streams.rules.engine import has_open_alerts
@@ -127,7 +128,7 @@ class WorkerRuntime:
             t.changelog_topic.get_topic_name() for t in (self.window_table, self.final_table)
         } | {kcfg.topic(t) for t in KINDS} | {kcfg.topic(T.PARTIALS)}
         self.windows: dict[tuple[str, int], PartitionWindows] = {}
-        self.finalizers: dict[int, Finalizer] = {}
+        self.finalizers: dict[int, StoredFinalizer] = {}
         # stage 1 and stage 2 hold separate state: each has its lock, so they overlap
         self.windows_lock = asyncio.Lock()
         self.final_lock = asyncio.Lock()
@@ -137,10 +138,7 @@ class WorkerRuntime:
         self.last_marks: dict[tuple[str, int], tuple[int | None, float]] = {}
         self.guard = OffsetGuard()
         self.flush_on_exit = wcfg.flush_open_windows_on_exit
-        # the dimension set the Prometheus LLM metrics are labelled by (llmpulse.sinks.prometheus)
-        lm = settings.llm_metrics
-        extra = [lm.labels] if lm.enabled and sorted(lm.labels) not in [sorted(d) for d in wcfg.dimensions] else []
-        self.call_dimensions = [*wcfg.dimensions, *extra]
+        self.call_dimensions = call_dimensions(settings, rules)
         self.sources: dict[str, Iterable[str]] = {
             kind: [f"{kind}:{p}" for p in range(self.partitions)] for kind, _ in KINDS.values()
         }
@@ -258,7 +256,7 @@ class WorkerRuntime:
             del data[k]
         for k, v in state.items():
             data[k] = v
-            if table is self.final_table and k.split("|", 2)[1] == "R" and has_open_alerts(v):
+            if table is self.final_table and (p := SK.parse(k)) is not None and p.shape == "R" and has_open_alerts(v):
                 self.open_alerts.add(k)
         self.restored_partitions.add(key)
 
@@ -271,7 +269,10 @@ class WorkerRuntime:
         if pw is not None:
             return pw
         wcfg = self.settings.worker
-        dims = {"calls": self.call_dimensions, "gpu": GPU_DIMENSIONS, "host": HOST_DIMENSIONS}.get(kind, FEEDBACK_DIMENSIONS)
+        dims: dict[int, list[list[str]]] | list[list[str]] = (
+            self.call_dimensions if kind == "calls"
+            else {"gpu": GPU_DIMENSIONS, "host": HOST_DIMENSIONS}.get(kind, FEEDBACK_DIMENSIONS)
+        )  # fmt: skip
         pw = PartitionWindows(
             kind, f"{kind}:{partition}", wcfg.windows_s, wcfg.grace_s, wcfg.idle_close_s, dims, wcfg.dedup_horizon_s,
             wcfg.allowed_lateness_s,
@@ -392,16 +393,21 @@ class WorkerRuntime:
         before = pw.close_mark_ms
         res = pw.close(time.time(), force=force)
         futures = []
+        # one message per window (and chunk of its dimension sets), not per dimension set
+        # (the late events of a closed window come as source `<source>~late`, windowing.py)
+        by_window: dict[tuple[int, int, str], list[DimensionSetState]] = {}
         for p in res.partials:
-            futures.append(await self.partials_topic.send(
-                key=partial_key(p.kind, p.window_s), value=json.dumps(p.to_json()).encode(),
-                partition=finalizer_partition(p.kind, p.window_s, self.partitions),
-            ))  # fmt: skip
+            by_window.setdefault((p.window_s, p.start_ms, p.source), []).append(DimensionSetState(p.dims_key, p.dims, p.state))
+        for (window_s, start_ms, source), sets in by_window.items():
+            key = partial_key(pw.kind, window_s)
+            fp = finalizer_partition(pw.kind, window_s, self.partitions)
+            for msg in window_messages(pw.kind, window_s, start_ms, source, sets):
+                futures.append(await self.partials_topic.send(key=key, value=encode_partials(msg), partition=fp))
         mark = res.mark_ms  # None: this partition has seen no event yet
         last = self.last_marks.get((pw.kind, partition))
         now = time.monotonic()
         if last is None or last[0] != mark or now - last[1] > 2.0:
-            body = json.dumps({"type": "mark", "kind": pw.kind, "src": pw.source, "mark": mark}).encode()
+            body = encode_partials(CloseMark(pw.kind, pw.source, mark))
             for fp in range(self.partitions):
                 futures.append(await self.partials_topic.send(key=None, value=body, partition=fp))
             self.last_marks[(pw.kind, partition)] = (mark, now)
@@ -459,73 +465,39 @@ class WorkerRuntime:
         return high is not None and high > applied + 1
 
     # -- stage 2 ----------------------------------------------------------------------------------
-    async def finalizer_for(self, fp: int) -> Finalizer:
-        fin = self.finalizers.get(fp)
-        if fin is not None:
-            return fin
+    async def finalizer_for(self, fp: int) -> StoredFinalizer:
+        stored = self.finalizers.get(fp)
+        if stored is not None:
+            return stored
         await self.restored(self.final_table, fp)
-        fin = self.finalizers.get(fp)
-        if fin is not None:
-            return fin
-        fin = Finalizer(self.sources)
-        prefix = f"{fp}|"
-        for key, value in list(self.final_table.items()):
-            if not isinstance(key, str) or not key.startswith(prefix) or value is None:
-                continue
-            parts = key.split("|")
-            if parts[1] == "P":
-                fin.pending[(parts[2], int(parts[3]), int(parts[4]), "|".join(parts[5:]))] = Pending.from_json(value)
-            elif parts[1] == "M":
-                fin.marks.setdefault(parts[2], {})[parts[3]] = int(value)
-            elif parts[1] == "F":
-                fin.finalized[parts[2]] = int(value)
-            elif parts[1] == "O":
-                fin.applied = int(value)
-        self.finalizers[fp] = fin
-        return fin
-
-    @staticmethod
-    def _pending_key(fp: int, key: PendingKey) -> str:
-        return state_key(fp, "P", key[0], key[1], key[2], key[3])
+        stored = self.finalizers.get(fp)
+        if stored is not None:
+            return stored
+        self.finalizers[fp] = stored = StoredFinalizer.restore(fp, self.sources, self.final_table)
+        return stored
 
     async def process_partials(self, events: Sequence[Any]) -> None:
         by_partition: dict[int, list[Any]] = {}
         for ev in events:
             by_partition.setdefault(ev.message.partition, []).append(ev.message)
         for fp, msgs in by_partition.items():
-            fin = await self.finalizer_for(fp)
-            msgs = await self._admit(("partials", fp), fin.applied, msgs)
+            stored = await self.finalizer_for(fp)
+            msgs = await self._admit(("partials", fp), stored.fin.applied, msgs)
             if not msgs:
                 continue
             for msg in msgs:
                 try:
-                    d = json.loads(msg.value)
-                except ValueError:
-                    log.error("unreadable partial at %s/%s", fp, msg.offset)
-                    continue
-                if d.get("type") == "partial":
-                    key = fin.add_partial(Partial.from_json(d))
-                    if key is not None:
-                        self.final_table[self._pending_key(fp, key)] = fin.pending[key].to_json()
-                elif d.get("type") == "mark":
-                    fin.set_mark(d["kind"], d["src"], None if d["mark"] is None else int(d["mark"]))
-                    self.final_table[state_key(fp, "M", d["kind"], d["src"])] = fin.marks[d["kind"]][d["src"]]
-            fin.applied = max(m.offset for m in msgs)  # _admit kept only offsets past it
-            self.final_table[state_key(fp, "O")] = fin.applied
-            await self.finalize_ready(fp, fin)
+                    stored.apply(decode_partials(msg.value))
+                except ValueError as exc:
+                    log.error("unreadable partials message at %s/%s: %s", fp, msg.offset, exc)
+            stored.commit(max(m.offset for m in msgs))  # _admit kept only offsets past it
+            await self.finalize_ready(stored)
 
-    async def finalize_ready(self, fp: int, fin: Finalizer) -> None:
-        ready = fin.ready()
-        if ready:
-            await self.publish_final([agg for _, agg in ready], fp)
-            for key, _ in ready:
-                self.final_table[self._pending_key(fp, key)] = fin.pending[key].to_json()
-            for kind, mark in fin.finalized.items():
-                self.final_table[state_key(fp, "F", kind)] = mark
-        for key in fin.expired():
-            k = self._pending_key(fp, key)
-            if k in self.final_table:
-                del self.final_table[k]
+    async def finalize_ready(self, stored: StoredFinalizer) -> None:
+        aggregates = stored.publishable()
+        if aggregates:
+            await self.publish_final(aggregates, stored.fp)
+        stored.expire()
 
     async def publish_final(self, aggregates: Iterable[WindowAggregate], fp: int) -> None:
         futures = []
@@ -541,7 +513,7 @@ class WorkerRuntime:
             metrics.WINDOWS_CLOSED.labels(agg.kind).inc()
             metrics.WINDOW_CLOSE_DELAY.observe(max(0.0, now - agg.window_end.timestamp()))
             if self.rules is not None and agg.revision == 1:
-                rkey = state_key(fp, "R", agg.kind, agg.window_s, agg.dims_key)
+                rkey = SK.rule_key(fp, agg.kind, agg.window_s, agg.dims_key)
                 alerts, new_state = self.rules(agg, self.final_table.get(rkey))
                 if alerts:
                     # root cause: which finer dimension of this window drives the deviation
@@ -570,8 +542,11 @@ class WorkerRuntime:
             return
         futures = []
         for rkey in list(self.open_alerts):
-            fp_text, _, kind, _rest = rkey.split("|", 3)
-            fin = self.finalizers.get(int(fp_text))
+            parsed = SK.parse(rkey)
+            assert parsed is not None
+            kind = parsed.kind
+            stored = self.finalizers.get(parsed.partition)
+            fin = None if stored is None else stored.fin
             state = self.final_table.get(rkey)
             if fin is None or state is None or kind not in fin.finalized:
                 continue
@@ -589,8 +564,9 @@ class WorkerRuntime:
     async def flush_everything(self) -> None:
         """Close every open window now and publish it (the embedded broker keeps no state)."""
         combined = Finalizer(self.sources)
-        for fin in self.finalizers.values():
-            combined.pending.update(fin.pending)
+        for stored in self.finalizers.values():
+            combined.windows.update(stored.fin.windows)
+            combined.unpublished |= stored.fin.unpublished
         for pw in list(self.windows.values()):
             for p in pw.close(time.time(), force=True).partials:
                 combined.add_partial(p)
@@ -609,6 +585,24 @@ class WorkerRuntime:
 
 
 KINDS_BY_KIND = {kind: model for kind, model in KINDS.values()}
+
+
+def call_dimensions(settings: Settings, rules: RulesHook | None) -> dict[int, list[list[str]]]:
+    """The dimension sets of call windows per window size: the configured ones
+    (WorkerConfig.dimensions_by_window), plus the sets the rules judge at that size, plus,
+    at the smallest size, the set the Prometheus LLM metrics are labelled by
+    (llmpulse.sinks.prometheus reads the smallest window)."""
+    out = settings.worker.dimensions_by_window()
+    lm = settings.llm_metrics
+    wanted: list[tuple[int, list[str]]] = [(min(out), list(lm.labels))] if lm.enabled else []
+    engine = getattr(rules, "engine", None)
+    for rule in getattr(getattr(engine, "rules", None), "rules", ()):
+        if getattr(rule, "kind", None) == "calls" and getattr(rule, "window", None) in out:
+            wanted += [(rule.window, list(dims)) for dims in rule.dim_sets]
+    for size, dims in wanted:
+        if sorted(dims) not in [sorted(d) for d in out[size]]:
+            out[size].append(dims)
+    return out
 
 
 def _topic_of_kind(kind: str) -> str:

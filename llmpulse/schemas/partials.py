@@ -1,0 +1,106 @@
+"""The worker's internal `partials` topic: what stage 1 tells stage 2, format and parse side by side.
+
+Stage 1 (one source partition) sends, for each closed window, one `WindowPartials`
+message holding every dimension set of that window it saw (split in chunks of at most
+`MAX_SETS_PER_MESSAGE` sets, so that a window of many users stays far below a broker's
+message size limit), then its `CloseMark`. Stage 2 merges the windows of all source
+partitions (llmpulse.streams.finalizing).
+
+One message per window and source, not per dimension set: the cost of a closed window
+then does not grow with the number of its dimension values (issue 15).
+
+Messages of the previous version (one `{"type": "partial", ...}` per window and
+dimension set) still parse, as `LegacyPartial`: a worker upgraded while such messages
+wait on the topic merges them as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+MAX_SETS_PER_MESSAGE = 1000
+
+
+class DimensionSetState(msgspec.Struct, array_like=True):
+    """One dimension set of a window: its canonical key, its values, the accumulator state."""
+
+    dims_key: str
+    dims: dict[str, str]
+    state: dict[str, Any]
+
+
+class WindowPartials(msgspec.Struct, tag="partials", tag_field="type", kw_only=True):
+    """The dimension sets of one closed window of one source partition (chunk `chunk` of `chunks`)."""
+
+    kind: str
+    window_s: int
+    start_ms: int
+    source: str
+    chunk: int = 0
+    chunks: int = 1
+    sets: list[DimensionSetState]
+
+    @property
+    def end_ms(self) -> int:
+        return self.start_ms + self.window_s * 1000
+
+
+class LegacyPartial(msgspec.Struct, tag="partial", tag_field="type"):
+    """A partial of the previous version: one window and one dimension set."""
+
+    kind: str
+    s: int
+    t: int
+    dims: dict[str, str]
+    dk: str
+    src: str
+    state: dict[str, Any]
+
+    def upgrade(self) -> WindowPartials:
+        return WindowPartials(
+            kind=self.kind, window_s=self.s, start_ms=self.t, source=self.src, chunk=-1, chunks=0,
+            sets=[DimensionSetState(self.dk, self.dims, self.state)],
+        )  # fmt: skip
+
+
+class CloseMark(msgspec.Struct, tag="mark", tag_field="type"):
+    """Every window of `kind` ending at or before `mark` (ms) is closed in source `src`;
+    None: the source has seen no event yet (it holds no window back)."""
+
+    kind: str
+    src: str
+    mark: int | None
+
+
+PartialsMessage = WindowPartials | LegacyPartial | CloseMark
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(PartialsMessage)
+
+
+def encode_partials(msg: WindowPartials | CloseMark) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_partials(raw: bytes) -> WindowPartials | CloseMark:
+    """One message of the partials topic; a legacy partial comes back upgraded (chunk -1).
+
+    Raises msgspec.DecodeError (a ValueError) for anything else."""
+    msg = _decoder.decode(raw)
+    return msg.upgrade() if isinstance(msg, LegacyPartial) else msg
+
+
+def window_messages(
+    kind: str, window_s: int, start_ms: int, source: str, sets: list[DimensionSetState]
+) -> list[WindowPartials]:
+    """The messages of one window of one source: its sets in chunks, in a fixed order."""
+    n = max(1, -(-len(sets) // MAX_SETS_PER_MESSAGE))
+    return [
+        WindowPartials(
+            kind=kind, window_s=window_s, start_ms=start_ms, source=source, chunk=i, chunks=n,
+            sets=sets[i * MAX_SETS_PER_MESSAGE : (i + 1) * MAX_SETS_PER_MESSAGE],
+        )
+        for i in range(n)
+    ]
