@@ -7,14 +7,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
-from confluent_kafka import Producer
 
 from llmpulse.analysis.client import query
 from llmpulse.config import Settings, load_settings
@@ -161,26 +160,6 @@ def calibration() -> dict[str, float]:
             acc += i * i % 7
         best = min(best, time.perf_counter() - t0)
     return {"calibration_ms": round(best * 1000, 1), "load_average_1m": round(os.getloadavg()[0], 2)}
-
-
-def produce_all(bootstrap: str, msgs: Iterable[tuple[str, bytes, bytes]], timeout_s: float = 120) -> int:
-    """Produce (topic, key, value) messages in order; the count, once every one is delivered."""
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.size": 1_000_000, "log_level": 3})
-    n = 0
-    for topic, key, value in msgs:
-        while True:
-            try:
-                p.produce(topic, key=key, value=value)
-                break
-            except BufferError:
-                p.poll(0.05)
-        n += 1
-        if n % 10_000 == 0:
-            p.poll(0)
-    left = p.flush(timeout_s)
-    if left:
-        raise RuntimeError(f"{left} of {n} messages not delivered")
-    return n
 
 
 def counter_total(url: str, name: str, **labels: str) -> float:

@@ -44,8 +44,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from common import broker, calibration, counter_total, make_config, produce_all, rss_mb, start, stop
-from confluent_kafka import Consumer
+from common import broker, calibration, counter_total, make_config, rss_mb, start, stop
+from confluent_kafka import Consumer, Producer
 from detection import DAY_S
 from detection import messages as workload_messages
 from detection_workload import Traffic, Workload, day_start, plan
@@ -53,6 +53,7 @@ from worker import Sampler
 
 from llmpulse.config import Settings
 from llmpulse.embedded.ports import free_port
+from llmpulse.kafka.clients import produce_all
 
 Messages = Callable[[Settings], Iterable[tuple[str, bytes, bytes]]]
 
@@ -77,7 +78,10 @@ def replay_through_worker(
                 worker={"idle_close_s": 30.0, "batch_max_messages": 2000, **(worker or {}), "web_port": port},
             )  # fmt: skip
             t_produce = time.monotonic()
-            produced = produce_all(b.bootstrap, msgs(settings))
+            producer = Producer({"bootstrap.servers": b.bootstrap, "linger.ms": 20, "batch.size": 1_000_000, "log_level": 3})
+            produced, undelivered = produce_all(producer, msgs(settings), flush_timeout_s=120)
+            if undelivered:
+                raise RuntimeError(f"{undelivered} of {produced} messages not delivered")
             calls = expected_calls()
             print(f"  produced {produced} messages ({calls} calls) in {time.monotonic() - t_produce:.0f} s",
                   file=sys.stderr)  # fmt: skip
