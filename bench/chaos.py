@@ -69,6 +69,7 @@ WEBHOOK_ENV = "LLMPULSE_SECRET_CHAOS_SLACK_WEBHOOK"
 DELIVERY_TIMEOUT_S = 3.0
 WINDOW_S = 10
 INCIDENT_S = 45.0
+NOTIFY_RETRY_MAX_S = 5.0  # the notifier's longest retry delay (default 60 s): the run drains within minutes
 MODELS = ["gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet"]
 KINDS = ["kill_worker", "kill_sink", "kill_notifier", "kill_proxy", "broker_stall",
          "slack_429", "slack_500", "duplicates", "store_down"]  # fmt: skip
@@ -248,7 +249,7 @@ def main() -> dict[str, Any]:
             ingest={"delivery_timeout_s": DELIVERY_TIMEOUT_S},
             notify={"receivers": {"slack": {"type": "slack", "webhook_url_env": WEBHOOK_ENV}},
                     "default_receivers": ["slack"], "group_by": ["rule"], "group_wait_s": 1.0,
-                    "group_interval_s": 1.0, "retry_initial_s": 0.2},
+                    "group_interval_s": 1.0, "retry_initial_s": 0.2, "retry_max_s": NOTIFY_RETRY_MAX_S},
         )  # fmt: skip
         procs["mock"] = Proc("mock", config, ["mock-upstream", "--port", str(mock_port), "--error-rate", "0.05",
                                               "--seed", str(args.seed)], workdir, env)  # fmt: skip
@@ -292,6 +293,7 @@ def main() -> dict[str, Any]:
             sent = len(truth.users)
             print(f"load stopped after {load_s:.0f} s: {sent} events accepted, {sum(injected.values())} faults; settling")
             raw = _settle(settings, truth, timeout=300)
+            _drain_notifications(fake, timeout=240)
             figures = _compare(settings, truth, raw, fake)
             figures.update(_incident_notified(fake, incident_at, args.duration_s))
         finally:
@@ -423,6 +425,19 @@ def _settle(settings: Any, truth: Truth, timeout: float) -> dict[str, tuple[str,
         time.sleep(3)
     time.sleep(WINDOW_S + 3 + 2 + 5)  # the last window's end + grace + idle close + the sink's batch
     return _raw(settings)
+
+
+def _drain_notifications(fake: Any, timeout: float) -> None:
+    """Wait until the notifier has nothing left to retry: the incident's resolution reached Slack
+    and no attempt came for twice the longest retry delay (the faults stopped with the load;
+    Slack failures still queued are used up by the retries first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = any("latency_avg" in m.body_text and "resolved" in m.header for m in fake.snapshot())
+        last = max((a.at for a in fake.attempts), default=0.0)
+        if done and time.monotonic() - last > 2 * NOTIFY_RETRY_MAX_S:
+            return
+        time.sleep(1)
 
 
 def _incident_notified(fake: Any, at: float, duration_s: float) -> dict[str, Any]:
