@@ -433,7 +433,7 @@ def _drain_notifications(fake: Any, timeout: float) -> None:
     Slack failures still queued are used up by the retries first)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        done = any("latency_avg" in m.body_text and "resolved" in m.header for m in fake.snapshot())
+        done = any("latency_avg" in m.header + m.body_text and "resolved" in m.header for m in fake.snapshot())
         last = max((a.at for a in fake.attempts), default=0.0)
         if done and time.monotonic() - last > 2 * NOTIFY_RETRY_MAX_S:
             return
