@@ -248,3 +248,23 @@ def test_seasonal_adds_the_weekday_once_a_week_of_history_exists() -> None:
     assert (a.state, a.baseline) == ("firing", pytest.approx(100 * (20 * 1425 + 60 * 15) / 1440 / 100))
     assert a.evidence is not None and a.evidence["history"] == "seasonal_weekly"
     assert "seasonal baseline (same time of day and weekday)" in a.summary
+
+
+def test_an_anomaly_resolves_on_recovery_not_on_a_window_without_evidence() -> None:
+    """A firing error-rate anomaly meets a window of 2 calls, 1 failed: 50% is 150x the
+    baseline's 0.3% (the effect) but P(X >= 1 | 2 calls at 0.3%) ~ 0.006 is no evidence at
+    p < 6.9e-6; nor is it recovery. It holds; two windows back at the baseline resolve it."""
+    r = Runner(engine("""
+rules:
+  - {name: errs, type: anomaly, metric: error_rate, factor: 1.5, window: 60, by: [model],
+     min_baseline_windows: 10, min_value: 0.02}
+"""))  # fmt: skip
+    gpt = {"model": "gpt-4o"}
+    for i in range(60):  # 1 failed call every 20 minutes among 12 a minute
+        assert r.feed(calls(i, 12, 1 if i % 20 == 5 else 0, dims=gpt)) == []
+    [fired] = r.feed(calls(60, 12, 8, dims=gpt))
+    assert fired.state == "firing"
+    assert r.feed(calls(61, 2, 1, dims=gpt)) == []  # held: neither fires again nor clears
+    assert r.feed(calls(62, 12, 0, dims=gpt)) == []  # clear 1 of resolve_after 2
+    [resolved] = r.feed(calls(63, 12, 0, dims=gpt))
+    assert resolved.state == "resolved"
