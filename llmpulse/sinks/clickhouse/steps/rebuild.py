@@ -26,6 +26,7 @@ from llmpulse.sinks.clickhouse.steps.model import TopicPart
 
 log = logging.getLogger(__name__)
 
+
 class Intent(NamedTuple):
     """A batch as recorded in sink_intents."""
 
