@@ -75,6 +75,7 @@ def run(stored: StoredFinalizer, msgs: list[WindowPartials | CloseMark], first_o
         stored.apply(decode_partials(encode_partials(m)))
     stored.commit(first_offset + len(msgs) - 1)
     published = stored.publishable()
+    stored.published()
     stored.expire()
     return published
 
@@ -256,3 +257,36 @@ def test_window_dimensions_of_an_unknown_size_or_dimension_stop_start_up(tmp_pat
         _settings(tmp_path, "  windows_s: [10, 60]\n  window_dimensions: {30: [[]]}\n")
     with pytest.raises(ConfigError, match=r"window_dimensions\.60: unknown dimension 'region'"):
         _settings(tmp_path, "  windows_s: [10, 60]\n  window_dimensions: {60: [[region]]}\n")
+
+
+def test_a_crash_before_the_aggregates_are_delivered_publishes_them_again() -> None:
+    table = CountingTable()
+    stored = StoredFinalizer.restore(0, SOURCES, table)
+    msgs = closed_window_messages("calls:0", [call(1), call(2)]) + closed_window_messages("calls:1", [call(3)])
+    for m in msgs:
+        stored.apply(m)
+    stored.commit(len(msgs) - 1)
+    first = totals(stored.publishable())
+    assert first[(10, T0_MS, "*")] == (3, 1)
+    # the worker dies before the aggregates were delivered (no `published()`)
+    stored = StoredFinalizer.restore(0, SOURCES, table)
+    assert totals(stored.publishable()) == first  # the same windows, the same revision: same keys
+    stored.published()
+    assert StoredFinalizer.restore(0, SOURCES, table).publishable() == []
+
+
+def test_a_window_first_seen_after_the_finalized_mark_passed_it_survives_a_restore() -> None:
+    table = CountingTable()
+    stored = StoredFinalizer.restore(0, SOURCES, table)
+    later = [call(100), call(200)]  # windows far after [0, 10)
+    run(stored, closed_window_messages("calls:0", later) + closed_window_messages("calls:1", later))
+    assert stored.fin.finalized["calls"] > T0_MS + 10_000
+    # calls:1 backfills window [0, 10), never seen before; the worker dies before publishing it
+    for m in closed_window_messages("calls:1", [call(1), *later]):
+        stored.apply(m)
+    stored.commit(500)
+    stored = StoredFinalizer.restore(0, SOURCES, table)
+    got = totals(stored.publishable())
+    assert got[(10, T0_MS, "*")] == (1, 1)
+    assert got[(60, T0_MS, "*")] == (1, 1)
+    assert (60, T0_MS + 60_000, "*") not in got  # [60, 120) is published and unchanged

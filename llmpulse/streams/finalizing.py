@@ -63,10 +63,13 @@ class PendingWindow:
     sets: dict[str, Pending] = field(default_factory=dict)
     chunks: dict[str, int] = field(default_factory=dict)  # source -> chunks of its largest send
     legacy: set[str] = field(default_factory=set)  # dims keys stored by the previous version
-    published: bool = False  # its revisions are in the state
+    published: bool = False  # some set was published
+    # its revisions are in the state (a `V` value); without one they follow from the
+    # finalized mark: every set 1 when the window ended by then, else 0
+    stored: bool = False
 
     def revisions(self) -> dict[str, Any]:
-        """The state of its publication: revisions other than 1 (absent: none published)."""
+        """Its revisions as stored: those other than 1."""
         return {"x": {dk: p.revision for dk, p in self.sets.items() if p.revision != 1}}
 
     def restore_revisions(self, value: dict[str, Any]) -> None:
@@ -118,6 +121,8 @@ class Finalizer:
         window = self.windows.get(wkey)
         if window is None:
             window = self.windows[wkey] = PendingWindow()
+            if msg.end_ms <= self.finalized.get(msg.kind, EMPTY):
+                self.revised.add(wkey)  # the finalized mark would say it was published: store its revisions
         sets = window.sets
         for entry in msg.sets:
             slot = sets.get(entry.dims_key)
@@ -229,6 +234,8 @@ def restore_finalizer(sources: Mapping[str, Iterable[str]], state: Iterable[tupl
             window = fin.windows[wkey] = PendingWindow()
         return window
 
+    for key, value in by_shape.get("F", []):
+        fin.finalized[key.kind] = int(value)
     for key, value in by_shape.get("P", []):
         window = window_of(key)
         window.sets[key.dims_key] = Pending.from_json(value)
@@ -245,14 +252,19 @@ def restore_finalizer(sources: Mapping[str, Iterable[str]], state: Iterable[tupl
     for key, value in by_shape.get("V", []):
         window = window_of(key)
         window.restore_revisions(value)
-        window.published = True
+        window.stored = True
     for wkey, window in fin.windows.items():
+        if not window.stored:  # published with the finalized mark, or not yet
+            rev = 1 if wkey[2] + wkey[1] * 1000 <= fin.finalized.get(wkey[0], EMPTY) else 0
+            for dk, p in window.sets.items():
+                # a previous version's set keeps the revision it stored, unless it stored none
+                if dk not in window.legacy or p.revision == 0:
+                    p.revision = rev
+        window.published = any(p.revision != 0 for p in window.sets.values())
         if any(p.revision <= 0 for p in window.sets.values()):
             fin.unpublished.add(wkey)
     for key, value in by_shape.get("M", []):
         fin.marks.setdefault(key.kind, {})[key.source] = int(value)
-    for key, value in by_shape.get("F", []):
-        fin.finalized[key.kind] = int(value)
     for _, value in by_shape.get("O", []):
         fin.applied = int(value)
     return fin
@@ -261,17 +273,21 @@ def restore_finalizer(sources: Mapping[str, Iterable[str]], state: Iterable[tupl
 class StoredFinalizer:
     """A partials partition's Finalizer with its state kept in a table (the Faust table in
     the worker, a dict in tests), written per window: each received message is one write
-    (its dimension sets as received), each window's publication one more (its revisions).
+    (its dimension sets as received). A window's publication is recorded by the finalized
+    mark (one write per batch); only windows published again (backfills, late events) or
+    new after the mark passed them store their revisions (one write each).
 
     Use per batch of partials messages: `apply` each, then `commit(offset)`, then
-    `publishable()` (the aggregates to publish, their publication already in the state:
-    publish them before the table's next changelog flush is relied upon), then `expire()`."""
+    `publishable()` (the aggregates to publish), publish them and wait for their delivery,
+    then `published()` (the state says so: a crash before it publishes them again, under
+    the same keys), then `expire()`."""
 
     def __init__(self, fp: int, fin: Finalizer, table: MutableMapping[str, Any]) -> None:
         self.fp = fp
         self.fin = fin
         self.table = table
         self._marks: set[tuple[str, str]] = set()
+        self._ready: list[tuple[WindowKey, list[tuple[PendingKey, WindowAggregate]]]] = []
 
     @classmethod
     def restore(cls, fp: int, sources: Mapping[str, Iterable[str]], table: MutableMapping[str, Any]) -> StoredFinalizer:
@@ -311,25 +327,32 @@ class StoredFinalizer:
         self._marks.clear()
         for wkey in fin.take_revised():
             table[SK.revisions_key(fp, *wkey)] = fin.windows[wkey].revisions()
+            fin.windows[wkey].stored = True
         fin.applied = applied
         table[SK.applied_key(fp)] = applied
 
     def publishable(self) -> list[WindowAggregate]:
-        """The aggregates to publish now, in window order; their publication is in the state."""
+        """The aggregates to publish now, in window order (then call `published`)."""
+        self._ready = self.fin.ready_windows()
+        return [agg for _, aggs in self._ready for _, agg in aggs]
+
+    def published(self) -> None:
+        """The aggregates of the last `publishable` are delivered: the state says so."""
         fin, fp, table = self.fin, self.fp, self.table
-        ready = fin.ready_windows()
-        for wkey, _ in ready:
-            table[SK.revisions_key(fp, *wkey)] = fin.windows[wkey].revisions()
-        if ready:
+        for wkey, _ in self._ready:
+            window = fin.windows[wkey]
+            if window.stored:
+                table[SK.revisions_key(fp, *wkey)] = window.revisions()
+        if self._ready:
             for kind, mark in fin.finalized.items():
                 table[SK.finalized_key(fp, kind)] = mark
-        return [agg for _, aggs in ready for _, agg in aggs]
+        self._ready = []
 
     def expire(self) -> None:
         """Drop the windows past the backfill retention, from memory and from the table."""
         fp, table = self.fp, self.table
         for wkey, window in self.fin.expired():
-            gone = [SK.revisions_key(fp, *wkey)]
+            gone = [SK.revisions_key(fp, *wkey)] if window.stored else []
             gone += [SK.chunk_key(fp, *wkey, src, c) for src, n in window.chunks.items() for c in range(n)]
             gone += [SK.legacy_pending_key(fp, *wkey, dk) for dk in window.legacy]
             for k in gone:

@@ -496,7 +496,8 @@ class WorkerRuntime:
     async def finalize_ready(self, stored: StoredFinalizer) -> None:
         aggregates = stored.publishable()
         if aggregates:
-            await self.publish_final(aggregates, stored.fp)
+            await self.publish_final(aggregates, stored.fp)  # delivered before the state says so
+        stored.published()
         stored.expire()
 
     async def publish_final(self, aggregates: Iterable[WindowAggregate], fp: int) -> None:
