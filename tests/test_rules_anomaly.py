@@ -268,3 +268,5 @@ rules:
     assert r.feed(calls(62, 12, 0, dims=gpt)) == []  # clear 1 of resolve_after 2
     [resolved] = r.feed(calls(63, 12, 0, dims=gpt))
     assert resolved.state == "resolved"
+    # its words name the baseline it was judged on (an hour of history: the rolling fallback)
+    assert "back near its rolling 1h baseline (less than a day of history" in resolved.summary

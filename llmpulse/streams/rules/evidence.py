@@ -329,8 +329,8 @@ def judge_anomaly(
     else:
         limit = mean / rule.factor
         effect = v <= limit and v < mean and mean >= rule.min_value
-    if not effect:
-        return Verdict(None, v, limit, mean)
+    if not effect:  # the baseline it was judged on, for the words of a resolution
+        return Verdict(None, v, limit, mean, evidence={"history": exp.source, "baseline_windows": exp.windows})
     if dispersion is not None and rule.metric in SUM_METRICS:
         exp = replace(exp, dispersion=dispersion())
     p, lo, hi, ev = anomaly_test(rule, obs, exp, agg)
