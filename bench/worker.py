@@ -4,6 +4,7 @@ the worker's memory over 5 million events; and where the worker's wall-clock goe
 
     python bench/run.py worker [--events N] [--single-events N] [--rss-events N]
                                [--set section.key=value ...] [--profile DIR]
+                               [--cprofile-single FILE]
 
 Each run: a fresh embedded broker and topic set, one `llmpulse worker`, the events
 produced from a thread while the worker consumes (the clock starts when producing
@@ -30,7 +31,13 @@ gives a live stream's density at that rate).
 
 `--set worker.batch_max_messages=5000` (repeatable) overrides the worker's config for
 every run; `--profile DIR` records the batched run's worker with py-spy (wall clock,
-idle included; raw collapsed stacks in DIR/worker.txt, a summary in the result).
+idle included; raw collapsed stacks in DIR/worker.txt, a summary in the result);
+`--cprofile-single FILE` runs the single-event run's worker under cProfile (its main
+thread, the event loop: CPU per function, FILE is a pstats file written when it stops).
+
+`single_events_per_s` is the rate of the single-event run (one event per message, as
+users' own producers send them); `calibration_ms` says how fast the machine ran Python
+at the start (bench/common.py).
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from common import MODELS, broker, closers, events, make_config, messages, start, stop
+from common import MODELS, broker, calibration, closers, events, make_config, messages, start, stop
 from confluent_kafka import Consumer
 
 from tests.kafkatools import produce
@@ -179,12 +186,14 @@ def run_once(
     data_end: float,
     overrides: dict[str, dict[str, Any]],
     profile: Path | None = None,
+    cprofile: Path | None = None,
 ) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         with broker(work) as b:
             config, settings = make_config(work, b.bootstrap, **overrides)
-            worker = start(config, "worker", log=work / "worker.log")
+            python_args = ("-m", "cProfile", "-o", str(cprofile.resolve())) if cprofile is not None else ()
+            worker = start(config, "worker", log=work / "worker.log", python_args=python_args)
             consumer = Consumer({
                 "bootstrap.servers": b.bootstrap, "group.id": f"bench-{uuid.uuid4().hex}",
                 "auto.offset.reset": "earliest", "enable.auto.commit": False, "log_level": 3,
@@ -358,6 +367,9 @@ def main() -> dict[str, Any]:
     ap.add_argument(
         "--profile", type=Path, default=None, help="py-spy the batched run into this folder"
     )
+    ap.add_argument(
+        "--cprofile-single", type=Path, default=None, help="cProfile the single-event run's worker into this file"
+    )
     args = ap.parse_args()
     overrides = _overrides(args.set)
     out: dict[str, Any] = {
@@ -367,7 +379,7 @@ def main() -> dict[str, Any]:
     }
     if args.set:
         out["overrides"] = " ".join(args.set)
-    out["load_average_1m"] = os.getloadavg()[0]
+    out |= calibration()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     )
@@ -379,22 +391,23 @@ def main() -> dict[str, Any]:
         " + uncommitted llmpulse/ changes" if dirty else ""
     )
 
-    evs = events(args.events, span_s=args.span_s)
-    data_end = max(e.ts for e in evs).timestamp()
-    msgs = messages(evs, args.batch) + closers(evs)
-    del evs
     prof = None
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
         prof = args.profile / "worker.txt"
-    batched = run_once(args.events, msgs, data_end, overrides, profile=prof)
-    del msgs
-    out |= {
-        "events_per_s": round(batched["events_per_s"]),
-        "seconds": round(batched["seconds"], 1),
-        "rss_mb": round(batched["rss_peak_mb"], 1),
-        **_cpu_keys("", batched, args.events),
-    }
+    if args.events:  # 0: only the single-event and memory runs
+        evs = events(args.events, span_s=args.span_s)
+        data_end = max(e.ts for e in evs).timestamp()
+        msgs = messages(evs, args.batch) + closers(evs)
+        del evs
+        batched = run_once(args.events, msgs, data_end, overrides, profile=prof)
+        del msgs
+        out |= {
+            "events_per_s": round(batched["events_per_s"]),
+            "seconds": round(batched["seconds"], 1),
+            "rss_mb": round(batched["rss_peak_mb"], 1),
+            **_cpu_keys("", batched, args.events),
+        }
     if prof is not None and prof.exists():
         summary = summarize_profile(prof)
         (args.profile / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -403,10 +416,13 @@ def main() -> dict[str, Any]:
     if args.single_events:
         evs = events(args.single_events)
         data_end = max(e.ts for e in evs).timestamp()
-        single = run_once(args.single_events, messages(evs, 1) + closers(evs), data_end, overrides)
+        single = run_once(
+            args.single_events, messages(evs, 1) + closers(evs), data_end, overrides,
+            cprofile=args.cprofile_single,
+        )  # fmt: skip
         out |= {
             "single_events": args.single_events,
-            "single_event_messages_events_per_s": round(single["events_per_s"]),
+            "single_events_per_s": round(single["events_per_s"]),
             "single_rss_mb": round(single["rss_peak_mb"], 1),
             **_cpu_keys("single_", single, args.single_events),
         }

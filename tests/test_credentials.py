@@ -36,3 +36,15 @@ def test_sasl_password_comes_from_the_secret_environment_variable(monkeypatch: p
     got = client_security(cfg)
     assert got["sasl.password"] == "s3cret" and got["sasl.username"] == "svc"
     assert "sasl.password" not in cfg.client  # the config object never holds it
+
+
+def test_the_same_settings_map_to_aiokafka_for_the_source_reader() -> None:
+    from llmpulse.streams.credentials import aiokafka_security
+
+    assert aiokafka_security({}) == {"security_protocol": "PLAINTEXT"}
+    got = aiokafka_security({"security.protocol": "sasl_plaintext", "sasl.mechanisms": "SCRAM-SHA-256",
+                             "sasl.username": "u", "sasl.password": "p"})  # fmt: skip
+    assert got == {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "SCRAM-SHA-256",
+                   "sasl_plain_username": "u", "sasl_plain_password": "p"}  # fmt: skip
+    with pytest.raises(LLMPulseError, match=r"security\.protocol 'KERBEROS_MAGIC'"):
+        aiokafka_security({"security.protocol": "kerberos_magic"})

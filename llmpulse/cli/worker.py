@@ -32,8 +32,10 @@ def run(args: argparse.Namespace) -> int:
     if args.flush_on_exit:
         settings.worker.flush_open_windows_on_exit = True
     bootstrap = resolve_bootstrap(settings)
-    ensure_topics(bootstrap, settings.kafka)
     runtime = WorkerRuntime(settings, bootstrap, rules=load_rules_hook(settings))
+    # stage 1's changelog is not a Faust table's: created here, before any client runs
+    # (a topic created while the producer runs left its metadata request unanswered)
+    ensure_topics(bootstrap, settings.kafka, compacted=[runtime.window_table.topic])
     serve_metrics(settings.worker.web_port, settings.worker.web_host)
     worker = faust.Worker(runtime.app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterable
 
 from llmpulse.config.kafka import KafkaConfig
 from llmpulse.errors import BrokerError
@@ -30,16 +31,20 @@ ALL_TOPICS = (*PUBLIC_TOPICS, PARTIALS, NOTIFICATIONS, SILENCES)
 COMPACTED = {ACTIONS, NOTIFICATIONS, SILENCES}
 
 
-def ensure_topics(bootstrap: str, cfg: KafkaConfig, timeout: float = 30.0) -> list[str]:
+def ensure_topics(
+    bootstrap: str, cfg: KafkaConfig, timeout: float = 30.0, compacted: Iterable[str] = ()
+) -> list[str]:
     """Create every missing topic with the configured partitions; returns the created names.
 
     Consumers that subscribe before their topic exists may get no assignment on
     some brokers (Tansu), so every component calls this before it subscribes.
+    `compacted`: further topics by full name, created compacted (a component's changelog).
     """
     from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
     admin = AdminClient({"bootstrap.servers": bootstrap, **client_security(cfg)})
     wanted = {cfg.topic(name): name for name in ALL_TOPICS}
+    extra = set(compacted)
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -49,12 +54,12 @@ def ensure_topics(bootstrap: str, cfg: KafkaConfig, timeout: float = 30.0) -> li
             if time.monotonic() > deadline:
                 raise BrokerError(f"cannot reach Kafka at {bootstrap}: {exc}") from None
             time.sleep(0.5)
-    missing = [t for t in wanted if t not in existing]
+    missing = [t for t in [*wanted, *sorted(extra)] if t not in existing]
     if not missing:
         return []
     new = []
     for topic in missing:
-        config = {"cleanup.policy": "compact"} if wanted[topic] in COMPACTED else {}
+        config = {"cleanup.policy": "compact"} if topic in extra or wanted[topic] in COMPACTED else {}
         new.append(NewTopic(topic, cfg.partitions, cfg.replication_factor, config=config))
     created = []
     for topic, fut in admin.create_topics(new, request_timeout=timeout).items():

@@ -1,6 +1,7 @@
 """The Faust app: source partitions -> window partials -> final aggregates, rules and alerts.
 
-Stage 1 (`windows` agent) consumes calls, GPU samples and feedback, keeps event-time
+Stage 1 reads calls, GPU samples, feedback and host samples in bulk with its own
+consumer (llmpulse.streams.source_reader: why, and what is committed after what), keeps event-time
 windows per source partition (llmpulse.streams.windowing) and publishes, for each
 closed window, one message holding all its dimension sets (llmpulse.schemas.partials)
 to the internal `partials` topic keyed by kind and window size (so every dimension set
@@ -9,9 +10,11 @@ or key behind it), followed by the partition's close mark sent to every partials
 partitions (llmpulse.streams.finalizing), publishes each final window once to
 `aggregates` under a deterministic key, and runs the rules, publishing alerts.
 
-All state lives in changelog-backed Faust tables whose keys carry their partition, so
-a restarted or rebalanced worker recovers exactly what it owned. Faust's windowed
-tables are not used: they close on wall-clock time (faust-streaming #250, PR #758).
+All state lives in changelogs whose keys carry their partition, so a restarted or
+rebalanced worker recovers exactly what it owned: stage 1's is written straight to its
+changelog partition (llmpulse.streams.changelog_state), stage 2's in a Faust table.
+Faust's windowed tables are not used: they close on wall-clock time (faust-streaming
+#250, PR #758).
 """
 
 from __future__ import annotations
@@ -43,14 +46,16 @@ from llmpulse.schemas.partials import (
     window_messages,
 )
 from llmpulse.streams import state_keys as SK
+from llmpulse.streams.changelog_state import ChangelogState
 from llmpulse.streams.contiguity import OffsetGuard
-from llmpulse.streams.credentials import faust_credentials
+from llmpulse.streams.credentials import aiokafka_security, faust_credentials
 from llmpulse.streams.dedup import chunk_key_parse, chunk_key_text
 from llmpulse.streams.finalizing import Finalizer, StoredFinalizer, finalizer_partition, partial_key
 from llmpulse.streams.positions import position
 from llmpulse.streams.restore import read_changelog_partition
 from llmpulse.streams.rules.engine import has_open_alerts
 from llmpulse.streams.rules.rootcause import explain_window
+from llmpulse.streams.source_reader import SourceReader
 from llmpulse.streams.tables import PartitionedTable, state_key
 from llmpulse.streams.windowing import AccKey, Partial, PartitionWindows
 
@@ -114,19 +119,17 @@ class WorkerRuntime:
         def raw_topic(*names: str) -> Any:
             return self.app.topic(*names, key_serializer="raw", value_serializer="raw")
 
-        self.source_topic = raw_topic(*(kcfg.topic(t) for t in KINDS))
         self.partials_topic = raw_topic(kcfg.topic(T.PARTIALS))
         self.aggregates_topic = raw_topic(kcfg.topic(T.AGGREGATES))
         self.alerts_topic = raw_topic(kcfg.topic(T.ALERTS))
         self.deadletter_topic = raw_topic(kcfg.topic(T.DEADLETTER))
-        self.window_table = self._table("windows")
+        # named as the Faust table that held it before, so its state restores unchanged
+        self.window_table = ChangelogState("windows", f"{self.app.conf.id}-windows-changelog")
         self.final_table = self._table("final")
         self.bootstrap = bootstrap
         self.restored_partitions: set[tuple[str, int]] = set()
         self.open_alerts: set[str] = set()  # rule-state keys with a firing alert
-        self.changelog_topics = {
-            t.changelog_topic.get_topic_name() for t in (self.window_table, self.final_table)
-        } | {kcfg.topic(t) for t in KINDS} | {kcfg.topic(T.PARTIALS)}
+        self.changelog_topics = {self.final_table.changelog_topic.get_topic_name(), kcfg.topic(T.PARTIALS)}
         self.windows: dict[tuple[str, int], PartitionWindows] = {}
         self.finalizers: dict[int, StoredFinalizer] = {}
         # stage 1 and stage 2 hold separate state: each has its lock, so they overlap
@@ -142,6 +145,16 @@ class WorkerRuntime:
         self.sources: dict[str, Iterable[str]] = {
             kind: [f"{kind}:{p}" for p in range(self.partitions)] for kind, _ in KINDS.values()
         }
+        self.reader = SourceReader(
+            bootstrap, f"{self.app.conf.id}-sources", [kcfg.topic(t) for t in KINDS],
+            aiokafka_security(T.client_security(kcfg)), self.process_batch, self.sources_revoked,
+            self.sources_assigned, self.source_start, max_records=wcfg.batch_max_messages, session_timeout_ms=kcfg.session_timeout_ms,
+            poll_ms=max(1, round(wcfg.batch_within_s * 1000)),
+        )  # fmt: skip
+        self.sources_owned: set[tuple[str, int]] = set()  # changed under windows_lock only
+        self.unpersisted: set[tuple[str, int]] = set()  # (kind, partition) applied past its queued state
+        self.persisted: dict[tuple[str, int], int] = {}  # (topic, partition) -> offset its queued state covers
+        self.batch_futures: list[Any] = []  # dead letters of the batch in progress
         self._wire()
 
     def _table(self, name: str) -> PartitionedTable:
@@ -157,14 +170,9 @@ class WorkerRuntime:
 
     # -- wiring ---------------------------------------------------------------------------------
     def _wire(self) -> None:
-        wcfg = self.settings.worker
-
-        @self.app.agent(self.source_topic, name="windows")
-        async def windows_agent(stream: Any) -> None:
-            async for events in stream.take_events(wcfg.batch_max_messages, within=wcfg.batch_within_s):
-                # shielded: take_events acks the batch when the agent stops, so a batch that
-                # was started must be finished even if the agent is cancelled (rebalance, stop)
-                await asyncio.shield(self._locked(self.windows_lock, self.process_sources, events))
+        @self.app.task  # type: ignore[untyped-decorator]
+        async def read_sources() -> None:
+            await self.reader.run()
 
         @self.app.agent(self.partials_topic, name="finalize")
         async def finalize_agent(stream: Any) -> None:
@@ -173,51 +181,38 @@ class WorkerRuntime:
 
         @self.app.timer(interval=1.0)  # type: ignore[untyped-decorator]
         async def tick() -> None:
-            if not self._ready():
+            if not self.reader.ready:
                 # no idle closing while paused for a rebalance or a recovery
                 now = time.time()
                 for pw in self.windows.values():
                     if pw.last_event_wall is not None:
                         pw.last_event_wall = now
-                return
-            async with self.windows_lock:
-                await self.reseek()
-                await self.close_idle()
-            async with self.final_lock:
-                await self.sweep_quiet()
-
-        @self.app.on_partitions_assigned.connect  # type: ignore[arg-type]
-        async def on_assigned(app: Any, assigned: set[Any], **_: Any) -> None:
-            # a rebalance pauses every partition: that pause is not idleness of the traffic
-            now = time.time()
-            for pw in self.windows.values():
-                if pw.last_event_wall is not None:
-                    pw.last_event_wall = now
+            else:
+                async with self.windows_lock:
+                    await self.reseek()
+                    await self.close_idle()
+                    futures, offsets = await self._flush_state()
+                self.reader.ledger.add(futures, offsets)
+            if self._ready():
+                async with self.final_lock:
+                    await self.sweep_quiet()
 
         @self.app.on_partitions_revoked.connect  # type: ignore[arg-type]
         async def on_revoked(app: Any, revoked: set[Any], **_: Any) -> None:
-            flush = False
             for tp in revoked:
                 if tp.topic in self.changelog_topics:
-                    self.restored_partitions = {k for k in self.restored_partitions if k[1] != tp.partition}
-                kind = self.kind_of_topic.get(tp.topic)
-                if kind is not None:
-                    self.windows.pop((kind, tp.partition), None)
-                    # Faust flushed the partials in flight: write their close marks and
-                    # tombstones, so that the next owner does not close those windows again
-                    await self.await_delivered(kind, tp.partition)
-                    flush = True
-                    self.guard.forget((kind, tp.partition))
+                    self.restored_partitions.discard((self.final_table.name, tp.partition))
                 if tp.topic == self.topic_names[T.PARTIALS]:
                     self.finalizers.pop(tp.partition, None)
                     self.guard.forget(("partials", tp.partition))
-            if flush:
-                await self.app.producer.flush()  # before the next owner reads the state
 
         @self.app.on_before_shutdown.connect  # type: ignore[arg-type]
         async def on_shutdown(app: Any, **_: Any) -> None:
+            await self.reader.halt()
+            await self.persist_all()  # the state as it was before the exit flush closes anything
             if self.flush_on_exit:
                 await self.flush_everything()
+            await self.reader.stop()
 
     @staticmethod
     async def _locked(
@@ -225,6 +220,10 @@ class WorkerRuntime:
     ) -> None:
         async with lock:
             await fn(events)
+
+    async def _send(self, topic: str, partition: int, key: bytes, value: bytes | None) -> Awaitable[Any]:
+        """Stage 1's state records, through the app's producer (one producer: in order per partition)."""
+        return await self.app.producer.send(topic, key, value, partition, None, None)  # type: ignore[no-any-return]
 
     def _ready(self) -> bool:
         app = self.app
@@ -234,19 +233,84 @@ class WorkerRuntime:
             recovered = True
         return bool(recovered and not app.rebalancing)
 
-    def _assigned(self) -> set[Any]:
-        try:
-            return set(self.app.consumer.assignment())
-        except Exception:
-            return set()
+    # -- stage 1's input (source_reader.py) ------------------------------------------------------
+    async def process_batch(
+        self, records: dict[tuple[str, int], Sequence[Any]]
+    ) -> tuple[list[Any], dict[tuple[str, int], int]]:
+        """One bulk poll: stage 1 on the partitions still ours; the state deliveries and what they cover."""
+        async with self.windows_lock:
+            await self.process_sources({tp: msgs for tp, msgs in records.items() if tp in self.sources_owned})
+            return await self._flush_state()
+
+    async def _flush_state(self) -> tuple[list[Any], dict[tuple[str, int], int]]:
+        """Send the queued state; its deliveries (and the batch's dead letters) and the offsets they cover."""
+        futures = await self.window_table.flush(self._send) + self.batch_futures
+        offsets, self.persisted, self.batch_futures = self.persisted, {}, []
+        return futures, offsets
+
+    async def sources_assigned(self, assigned: set[tuple[str, int]]) -> None:
+        async with self.windows_lock:
+            self.sources_owned = set(assigned)
+            # a rebalance pauses every partition: that pause is not idleness of the traffic
+            now = time.time()
+            for pw in self.windows.values():
+                if pw.last_event_wall is not None:
+                    pw.last_event_wall = now
+
+    async def source_start(self, tp: tuple[str, int]) -> int | None:
+        """The offset after the last one a partition's state applied (None: no state yet)."""
+        async with self.windows_lock:
+            pw = await self.windows_for(self.kind_of_topic[tp[0]], tp[1])
+            return None if pw.applied_message is None else pw.applied_message + 1
+
+    async def sources_revoked(self, revoked: set[tuple[str, int]]) -> list[Any]:
+        """Let revoked partitions go: their state queued and sent; the deliveries to wait for."""
+        async with self.windows_lock:
+            # the window state of partition p holds every kind's: all of them go together
+            # (the range assignor gives partition p of every source topic to one member)
+            partitions = {p for _, p in revoked}
+            self.sources_owned = {tp for tp in self.sources_owned if tp[1] not in partitions}
+            for kind, partition in [k for k in self.windows if k[1] in partitions]:
+                pw = self.windows.pop((kind, partition))
+                # the partials in flight delivered, their close marks and tombstones written,
+                # so that the next owner does not close those windows again; then the state
+                await self.await_delivered(kind, partition)
+                if (kind, partition) in self.unpersisted:
+                    self._persist(pw, partition)
+            for partition in partitions:
+                for kind in KINDS_BY_KIND:
+                    self.guard.forget((kind, partition))
+                self.restored_partitions.discard((self.window_table.name, partition))
+                self.window_table.drop_partition(partition)
+            futures, offsets = await self._flush_state()
+            self.reader.ledger.add(futures, offsets)  # committed before the revoke returns
+            return futures
+
+    async def persist_all(self) -> None:
+        """Queue the state of every partition applied past it (a clean stop), after its close marks."""
+        async with self.windows_lock:
+            for kind, partition in sorted(self.unpersisted):
+                pw = self.windows.get((kind, partition))
+                await self.await_delivered(kind, partition)
+                if pw is not None:
+                    self._persist(pw, partition)
+            self.unpersisted.clear()
+            futures, offsets = await self._flush_state()
+            self.reader.ledger.add(futures, offsets)
 
     # -- stage 1 ----------------------------------------------------------------------------------
-    async def restored(self, table: PartitionedTable, partition: int) -> None:
+    async def restored(self, table: PartitionedTable | ChangelogState, partition: int) -> None:
         """Load one partition of a table from its changelog, read to its true end (restore.py)."""
         key = (table.name, partition)
         if key in self.restored_partitions:
             return
-        topic = table.changelog_topic.get_topic_name()
+        if isinstance(table, ChangelogState):
+            topic = table.topic
+            # the records queued for it go first: the barrier must follow them
+            self.reader.ledger.add(await table.flush(self._send), {})
+            await asyncio.gather(*(f for futures, _ in self.reader.ledger.entries for f in futures))
+        else:
+            topic = table.changelog_topic.get_topic_name()
         state = await asyncio.to_thread(
             read_changelog_partition, self.bootstrap, topic, partition, T.client_security(self.settings.kafka)
         )
@@ -296,23 +360,23 @@ class WorkerRuntime:
         self.windows[(kind, partition)] = pw
         return pw
 
-    async def process_sources(self, events: Sequence[Any]) -> None:
+    async def process_sources(self, records: dict[tuple[str, int], Sequence[Any]]) -> None:
+        """Stage 1 on one poll's records, by (topic, partition), each in offset order."""
         now = time.time()
-        by_partition: dict[tuple[str, int], list[Any]] = {}
-        for ev in events:
-            msg = ev.message
-            by_partition.setdefault((self.kind_of_topic[msg.topic], msg.partition), []).append(msg)
         dead: list[DeadLetter] = []
         closing: list[tuple[PartitionWindows, int]] = []
-        for (kind, partition), msgs in by_partition.items():
+        for (topic, partition), msgs in records.items():
+            kind = self.kind_of_topic[topic]
             pw = await self.windows_for(kind, partition)
             msgs = await self._admit((kind, partition), pw.applied_message, msgs)
             if not msgs:
                 continue
             batch: list[tuple[int, Any]] = []
+            model = KINDS_BY_KIND[kind]
+            events_in = 0
             for msg in msgs:
-                decoded = decode_calls(msg.value) if kind == "calls" else decode(msg.value, KINDS_BY_KIND[kind])
-                metrics.EVENTS_IN.labels("worker", kind).inc(len(decoded.valid) + len(decoded.rejected))
+                decoded = decode_calls(msg.value) if kind == "calls" else decode(msg.value, model)
+                events_in += len(decoded.valid) + len(decoded.rejected)
                 for i, rej in enumerate(decoded.rejected):
                     dead.append(
                         DeadLetter.for_bytes(
@@ -321,8 +385,13 @@ class WorkerRuntime:
                             dead_letter_id=f"{msg.topic}-{msg.partition}-{msg.offset}-{i}",
                         )
                     )  # fmt: skip
+                valid = decoded.valid
                 base = position(msg.offset, 0)
-                batch.extend(zip(range(base, base + len(decoded.valid)), decoded.valid, strict=True))
+                if len(valid) == 1:
+                    batch.append((base, valid[0]))
+                else:
+                    batch.extend(zip(range(base, base + len(valid)), valid, strict=True))
+            metrics.EVENTS_IN.labels("worker", kind).inc(events_in)
             applied = pw.apply(batch, now)
             if applied.duplicates:
                 metrics.DUPLICATES.labels(kind).inc(applied.duplicates)
@@ -341,15 +410,26 @@ class WorkerRuntime:
                         dead_letter_id=f"late-{kind}-{partition}-{late.offset}",
                     )
                 )
-            pw.consumed_through(max(m.offset for m in msgs))
-            await self.await_delivered(kind, partition)
-            self._persist(pw, partition)
-            closing.append((pw, partition))
+            pw.consumed_through(msgs[-1].offset)  # in offset order; _admit kept those past the state
+            self.unpersisted.add((kind, partition))
+            if self._delivered(kind, partition):
+                # the partials of its last close are delivered: write their close mark, then
+                # the state, then close. Otherwise all three wait for a later batch (or the
+                # tick): the state stays in memory and its offsets uncommitted meanwhile, so
+                # a partition never waits for the broker between its batches.
+                await self.await_delivered(kind, partition)
+                self._persist(pw, partition)
+                closing.append((pw, partition))
         for d in dead:
             metrics.DEAD_LETTERS.labels("worker", d.kind).inc()
-            await self.deadletter_topic.send(key=d.source.encode(), value=encode(d))
+            # committed with the batch: the dead letters are delivered before its offsets commit
+            self.batch_futures.append(await self.deadletter_topic.send(key=d.source.encode(), value=encode(d)))
         for pw, partition in closing:
             await self.close_and_emit(pw, partition)
+
+    def _delivered(self, kind: str, partition: int) -> bool:
+        """Whether every partial sent for the partition so far is delivered."""
+        return all(f.done() for sent, _, _ in self.inflight.get((kind, partition), ()) for f in sent)
 
     async def reseek(self) -> None:
         for key, offset in self.guard.due_reseeks(time.monotonic()):
@@ -361,12 +441,15 @@ class WorkerRuntime:
             await self._seek(topic, partition, offset)
 
     async def _seek(self, topic: str, partition: int, offset: int) -> None:
+        if topic in self.kind_of_topic:
+            self.reader.seek(topic, partition, offset)
+            return
         try:
             await self.app.consumer.seek(TP(topic, partition), offset)
         except Exception as exc:  # revoked meanwhile: the next owner starts from its state
             log.warning("could not seek %s[%d] to %d: %s", topic, partition, offset, exc)
 
-    async def _admit(self, key: tuple[str, int], applied: int | None, msgs: list[Any]) -> list[Any]:
+    async def _admit(self, key: tuple[str, int], applied: int | None, msgs: Sequence[Any]) -> list[Any]:
         """The messages to apply: new ones, continuing the state's offsets without a gap (contiguity.py)."""
         accepted = self.guard.gaps_accepted
         adm = self.guard.admit(key, applied, [m.offset for m in msgs], time.monotonic())
@@ -376,9 +459,13 @@ class WorkerRuntime:
             metrics.OFFSET_GAPS.labels(msgs[0].topic, "rewound").inc()
             await self._seek(msgs[0].topic, msgs[0].partition, adm.seek_to)
         taken = msgs[: adm.take]
-        return taken if applied is None else [m for m in taken if m.offset > applied]
+        return list(taken) if applied is None else [m for m in taken if m.offset > applied]
 
     def _persist(self, pw: PartitionWindows, partition: int) -> None:
+        """Queue the partition's changed state; its close marks in flight must be written first."""
+        self.unpersisted.discard((pw.kind, partition))
+        if pw.applied_message is not None:
+            self.persisted[(self.topic_names[_topic_of_kind(pw.kind)], partition)] = pw.applied_message + 1
         table = self.window_table
         for key in pw.take_dirty():
             table[state_key(partition, pw.kind, "A", _acc_key_text(key))] = pw.acc_state(key)
@@ -441,16 +528,17 @@ class WorkerRuntime:
 
     async def close_idle(self) -> None:
         now = time.time()
-        for tp in self._assigned():
-            kind = self.kind_of_topic.get(tp.topic)
-            if kind is not None:
-                pw = await self.windows_for(kind, tp.partition)
-                if self._has_backlog(tp, pw):
-                    pw.last_event_wall = now  # behind, not idle: its next events are already waiting
-                await self.await_delivered(kind, tp.partition)
-                await self.close_and_emit(pw, tp.partition)
+        for topic, partition in sorted(self.sources_owned):
+            kind = self.kind_of_topic[topic]
+            pw = await self.windows_for(kind, partition)
+            if self._has_backlog((topic, partition), pw):
+                pw.last_event_wall = now  # behind, not idle: its next events are already waiting
+            await self.await_delivered(kind, partition)
+            if (kind, partition) in self.unpersisted:
+                self._persist(pw, partition)
+            await self.close_and_emit(pw, partition)
 
-    def _has_backlog(self, tp: Any, pw: PartitionWindows) -> bool:
+    def _has_backlog(self, tp: tuple[str, int], pw: PartitionWindows) -> bool:
         """Whether the broker holds messages of the partition past what the state applied.
 
         Idle closing is for traffic that stopped; a partition that is merely behind (a
@@ -458,10 +546,7 @@ class WorkerRuntime:
         applied = pw.applied_message
         if applied is None:
             return False
-        try:
-            high = self.app.consumer.highwater(tp)
-        except Exception:
-            return False
+        high = self.reader.highwater(*tp)
         return high is not None and high > applied + 1
 
     # -- stage 2 ----------------------------------------------------------------------------------
