@@ -93,3 +93,35 @@ def test_the_store_down_fault_fails_every_call_while_its_file_exists(tmp_path: P
         assert c.command("SELECT 7") == 7
     finally:
         store.close()
+
+
+def test_a_sink_starting_while_the_store_is_down_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Start-up waits while ClickHouse is unreachable and migrates once it answers; a store
+    held by another owner is not unreachability: that still stops start-up at once."""
+    from llmpulse.errors import StoreError
+    from llmpulse.sinks.clickhouse.migrate import open_migrated_waiting
+
+    cfg = ClickHouseConfig()
+    flag = tmp_path / "store-down"
+    flag.touch()
+    monkeypatch.setenv(FAULT_STORE_DOWN_ENV, str(flag))
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:  # the store comes back after the third wait
+        slept.append(s)
+        if len(slept) == 3:
+            flag.unlink()
+
+    with caplog.at_level("WARNING"):
+        store, applied = open_migrated_waiting(cfg, tmp_path, {"role": "sink"}, 0.0, 0.5, 1.0, sleep=sleep)
+    try:
+        assert slept == [0.5, 1.0, 1.0]  # backoff, capped
+        assert sum("ClickHouse is unreachable" in r.getMessage() for r in caplog.records) == 3
+        assert applied  # migrated once reachable
+        assert store.client.command(f"SELECT count() FROM {cfg.database}.sink_intents") == 0
+        with pytest.raises(StoreError, match=r"(?i)owner|held|lock|in use"):
+            open_migrated_waiting(cfg, tmp_path, {"role": "sink"}, 0.0, 0.5, 1.0, sleep=lambda s: pytest.fail("waited"))
+    finally:
+        store.close()

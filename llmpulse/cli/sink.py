@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from llmpulse.embedded.runtime_file import update_runtime
     from llmpulse.kafka.bootstrap import resolve_bootstrap
     from llmpulse.kafka.topics import ensure_topics
-    from llmpulse.sinks.clickhouse.migrate import emit_ddl, open_migrated
+    from llmpulse.sinks.clickhouse.migrate import emit_ddl, open_migrated_waiting
     from llmpulse.sinks.clickhouse.sink import ClickHouseSink
 
     settings = settings_of(args)
@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_ddl:
         sys.stdout.write(emit_ddl(ch))
         return 0
-    store, _ = open_migrated(ch, settings.data_dir, {"role": "sink"}, wait_s=15.0)
+    sc = settings.sink
+    store, _ = open_migrated_waiting(ch, settings.data_dir, {"role": "sink"}, 15.0, sc.retry_initial_s, sc.retry_max_s)
     try:
         if args.migrate_only:
             return 0

@@ -15,6 +15,10 @@ from llmpulse.config.clickhouse import ClickHouseConfig
 from llmpulse.errors import StoreError
 
 
+class StoreUnreachable(StoreError):
+    """The ClickHouse server did not answer (refused, reset, timed out): worth waiting for."""
+
+
 class StoreLock:
     """An exclusive lock on the chDB directory, held for the owner's lifetime."""
 
@@ -180,5 +184,5 @@ def open_store(
             secure=url.scheme == "https",
         )
     except Exception as exc:
-        raise StoreError(f"cannot reach ClickHouse at {url.hostname}:{url.port}: {exc}") from None
+        raise StoreUnreachable(f"cannot reach ClickHouse at {url.hostname}:{url.port}: {exc}") from None
     return Store(_with_faults(client), None, cfg)

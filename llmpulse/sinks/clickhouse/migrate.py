@@ -20,11 +20,13 @@ named as every later process names them, so a rebuilt batch is skipped everywher
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from llmpulse.config.clickhouse import ClickHouseConfig
-from llmpulse.embedded.store import Store, open_store
+from llmpulse.embedded.store import Store, StoreUnreachable, open_store
 from llmpulse.sinks.clickhouse.schema import migrations, migrations_table_ddl
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,45 @@ def open_migrated(
         store.close()
         store = open_store(cfg, data_dir, owner_info, max(wait_s, 15.0))
     return store, applied
+
+
+def open_migrated_waiting(
+    cfg: ClickHouseConfig,
+    data_dir: Path,
+    owner_info: dict[str, Any] | None,
+    wait_s: float,
+    retry_initial_s: float,
+    retry_max_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[Store, list[int]]:
+    """`open_migrated`, waiting (with backoff) while ClickHouse is unreachable.
+
+    A sink started while its store is down (a server restarting, a network cut; the chaos
+    bench's store_down fault) used to exit with a traceback from its first migration
+    statement, and stayed down until someone restarted it. Only unreachability is waited
+    for: a store held by another owner, a bad schema or refused credentials still stop
+    start-up at once with their error."""
+    delay = retry_initial_s
+    while True:
+        try:
+            return open_migrated(cfg, data_dir, owner_info, wait_s)
+        except Exception as exc:
+            if not _unreachable(exc):
+                raise
+            log.warning("ClickHouse is unreachable (%s); retrying in %.1f s", str(exc)[:300], delay)
+        sleep(delay)
+        delay = min(retry_max_s, delay * 2)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    if isinstance(exc, StoreUnreachable):
+        return True
+    try:
+        from clickhouse_connect.driver.exceptions import OperationalError
+    except ImportError:  # pragma: no cover - clickhouse-connect is required to get here
+        return False
+    # the driver's OperationalError is its connection failure (refused, reset, timed out)
+    return isinstance(exc, OperationalError)
 
 
 _ALREADY_EXISTS = ("TABLE_ALREADY_EXISTS", "DATABASE_ALREADY_EXISTS", "already exists")
