@@ -8,7 +8,8 @@ the worker's memory over 5 million events; and where the worker's wall-clock goe
 
 Each run: a fresh embedded broker and topic set, one `llmpulse worker`, the events
 produced from a thread while the worker consumes (the clock starts when producing
-starts), done when the 60 s global windows of the data on the aggregates topic add up
+starts, once the worker has consumed a warm-up GPU sample: joined its groups, read its
+state), done when the 60 s global windows of the data on the aggregates topic add up
 to every event. During each run the worker's CPU time (all threads, and its main
 thread, the asyncio loop) is read from /proc, with the broker's and the whole
 machine's: `*_worker_cpu_pct` is the worker's CPU seconds per wall second in percent
@@ -58,9 +59,21 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from common import MODELS, broker, calibration, closers, events, make_config, messages, start, stop
+from common import (
+    MODELS,
+    broker,
+    calibration,
+    closers,
+    counter_total,
+    events,
+    make_config,
+    messages,
+    start,
+    stop,
+)
 from confluent_kafka import Consumer
 
+from llmpulse.embedded.ports import free_port
 from tests.kafkatools import produce
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -191,7 +204,9 @@ def run_once(
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         with broker(work) as b:
-            config, settings = make_config(work, b.bootstrap, **overrides)
+            port = free_port()
+            wcfg = {**overrides.get("worker", {}), "web_port": port}
+            config, settings = make_config(work, b.bootstrap, **{**overrides, "worker": wcfg})
             python_args = ("-m", "cProfile", "-o", str(cprofile.resolve())) if cprofile is not None else ()
             worker = start(config, "worker", log=work / "worker.log", python_args=python_args)
             consumer = Consumer({
@@ -201,7 +216,11 @@ def run_once(
             consumer.subscribe([settings.kafka.topic("aggregates")])
             spy = None
             try:
-                time.sleep(10)  # the worker joins its group (Tansu answers JoinGroup after ~3 s)
+                # the clock starts once the worker consumes: it has joined its groups and read its
+                # state. A fixed 10 s sleep used to stand in for that; the worker's own source
+                # consumer joins later, so every run counted ~10 s of start-up as processing
+                # (1M batched and 50k single events both took 13.3 s)
+                _wait_consuming(b.bootstrap, settings, f"http://127.0.0.1:{port}/metrics", worker)
                 if profile is not None:
                     spy = _profiler(worker.pid, profile)
                     time.sleep(1)
@@ -257,6 +276,18 @@ def run_once(
         "rss_final_mb": final,
         **cpu,
     }
+
+
+def _wait_consuming(bootstrap: str, settings: Any, metrics_url: str, worker: subprocess.Popen[bytes]) -> None:
+    """Produce one GPU sample (a kind of its own: the calls' windows do not see it) until the
+    worker has consumed it."""
+    sample = {"host": "bench-warmup", "gpu_index": 0, "utilization_gpu_pct": 1.0}
+    produce(bootstrap, settings.kafka.topic("gpu"), [(b"bench-warmup", _enc.encode(sample))])
+    deadline = time.monotonic() + 180
+    while counter_total(metrics_url, "llmpulse_events_in_total", component="worker") < 1:
+        if worker.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the worker did not start consuming; see its log")
+        time.sleep(0.2)
 
 
 # -- py-spy summary -----------------------------------------------------------------------------
