@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from llmpulse.analysis.client import query
 from llmpulse.config import Settings, load_settings
@@ -21,6 +23,7 @@ from llmpulse.embedded.broker import EmbeddedBroker
 from llmpulse.errors import LLMPulseError
 from llmpulse.kafka.topics import ensure_topics
 from llmpulse.schemas import CallEvent, encode, encode_batch
+from llmpulse.sinks.notifier.logtopic import partitions_of
 
 MODELS = ["gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet", "llama-3-70b", "mistral-large", "gemini-1.5-pro"]
 
@@ -108,6 +111,20 @@ def closers(evs: list[CallEvent], after_s: float = 200.0) -> list[tuple[bytes, b
         (m.encode(), encode(CallEvent(event_id=f"closer-{m}", ts=last + timedelta(seconds=after_s), model=m)))
         for m in sorted({e.model for e in evs})
     ]
+
+
+def topic_reader(bootstrap: str, topics: list[str]) -> Consumer:
+    """A consumer of every partition of `topics` from the first offset, assigned, not subscribed.
+
+    A subscription joins a consumer group, and Tansu answers a JoinGroup only after about
+    half the session timeout (librdkafka's default 45 s: ~23 s; llmpulse's own consumers
+    use kafka.session_timeout_ms, 6 s: ~3 s). A bench timing results read through a new
+    group measured that join: the worker bench's constant ~13 s (the join left over after
+    the worker's start-up) was it, whatever the number of events."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-reader-{uuid.uuid4().hex}",
+                  "enable.auto.commit": False, "log_level": 3})  # fmt: skip
+    c.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in partitions_of(c, t)])
+    return c
 
 
 def wait_rows(settings: Settings, sql: str, ok: Callable[[Any], bool], timeout: float = 900) -> float:

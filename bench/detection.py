@@ -90,7 +90,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -99,8 +98,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from common import broker, calibration, make_config, start, stop
-from confluent_kafka import Consumer, Producer
+from common import broker, calibration, make_config, start, stop, topic_reader
+from confluent_kafka import Producer
 from detection_workload import (
     GPU_HOST,
     GPUS,
@@ -368,13 +367,9 @@ def replay(w: Workload, rules: Path | None, timeout_s: float, window_s: int) -> 
                 config.write_text(yaml.safe_dump(data))
             settings = load_settings(config, environ={})
             worker = start(config, "worker", log=work / "worker.log")
-            consumer = Consumer({
-                "bootstrap.servers": b.bootstrap, "group.id": f"bench-detection-{uuid.uuid4().hex}",
-                "auto.offset.reset": "earliest", "enable.auto.commit": False, "log_level": 3,
-            })  # fmt: skip
             alerts_topic = settings.kafka.topic("alerts")
             dead_topic = settings.kafka.topic("deadletter")
-            consumer.subscribe([settings.kafka.topic("aggregates"), alerts_topic, dead_topic])
+            consumer = topic_reader(b.bootstrap, [settings.kafka.topic("aggregates"), alerts_topic, dead_topic])
             alerts: list[Alert] = []
             # the calls of each all-traffic 60 s window as first published, and its revisions
             first_calls: dict[int, int] = {}

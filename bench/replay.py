@@ -37,15 +37,23 @@ import pstats
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from common import broker, calibration, counter_total, make_config, rss_mb, start, stop
-from confluent_kafka import Consumer, Producer
+from common import (
+    broker,
+    calibration,
+    counter_total,
+    make_config,
+    rss_mb,
+    start,
+    stop,
+    topic_reader,
+)
+from confluent_kafka import Producer
 from detection import DAY_S
 from detection import messages as workload_messages
 from detection_workload import Traffic, Workload, day_start, plan
@@ -85,11 +93,7 @@ def replay_through_worker(
             calls = expected_calls()
             print(f"  produced {produced} messages ({calls} calls) in {time.monotonic() - t_produce:.0f} s",
                   file=sys.stderr)  # fmt: skip
-            consumer = Consumer({
-                "bootstrap.servers": b.bootstrap, "group.id": f"bench-replay-{uuid.uuid4().hex}",
-                "auto.offset.reset": "earliest", "enable.auto.commit": False, "log_level": 3,
-            })  # fmt: skip
-            consumer.subscribe([settings.kafka.topic("aggregates")])
+            consumer = topic_reader(b.bootstrap, [settings.kafka.topic("aggregates")])
             python_args = () if profile is None else ("-m", "cProfile", "-o", str(profile))
             proc = start(config, "worker", log=work / "worker.log", python_args=python_args)
             metrics_url = f"http://127.0.0.1:{port}/metrics"

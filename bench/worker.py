@@ -52,7 +52,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -70,8 +69,8 @@ from common import (
     messages,
     start,
     stop,
+    topic_reader,
 )
-from confluent_kafka import Consumer
 
 from llmpulse.embedded.ports import free_port
 from tests.kafkatools import produce
@@ -209,17 +208,14 @@ def run_once(
             config, settings = make_config(work, b.bootstrap, **{**overrides, "worker": wcfg})
             python_args = ("-m", "cProfile", "-o", str(cprofile.resolve())) if cprofile is not None else ()
             worker = start(config, "worker", log=work / "worker.log", python_args=python_args)
-            consumer = Consumer({
-                "bootstrap.servers": b.bootstrap, "group.id": f"bench-{uuid.uuid4().hex}",
-                "auto.offset.reset": "earliest", "enable.auto.commit": False, "log_level": 3,
-            })  # fmt: skip
-            consumer.subscribe([settings.kafka.topic("aggregates")])
+            consumer = topic_reader(b.bootstrap, [settings.kafka.topic("aggregates")])
             spy = None
             try:
                 # the clock starts once the worker consumes: it has joined its groups and read its
-                # state. A fixed 10 s sleep used to stand in for that; the worker's own source
-                # consumer joins later, so every run counted ~10 s of start-up as processing
-                # (1M batched and 50k single events both took 13.3 s)
+                # state. A fixed 10 s sleep used to stand in for that. Both runs still measured a
+                # constant ~13 s (1M batched and 50k single events both took 13.3 s, 2,000 single
+                # 13.2 s): this reader's own group join (~23 s on Tansu with librdkafka's default
+                # session timeout) less the worker's start-up; it is assigned now (topic_reader)
                 _wait_consuming(b.bootstrap, settings, f"http://127.0.0.1:{port}/metrics", worker)
                 if profile is not None:
                     spy = _profiler(worker.pid, profile)
