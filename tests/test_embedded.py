@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import socket
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,4 +126,44 @@ def test_a_sink_starting_while_the_store_is_down_waits_for_it(
         with pytest.raises(StoreError, match=r"(?i)owner|held|lock|in use"):
             open_migrated_waiting(cfg, tmp_path, {"role": "sink"}, 0.0, 0.5, 1.0, sleep=lambda s: pytest.fail("waited"))
     finally:
+        store.close()
+
+
+def test_an_assignment_waits_for_the_recorded_batches_while_the_store_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sink assigned partitions while its store is unreachable reads the recorded batches
+    once it answers, and plans their rebuild. It used to go on without them: their events came
+    back in new batches, and a roll-up that had missed the recorded INSERT lacked them for good
+    (chaos seed 25: one event missing from llm_calls_1m)."""
+    from confluent_kafka import TopicPartition
+
+    from llmpulse.sinks.clickhouse.migrate import open_migrated
+    from llmpulse.sinks.clickhouse.rows import TABLES
+    from llmpulse.sinks.clickhouse.sink import ClickHouseSink
+
+    flag = tmp_path / "store-down"
+    monkeypatch.setenv(FAULT_STORE_DOWN_ENV, str(flag))
+    settings = load_settings(
+        None, environ={FAULT_STORE_DOWN_ENV: str(flag), "LLMPULSE_SINK__RETRY_INITIAL_S": "0.1"}
+    )
+    store, _ = open_migrated(settings.clickhouse, tmp_path)
+    topic = settings.kafka.topic("calls")
+    sink = ClickHouseSink(settings, "127.0.0.1:1", store.client)  # no broker: only the callback runs
+
+    class Committed:  # what the group's coordinator answers: partition 0 committed up to 5
+        def committed(self, partitions: list[Any], timeout: float) -> list[Any]:
+            return [TopicPartition(topic, 0, 5)]
+
+    try:
+        # a batch of offsets 5-9 was recorded, and maybe written, by a sink that died before committing
+        sink.writer.record_intent(TABLES["calls"], topic, "t-5-9", [(0, 5, 9)], 5, frozenset())
+        flag.touch()
+        back = threading.Timer(1.0, flag.unlink)
+        back.start()
+        sink._on_assign(Committed(), [TopicPartition(topic, 0)])
+        back.join()
+        assert sink.rebuilding  # the recorded batch is to be rebuilt under its own token
+    finally:
+        sink.consumer.close()
         store.close()

@@ -71,6 +71,10 @@ from llmpulse.sinks.clickhouse.writer import BatchWriter
 
 log = logging.getLogger(__name__)
 
+PLAN_WAIT_S = 120.0
+"""How long an assignment waits for the recorded batches while the store is unreachable (well
+under librdkafka's max.poll.interval.ms, 300 s, which would take the partitions away)."""
+
 FETCH = {"max.partition.fetch.bytes": 16 << 20}
 """The sink reads large batch envelopes (~200 KB per 500 calls): librdkafka's default of 1 MiB per
 partition and fetch brings a few thousand events per round trip, which capped the sink below
@@ -137,14 +141,31 @@ class ClickHouseSink:
         self.batch.forget()
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
-        try:
-            committed = consumer.committed(partitions, timeout=30)
-            positions = {(tp.topic, tp.partition): max(tp.offset, 0) for tp in committed}
-            intents = self.writer.intents(sorted({t for t, _ in positions}))
-            self.batch.plan(plan_rebuilds(intents, positions, self.topic_table))
-        except Exception as exc:  # a failing store must not stop the assignment; INSERTs will retry
-            log.warning("could not read the recorded batches (%s); re-delivered events are replaced by key", exc)
-            self.batch.plan([])
+        """Plan the rebuilds of the recorded batches past the committed offsets, before anything
+        of these partitions is written.
+
+        Without the plan a recorded batch is not rebuilt under its token: its events come back
+        in new batches, and the id lookup (steps/dedup.py) leaves out those the raw table got
+        while a roll-up missed them, so the roll-up lacks them for good (chaos seed 25: the
+        intents were unreadable during a store_down, the sink went on without them, and
+        llm_calls_1m missed one event). So the plan is read until it is, while the store is
+        unreachable; past `PLAN_WAIT_S` (under the group's max.poll.interval) the sink stops
+        with the error, and the next one to start reads it: nothing was committed meanwhile."""
+        delay = self.cfg.retry_initial_s
+        deadline = time.monotonic() + PLAN_WAIT_S
+        while True:
+            try:
+                committed = consumer.committed(partitions, timeout=30)
+                positions = {(tp.topic, tp.partition): max(tp.offset, 0) for tp in committed}
+                intents = self.writer.intents(sorted({t for t, _ in positions}))
+                self.batch.plan(plan_rebuilds(intents, positions, self.topic_table))
+                return
+            except Exception as exc:
+                if self.stopping.is_set() or time.monotonic() + delay > deadline:
+                    raise RuntimeError(f"could not read the recorded batches for {PLAN_WAIT_S:.0f} s: {exc}") from exc
+                log.warning("could not read the recorded batches (%s); retrying in %.1f s", exc, delay)
+                time.sleep(delay)
+                delay = min(self.cfg.retry_max_s, delay * 2)
 
     def start(self) -> None:
         self.consumer.subscribe(list(self.topic_table), on_assign=self._on_assign, on_revoke=self._on_revoke)
