@@ -65,7 +65,7 @@ def test_up_demo_shows_data_within_a_minute_and_every_incident(tmp_path: Path) -
     started = time.monotonic()
     up = subprocess.Popen(
         [sys.executable, "-m", "llmpulse", "--config", str(config), "up", "--demo",
-         "--demo-scale", str(SCALE), "--demo-rate", "12", "--for", str(schedule.total_s + 25)],
+         "--demo-scale", str(SCALE), "--demo-rate", "8", "--for", str(schedule.total_s + 25)],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True,
     )  # fmt: skip
     try:
@@ -135,7 +135,10 @@ def test_up_demo_shows_data_within_a_minute_and_every_incident(tmp_path: Path) -
             per_key[r[3]] = per_key.get(r[3], 0) + 1
     span_min = (hot.duration_s - 1) / 60
     top, second = sorted(per_key.values(), reverse=True)[:2]
-    # the hot key calls above the abuse line (100 a minute), every other key below it
+    # the hot key calls above the abuse line (100 a minute), every other key below it. At
+    # --demo-rate 12 the busiest ordinary key drew ~13 calls in this 8 s window, right at the
+    # line (13.3): the check failed in 41 % of 300 simulated seeds (and in a CI run); at 8, 4 %
+    # fail here and none of the error-burst checks
     assert top / span_min > 100 and second / span_min < 100, per_key
     assert HOT_KEY_PER_MIN > 100
 
