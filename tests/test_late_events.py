@@ -11,7 +11,7 @@ The end-to-end test through the real broker and worker is in test_worker_late.py
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -21,18 +21,7 @@ from llmpulse.schemas import CallEvent
 from llmpulse.streams.dedup import chunk_key_parse, chunk_key_text
 from llmpulse.streams.finalizing import RETAIN_MS, Finalizer
 from llmpulse.streams.windowing import LATE_SUFFIX, Partial, PartitionWindows
-
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
-T0_MS = int(T0.timestamp() * 1000)
-DIMS = [[], ["model"]]
-
-
-def call(i: int, sec: float, model: str = "m1") -> CallEvent:
-    return CallEvent(
-        event_id=f"e{i}", ts=T0 + timedelta(seconds=sec), model=model, status_code=500 if i % 4 == 0 else 200,
-        error_type="upstream_5xx" if i % 4 == 0 else None, latency_ms=10 + i % 7, prompt_tokens=i % 11,
-        completion_tokens=3,
-    )  # fmt: skip
+from tests.test_worker_duplicates import DIMS, T0, T0_MS, call
 
 
 def windows(lateness_s: float = 120.0, horizon_s: float = 120.0, source: str = "calls:0") -> PartitionWindows:
