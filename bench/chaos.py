@@ -429,13 +429,18 @@ def _settle(settings: Any, truth: Truth, timeout: float) -> dict[str, tuple[str,
     return _raw(settings)
 
 
+def _incident_headers(fake: Any) -> list[str]:
+    """The headers of the Slack messages about the injected incident (rule `latency_avg`)."""
+    return [m.header for m in fake.snapshot() if "latency_avg" in m.header + m.body_text]
+
+
 def _drain_notifications(fake: Any, timeout: float) -> None:
     """Wait until the notifier has nothing left to retry: the incident's resolution reached Slack
     and no attempt came for twice the longest retry delay (the faults stopped with the load;
     Slack failures still queued are used up by the retries first)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        done = any("latency_avg" in m.header + m.body_text and "resolved" in m.header for m in fake.snapshot())
+        done = any("resolved" in h for h in _incident_headers(fake))
         last = max((a.at for a in fake.attempts), default=0.0)
         if done and time.monotonic() - last > 2 * NOTIFY_RETRY_MAX_S:
             return
@@ -444,7 +449,7 @@ def _drain_notifications(fake: Any, timeout: float) -> None:
 
 def _incident_notified(fake: Any, at: float, duration_s: float) -> dict[str, Any]:
     """Whether the injected latency incident reached Slack: firing, then resolved (rule `latency_avg`)."""
-    heads = [m.header for m in fake.snapshot() if "latency_avg" in m.header or "latency_avg" in m.body_text]
+    heads = _incident_headers(fake)
     return {
         "incident": f"latency of app sdk 6-8 s from {at:.0f} s for {INCIDENT_S:.0f} s",
         "incident_notified_firing": any("firing" in h for h in heads),
