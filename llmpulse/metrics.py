@@ -62,6 +62,11 @@ SINK_INSERT_SECONDS = Histogram(
 SINK_INSERT_FAILURES = Counter(
     "llmpulse_sink_insert_failures_total", "Failed ClickHouse INSERTs (retried)", ["table"]
 )
+SINK_LOST_BLOCKS = Counter(
+    "llmpulse_sink_lost_blocks_total",
+    "Rebuilt batches whose token ClickHouse had recorded without their rows (written again)",
+    ["table"],
+)
 PROXY_OVERHEAD_SECONDS = Histogram(
     "llmpulse_proxy_overhead_seconds",
     "Latency the proxy adds to a request",

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from llmpulse.config import Settings
 from llmpulse.embedded.store import open_store
@@ -76,3 +77,66 @@ def test_batch_rewritten_after_the_migrating_writer_died_counts_once(tmp_path: P
     finally:
         store.close()
     assert got == [1000, 1000, 1000, 1000, 1000, 100]
+
+
+class _Consumer:
+    """Owns partition 0 of t.calls; records the offsets committed."""
+
+    def __init__(self) -> None:
+        self.commits: list[dict[int, int]] = []
+
+    def assignment(self) -> list[Any]:
+        from confluent_kafka import TopicPartition
+
+        return [TopicPartition("t.calls", 0)]
+
+    def commit(self, offsets: list[Any], asynchronous: bool) -> None:
+        self.commits.append({tp.partition: tp.offset for tp in offsets})
+
+
+def test_a_rebuilt_batch_whose_token_outlived_its_rows_is_written_again(tmp_path: Path) -> None:
+    """ClickHouse writes a block's token to its deduplication log before it commits the part:
+    a writer killed between the two leaves the token without the rows (the kill test lost a
+    1,000-row batch so). Here that state is made with a lightweight DELETE, which keeps the
+    token; the raw table alone is checked (in the real crash the views were never fed, here
+    they were)."""
+    from datetime import UTC, datetime, timedelta
+
+    from llmpulse.config.clickhouse import ClickHouseConfig
+    from llmpulse.schemas import CallEvent, encode_batch
+    from llmpulse.sinks.clickhouse.migrate import open_migrated
+    from llmpulse.sinks.clickhouse.rows import TABLES
+    from llmpulse.sinks.clickhouse.steps.commit import CommitOffsets
+    from llmpulse.sinks.clickhouse.steps.model import Batch
+    from llmpulse.sinks.clickhouse.steps.write import WriteInThread
+    from llmpulse.sinks.clickhouse.writer import BatchWriter
+
+    store, _ = open_migrated(ClickHouseConfig(), tmp_path)
+    try:
+        t0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+        events = [CallEvent(event_id=f"r{i:04d}", ts=t0 + timedelta(milliseconds=70 * i), model="m", latency_ms=1.0)
+                  for i in range(300)]  # fmt: skip
+        spec = TABLES["calls"]
+        items, _ = spec.items(encode_batch(events))
+        writer = BatchWriter(store.client, "llmpulse")
+        token = "t.calls|0:0-5|1796000000000"
+        writer.insert(spec, items, token)
+        store.client.command("DELETE FROM llmpulse.llm_calls WHERE event_id < 'r0100'")
+
+        def count() -> int:
+            return int(store.client.query("SELECT count() FROM llmpulse.llm_calls FINAL").result_rows[0][0])
+
+        writer.insert(spec, items, token)
+        assert count() == 200  # the token alone keeps the lost rows out: this is the state a crash leaves
+
+        consumer = _Consumer()
+        write = WriteInThread(writer, CommitOffsets(consumer), 0.01, 0.02, lambda: None, lambda: None)
+        write.submit(Batch("t.calls", spec, items, token, {0: (0, 5)}, commit={0: 6}, rebuilt=True,
+                           skipped=frozenset()))  # fmt: skip
+        write.join()
+        write.close()
+        assert count() == 300 and consumer.commits == [{0: 6}]
+        rows = store.client.query("SELECT event_id, count() c FROM llmpulse.llm_calls GROUP BY event_id HAVING c > 1")
+        assert rows.result_rows == []
+    finally:
+        store.close()

@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
+from typing import Any
 
 from llmpulse import metrics
 from llmpulse.sinks.clickhouse.steps.commit import CommitOffsets
@@ -136,6 +137,33 @@ class WriteInThread:
             ranges = [(p, a, b) for p, (a, b) in sorted(batch.ranges.items())]
             self.writer.record_intent(batch.spec, batch.topic, batch.token, ranges, len(batch.items), batch.skipped)
         self.writer.insert(batch.spec, rows, batch.token)
+        if batch.rebuilt:
+            self._restore_lost_block(batch, rows)
+
+    def _restore_lost_block(self, batch: Batch, rows: list[Any]) -> None:
+        """Write the rows of a rebuilt batch that its token kept out although the table lacks them.
+
+        ClickHouse adds a block's token to the table's deduplication log before it commits the
+        block's part (MergeTreeSink::commitPart: `deduplication_log->addPart`, then
+        `renameTempPartAndAdd`). A sink killed between the two leaves the token without the
+        rows, and the rebuilt INSERT under that token is skipped: the batch would be lost for
+        good (one 1,000-row batch in 100,000 in a CI run of test_sink_kill). So a rebuilt batch,
+        and only it (a crash came before it), is checked after its INSERT, and the rows the
+        table lacks are written under a token naming exactly them (a retry of the same rows is
+        skipped). The roll-ups get them once: a table's materialized views are fed after its
+        own part is committed (an INSERT whose view fails leaves the table's part in place), so
+        a block lost from the table reached none of them."""
+        col = batch.spec.id_column
+        have = self.writer.present_ids(batch.spec, rows)
+        lost = [e for e in rows if str(getattr(e, col)) not in have]
+        if not lost:
+            return
+        metrics.SINK_LOST_BLOCKS.labels(batch.spec.table).inc()
+        digest = hashlib.sha256("\n".join(str(getattr(e, col)) for e in lost).encode()).hexdigest()[:32]
+        log.warning("rebuilt batch %s: its token was recorded but %d of its %d rows are not in %s (a writer killed "
+                    "between ClickHouse's deduplication log and its part); writing them", batch.token, len(lost),
+                    len(rows), batch.spec.table)  # fmt: skip
+        self.writer.insert(batch.spec, lost, f"{batch.token}|lost|{digest}")
 
     def _write_missing(self, batch: Batch) -> None:
         col = batch.spec.id_column
