@@ -134,12 +134,18 @@ def test_up_demo_shows_data_within_a_minute_and_every_incident(tmp_path: Path) -
         if during("hot_key", r) and r[3]:
             per_key[r[3]] = per_key.get(r[3], 0) + 1
     span_min = (hot.duration_s - 1) / 60
-    top, second = sorted(per_key.values(), reverse=True)[:2]
-    # the hot key calls above the abuse line (100 a minute), every other key below it. At
-    # --demo-rate 12 the busiest ordinary key drew ~13 calls in this 8 s window, right at the
-    # line (13.3): the check failed in 41 % of 300 simulated seeds (and in a CI run); at 8, 4 %
-    # fail here and none of the error-burst checks
-    assert top / span_min > 100 and second / span_min < 100, per_key
+    hot_hash, top = max(per_key.items(), key=lambda kv: kv[1])
+    # the hot key calls above the abuse line (100 a minute): ~40 calls in these 8 s against a line
+    # of 13.3
+    assert top / span_min > 100, per_key
+    # every other key below it, as the abuse rule judges a key: over minutes, not the 8 s of the
+    # shortened incident, where the busiest ordinary key's Poisson count (mean ~6) crossed the
+    # line's 13.3 in 4 % of simulated seeds at --demo-rate 8 (41 % at 12)
+    ordinary: dict[str, int] = {}
+    for r in rows:
+        if r[3] and r[3] != hot_hash and (datetime.fromisoformat(r[0]) - t0).total_seconds() < schedule.total_s:
+            ordinary[r[3]] = ordinary.get(r[3], 0) + 1
+    assert ordinary and max(ordinary.values()) / (schedule.total_s / 60) < 100, ordinary
     assert HOT_KEY_PER_MIN > 100
 
     gpu = schedule.first("gpu_pinned")
