@@ -1,9 +1,13 @@
-"""A local Slack: the Web API's chat.postMessage and the incoming-webhook protocol.
+"""A local Slack: the Web API's chat.postMessage (threads too) and chat.update, and the
+incoming-webhook protocol.
 
 It records every message it accepted and every attempt (with the time it arrived),
 and can be told to answer the next requests with 429 + Retry-After or 5xx, as Slack
 does under rate limits and outages. Point slack-sdk at it with
 ``AsyncWebClient(base_url=fake.api_base_url)`` or the webhook URL ``fake.webhook_url()``.
+A posted message gets a `ts`; a reply (``thread_ts``) must name a message of its channel;
+chat.update replaces a message's text and blocks in place (the message in `messages` is
+the current one) and is recorded in `edits`; an unknown ts is ``message_not_found``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ class Message:
     channel: str | None
     text: str
     blocks: list[dict[str, Any]]
+    ts: str = ""
+    thread_ts: str | None = None  # a reply in this message's thread
+    edits: int = 0  # how many times chat.update changed it
 
     @property
     def notification_id(self) -> str | None:
@@ -56,6 +63,15 @@ class Message:
 
 
 @dataclass
+class Edit:
+    at: float
+    channel: str
+    ts: str
+    text: str
+    blocks: list[dict[str, Any]]
+
+
+@dataclass
 class Attempt:
     at: float
     path: str
@@ -75,6 +91,7 @@ class FakeSlack:
     channels: set[str] = field(default_factory=lambda: {"#alerts", "C0ALERTS"})
     webhook_paths: set[str] = field(default_factory=lambda: {"/services/T000/B000/XXXX"})
     messages: list[Message] = field(default_factory=list)
+    edits: list[Edit] = field(default_factory=list)
     attempts: list[Attempt] = field(default_factory=list)
     script: deque[Scripted] = field(default_factory=deque)
     always: dict[str, int] = field(default_factory=dict)  # path -> status to always answer
@@ -161,6 +178,20 @@ class FakeSlack:
         with self._lock:
             return [m for m in self.messages if path is None or m.path == path]
 
+    def top_level(self) -> list[Message]:
+        """Messages posted to a channel (what pings it), not replies in a thread."""
+        with self._lock:
+            return [m for m in self.messages if m.thread_ts is None]
+
+    def replies(self, ts: str) -> list[Message]:
+        with self._lock:
+            return [m for m in self.messages if m.thread_ts == ts]
+
+    def delete(self, ts: str) -> None:
+        """Someone deleted a message: chat.update of it answers message_not_found."""
+        with self._lock:
+            self.messages = [m for m in self.messages if m.ts != ts]
+
     # -- protocol ----------------------------------------------------------------------
 
     def _handle(self, req: BaseHTTPRequestHandler) -> None:
@@ -184,6 +215,8 @@ class FakeSlack:
             except ValueError:
                 blocks = []
         msg = Message(arrived, "", path, body.get("channel"), str(body.get("text") or ""), list(blocks))
+        msg.thread_ts = str(body["thread_ts"]) if body.get("thread_ts") else None
+        msg.ts = str(body.get("ts") or "")  # chat.update names the message it edits
 
         if path.startswith("/api/"):
             self._web_api(req, path[len("/api/") :], msg, arrived)
@@ -200,7 +233,7 @@ class FakeSlack:
 
     def _web_api(self, req: BaseHTTPRequestHandler, method: str, msg: Message, arrived: float) -> None:
         msg.kind = "web"
-        if method != "chat.postMessage":
+        if method not in ("chat.postMessage", "chat.update"):
             self._json(req, 200, {"ok": False, "error": "unknown_method"}, msg.path, arrived, msg)
             return
         scripted = self._scripted(msg.path)
@@ -222,8 +255,20 @@ class FakeSlack:
         if len(msg.blocks) > 50:
             self._json(req, 200, {"ok": False, "error": "invalid_blocks"}, msg.path, arrived, msg)
             return
+        if method == "chat.update":
+            self._update(req, msg, arrived)
+            return
+        if msg.thread_ts is not None and not any(
+            m.ts == msg.thread_ts and m.channel == msg.channel for m in self.snapshot()
+        ):
+            self._json(req, 200, {"ok": False, "error": "thread_not_found"}, msg.path, arrived, msg)
+            return
+        with self._lock:
+            ts = f"{time.time():.6f}"
+            while any(m.ts == ts for m in self.messages):  # unique, as Slack's are
+                ts = f"{float(ts) + 0.000001:.6f}"
+            msg.ts = ts
         self._accept(msg)
-        ts = f"{time.time():.6f}"
         self._json(
             req,
             200,
@@ -232,6 +277,39 @@ class FakeSlack:
             arrived,
             msg,
         )
+
+    def _update(self, req: BaseHTTPRequestHandler, msg: Message, arrived: float) -> None:
+        with self._lock:
+            target = next(
+                (m for m in self.messages if m.ts == msg.ts and m.channel == msg.channel and m.kind == "web"),
+                None,
+            )
+            if target is not None:
+                target.text, target.blocks = msg.text, msg.blocks
+                target.edits += 1
+                self.edits.append(Edit(arrived, str(msg.channel), msg.ts, msg.text, msg.blocks))
+                self._lock.notify_all()
+        if target is None:
+            self._json(req, 200, {"ok": False, "error": "message_not_found"}, msg.path, arrived, msg)
+            return
+        self._json(
+            req,
+            200,
+            {"ok": True, "channel": msg.channel, "ts": msg.ts, "text": msg.text},
+            msg.path,
+            arrived,
+            msg,
+        )
+
+    def wait_edits(self, n: int, timeout: float = 60.0) -> list[Edit]:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while len(self.edits) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"fake Slack: timed out waiting for {n} edits; got {len(self.edits)}")
+                self._lock.wait(min(left, 0.5))
+            return list(self.edits)
 
     def _webhook(self, req: BaseHTTPRequestHandler, path: str, msg: Message, arrived: float) -> None:
         msg.kind = "webhook"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from llmpulse.sinks.notifier.grouping import Dispatcher, Flush
 from tests.test_notify import make_alert
 from tests.test_notify_logic import Clock, dispatcher, flush_all, sent
 
@@ -165,3 +166,130 @@ def test_a_new_days_budget_alert_pages_even_when_yesterdays_resolves_in_the_same
     d.apply(budget.model_copy(update={"alert_id": "esc", "started_at": today}), (0, 3))
     (esc,) = sent(flush_all(d, clock, 300))
     assert esc.notification is not None and [a.started_at for a in esc.notification.firing] == [today]
+
+
+# -- one incident, one message kept current: updates edit the page --------------------------------
+def flush_delivered(d: Dispatcher, clock: Clock, advance: float = 0.0) -> list[Flush]:
+    """flush_all, with each message taken by a receiver that can edit: a page answers a new
+    handle (a Slack ts), an update the handle it edited (as SlackReceiver with a bot token)."""
+    clock.advance(advance)
+    out = []
+    for g in d.due():
+        f = d.plan(g)
+        n = f.notification
+        record = None
+        if n is not None:
+            handle = n.message_ref if n.update else {"channel": "C0ALERTS", "ts": f"{clock.t:.6f}"}
+            record = n.logged(handle) if n.send else n.record
+        d.complete(f, record)
+        out.append(f)
+    return out
+
+
+def test_after_the_page_an_escalation_a_join_and_a_partial_resolution_are_updates() -> None:
+    clock = Clock()
+    d = dispatcher(clock, group_by=["incident"])
+    model = make_alert(rule="error_rate_anomaly", dims={"model": "gpt-4o"})
+    d.apply(model, (0, 0))
+    (page,) = sent(flush_delivered(d, clock, 10.1))
+    assert page.notification is not None and not page.notification.update
+    handle = d.nflog[page.group.gid].message_ref
+    assert handle == {"channel": "C0ALERTS", "ts": "1010.100000"}  # the page's, kept in the log
+    # the same alert escalates to critical: an update of the page, carrying its handle
+    d.apply(model.model_copy(update={"severity": "critical", "alert_id": "esc"}), (0, 1))
+    (esc,) = sent(flush_delivered(d, clock, 60))
+    n = esc.notification
+    assert n is not None and n.update and n.severity == "critical"
+    assert n.message_ref == handle and n.escalated == {model.fingerprint}
+    assert esc.group.gid == page.group.gid
+    # an alert joining is an update too (it used to be recorded without a message)
+    app = make_alert(rule="error_rate_anomaly", dims={"app": "chat"})
+    d.apply(app, (0, 2))
+    (join,) = sent(flush_delivered(d, clock, 60))
+    assert join.notification is not None and join.notification.update
+    assert join.notification.new == {app.fingerprint} and join.notification.escalated == set()
+    # one of two resolving: an update listing it
+    d.apply(app.model_copy(update={"state": "resolved", "alert_id": "r-app"}), (0, 3))
+    (part,) = sent(flush_delivered(d, clock, 60))
+    assert part.notification is not None and part.notification.update
+    assert [a.rule for a in part.notification.resolved] == ["error_rate_anomaly"]
+    assert [a.fingerprint for a in part.notification.firing] == [model.fingerprint]
+    assert d.nflog[page.group.gid].message_ref == handle  # every update edited the page
+    # nothing changed: nothing sent
+    assert sent(flush_delivered(d, clock, 60)) == []
+    # the last one resolving: a new message, and the record forgets the handle
+    d.apply(model.model_copy(update={"state": "resolved", "severity": "critical", "alert_id": "r-m"}), (0, 4))
+    (res,) = sent(flush_delivered(d, clock, 60))
+    assert res.notification is not None and not res.notification.update
+    assert res.notification.firing == [] and res.notification.message_ref == handle
+    assert d.nflog[page.group.gid].message_ref == {}
+    assert d.groups == {}
+
+
+def test_a_reminder_is_a_new_message_and_later_updates_still_edit_the_page() -> None:
+    clock = Clock()
+    d = dispatcher(clock, group_by=["incident"], repeat_interval_s=3600)
+    alert = make_alert(rule="latency_avg", dims={"model": "gpt-4o"}).model_copy(update={"rule_type": "threshold"})
+    d.apply(alert, (0, 0))
+    (page,) = sent(flush_delivered(d, clock, 10.1))
+    handle = d.nflog[page.group.gid].message_ref
+    assert handle
+    reminders = [f for _ in range(61) for f in sent(flush_delivered(d, clock, 60))]
+    (rem,) = reminders
+    assert rem.notification is not None and not rem.notification.update
+    assert d.nflog[page.group.gid].message_ref == handle  # the reminder did not replace it
+    d.apply(alert.model_copy(update={"severity": "critical", "alert_id": "esc"}), (0, 1))
+    (esc,) = sent(flush_delivered(d, clock, 300))
+    assert esc.notification is not None and esc.notification.update and esc.notification.message_ref == handle
+
+
+def test_without_a_handle_an_escalation_is_a_new_message_and_a_join_is_quiet() -> None:
+    """A receiver that cannot edit (a Slack incoming webhook) or a page that failed: no handle."""
+    clock = Clock()
+    d = dispatcher(clock, group_by=["incident"])
+    model = make_alert(rule="error_rate_anomaly", dims={"model": "gpt-4o"})
+    d.apply(model, (0, 0))
+    (page,) = sent(flush_all(d, clock, 10.1))  # logged without a handle
+    assert d.nflog[page.group.gid].message_ref == {}
+    d.apply(make_alert(rule="error_rate_anomaly", dims={"app": "chat"}), (0, 1))
+    assert sent(flush_all(d, clock, 60)) == []
+    d.apply(model.model_copy(update={"severity": "critical", "alert_id": "esc"}), (0, 2))
+    (esc,) = sent(flush_all(d, clock, 60))
+    assert esc.notification is not None and not esc.notification.update
+    assert esc.notification.severity == "critical"
+
+
+def test_a_page_that_failed_leaves_no_handle_so_the_escalation_pages_again() -> None:
+    clock = Clock()
+    d = dispatcher(clock, group_by=["incident"])
+    model = make_alert(rule="error_rate_anomaly", dims={"model": "gpt-4o"})
+    d.apply(model, (0, 0))
+    clock.advance(10.1)
+    (g,) = d.due()
+    f = d.plan(g)
+    assert f.notification is not None
+    # what the service logs when the receiver failed permanently: the planned record, failed
+    d.complete(f, f.notification.record.model_copy(update={"status": "failed", "error": "invalid_auth"}))
+    d.apply(model.model_copy(update={"severity": "critical", "alert_id": "esc"}), (0, 1))
+    (esc,) = sent(flush_delivered(d, clock, 60))
+    assert esc.notification is not None and not esc.notification.update
+    # ...and that message's handle is what the incident's later updates edit
+    ts = d.nflog[g.gid].message_ref["ts"]
+    d.apply(make_alert(rule="error_rate_anomaly", dims={"app": "chat"}), (0, 2))
+    (join,) = sent(flush_delivered(d, clock, 60))
+    assert join.notification is not None and join.notification.update
+    assert join.notification.message_ref["ts"] == ts
+
+
+def test_other_grouping_keeps_a_new_message_per_change() -> None:
+    """group_by: [rule] (Alertmanager's groups): an escalation is a new message, handle or not."""
+    clock = Clock()
+    d = dispatcher(clock, group_by=["rule"])
+    alert = make_alert()
+    d.apply(alert, (0, 0))
+    (page,) = sent(flush_delivered(d, clock, 10.1))
+    d.apply(alert.model_copy(update={"severity": "critical", "alert_id": "esc"}), (0, 1))
+    (esc,) = sent(flush_delivered(d, clock, 60))
+    assert esc.group.gid == page.group.gid
+    assert esc.notification is not None and not esc.notification.update
+    assert esc.notification.severity == "critical" and esc.notification.new == {alert.fingerprint}

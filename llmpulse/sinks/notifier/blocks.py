@@ -97,6 +97,23 @@ def alert_text(alert: Alert, base_url: str, now: datetime, new: bool = False) ->
     return "\n".join(lines)[:2900]
 
 
+def changes(n: Notification) -> list[str]:
+    """What an update changed, one line each: `escalated to critical: success_rate on model=gpt-4o`."""
+    lines: list[str] = []
+    for a in n.firing:
+        if a.fingerprint in n.escalated:
+            lines.append(f"escalated to {a.severity}: {a.rule} on {_dims(a)}")
+        elif a.fingerprint in n.new:
+            lines.append(f"joined ({a.severity}): {a.rule} on {_dims(a)}")
+    lines.extend(f"resolved: {a.rule} on {_dims(a)}" for a in n.resolved)
+    return lines
+
+
+def thread_reply(n: Notification) -> str:
+    """The short reply under an incident's Slack message that an update edited."""
+    return "\n".join(_escape(line) for line in changes(n)[:MAX_ALERT_BLOCKS])[:2900] or "updated"
+
+
 def headline(n: Notification) -> str:
     counts = []
     if n.firing:
@@ -132,7 +149,8 @@ def slack_message(n: Notification, base_url: str, now: datetime) -> tuple[str, l
             "elements": [
                 {
                     "type": "mrkdwn",
-                    "text": f"llmpulse · route `{n.route}` · notification `{n.notification_id}`",
+                    "text": f"llmpulse · route `{n.route}` · notification `{n.notification_id}`"
+                    + (f" · updated {now.strftime('%H:%M:%S')} UTC" if n.update else ""),
                 }
             ],
         }
@@ -166,8 +184,13 @@ def webhook_payload(n: Notification, base_url: str) -> dict[str, Any]:
             d["why"] = why  # expected_low/expected_high/evidence come with the alert's own fields
         return d
 
-    return {
+    out: dict[str, Any] = {
         "notification_id": n.notification_id,
+        # the same for every message of one incident (its aggregation group), so a consumer
+        # such as PagerDuty keys its incident on it; `update`: this changes that incident
+        # (escalation, alert joined or resolved) and is not a new page
+        "incident_id": n.group_id,
+        "update": n.update,
         "status": "firing" if n.firing else "resolved",
         "severity": n.severity,
         "route": n.route,
@@ -178,3 +201,9 @@ def webhook_payload(n: Notification, base_url: str) -> dict[str, Any]:
         "resolved": [one(a) for a in n.resolved],
         "text": plain_text(n, base_url),
     }
+    first = n.message_ref.get("notification_id")
+    if first:
+        out["incident_notification_id"] = first  # the incident's first message (its page)
+    if n.update:
+        out["changes"] = changes(n)
+    return out

@@ -8,7 +8,9 @@ counted and recorded as failed instead of being retried forever.
 
 The delivery log is the compacted topic `notifications`: one `DeliveryRecord` per
 aggregation group, written right after the receiver accepted the notification and
-before any Kafka offset of the alerts it covers is committed.
+before any Kafka offset of the alerts it covers is committed. It holds the receiver's
+handle of the incident's message (`Outcome.handle`, `Notification.logged`), so that an
+update after a restart edits that message instead of posting another.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from llmpulse.schemas.codec import decode_one, encode
 from llmpulse.sinks.notifier.grouping import Notification
 from llmpulse.sinks.notifier.logtopic import LogReader, LogWriter
 from llmpulse.sinks.notifier.models import DeliveryRecord
-from llmpulse.sinks.notifier.receivers.base import DeliveryError, Receiver
+from llmpulse.sinks.notifier.receivers.base import DeliveryError, MessageRef, Receiver
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class Outcome:
     status: Literal["delivered", "failed", "aborted"]
     attempts: int
     error: str = ""
+    handle: MessageRef | None = None  # the receiver's handle of what it posted or edited
 
 
 class Backoff:
@@ -100,7 +103,7 @@ async def deliver(
             return Outcome("aborted", attempts)
         attempts += 1
         try:
-            await receiver.send(notification)
+            handle = await receiver.send(notification)
         except DeliveryError as exc:
             if exc.permanent:
                 metrics.NOTIFICATIONS.labels(receiver.name, "failed").inc()
@@ -128,7 +131,7 @@ async def deliver(
                 return Outcome("aborted", attempts)
             continue
         metrics.NOTIFICATIONS.labels(receiver.name, "delivered").inc()
-        return Outcome("delivered", attempts)
+        return Outcome("delivered", attempts, handle=handle)
 
 
 class DeliveryLog:

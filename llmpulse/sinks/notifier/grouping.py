@@ -25,11 +25,18 @@ open incident) when it is part of the same outage: it started within
 or, up to an hour after it, it shares a dimension value with an alert of the group
 (the SLO burn of that model, minutes later). An unrelated outage later in that hour
 opens its own incident and gets its own page: a budget alert firing all day, or an
-incident on one model, must not swallow the next one on another. The group notifies when the incident opens
-(after ``group_wait``), when it escalates to a higher severity, when every alert of it
-has resolved, and on ``repeat_interval``; alerts joining or resolving in between are
-recorded in the delivery log without a message. The group's label names the dimension
-at fault of the alert that opened it (its dimensions, else its root cause) and when.
+incident on one model, must not swallow the next one on another. A new message goes out
+when the incident opens (after ``group_wait``), when every alert of it has resolved, and
+on ``repeat_interval``: a person is paged once per incident. In between, any change (an
+escalation to a higher severity, an alert joining, one of several resolving) is an
+*update* (``Notification.update``) of the incident's message: the receiver edits it
+(Slack: chat.update, plus a thread reply saying what changed; the webhook: a POST marked
+as an update of the incident). The receiver's handle of that message
+(``DeliveryRecord.message_ref``) lives in the delivery log, so an update after a restart
+edits the right message. Without a handle (a Slack incoming webhook cannot edit; the page
+was not delivered) an escalation is a new message and the other changes are recorded in
+the delivery log without one. The group's label names the dimension at fault of the
+alert that opened it (its dimensions, else its root cause) and when.
 
 Budgets (``rule_type: budget``, a running total per UTC day) are paced apart: a budget
 alert is never repeated on ``repeat_interval`` (a spent budget does not get better by
@@ -43,7 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -125,7 +132,11 @@ class Group:
 
 @dataclass
 class Notification:
-    """One message to one receiver (or, when `send` is False, a delivery-log update only)."""
+    """One message to one receiver (or, when `send` is False, a delivery-log update only).
+
+    `update`: an edit of the incident's message (`message_ref`, the receiver's handle of it)
+    rather than a new one; `escalated` and `new` say what changed (`resolved` lists the
+    alerts resolved since, when the incident goes on)."""
 
     notification_id: str
     group_id: str
@@ -138,12 +149,25 @@ class Notification:
     resolved: list[Alert]
     record: DeliveryRecord
     send: bool = True
+    update: bool = False
+    escalated: set[str] = field(default_factory=set)
+    message_ref: dict[str, str] = field(default_factory=dict)
 
     @property
     def severity(self) -> str:
         if any(a.severity == "critical" for a in self.firing):
             return "critical"
         return "warning" if self.firing else "resolved"
+
+    def logged(self, handle: Mapping[str, str] | None) -> DeliveryRecord:
+        """The delivery-log record once the receiver took this message and answered `handle`
+        (its handle of the message it posted or edited; None when it cannot edit). A page
+        keeps the incident's first message (a reminder does not replace it); an update keeps
+        the message it edited, or the new one it posted when the edit could not be made; a
+        message with nothing left firing keeps none (there is nothing left to edit)."""
+        if not handle or not self.record.firing or not (self.update or not self.record.message_ref):
+            return self.record
+        return self.record.model_copy(update={"message_ref": dict(handle)})
 
 
 @dataclass
@@ -326,28 +350,39 @@ class Dispatcher:
                 else:
                     resolved_quietly.append(a)
         new: set[str] = set()
+        escalated: set[str] = set()
         for a in visible:
             entry = told.get(a.fingerprint)
-            if (
-                entry is None
-                or entry.started_at != a.started_at
-                or SEVERITY_RANK[a.severity] > SEVERITY_RANK[entry.severity]
-            ):
+            if entry is None or entry.started_at != a.started_at:
                 new.add(a.fingerprint)
+            elif SEVERITY_RANK[a.severity] > SEVERITY_RANK[entry.severity]:
+                new.add(a.fingerprint)
+                escalated.add(a.fingerprint)
         repeat = any(a.rule_type not in NO_REPEAT_TYPES for a in visible) and prev is not None and (
             (now - prev.ts).total_seconds() >= group.route.repeat_interval_s
         )
         send = bool(new or resolved or repeat)
         record_only = False
+        update = False
+        ref = dict(prev.message_ref) if prev is not None and told else {}
         if INCIDENT in group.labels:
-            # one incident, one page: opened, escalated, all resolved, or repeated
+            # one incident, one page: a new message when it opens, when all of it has resolved
+            # and on repeat_interval; any change in between edits the page (`ref`), or, where
+            # the receiver cannot edit or the page was never delivered (no handle), an
+            # escalation is a new message and the rest is recorded without one
             told_rank = max((SEVERITY_RANK[e.severity] for e in told.values()), default=0)
             now_rank = max((SEVERITY_RANK[a.severity] for a in visible), default=0)
+            partial: list[Alert] = []
             if visible and resolved:
-                resolved_quietly.extend(resolved)
-                resolved = []
+                partial, resolved = resolved, []
             opened = bool(visible) and not told
-            send = opened or now_rank > told_rank or bool(resolved) or repeat
+            page = opened or bool(resolved) or repeat
+            if not page and ref and (new or partial):
+                update = True
+                resolved = partial  # the edited message and its thread say what resolved
+            else:
+                resolved_quietly.extend(partial)
+            send = page or update or now_rank > told_rank
             record_only = bool(new) and not send
         if not send and not resolved_quietly and not record_only:
             return Flush(group, snapshot, refs, held_back, None)
@@ -380,6 +415,7 @@ class Dispatcher:
             alerts=[*visible, *hidden_told],
             resolved=memory,
             covered=[a.alert_id for a in listed],
+            message_ref=ref if firing else {},
         )
         notification = Notification(
             notification_id=record.notification_id,
@@ -393,6 +429,9 @@ class Dispatcher:
             resolved=sorted(resolved, key=lambda a: a.fingerprint),
             record=record,
             send=send,
+            update=update,
+            escalated=escalated & new,
+            message_ref=ref,
         )
         return Flush(group, snapshot, refs, held_back, notification)
 

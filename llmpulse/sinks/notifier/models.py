@@ -82,3 +82,12 @@ class DeliveryRecord(WireModel):
         description="fingerprint -> started_at of incidents whose resolution was sent (stale replays)",
     )
     covered: list[str] = Field(default_factory=list, description="alert ids this notification listed")
+    message_ref: dict[Annotated[str, Field(max_length=100)], Annotated[str, Field(max_length=2048)]] = Field(
+        default_factory=dict,
+        description=(
+            "the receiver's handle of the incident's message, which updates edit (Slack: channel"
+            " and ts; webhook and log: the notification_id of the page); empty when the receiver"
+            " cannot edit, the page was not delivered, or the incident resolved. Records written"
+            " before it existed decode with none"
+        ),
+    )

@@ -211,9 +211,11 @@ class Notifier:
                     if outcome.status == "failed":
                         record = record.model_copy(update={"status": "failed", "error": outcome.error[:4000]})
                     else:
+                        record = n.logged(outcome.handle)
                         log.info(
-                            "notification %s delivered to %s (%d firing, %d resolved, %d attempts)",
-                            n.notification_id, n.receiver, len(n.firing), len(n.resolved), outcome.attempts,
+                            "notification %s delivered to %s (%s%d firing, %d resolved, %d attempts)",
+                            n.notification_id, n.receiver, "update, " if n.update else "",
+                            len(n.firing), len(n.resolved), outcome.attempts,
                         )
                 if not await self._write_until_done(delivery_log.writer, record.group_id, encode(record)):
                     log.error(

@@ -1,4 +1,12 @@
-"""What every receiver is: `send(notification)`, raising DeliveryError when it did not land."""
+"""What every receiver is: `send(notification)`, raising DeliveryError when it did not land.
+
+`send` returns the receiver's handle of the message it posted or edited (`MessageRef`:
+Slack's channel and ts, the webhook's and the log's notification id), or None when it
+cannot edit what it posted (a Slack incoming webhook). The handle goes into the delivery
+log, so the incident's later updates edit that message, after a restart too
+(`Notification.update`, with the handle in `Notification.message_ref`). A receiver given
+an update whose handle it cannot use posts a new message instead and returns its handle.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +28,14 @@ class DeliveryError(Exception):
         self.permanent = permanent
 
 
+MessageRef = dict[str, str]
+
+
 class Receiver(Protocol):
     name: str
     kind: str
 
-    async def send(self, notification: Notification) -> None: ...
+    async def send(self, notification: Notification) -> MessageRef | None: ...
 
     async def close(self) -> None: ...
 

@@ -4,6 +4,12 @@ Headers: ``X-LLMPulse-Timestamp`` (unix seconds), ``X-LLMPulse-Signature``
 (``sha256=<hex of HMAC-SHA256(secret, "<timestamp>." + body)>``) and
 ``X-LLMPulse-Notification-Id`` (the same for a retried or replayed notification, so a
 receiver can drop duplicates). `verify_signature` is what a receiving service runs.
+
+Every message of one incident carries the same ``incident_id`` (its aggregation group);
+a change to an incident already paged (escalation, an alert joining or resolving) comes
+as ``"update": true`` with ``incident_notification_id`` (the page's notification id) and
+``changes``, so a machine consumer (PagerDuty-style) updates that incident instead of
+opening another.
 """
 
 from __future__ import annotations
@@ -13,13 +19,19 @@ import hmac
 import json
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 
 import aiohttp
 
 from llmpulse.config.notify import WebhookReceiverConfig
 from llmpulse.sinks.notifier.blocks import webhook_payload
 from llmpulse.sinks.notifier.grouping import Notification
-from llmpulse.sinks.notifier.receivers.base import DeliveryError, retry_after_of, secret_from_env
+from llmpulse.sinks.notifier.receivers.base import (
+    DeliveryError,
+    MessageRef,
+    retry_after_of,
+    secret_from_env,
+)
 
 SIGNATURE_HEADER = "X-LLMPulse-Signature"
 TIMESTAMP_HEADER = "X-LLMPulse-Timestamp"
@@ -70,9 +82,15 @@ class WebhookReceiver:
         )
         self._session: aiohttp.ClientSession | None = None
 
-    async def send(self, notification: Notification) -> None:
+    async def send(self, notification: Notification) -> MessageRef:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        first = notification.message_ref.get("notification_id")
+        if notification.update and not first:
+            notification = replace(notification, update=False)  # nothing to update: a new message
+        # the handle: the incident's page this message updates, else this message
+        page_id = first if notification.update and first else notification.notification_id
+        handle: MessageRef = {"notification_id": page_id}
         body = json.dumps(webhook_payload(notification, self.dashboard_url), separators=(",", ":")).encode()
         timestamp = str(int(time.time()))
         headers = {
@@ -87,7 +105,7 @@ class WebhookReceiver:
             async with self._session.post(self.url, data=body, headers=headers) as resp:
                 text = (await resp.text())[:200]
                 if 200 <= resp.status < 300:
-                    return
+                    return handle
                 retry_after = retry_after_of(dict(resp.headers))
                 permanent = 400 <= resp.status < 500 and resp.status not in (408, 409, 425, 429)
                 raise DeliveryError(
