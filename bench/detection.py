@@ -48,12 +48,21 @@ Keys of bench/results/detection.json (W = `--window-s`, the rules' window, 60 s)
                               is a false alert like any other
   false_alerts_per_day        false_alerts / days
   false_alerts_<rule>         false_alerts by rule
-  notifications               messages the notifier would send (firing, escalated,
-                              resolved, repeated), all receivers of the default route
-  notifications_per_incident  messages holding an alert that started within an incident
-                              (its span as above), summed over incidents / incidents
-  notifications_outside_incidents_per_day   the rest, per simulated day, less the
-                              budget notifications (below)
+  notifications               new messages the notifier would send (an incident's page,
+                              its resolution, reminders, and escalations where there is no
+                              page to edit), all receivers of the default route; updates
+                              are not counted here (a person is paged once per message)
+  notifications_per_incident  such messages holding an alert that started within an
+                              incident (its span as above), summed over incidents / incidents
+  notification_updates        updates: edits of an incident's page after it went out (an
+                              escalation, an alert joining, one of several resolving; Slack
+                              chat.update plus a thread reply, a webhook POST marked update).
+                              The default route's log receiver, like a Slack bot token or
+                              the webhook, can edit; a Slack incoming webhook cannot, and
+                              there an escalation is a new message
+  updates_per_incident        updates attributed to incidents as above / incidents
+  notifications_outside_incidents_per_day   the rest (new messages only), per simulated
+                              day, less the budget notifications (below)
   budget_crossings            expected alerts: a UTC day's running total passing a level
                               of a budget rule (the shipped daily_tokens: 80k warning,
                               100k critical), known to the workload (BudgetLedger)
@@ -61,8 +70,9 @@ Keys of bench/results/detection.json (W = `--window-s`, the rules' window, 60 s)
                               set, at the level's severity or higher, for the window of
                               the crossing call or the next one
   budget_missed               the crossings without one
-  budget_notifications        messages holding only such alerts (their firing,
-                              escalation and resolution at the day's end), and per day
+  budget_notifications        new messages holding only such alerts (their firing, and
+                              resolution at the day's end; the escalation to critical is an
+                              update of the budget's page), and per day
   incidents_without_notification            incidents no message told anyone about
                               (e.g. an alert that joined another open incident's group)
   alerts_firing, alerts_resolved            alert events read from the alerts topic
@@ -163,6 +173,7 @@ class IncidentScore:
     first_rule: str = ""
     any_alert: bool = False  # some alert started within the incident's zone
     notifications: int = 0
+    updates: int = 0
 
 
 @dataclass
@@ -170,6 +181,7 @@ class Score:
     incidents: list[IncidentScore]
     false_by_rule: Counter[str] = field(default_factory=Counter)
     notifications: int = 0
+    updates: int = 0
     notifications_outside: int = 0
     budget_crossings: int = 0
     budget_on_time: int = 0
@@ -260,7 +272,11 @@ class EventClock:
 
 def notifications(alerts: list[Alert], notify: NotifyConfig, until: datetime) -> list[Notification]:
     """The messages the notifier's grouping sends for this alert stream, in event time: each
-    alert arrives at its window's end; groups flush when their group_wait/interval is due."""
+    alert arrives at its window's end; groups flush when their group_wait/interval is due.
+    Every message is taken by a receiver that can edit what it posted (the default route's
+    log receiver, as a Slack bot token or the webhook): the handle it answers goes into the
+    delivery log as the service logs it, so an incident's later changes are updates
+    (`Notification.update`) of its page."""
     clock = EventClock()
     disp = Dispatcher(Router(notify), SilenceStore(), notify.send_resolved,
                       clock=clock.mono, wallclock=clock.now)  # fmt: skip
@@ -275,9 +291,13 @@ def notifications(alerts: list[Alert], notify: NotifyConfig, until: datetime) ->
             for group in disp.due():
                 f = disp.plan(group)
                 n = f.notification
-                if n is not None and n.send:
-                    sent.append(n)
-                disp.complete(f, n.record if n is not None else None)
+                record = None
+                if n is not None:
+                    record = n.record
+                    if n.send:
+                        sent.append(n)
+                        record = n.logged(n.message_ref if n.update else {"notification_id": n.notification_id})
+                disp.complete(f, record)
 
     ordered = sorted(alerts, key=lambda a: (a.window_end, a.ts))
     for i, a in enumerate(ordered):
@@ -291,21 +311,29 @@ def notifications(alerts: list[Alert], notify: NotifyConfig, until: datetime) ->
 
 def attribute(sent: list[Notification], scores: Score, w: int) -> None:
     """Count each message against the incidents whose zone one of its alerts started in;
-    a message holding only the alerts of budget crossings is a budget notification."""
+    a message holding only the alerts of budget crossings is a budget notification. An
+    update (an edit of the incident's message: a person was paged once) is counted apart,
+    as an update, not as a notification."""
     zones = [(s, *zone(s.incident, w)) for s in scores.incidents]
     for n in sent:
         listed = [*n.firing, *n.resolved]
-        scores.notifications += 1
+        if n.update:
+            scores.updates += 1
+        else:
+            scores.notifications += 1
         others = [a for a in listed if (a.fingerprint, a.started_at) not in scores.budget_episodes]
         if listed and not others:
-            scores.budget_notifications += 1
+            scores.budget_notifications += not n.update
             continue
         hit = False
         for s, lo, hi in zones:
             if any(lo <= a.started_at.timestamp() < hi for a in others):
-                s.notifications += 1
+                if n.update:
+                    s.updates += 1
+                else:
+                    s.notifications += 1
                 hit = True
-        scores.notifications_outside += not hit
+        scores.notifications_outside += not hit and not n.update
 
 
 # -- the replay ---------------------------------------------------------------------------------
@@ -608,11 +636,11 @@ def main() -> dict[str, Any]:
     recalled = [x for x in s.incidents if x.recalled]
     detect = [x.detect_s for x in recalled if x.detect_s is not None]
     print(
-        "incident                                                        recalled detect_s first rule  notifications",
+        "incident                                                        recalled detect_s first rule  notifications updates",
         file=sys.stderr,
     )
     for x in s.incidents:
-        print(f"  {x.incident.describe():60} {x.recalled!s:8} {x.detect_s!s:8} {x.first_rule:12} {x.notifications}"
+        print(f"  {x.incident.describe():60} {x.recalled!s:8} {x.detect_s!s:8} {x.first_rule:12} {x.notifications:<13} {x.updates}"
               f"{'' if x.any_alert else '  (no alert at all)'}", file=sys.stderr)  # fmt: skip
     out: dict[str, Any] = {
         "seed": args.seed,
@@ -633,6 +661,8 @@ def main() -> dict[str, Any]:
         "missed": "; ".join(x.incident.describe() for x in s.incidents if not x.recalled),
         "false_alerts": sum(s.false_by_rule.values()),
         "notifications": s.notifications,
+        "notification_updates": s.updates,
+        "updates_per_incident": round(sum(x.updates for x in s.incidents) / n, 2) if n else None,
         "incidents_without_notification": sum(x.notifications == 0 for x in s.incidents),
         "notifications_outside_incidents_per_day": round(s.notifications_outside / days, 2),
         "budget_crossings": s.budget_crossings,

@@ -107,6 +107,22 @@ def test_one_alert_fired_and_resolved_is_two_notifications_for_its_incident() ->
     assert (s.notifications, s.notifications_outside) == (3, 1)
 
 
+def test_an_escalation_and_a_join_are_updates_of_the_incidents_page_not_notifications() -> None:
+    alerts = [
+        alert("error_rate_anomaly", {"model": "gpt-4o"}, 1),
+        alert("error_rate_anomaly", {"model": "gpt-4o"}, 3, started_min=1, severity="critical"),
+        alert("success_rate", {"app": "chat"}, 4),  # the same outage, another dimension: joins
+        alert("error_rate_anomaly", {"model": "gpt-4o"}, 13, state="resolved", started_min=1, severity="critical"),
+        alert("success_rate", {"app": "chat"}, 13, state="resolved", started_min=4),
+    ]
+    sent = notifications(alerts, NotifyConfig(), at(120))
+    assert [n.update for n in sent] == [False, True, False]  # page, update (both changes), resolution
+    s = score([BURST], alerts, W, at(120))
+    attribute(sent, s, W)
+    assert (s.incidents[0].notifications, s.incidents[0].updates) == (2, 1)
+    assert (s.notifications, s.updates, s.notifications_outside) == (2, 1, 0)
+
+
 def test_the_plan_moves_with_the_seed_and_covers_every_kind() -> None:
     start = datetime(2026, 11, 2, tzinfo=UTC)
     a, b = plan(1, start, 3 * 86400), plan(2, start, 3 * 86400)
@@ -262,6 +278,7 @@ def test_budget_messages_are_counted_apart_from_incidents_and_noise() -> None:
     sent = notifications(alerts, NotifyConfig(), at(120))
     s = score([BURST], alerts, W, at(120), crossings)
     attribute(sent, s, W)
-    # the budget: warning, critical, resolved; the burst: fired, resolved, in messages of its own
-    assert (s.budget_notifications, s.incidents[0].notifications, s.notifications_outside) == (3, 2, 0)
-    assert s.notifications == 5 and not s.false_by_rule
+    # the budget: warning, then resolved (the critical crossing edits the warning's message);
+    # the burst: fired, resolved, in messages of their own
+    assert (s.budget_notifications, s.incidents[0].notifications, s.notifications_outside) == (2, 2, 0)
+    assert (s.notifications, s.updates, s.incidents[0].updates) == (4, 1, 0) and not s.false_by_rule
