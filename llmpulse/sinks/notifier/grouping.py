@@ -430,7 +430,7 @@ class Dispatcher:
             record=record,
             send=send,
             update=update,
-            escalated=escalated & new,
+            escalated=escalated,
             message_ref=ref,
         )
         return Flush(group, snapshot, refs, held_back, notification)
