@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 from llmpulse.config import Settings
 from llmpulse.config.notify import SlackReceiverConfig
 from llmpulse.sinks.notifier.grouping import Notification
-from llmpulse.sinks.notifier.receivers import SlackReceiver
+from llmpulse.sinks.notifier.receivers import LogReceiver, SlackReceiver
 from tests.fake_slack import FakeSlack, Message
 from tests.test_notify import (
     FAST,
@@ -202,3 +205,22 @@ def test_an_incoming_webhook_cannot_edit_so_the_update_is_a_new_message() -> Non
         messages = fake.snapshot()
     assert [m.header.split(" ")[0] for m in messages] == ["[WARNING]", "[CRITICAL]", "[CRITICAL]"]
     assert all(m.kind == "webhook" for m in messages)
+
+
+def test_the_log_receiver_logs_an_update_as_one_of_the_incidents_page(caplog: pytest.LogCaptureFixture) -> None:
+    receiver = LogReceiver("log", "http://dash")
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level(logging.INFO, logger="llmpulse.notify"):
+            page, update = _escalation(Clock(), lambda n: loop.run_until_complete(receiver.send(n)))
+            assert update.update and update.message_ref == {"notification_id": page.notification_id}
+            handle = loop.run_until_complete(receiver.send(update))
+    finally:
+        loop.close()
+    assert handle == {"notification_id": page.notification_id}
+    first, second = (r.getMessage() for r in caplog.records if r.name == "llmpulse.notify")
+    assert first.startswith(f"notification {page.notification_id}: [WARNING]")
+    assert second.startswith(
+        f"notification {update.notification_id} (update of {page.notification_id}:"
+        " escalated to critical: error_rate on model=gpt-4o): [CRITICAL]"
+    )
