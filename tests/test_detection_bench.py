@@ -46,18 +46,24 @@ def alert(
     )  # fmt: skip
 
 
-# an error burst on gpt-4o from 12:00:30 to 12:10:30: its first 2 windows end 12:01 and 12:02
+# an error burst on gpt-4o from 12:00:30 to 12:10:30: 30 s of it in the window ending 12:01,
+# then its first 2 whole windows end 12:02 and 12:03
 BURST = Incident(1, "error_burst", at(0.5), at(10.5), "model", "gpt-4o", 0.5, "gpt-4o")
 
 
 def test_recall_needs_the_fault_named_within_two_windows() -> None:
     on_time = alert("success_rate", {"model": "gpt-4o"}, 1)  # window 12:01-12:02
     s = score([BURST], [on_time], W, at(60)).incidents[0]
-    assert (s.recalled, s.detect_s, s.first_rule) == (True, 90.0, "success_rate")
+    assert (s.recalled, s.recalled_start_plus_2w, s.detect_s, s.first_rule) == (True, True, 90.0, "success_rate")
 
-    late = alert("success_rate", {"model": "gpt-4o"}, 2)  # ends 12:03: a third window
+    # the second whole window (ends 12:03): recalled, though later than start + 2 W (12:02:30)
+    second = alert("success_rate", {"model": "gpt-4o"}, 2)
+    s = score([BURST], [second], W, at(60)).incidents[0]
+    assert (s.recalled, s.recalled_start_plus_2w, s.detect_s) == (True, False, 150.0)
+
+    late = alert("success_rate", {"model": "gpt-4o"}, 3)  # ends 12:04: a third whole window
     s = score([BURST], [late], W, at(60)).incidents[0]
-    assert (s.recalled, s.detect_s) == (False, 150.0)
+    assert (s.recalled, s.detect_s) == (False, 210.0)
 
     other_model = alert("success_rate", {"model": "gpt-4o-mini"}, 0)
     s = score([BURST], [other_model], W, at(60)).incidents[0]

@@ -270,3 +270,76 @@ rules:
     assert resolved.state == "resolved"
     # its words name the baseline it was judged on (an hour of history: the rolling fallback)
     assert "back near its rolling 1h baseline (less than a day of history" in resolved.summary
+
+
+def test_baseline_cv_keeps_an_ordinary_busier_day_quiet_but_not_a_real_spike() -> None:
+    """Against a baseline taken as exact (one flat previous span), 160 calls where 100 were usual
+    is p = 2e-8 (the test above). A usual day strays ~15% from yesterday's level: with
+    baseline_cv 0.15 the spread is 100 + (0.15 x 100)^2 = 325 (sd 18), 160 is 3.3 sd and
+    ordinary; 250 is 8.3 sd and fires."""
+    rules = ROLLING.replace("min_value: 10", "min_value: 10\n    baseline_cv: 0.15")
+    quiet = Runner(engine(rules))
+    _steady(quiet, 30)
+    assert quiet.feed(calls(30, 160)) == []
+    loud = Runner(engine(rules))
+    _steady(loud, 30)
+    [a] = loud.feed(calls(30, 250))
+    assert (a.state, a.severity, a.value) == ("firing", "warning", 250)
+    assert a.evidence is not None and a.evidence["test"] == "negative_binomial"
+    assert float(a.evidence["p_value"]) < float(a.evidence["alpha"])
+
+
+PER_CALL = """
+rules:
+  - name: cost_per_call_anomaly
+    type: anomaly
+    metric: cost_per_request
+    factor: 3
+    critical_factor: 6
+    method: rolling
+    baseline: 24h
+    window: 60
+    baseline_cv: 0.15
+    min_baseline_windows: 10
+    min_value: 0.002
+    min_requests: 3
+"""
+
+
+def test_a_call_grown_several_times_over_is_an_anomaly_whatever_the_traffic() -> None:
+    """Cost per priced call: 10 calls a minute at $0.0018 / $0.0022 a call by turns (baseline
+    $0.002, spread: within-bucket sd 0.0002 plus 15% of $0.002 = sd 0.00036). A minute of 4
+    calls at $0.008 (4x) is 16 sd out: fires, whatever the number of calls; 2.5x does not
+    (below the factor); a call left unpriced does not dilute the average."""
+    def run(last_cost: float, n: int, unpriced: int = 0) -> list[Any]:
+        r = Runner(engine(PER_CALL))
+        for i in range(30):
+            per_call = 0.0018 if i % 2 else 0.0022
+            assert r.feed(calls(i, 10, cost_usd=10 * per_call)) == []
+        return r.feed(calls(30, n + unpriced, cost_usd=n * last_cost, unpriced_requests=unpriced))
+
+    [a] = run(0.008, 4, unpriced=3)
+    assert (a.rule, a.state, a.severity) == ("cost_per_call_anomaly", "firing", "warning")
+    assert a.value == pytest.approx(0.008) and a.baseline == pytest.approx(0.002)
+    assert a.evidence is not None and a.evidence["test"] == "normal"
+    assert float(a.evidence["sd"]) == pytest.approx(math.sqrt(0.0002**2 * 60 / 59 + 0.0003**2), rel=0.05)
+    assert run(0.005, 10) == []  # 2.5x: below the factor
+    [c] = run(0.013, 10)
+    assert c.severity == "critical"  # 6.5x
+
+
+def test_series_dispersion_pools_variances_over_means() -> None:
+    """Two bucket-days of 11 windows: mean 10, variance 20 and mean 30, variance 30. Pooled,
+    (20 x 10 + 30 x 10) / (10 x 10 + 30 x 10) = 1.25 (the median of the ratios 2 and 1 would
+    be 1.5; with heavy-tailed sums the median falls below the truth)."""
+    from llmpulse.streams.rules.baseline import series_dispersion
+
+    def entry(day: int, w: int, mean: float, var: float) -> list[float]:
+        return [day, w, mean * w, (var * (w - 1) / w + mean * mean) * w]
+
+    st = {"slots": {"0": [entry(1, 11, 10.0, 20.0)], "1": [entry(1, 11, 30.0, 30.0)]}}
+    assert series_dispersion(st) == pytest.approx(1.25)
+    # the most dispersed tenth of bucket-days is left out (a burst the baseline kept)
+    st["slots"].update({str(k): [entry(1, 11, 10.0, 10.0)] for k in range(2, 10)})
+    st["slots"]["10"] = [entry(1, 11, 10.0, 10_000.0)]
+    assert series_dispersion(st) == pytest.approx((200 + 300 + 8 * 100) / (100 + 300 + 8 * 100))

@@ -339,8 +339,11 @@ def test_default_rules_judge_the_operational_targets() -> None:
         agg(0, kind="feedback", dims={"app": "chat"}, feedback_count=400, intent_accuracy=0.92, relevance_avg=4.6)
     )
     r.feed(agg(1, total_tokens=100_001, requests=50))
+    # and 40 errors in 200 calls (20%) are an error burst at critical: P(X >= 40 | 200, 0.2) is
+    # not below 0.01 (the point is at the level), but against 5% it is, a warning
     assert sorted(r.events()) == [
         ("daily_tokens", "firing", "critical"),
+        ("error_burst", "firing", "warning"),
         ("gpu_utilisation", "firing", "warning"),
         ("intent_accuracy", "firing", "warning"),
         ("success_rate", "firing", "critical"),

@@ -209,3 +209,34 @@ def test_a_rate_anomaly_on_a_low_traffic_series_is_judged_pooled() -> None:
     assert "4 of 18, over the last 2m (2 windows pooled)" in a.summary
     # the burst goes on at 6 calls a minute: pooled minutes keep it firing, no flapping
     assert all(out == [] for out in pooled[1:])
+
+
+def test_a_short_window_whose_own_calls_breach_fires_on_them_with_a_small_sample_bound() -> None:
+    """The first minute of a latency spike on a quiet model: pooled with the calm minutes before
+    it the spike is diluted; its own 4 calls show it (Student's t, 3 degrees of freedom)."""
+    r = Runner(engine(LATENCY))
+    for i in range(5):
+        assert r.feed(slow(i, 5, 600.0, sd=200.0)) == []
+    # 4 calls averaging 7,680 ms, spread 1,600 ms: 99% lower bound with t(0.99, 3) = 4.5407:
+    # 7680 - 4.5407 x 1600 / sqrt(4) = 7680 - 3632.6 = 4047.4 > 2000: warning (< 5000).
+    # Pooled with the windows before (n = 14, mean 2,622) it would not breach.
+    [a] = r.feed(slow(5, 4, 7680.0, sd=1600.0))
+    assert (a.severity, a.value) == ("warning", pytest.approx(7680.0))
+    assert a.evidence is not None and a.evidence["small_sample"] == "true"
+    assert float(a.evidence["n"]) == 4
+    assert float(a.evidence["bound"]) == pytest.approx(7680 - 4.540703 * 1600 / 2, abs=0.1)
+    assert "windows" not in a.evidence
+    # two calls are too few to fire alone, however slow
+    r2 = Runner(engine(LATENCY))
+    for i in range(5):
+        assert r2.feed(slow(i, 5, 600.0, sd=200.0)) == []
+    assert r2.feed(slow(5, 2, 9000.0, sd=500.0)) == []
+
+
+def test_a_short_window_alone_never_clears_a_firing_alert() -> None:
+    r = Runner(engine(LATENCY))
+    for i in range(3):
+        r.feed(slow(i, 12, 6000.0, sd=500.0))  # fires critical on full windows
+    assert r.events()[0][:2] == ("latency_avg", "firing")
+    # calm short windows: judged pooled with the slow ones (still breaching), never resolved alone
+    assert r.feed(slow(3, 4, 500.0, sd=100.0)) == []

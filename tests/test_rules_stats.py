@@ -169,9 +169,16 @@ def test_daily_peak_is_not_an_anomaly_but_twice_the_peak_is() -> None:
     [a] = [x for x in out if x.rule == "requests_anomaly"]
     assert (a.state, a.dimensions, a.evidence and a.evidence["history"]) == ("firing", m_dims, "seasonal")
     assert a.baseline is not None and 185 < a.baseline < 215
-    assert float((a.evidence or {})["p_value"]) < 1e-20
+    # twice the peak (~400 against ~200) with the shipped baseline_cv 0.15: sd = sqrt(200 + 30^2)
+    # = 33, 6 sd out: p ~ 1e-7, below the 6.9e-7 a 60 s window needs at the shipped confidence
+    # 0.999 (without the day-to-day spread it was 1e-20)
+    ev = a.evidence or {}
+    assert float(ev["alpha"]) == pytest.approx(6.944e-7, rel=1e-3)
+    assert float(ev["p_value"]) < float(ev["alpha"])
     assert a.expected_low is not None and a.expected_high is not None
-    assert a.expected_low < a.baseline < a.expected_high < 1.5 * a.baseline
+    # the band is the baseline -/+ z(1 - alpha) sd (4.83 x 33): the value is far outside it
+    assert a.expected_low < a.baseline < a.expected_high < a.value
+    assert a.expected_high == pytest.approx(a.baseline + 4.826 * float(ev["sd"]), rel=1e-3)  # z(1 - 6.9e-7)
 
 
 def test_sums_use_a_scaled_poisson_as_skewed_as_few_calls() -> None:
@@ -235,3 +242,14 @@ def test_fire_on_evidence_resolve_on_recovery() -> None:
     # an inconclusive window never fires on its own, nor does a run of them
     r.feed(*(calls(i, 20, dims=key) for i in range(8, 14)))
     assert len(r.alerts) == 2
+
+
+def test_student_t_at_known_quantiles() -> None:
+    from llmpulse.streams.rules.stats import t_quantile, t_sf
+
+    # tables: t(0.99; 3) = 4.5407, t(0.99; 1) = 31.821, t(0.975; 10) = 2.2281; P(T5 >= 2) = 0.05097
+    assert t_quantile(0.99, 3) == pytest.approx(4.5407, abs=1e-4)
+    assert t_quantile(0.99, 1) == pytest.approx(31.821, abs=1e-3)
+    assert t_quantile(0.975, 10) == pytest.approx(2.2281, abs=1e-4)
+    assert t_sf(2.0, 5) == pytest.approx(0.05097, abs=1e-5)
+    assert t_quantile(0.99, 10_000) == pytest.approx(2.3263, abs=1e-3)  # the normal's, at many df

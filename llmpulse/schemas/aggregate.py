@@ -84,3 +84,16 @@ class WindowAggregate(WireModel):
     host_load1_avg: NonNegFloat | None = None
     # 1 when first published; higher when backfilled events corrected the window
     revision: Annotated[int, Field(ge=0)] = 1
+
+    # per-call figures derived from the sums (not on the wire): what rules judge when a call's
+    # size, not the traffic, is what changed
+    @property
+    def cost_per_request(self) -> float | None:
+        """Average cost of a priced call (calls without a price left out); None without one."""
+        priced = self.requests - self.unpriced_requests
+        return self.cost_usd / priced if priced > 0 else None
+
+    @property
+    def tokens_per_request(self) -> float | None:
+        """Average tokens (prompt + completion) of a call; None without calls."""
+        return self.total_tokens / self.requests if self.requests > 0 else None

@@ -180,21 +180,31 @@ def _seasonal(rule: AnomalyRule, st: State, now_s: int) -> Expectation | None:
 
 
 def series_dispersion(st: State) -> float:
-    """The median over all bucket-days of the series of (within variance / mean).
+    """The series' dispersion of a sum (variance / mean of one window), pooled over all its
+    bucket-days: the within-day variances over the means, weighted by degrees of freedom,
+    leaving out the most dispersed tenth of bucket-days (a burst the baseline kept).
 
-    The dispersion of a sum (cost, tokens) is a property of the calls (one call's cost
-    times one plus its squared coefficient of variation), not of the hour: estimated from
-    all of history it does not fall to a lucky quiet bucket's. O(buckets x days), computed
-    only when a window's effect already passed the factor (the engine asks lazily).
+    The dispersion of a sum (cost, tokens) is a property of the calls (one call's size times
+    one plus its squared coefficient of variation), not of the hour: estimated from all of
+    history it does not fall to a lucky quiet bucket's. Not the median of the bucket-days'
+    ratios: a sample variance of heavy-tailed sums is right-skewed, its median below its mean,
+    and the median read the detection bench's token sums as 30-40 % less dispersed than they
+    are (p = 1e-7 for an ordinary busy minute). O(buckets x days), computed only when a
+    window's effect already passed the factor (the engine asks lazily).
     """
-    ratios = []
+    parts: list[tuple[float, float, float]] = []  # (ratio, variance x dof, mean x dof)
     for entries in (st.get("slots") or {}).values():
         for _, w, s1, s2 in entries:
             if w >= 3 and s1 > 0:
                 mean = s1 / w
                 var = max(0.0, s2 / w - mean * mean) * w / (w - 1)
-                ratios.append(var / mean)
-    return median(ratios) if ratios else 0.0
+                parts.append((var / mean, var * (w - 1), mean * (w - 1)))
+    if not parts:
+        return 0.0
+    parts.sort(key=lambda p: p[0])
+    kept = parts[: max(1, len(parts) - len(parts) // 10)]
+    total_mean = sum(p[2] for p in kept)
+    return sum(p[1] for p in kept) / total_mean if total_mean > 0 else 0.0
 
 
 def _weekday_factor(st: State, today: int, first_s: int) -> float | None:

@@ -56,11 +56,18 @@ from llmpulse.streams.rules.baseline import (
     observe,
     series_dispersion,
 )
-from llmpulse.streams.rules.evidence import Verdict, judge_anomaly, judge_threshold, rounded
+from llmpulse.streams.rules.evidence import (
+    ALONE_MIN,
+    Verdict,
+    judge_anomaly,
+    judge_threshold,
+    rounded,
+)
 from llmpulse.streams.rules.lifecycle import Transition, advance, firing_severity
 from llmpulse.streams.rules.model import (
     ADDITIVE_METRICS,
     DAY_S,
+    SEVERITY_RANK,
     AnomalyRule,
     BudgetRule,
     CompositeRule,
@@ -78,7 +85,7 @@ from llmpulse.streams.rules.summary import fmt_dims, fmt_span, fmt_time, fmt_val
 STATE_VERSION = 2
 KEEP_OUT_S = 3600  # the longest run of anomalous windows left out of an anomaly baseline
 State = dict[str, Any]
-_RANK = {"warning": 1, "critical": 2}
+_RANK = SEVERITY_RANK
 
 
 def new_state() -> State:
@@ -442,6 +449,16 @@ def _judge_anomaly(rule: AnomalyRule, agg: WindowAggregate, rst: State) -> Verdi
     if span is not None and verdict.judged and verdict.evidence:
         verdict.evidence["windows"] = span.windows
         verdict.evidence["span_s"] = span.span_s
+        # a short window whose own calls already show the anomaly fires on them (the test is
+        # exact at any n): pooled with the calm minutes before it, an error burst's first
+        # minute on a quiet model (5 errors in 9 calls) was diluted below the evidence
+        if obs.volume >= ALONE_MIN:
+            alone = judge_anomaly(rule, obs, exp, agg, lambda: series_dispersion(bst), pooled=True)
+            if alone.level is not None and (
+                verdict.level is None or SEVERITY_RANK[alone.level] > SEVERITY_RANK[verdict.level]
+            ):
+                alone.evidence["small_sample"] = "true"
+                verdict = alone
     # an incident does not teach the baseline: a window judged anomalous stays out of it
     # (else a 15-minute error burst lifted its own rolling baseline and "resolved" at 44%
     # errors), but for at most an hour of windows in a row: a level that stays is the new normal

@@ -40,8 +40,20 @@ from typing import Any
 
 from llmpulse.schemas import WindowAggregate
 from llmpulse.streams.rules.baseline import RATE_METRICS, Expectation, Observation
-from llmpulse.streams.rules.model import VOLUME_FIELD, AnomalyRule, Severity, ThresholdRule
-from llmpulse.streams.rules.pooling import PERCENTILES, Curve, Sample, sample_to_judge
+from llmpulse.streams.rules.model import (
+    SEVERITY_RANK,
+    VOLUME_FIELD,
+    AnomalyRule,
+    Severity,
+    ThresholdRule,
+)
+from llmpulse.streams.rules.pooling import (
+    PERCENTILES,
+    Curve,
+    Sample,
+    sample_to_judge,
+    window_sample,
+)
 from llmpulse.streams.rules.stats import (
     betabinom_cdf,
     betabinom_sf,
@@ -53,6 +65,7 @@ from llmpulse.streams.rules.stats import (
     norm_sf,
     poisson_cdf,
     poisson_sf,
+    t_quantile,
     wilson_bounds,
 )
 
@@ -161,12 +174,44 @@ def judge_threshold(rule: ThresholdRule, agg: WindowAggregate, rst: dict[str, An
         return Verdict(None, None, shown, judged=False)
     verdict = _judge_sample(rule, sample, shown)
     if sample.windows > 1:  # the span judged, for a person to check
+        alone = _judged_alone(rule, agg, shown)
+        if alone is not None and alone.level is not None and (
+            verdict.level is None or SEVERITY_RANK[alone.level] > SEVERITY_RANK[verdict.level]
+        ):
+            return alone
         verdict.evidence["windows"] = sample.windows
         verdict.evidence["span_s"] = sample.span_s
     return verdict
 
 
-def _judge_sample(rule: ThresholdRule, sample: Sample, shown: float | None) -> Verdict:
+ALONE_MIN = 3
+"""Calls a window short of ``min_requests`` needs to fire on its own evidence (see below)."""
+
+
+def _judged_alone(rule: ThresholdRule, agg: WindowAggregate, shown: float | None) -> Verdict | None:
+    """A short window judged on its own calls, with a small-sample bound, or None.
+
+    Pooling supplies evidence a short window lacks; it must not dilute evidence the window
+    has. The first minute of an incident on a quiet model, pooled with the calm minutes
+    before it, was judged as their average: 4 calls at 6-10 s against a 2 s target read as
+    9 calls averaging 3.7 s, and the page came a minute late. So a window of at least
+    ``ALONE_MIN`` calls that breaches on its own calls fires on them: rates and percentiles
+    with their exact and distribution-free bounds (valid at any n), means with Student's t
+    at n - 1 degrees of freedom instead of the normal z (4.54 for 0.99 and 4 calls, not
+    2.33). Only a breach counts: a short window alone never clears or resolves anything."""
+    own = window_sample(rule, agg)
+    if own is None or own.n < ALONE_MIN:
+        return None
+    if rule.metric in ("latency_avg_ms",) and not own.sd:
+        # a few calls within one bucket of the latency sketch read as no spread at all: not
+        # evidence (3 calls of 2.1 s fired as "bound 2,118" on a quiet model's ordinary night)
+        return None
+    verdict = _judge_sample(rule, own, shown, small=True)
+    verdict.evidence["small_sample"] = "true"
+    return verdict
+
+
+def _judge_sample(rule: ThresholdRule, sample: Sample, shown: float | None, small: bool = False) -> Verdict:
     v = sample.value
     above = rule.direction == "above"
     levels: list[tuple[Severity, float]] = []
@@ -208,6 +253,8 @@ def _judge_sample(rule: ThresholdRule, sample: Sample, shown: float | None) -> V
                 return Verdict(sev, v, lvl, None, True, *band, evidence=ev)
         return _clear_or_held(v, levels, above, Verdict(None, v, shown, None, True, *band, evidence=ev))
     z = z_of(conf)
+    if small and rule.metric in ("latency_avg_ms", "relevance_avg") and sample.n >= 2:
+        z = t_quantile(conf, sample.n - 1)  # the spread itself is estimated from these few calls
     bound = _bound(rule, sample, z)
     if bound is None:  # no spread to bound with: the point value
         for sev, lvl in levels:
@@ -272,7 +319,10 @@ def anomaly_test(
         ev.update({"test": "beta_binomial", "n": n, "count": k, "p_value": p, "baseline_calls": exp.volume})
         return p, max(0.0, share - z * sd), min(1.0, share + z * sd), ev
     mean = exp.mean
-    var = exp.var
+    # the baseline is an estimate of today's level from other days: a usual day strays from it
+    # by about baseline_cv of it (traffic grows, a launch, a holiday), which one or a few past
+    # days cannot show in their spread (the MAD of one day is 0)
+    var = exp.var + (rule.baseline_cv * mean) ** 2
     if rule.metric in COUNT_METRICS:
         var = max(var, mean) * widen * widen
         k = round(obs.value)

@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from llmpulse.streams.rules.model import Severity
+from llmpulse.streams.rules.model import SEVERITY_RANK, Severity
 
 State = dict[str, Any]
-_RANK = {"warning": 1, "critical": 2}
+_RANK = SEVERITY_RANK
 
 
 @dataclass(frozen=True, slots=True)

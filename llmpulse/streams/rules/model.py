@@ -25,12 +25,14 @@ from llmpulse.schemas.alert import RuleType as RuleType  # the `type` of a rule,
 Kind = Literal["calls", "gpu", "feedback", "host"]
 Direction = Literal["above", "below"]
 Severity = Literal["warning", "critical"]
+SEVERITY_RANK: dict[str, int] = {"warning": 1, "critical": 2}
 
 CALL_METRICS = frozenset(
     {
         "requests", "errors", "qps", "error_rate", "success_rate",
         "latency_avg_ms", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "ttft_p95_ms",
         "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "unpriced_requests",
+        "cost_per_request", "tokens_per_request",
     }
 )  # fmt: skip
 FEEDBACK_METRICS = frozenset({"feedback_count", "intent_accuracy", "relevance_avg"})
@@ -259,6 +261,17 @@ class AnomalyRule(_Judged):
             "per series and day: under usual traffic a series raises a false anomaly on fewer than"
             " 1 - confidence of days; a window must be unlikely under its baseline with"
             " p < (1 - confidence) x window / 1 day (6.9e-6 for 0.99 and 60 s windows)"
+        ),
+    )
+
+    baseline_cv: Annotated[float, Field(ge=0, le=2)] = Field(
+        default=0.0,
+        description=(
+            "counts, sums and other non-rate metrics: how far a usual day's level strays from the"
+            " baseline's, as a share of it (added to the spread: (cv x expected)^2; 0: the"
+            " baseline is taken as exact). One previous day, or a few, cannot show it: against a"
+            " baseline taken as exact an ordinary 28 % busier afternoon read as p = 1e-7 (the"
+            " shipped rules use 0.15)"
         ),
     )
 

@@ -24,10 +24,10 @@ from typing import Any
 
 from llmpulse.schemas import WindowAggregate
 from llmpulse.streams.rules.evidence import Evidence, Verdict
-from llmpulse.streams.rules.model import DAY_S, Severity, SloRule
+from llmpulse.streams.rules.model import DAY_S, SEVERITY_RANK, Severity, SloRule
 
 State = dict[str, Any]
-_RANK = {"warning": 1, "critical": 2}
+_RANK = SEVERITY_RANK
 
 
 def add_window(rule: SloRule, st: State, window_start_s: int, total: int, bad: int) -> None:
