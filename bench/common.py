@@ -45,7 +45,10 @@ def make_config(workdir: Path, bootstrap: str, **sections: Any) -> tuple[Path, S
         "sink": {"batch_rows": 50_000, "batch_seconds": 1.0},
     }
     for k, v in sections.items():
-        data.setdefault(k, {}).update(v)
+        if isinstance(v, dict):
+            data.setdefault(k, {}).update(v)
+        else:  # a top-level key (rules_file)
+            data[k] = v
     path = workdir / "llmpulse.yaml"
     path.write_text(yaml.safe_dump(data))
     settings = load_settings(path, environ={})

@@ -24,12 +24,19 @@ class MemoryChangelog:
         self.records: dict[int, list[tuple[bytes, bytes | None]]] = {}
         self.futures: list[asyncio.Future[None]] = []
 
-    async def send(self, topic: str, partition: int, key: bytes, value: bytes | None) -> asyncio.Future[None]:
+    async def publish(
+        self, topic: str, records: list[tuple[int | None, bytes | None, bytes | None]]
+    ) -> list[asyncio.Future[None]]:
+        """Like bulk_publish.publish_bulk: one delivery per partition of the call."""
         assert topic == "w-changelog"
-        self.records.setdefault(partition, []).append((key, value))
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.futures.append(fut)
-        return fut
+        futures: dict[int, asyncio.Future[None]] = {}
+        for partition, key, value in records:
+            assert partition is not None and key is not None
+            self.records.setdefault(partition, []).append((key, value))
+            if partition not in futures:
+                futures[partition] = asyncio.get_running_loop().create_future()
+        self.futures += futures.values()
+        return list(futures.values())
 
     def state(self, partition: int) -> dict[str, Any]:
         """What restore.py would read back: the latest value of each live key."""
@@ -53,12 +60,12 @@ def test_changes_are_sent_in_order_to_the_partition_their_key_names() -> None:
         del state["2|calls|A|100|x"]
         assert "2|calls|A|100|x" not in state and state.get("2|calls|M") == {"o": 5}
         assert log.records == {}  # nothing sent before flush
-        futures = await state.flush(log.send)
-        assert len(futures) == 4 and state.queued == []
+        futures = await state.flush(log.publish)
+        assert futures == log.futures and len(futures) == 2 and state.queued == []  # one per partition
         assert [json.loads(k) for k, _ in log.records[2]] == ["2|calls|A|100|x", "2|calls|M", "2|calls|A|100|x"]
         assert log.state(2) == {"2|calls|M": {"o": 5}}
         assert log.state(0) == {"0|calls|M": {"o": 3}}
-        assert await state.flush(log.send) == []  # nothing queued twice
+        assert await state.flush(log.publish) == []  # nothing queued twice
 
     asyncio.run(run())
 
@@ -71,7 +78,7 @@ def test_dropping_a_partition_forgets_it_in_memory_only() -> None:
         state["11|calls|M"] = {"o": 2}
         state.drop_partition(1)
         assert dict(state.items()) == {"11|calls|M": {"o": 2}}
-        await state.flush(log.send)
+        await state.flush(log.publish)
         assert log.state(1) == {"1|calls|M": {"o": 1}}  # the changelog keeps it for the next owner
 
     asyncio.run(run())

@@ -9,8 +9,9 @@ written before stage 1 left Faust's tables restores unchanged.
 Contract (the order is what makes a crash harmless):
 - `state[key] = value`, `del state[key]`: change the map at once and queue the record,
   in call order. Nothing blocks.
-- `flush(send)`: hand every queued record to `send`, in the order they were made (one
-  producer keeps a partition's records in that order), and return their delivery
+- `flush(publish)`: hand every queued record to `publish` in one call, in the order
+  they were made (bulk_publish.py keeps a partition's records in that order: one
+  batch per partition, not one awaited send per record), and return the delivery
   futures. A crash therefore leaves a prefix of the changes on the changelog, never a
   later change without an earlier one (the meta record, written after a batch's
   accumulators and id chunks, is never on the changelog without them).
@@ -24,8 +25,8 @@ import json
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-# (topic, partition, key, value or None for a tombstone) -> the delivery to wait for
-Send = Callable[[str, int, bytes, bytes | None], Awaitable[Awaitable[Any]]]
+# (topic, [(partition, key, value or None for a tombstone)] in order) -> the deliveries to wait for
+Publish = Callable[[str, list[tuple[int | None, bytes | None, bytes | None]]], Awaitable[list[Awaitable[Any]]]]
 
 
 class ChangelogState:
@@ -67,12 +68,14 @@ class ChangelogState:
         for k in [k for k in self.data if k.startswith(prefix)]:
             del self.data[k]
 
-    async def flush(self, send: Send) -> list[Awaitable[Any]]:
-        """Send the queued records in order; their delivery futures."""
+    async def flush(self, publish: Publish) -> list[Awaitable[Any]]:
+        """Publish the queued records in order; their delivery futures."""
         queued, self.queued = self.queued, []
+        if not queued:
+            return []
         dumps = json.dumps
-        futures = []
-        for partition, key, value in queued:
-            raw = None if value is None else dumps(value).encode()
-            futures.append(await send(self.topic, partition, dumps(key).encode(), raw))
-        return futures
+        records: list[tuple[int | None, bytes | None, bytes | None]] = [
+            (partition, dumps(key).encode(), None if value is None else dumps(value).encode())
+            for partition, key, value in queued
+        ]
+        return await publish(self.topic, records)

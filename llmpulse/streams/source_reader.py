@@ -136,6 +136,16 @@ class SourceReader:
         except (AssertionError, Exception):
             return None
 
+    async def at_end(self, topic: str, partition: int) -> bool:
+        """Whether the partition is known to hold nothing past this consumer's position: a
+        fetch has reported its end (before the first fetch the end is unknown: False)."""
+        tp = TopicPartition(topic, partition)
+        try:
+            high = self.consumer.highwater(tp)
+            return high is not None and await self.consumer.position(tp) >= high
+        except (AssertionError, Exception):
+            return False
+
     def seek(self, topic: str, partition: int, offset: int) -> None:
         try:
             self.consumer.seek(TopicPartition(topic, partition), offset)

@@ -46,6 +46,7 @@ from llmpulse.schemas.partials import (
     window_messages,
 )
 from llmpulse.streams import state_keys as SK
+from llmpulse.streams.bulk_publish import Record, publish_bulk
 from llmpulse.streams.changelog_state import ChangelogState
 from llmpulse.streams.contiguity import OffsetGuard
 from llmpulse.streams.credentials import aiokafka_security, faust_credentials
@@ -120,7 +121,6 @@ class WorkerRuntime:
             return self.app.topic(*names, key_serializer="raw", value_serializer="raw")
 
         self.partials_topic = raw_topic(kcfg.topic(T.PARTIALS))
-        self.aggregates_topic = raw_topic(kcfg.topic(T.AGGREGATES))
         self.alerts_topic = raw_topic(kcfg.topic(T.ALERTS))
         self.deadletter_topic = raw_topic(kcfg.topic(T.DEADLETTER))
         # named as the Faust table that held it before, so its state restores unchanged
@@ -221,9 +221,10 @@ class WorkerRuntime:
         async with lock:
             await fn(events)
 
-    async def _send(self, topic: str, partition: int, key: bytes, value: bytes | None) -> Awaitable[Any]:
-        """Stage 1's state records, through the app's producer (one producer: in order per partition)."""
-        return await self.app.producer.send(topic, key, value, partition, None, None)  # type: ignore[no-any-return]
+    async def _publish(self, topic: str, records: list[Record]) -> list[Awaitable[Any]]:
+        """Records in bulk through the app's producer (one producer: in order per partition)."""
+        # the aiokafka producer under Faust's: its record batches, not Faust's per-message send
+        return await publish_bulk(self.app.producer._ensure_producer(), topic, records)  # type: ignore[attr-defined]
 
     def _ready(self) -> bool:
         app = self.app
@@ -244,7 +245,7 @@ class WorkerRuntime:
 
     async def _flush_state(self) -> tuple[list[Any], dict[tuple[str, int], int]]:
         """Send the queued state; its deliveries (and the batch's dead letters) and the offsets they cover."""
-        futures = await self.window_table.flush(self._send) + self.batch_futures
+        futures = await self.window_table.flush(self._publish) + self.batch_futures
         offsets, self.persisted, self.batch_futures = self.persisted, {}, []
         return futures, offsets
 
@@ -310,7 +311,7 @@ class WorkerRuntime:
         if isinstance(table, ChangelogState):
             topic = table.topic
             # the records queued for it go first: the barrier must follow them
-            self.reader.ledger.add(await table.flush(self._send), {})
+            self.reader.ledger.add(await table.flush(self._publish), {})
             await asyncio.gather(*(f for futures, _ in self.reader.ledger.entries for f in futures))
         else:
             topic = table.changelog_topic.get_topic_name()
@@ -539,6 +540,11 @@ class WorkerRuntime:
             await self.await_delivered(kind, partition)
             if (kind, partition) in self.unpersisted:
                 self._persist(pw, partition)
+            if pw.applied_message is None and not await self.reader.at_end(topic, partition):
+                # no event yet, and not known to have none: its close mark would say "empty",
+                # and the finalizer would close every window on the other partitions' marks
+                # alone (a replay's partition 1, not yet fetched, lost 5,000 s of windows)
+                continue
             await self.close_and_emit(pw, partition)
 
     def _has_backlog(self, tp: tuple[str, int], pw: PartitionWindows) -> bool:
@@ -589,21 +595,30 @@ class WorkerRuntime:
         stored.expire()
 
     async def publish_final(self, aggregates: Iterable[WindowAggregate], fp: int) -> None:
-        futures = []
+        """Publish final aggregates and judge them; return once all is delivered.
+
+        The aggregates go out in bulk (bulk_publish.py: one batch per partition, placed by
+        key as one send each would be), the rules judge each window of a dimension set in
+        window order, and each dimension set's rule state is written once per call, after
+        its last window, not once per window: a replay hands this hundreds of windows of
+        the same sets at once (the state is plain data the engine mutates in place; a
+        crash before the write re-judges those windows, and an alert's id is deterministic)."""
+        futures: list[Any] = []
         now = time.time()
         aggregates = list(aggregates)
         window_of: dict[tuple[str, int, datetime], list[WindowAggregate]] = {}
         for agg in aggregates:
             window_of.setdefault((agg.kind, agg.window_s, agg.window_start), []).append(agg)
+        records: list[Record] = []
+        judged: dict[str, dict[str, Any]] = {}  # rule-state key -> its state, written after the loop
         for agg in aggregates:
-            futures.append(
-                await self.aggregates_topic.send(key=agg.aggregate_id.encode(), value=encode(agg))
-            )
+            records.append((None, agg.aggregate_id.encode(), encode(agg)))
             metrics.WINDOWS_CLOSED.labels(agg.kind).inc()
             metrics.WINDOW_CLOSE_DELAY.observe(max(0.0, now - agg.window_end.timestamp()))
             if self.rules is not None and agg.revision == 1:
                 rkey = SK.rule_key(fp, agg.kind, agg.window_s, agg.dims_key)
-                alerts, new_state = self.rules(agg, self.final_table.get(rkey))
+                state = judged.get(rkey)
+                alerts, new_state = self.rules(agg, state if state is not None else self.final_table.get(rkey))
                 if alerts:
                     # root cause: which finer dimension of this window drives the deviation
                     alerts = explain_window(window_of[(agg.kind, agg.window_s, agg.window_start)], alerts)
@@ -613,11 +628,14 @@ class WorkerRuntime:
                         await self.alerts_topic.send(key=alert.fingerprint.encode(), value=encode(alert))
                     )
                 if new_state is not None:
-                    self.final_table[rkey] = new_state
-                    if has_open_alerts(new_state):
-                        self.open_alerts.add(rkey)
-                    else:
-                        self.open_alerts.discard(rkey)
+                    judged[rkey] = new_state
+        futures += await self._publish(self.topic_names[T.AGGREGATES], records)
+        for rkey, state in judged.items():
+            self.final_table[rkey] = state
+            if has_open_alerts(state):
+                self.open_alerts.add(rkey)
+            else:
+                self.open_alerts.discard(rkey)
         if futures:
             await asyncio.gather(*futures)
 

@@ -1,0 +1,59 @@
+"""Bulk publishing (llmpulse/streams/bulk_publish.py) on the real broker: keyed records land
+in the partition Kafka's default partitioner gives their key (checked against librdkafka's
+Java-compatible murmur2 partitioner, not our own), explicit partitions are kept, and each
+partition holds its records in call order, across several batches."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiokafka import AIOKafkaProducer
+from confluent_kafka import Producer
+
+from llmpulse.config import Settings
+from llmpulse.kafka.clients import produce_all
+from llmpulse.streams.bulk_publish import Record, publish_bulk
+from tests.kafkatools import read_messages
+
+
+def test_records_land_where_the_default_partitioner_puts_their_key_in_call_order(settings: Settings) -> None:
+    bootstrap = settings.kafka.bootstrap_servers()
+    topic, reference = settings.kafka.topic("aggregates"), settings.kafka.topic("alerts")
+    partitions = settings.kafka.partitions
+    assert partitions > 1
+    keys = [f"calls|60|{1700000000000 + 60000 * (i // 7)}|model=m{i % 7}".encode() for i in range(3000)]
+    records: list[Record] = [(None, k, json.dumps({"seq": i}).encode()) for i, k in enumerate(keys)]
+    records += [(partitions - 1, b"pinned", json.dumps({"seq": 3000 + i}).encode()) for i in range(5)]
+
+    async def publish() -> int:
+        # small batches: a partition's records span several of them
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_batch_size=16384, linger_ms=5)
+        await producer.start()
+        try:
+            futures = await publish_bulk(producer, topic, records)
+            await asyncio.gather(*futures)
+            return len(futures)
+        finally:
+            await producer.stop()
+
+    batches = asyncio.run(publish())
+    assert batches > partitions  # more than one batch per partition
+    ref = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "log_level": 3})
+    assert produce_all(ref, ((reference, k, b"") for k in keys), 30)[1] == 0
+
+    got = read_messages(bootstrap, topic, expect=len(records), timeout=60)
+    want = read_messages(bootstrap, reference, expect=len(keys), timeout=60)
+    assert len(got) == len(records) and len(want) == len(keys)
+    expected_partition = {m.key(): m.partition() for m in want}
+    by_partition: dict[int, list[int]] = {}
+    for m in got:
+        seq = json.loads(m.value())["seq"]
+        if m.key() == b"pinned":
+            assert m.partition() == partitions - 1
+        else:
+            assert m.partition() == expected_partition[m.key()], m.key()
+        by_partition.setdefault(m.partition(), []).append(seq)
+    assert len(by_partition) == partitions  # the keys spread over every partition
+    for seqs in by_partition.values():
+        assert seqs == sorted(seqs)  # call order within a partition
