@@ -343,3 +343,12 @@ def test_series_dispersion_pools_variances_over_means() -> None:
     st["slots"].update({str(k): [entry(1, 11, 10.0, 10.0)] for k in range(2, 10)})
     st["slots"]["10"] = [entry(1, 11, 10.0, 10_000.0)]
     assert series_dispersion(st) == pytest.approx((200 + 300 + 8 * 100) / (100 + 300 + 8 * 100))
+
+
+def test_per_call_metrics_are_derived_from_the_window_sums() -> None:
+    a = calls(0, 10, total_tokens=12_000, cost_usd=0.06, unpriced_requests=4)
+    assert a.tokens_per_request == 1200 and a.cost_per_request == pytest.approx(0.01)  # 6 priced calls
+    empty = calls(1, 0)
+    assert empty.tokens_per_request is None and empty.cost_per_request is None
+    all_unpriced = calls(2, 3, cost_usd=0.0, unpriced_requests=3)
+    assert all_unpriced.cost_per_request is None
