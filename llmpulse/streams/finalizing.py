@@ -192,11 +192,8 @@ class Finalizer:
                 if slot.revision > 0:
                     continue
                 slot.revision = 1 - slot.revision
-                # from_state copies: the first part needs no merge into an empty accumulator
-                parts = iter(slot.parts.values())
-                first = next(parts, None)
-                acc = cls() if first is None else cls.from_state(first)  # type: ignore[arg-type]
-                for state in parts:
+                acc = cls()
+                for state in slot.parts.values():
                     acc.merge(cls.from_state(state))  # type: ignore[arg-type]
                 agg = acc.result(s, start, slot.dims, dk)
                 agg.revision = slot.revision

@@ -483,26 +483,25 @@ class WorkerRuntime:
     async def close_and_emit(self, pw: PartitionWindows, partition: int, force: bool = False) -> list[Partial]:
         before = pw.close_mark_ms
         res = pw.close(time.time(), force=force)
+        futures = []
         # one message per window (and chunk of its dimension sets), not per dimension set
         # (the late events of a closed window come as source `<source>~late`, windowing.py)
         by_window: dict[tuple[int, int, str], list[DimensionSetState]] = {}
         for p in res.partials:
             by_window.setdefault((p.window_s, p.start_ms, p.source), []).append(DimensionSetState(p.dims_key, p.dims, p.state))
-        # in bulk (bulk_publish.py): the partials, then the close mark after them in each partition
-        records: list[Record] = []
         for (window_s, start_ms, source), sets in by_window.items():
             key = partial_key(pw.kind, window_s)
             fp = finalizer_partition(pw.kind, window_s, self.partitions)
             for msg in window_messages(pw.kind, window_s, start_ms, source, sets):
-                records.append((fp, key, encode_partials(msg)))
+                futures.append(await self.partials_topic.send(key=key, value=encode_partials(msg), partition=fp))
         mark = res.mark_ms  # None: this partition has seen no event yet
         last = self.last_marks.get((pw.kind, partition))
         now = time.monotonic()
         if last is None or last[0] != mark or now - last[1] > 2.0:
             body = encode_partials(CloseMark(pw.kind, pw.source, mark))
-            records += [(fp, None, body) for fp in range(self.partitions)]
+            for fp in range(self.partitions):
+                futures.append(await self.partials_topic.send(key=None, value=body, partition=fp))
             self.last_marks[(pw.kind, partition)] = (mark, now)
-        futures = await self._publish(self.topic_names[T.PARTIALS], records) if records else []
         # the close mark and then the tombstones, once the partials are delivered: a state
         # restored in between never closes a window again without the accumulators it
         # already published. Not awaited here: the next batch is processed meanwhile.
@@ -612,10 +611,9 @@ class WorkerRuntime:
             window_of.setdefault((agg.kind, agg.window_s, agg.window_start), []).append(agg)
         records: list[Record] = []
         judged: dict[str, dict[str, Any]] = {}  # rule-state key -> its state, written after the loop
-        closed: dict[str, int] = {}
         for agg in aggregates:
             records.append((None, agg.aggregate_id.encode(), encode(agg)))
-            closed[agg.kind] = closed.get(agg.kind, 0) + 1
+            metrics.WINDOWS_CLOSED.labels(agg.kind).inc()
             metrics.WINDOW_CLOSE_DELAY.observe(max(0.0, now - agg.window_end.timestamp()))
             if self.rules is not None and agg.revision == 1:
                 rkey = SK.rule_key(fp, agg.kind, agg.window_s, agg.dims_key)
@@ -632,8 +630,6 @@ class WorkerRuntime:
                 if new_state is not None:
                     judged[rkey] = new_state
         futures += await self._publish(self.topic_names[T.AGGREGATES], records)
-        for kind, n in closed.items():
-            metrics.WINDOWS_CLOSED.labels(kind).inc(n)
         for rkey, state in judged.items():
             self.final_table[rkey] = state
             if has_open_alerts(state):
