@@ -61,6 +61,7 @@ from llmpulse.streams.rules.evidence import (
     Verdict,
     judge_anomaly,
     judge_threshold,
+    more_severe,
     rounded,
 )
 from llmpulse.streams.rules.lifecycle import Transition, advance, firing_severity
@@ -85,7 +86,6 @@ from llmpulse.streams.rules.summary import fmt_dims, fmt_span, fmt_time, fmt_val
 STATE_VERSION = 2
 KEEP_OUT_S = 3600  # the longest run of anomalous windows left out of an anomaly baseline
 State = dict[str, Any]
-_RANK = SEVERITY_RANK
 
 
 def new_state() -> State:
@@ -416,7 +416,7 @@ def _composite_level(
     comp: CompositeRule, firing: dict[str, Severity | None]
 ) -> tuple[list[Severity], Severity | None]:
     active: list[Severity] = [s for s in firing.values() if s is not None]
-    ranked: list[Severity] = sorted(active, key=_RANK.__getitem__)
+    ranked: list[Severity] = sorted(active, key=SEVERITY_RANK.__getitem__)
     if comp.mode == "all_of" and len(active) == len(comp.members):
         return active, comp.severity or ranked[0]
     if comp.mode == "any_of" and active:
@@ -454,9 +454,7 @@ def _judge_anomaly(rule: AnomalyRule, agg: WindowAggregate, rst: State) -> Verdi
         # minute on a quiet model (5 errors in 9 calls) was diluted below the evidence
         if obs.volume >= ALONE_MIN:
             alone = judge_anomaly(rule, obs, exp, agg, lambda: series_dispersion(bst), pooled=True)
-            if alone.level is not None and (
-                verdict.level is None or SEVERITY_RANK[alone.level] > SEVERITY_RANK[verdict.level]
-            ):
+            if more_severe(alone, verdict):
                 alone.evidence["small_sample"] = "true"
                 verdict = alone
     # an incident does not teach the baseline: a window judged anomalous stays out of it

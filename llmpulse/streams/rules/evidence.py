@@ -175,9 +175,7 @@ def judge_threshold(rule: ThresholdRule, agg: WindowAggregate, rst: dict[str, An
     verdict = _judge_sample(rule, sample, shown)
     if sample.windows > 1:  # the span judged, for a person to check
         alone = _judged_alone(rule, agg, shown)
-        if alone is not None and alone.level is not None and (
-            verdict.level is None or SEVERITY_RANK[alone.level] > SEVERITY_RANK[verdict.level]
-        ):
+        if alone is not None and more_severe(alone, verdict):
             return alone
         verdict.evidence["windows"] = sample.windows
         verdict.evidence["span_s"] = sample.span_s
@@ -186,6 +184,14 @@ def judge_threshold(rule: ThresholdRule, agg: WindowAggregate, rst: dict[str, An
 
 ALONE_MIN = 3
 """Calls a window short of ``min_requests`` needs to fire on its own evidence (see below)."""
+
+
+def more_severe(alone: Verdict, pooled: Verdict) -> bool:
+    """Whether a short window judged alone fires above its pooled verdict (it only ever
+    fires or escalates, never clears)."""
+    return alone.level is not None and (
+        pooled.level is None or SEVERITY_RANK[alone.level] > SEVERITY_RANK[pooled.level]
+    )
 
 
 def _judged_alone(rule: ThresholdRule, agg: WindowAggregate, shown: float | None) -> Verdict | None:
@@ -202,7 +208,7 @@ def _judged_alone(rule: ThresholdRule, agg: WindowAggregate, shown: float | None
     own = window_sample(rule, agg)
     if own is None or own.n < ALONE_MIN:
         return None
-    if rule.metric in ("latency_avg_ms",) and not own.sd:
+    if rule.metric == "latency_avg_ms" and not own.sd:
         # a few calls within one bucket of the latency sketch read as no spread at all: not
         # evidence (3 calls of 2.1 s fired as "bound 2,118" on a quiet model's ordinary night)
         return None

@@ -24,7 +24,6 @@ from typing import Any, Literal
 from llmpulse.streams.rules.model import SEVERITY_RANK, Severity
 
 State = dict[str, Any]
-_RANK = SEVERITY_RANK
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +71,7 @@ def advance(
             return Transition("resolved", alert["severity"], int(alert["started_at"]))
         return None
     alert["clear"] = 0
-    if _RANK[verdict] > _RANK[alert["severity"]]:
+    if SEVERITY_RANK[verdict] > SEVERITY_RANK[alert["severity"]]:
         alert["severity"] = verdict
         return Transition("escalated", verdict, int(alert["started_at"]))
     return None

@@ -27,7 +27,6 @@ from llmpulse.streams.rules.evidence import Evidence, Verdict
 from llmpulse.streams.rules.model import DAY_S, SEVERITY_RANK, Severity, SloRule
 
 State = dict[str, Any]
-_RANK = SEVERITY_RANK
 
 
 def add_window(rule: SloRule, st: State, window_start_s: int, total: int, bad: int) -> None:
@@ -114,7 +113,7 @@ def judge_slo(rule: SloRule, agg: WindowAggregate, st: State) -> Verdict:
         if long_rate is None or short_rate is None or long_total < rule.min_requests:
             continue
         burning = long_rate > pair.burn_rate and short_rate > pair.burn_rate
-        if burning and (level is None or _RANK[pair.severity] > _RANK[level]):
+        if burning and (level is None or SEVERITY_RANK[pair.severity] > SEVERITY_RANK[level]):
             level, chosen, shown = pair.severity, ev, (long_rate, pair.burn_rate)
     assert chosen is not None
     value, threshold = shown

@@ -159,19 +159,21 @@ class WriteInThread:
         if not lost:
             return
         metrics.SINK_LOST_BLOCKS.labels(batch.spec.table).inc()
-        digest = hashlib.sha256("\n".join(str(getattr(e, col)) for e in lost).encode()).hexdigest()[:32]
         log.warning("rebuilt batch %s: its token was recorded but %d of its %d rows are not in %s (a writer killed "
                     "between ClickHouse's deduplication log and its part); writing them", batch.token, len(lost),
                     len(rows), batch.spec.table)  # fmt: skip
-        self.writer.insert(batch.spec, lost, f"{batch.token}|lost|{digest}")
+        self.writer.insert(batch.spec, lost, f"{batch.token}|lost|{ids_digest(lost, col)}")
 
     def _write_missing(self, batch: Batch) -> None:
         col = batch.spec.id_column
         missing = missing_rows(batch, self.writer.present_ids)
-        # the token names exactly these events: a retry of the same rows is skipped, other rows are not
-        digest = hashlib.sha256("\n".join(str(getattr(e, col)) for e in missing).encode()).hexdigest()[:32]
         parts = ",".join(f"{p}:{a}-{b}" for p, (a, b) in sorted(batch.ranges.items()))
         if missing:
             log.warning("rebuilt part %s of batch %s: %d of %d events were not written yet",
                         parts, batch.token, len(missing), len(batch.items))  # fmt: skip
-        self.writer.insert(batch.spec, missing, f"{batch.token}|part|{parts}|{digest}")
+        self.writer.insert(batch.spec, missing, f"{batch.token}|part|{parts}|{ids_digest(missing, col)}")
+
+
+def ids_digest(items: list[Any], col: str) -> str:
+    """A token part naming exactly these events: a retry of the same rows is skipped, other rows are not."""
+    return hashlib.sha256("\n".join(str(getattr(e, col)) for e in items).encode()).hexdigest()[:32]
