@@ -24,8 +24,8 @@ from llmpulse.schemas.partials import (
 from llmpulse.streams import state_keys as SK
 from llmpulse.streams.finalizing import Pending, StoredFinalizer
 from llmpulse.streams.rules.hook import RulesRuntime
+from llmpulse.streams.window_stage import call_dimensions
 from llmpulse.streams.windowing import Partial, PartitionWindows
-from llmpulse.streams.worker_app import call_dimensions
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 T0_MS = int(T0.timestamp() * 1000)

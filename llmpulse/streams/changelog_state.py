@@ -1,6 +1,6 @@
 """Stage 1's window state: an in-memory map whose every change is a record of its changelog.
 
-Keys are text `"<partition>|..."` (tables.state_key); a key lives in the changelog
+Keys are text `"<partition>|..."` (window_state.py); a key lives in the changelog
 partition it names, the partition of the source partition it was computed from, so
 whoever is assigned that source partition reads it back (restore.py). Records are JSON
 keys and values, tombstones for deletions: the format Faust's tables wrote, so a state

@@ -18,8 +18,12 @@ it is then accepted, with a warning naming the range.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from llmpulse import metrics
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,9 @@ class Admission:
 
 
 class OffsetGuard:
-    def __init__(self, reseek_s: float = 2.0, accept_after_s: float = 10.0, accept_after_seeks: int = 3) -> None:
+    def __init__(
+        self, reseek_s: float = 2.0, accept_after_s: float = 10.0, accept_after_seeks: int = 3
+    ) -> None:
         self.reseek_s = reseek_s
         self.accept_after_s = accept_after_s
         self.accept_after_seeks = accept_after_seeks
@@ -69,7 +75,9 @@ class OffsetGuard:
     def forget(self, key: Hashable) -> None:
         self.rewinds.pop(key, None)
 
-    def admit(self, key: Hashable, applied: int | None, offsets: Sequence[int], now: float) -> Admission:
+    def admit(
+        self, key: Hashable, applied: int | None, offsets: Sequence[int], now: float
+    ) -> Admission:
         """The prefix of `offsets` (in delivery order) that continues from `applied` without a gap.
 
         `applied`: the last offset the state holds (None: no state yet, anything starts it)."""
@@ -120,3 +128,24 @@ class OffsetGuard:
                 return Admission(i, seek_to=missing)
             return Admission(i)  # still waiting for the seek to take effect
         return Admission(len(offsets))
+
+
+# (topic, partition, offset) -> None: send the partition's consumer back to an offset
+Seek = Callable[[str, int, int], Awaitable[None]]
+
+
+async def admit_messages(
+    guard: OffsetGuard, key: Hashable, applied: int | None, msgs: Sequence[Any], seek: Seek
+) -> list[Any]:
+    """The messages of a batch to apply: new ones, continuing the state's `applied` offset
+    without a gap (a gap cuts the batch and seeks the partition back; counted in
+    llmpulse_offset_gaps_total)."""
+    accepted = guard.gaps_accepted
+    adm = guard.admit(key, applied, [m.offset for m in msgs], time.monotonic())
+    if guard.gaps_accepted > accepted:
+        metrics.OFFSET_GAPS.labels(msgs[0].topic, "accepted").inc()
+    if adm.seek_to is not None:
+        metrics.OFFSET_GAPS.labels(msgs[0].topic, "rewound").inc()
+        await seek(msgs[0].topic, msgs[0].partition, adm.seek_to)
+    taken = msgs[: adm.take]
+    return list(taken) if applied is None else [m for m in taken if m.offset > applied]

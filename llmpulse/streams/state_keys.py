@@ -1,6 +1,6 @@
 """Keys of stage 2's state (the `final` table), format and parse side by side.
 
-Every key starts with its partials partition (llmpulse.streams.tables: the changelog
+Every key starts with its partials partition (worker_app.PartitionedTable: the changelog
 partition the state lives in), then a one-letter shape:
 
     <fp>|O                              the last partials offset applied

@@ -1,0 +1,478 @@
+"""Stage 1: source events -> event-time windows per source partition -> one partials
+message per closed window, then the partition's close mark.
+
+Input: whole batches of source records from source_reader.py (calls, GPU samples,
+feedback, host samples; several events a message or one). Output, through an `Emitter`
+(emitter.py): to `partials`, per closed window one message with all its dimension sets
+(schemas/partials.py), keyed so that every set of a window meets in one finalizer,
+then the partition's close mark to every partials partition; to the dead-letter topic,
+invalid and too-late events with their reason; to the window changelog, the state
+(window_state.py). Nothing here imports Kafka or Faust.
+
+Contract (as arroyo's strategies state theirs):
+- `submit(records)`: apply a poll's records under the stage's lock; returns the delivery
+  futures of what it queued (state records, dead letters) and, per source partition, the
+  offset (next to read) that queued state covers: the reader commits that offset only once
+  those futures are done (commits.py). It does not wait for the broker, except to restore
+  a partition's state the first time the partition is seen.
+- A partition's state is written only when the partials of its previous close are
+  delivered: then its close mark and tombstones, then its state (accumulators, ids, meta),
+  then the next close. While they are in flight the partition keeps applying batches in
+  memory (their offsets stay uncommitted), so it never waits for the broker between
+  batches. A crash in between restores a state that does not include a close whose
+  partials may be lost: the windows close again, to the same partials (the finalizer
+  replaces a source's part, so a partial delivered twice counts once).
+- `poll()` (the timer, every second): re-seeks partitions left with an offset gap,
+  closes windows of partitions whose traffic stopped, writes what is ready; returns what
+  to commit after, as `submit` does.
+- `revoke(partitions)`: waits for their partials in flight, writes their state, forgets
+  them; returns the deliveries to wait for before the revoke may return.
+- `join()` (a clean stop): the same for every partition still held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import msgspec
+
+from llmpulse import metrics
+from llmpulse.config import Settings
+from llmpulse.kafka import topics as T
+from llmpulse.schemas import CallEvent, DeadLetter, Feedback, GpuSample
+from llmpulse.schemas.codec import decode, encode
+from llmpulse.schemas.fast import decode_calls
+from llmpulse.schemas.host import HostSample
+from llmpulse.schemas.partials import CloseMark, DimensionSetState, encode_partials, window_messages
+from llmpulse.streams import window_state as WS
+from llmpulse.streams.changelog_state import ChangelogState
+from llmpulse.streams.commits import CommitLedger
+from llmpulse.streams.contiguity import OffsetGuard, admit_messages
+from llmpulse.streams.emitter import Emitter
+from llmpulse.streams.finalizing import finalizer_partition, partial_key
+from llmpulse.streams.positions import message_of, position
+from llmpulse.streams.windowing import Partial, PartitionWindows
+
+log = logging.getLogger(__name__)
+
+# source topic -> (kind, model)
+KINDS: dict[
+    str, tuple[str, type[CallEvent] | type[GpuSample] | type[Feedback] | type[HostSample]]
+] = {
+    T.CALLS: ("calls", CallEvent),
+    T.GPU: ("gpu", GpuSample),
+    T.FEEDBACK: ("feedback", Feedback),
+    T.HOST: ("host", HostSample),
+}
+KINDS_BY_KIND = {kind: model for kind, model in KINDS.values()}
+TOPIC_OF_KIND = {kind: topic for topic, (kind, _) in KINDS.items()}
+GPU_DIMENSIONS = [["host", "gpu"]]
+FEEDBACK_DIMENSIONS = [[], ["model"], ["app"]]
+HOST_DIMENSIONS = [["host"]]
+MARK_REPEAT_S = (
+    2.0  # an unchanged close mark is sent again this often (a restarted finalizer hears it)
+)
+
+Deliveries = tuple[
+    list[Any], dict[tuple[str, int], int]
+]  # (futures, offsets they cover: next to read)
+
+
+class SourceInput(Protocol):
+    """What stage 1 asks of its reader (source_reader.SourceReader)."""
+
+    ledger: CommitLedger
+
+    def highwater(self, topic: str, partition: int) -> int | None: ...
+
+    async def at_end(self, topic: str, partition: int) -> bool: ...
+
+    def seek(self, topic: str, partition: int, offset: int) -> None: ...
+
+
+# (changelog topic, partition) -> its latest records (restore.py)
+ReadState = Callable[[str, int], Awaitable[dict[str, Any]]]
+
+
+class WindowStage:
+    def __init__(
+        self,
+        settings: Settings,
+        emitter: Emitter,
+        reader: SourceInput,
+        read_state: ReadState,
+        state_topic: str,
+        call_dimensions: dict[int, list[list[str]]],
+    ) -> None:
+        kcfg = settings.kafka
+        self.settings = settings
+        self.emitter = emitter
+        self.reader = reader
+        self.read_state = read_state
+        self.partitions = kcfg.partitions
+        self.topic_of_kind = {kind: kcfg.topic(t) for t, (kind, _) in KINDS.items()}
+        self.kind_of_topic = {topic: kind for kind, topic in self.topic_of_kind.items()}
+        self.partials_topic = kcfg.topic(T.PARTIALS)
+        self.deadletter_topic = kcfg.topic(T.DEADLETTER)
+        self.call_dimensions = call_dimensions
+        # named as the Faust table that held it before, so its state restores unchanged
+        self.table = ChangelogState("windows", state_topic)
+        self.lock = asyncio.Lock()
+        self.windows: dict[tuple[str, int], PartitionWindows] = {}
+        self.restored: set[int] = set()
+        self.owned: set[tuple[str, int]] = (
+            set()
+        )  # source (topic, partition)s; changed under the lock only
+        # per (kind, partition): partial sends not yet delivered, and the close mark and
+        # tombstones to write once they are (before the partition's next state)
+        self.inflight: dict[
+            tuple[str, int], list[tuple[list[Any], dict[str, Any] | None, list[str]]]
+        ] = {}
+        self.last_marks: dict[tuple[str, int], tuple[int | None, float]] = {}
+        self.unpersisted: set[tuple[str, int]] = (
+            set()
+        )  # (kind, partition) applied past its queued state
+        self.persisted: dict[
+            tuple[str, int], int
+        ] = {}  # (topic, partition) -> offset its queued state covers
+        self.batch_futures: list[Any] = []  # dead letters of the batch in progress
+        self.guard = OffsetGuard()
+
+    # -- the contract ---------------------------------------------------------------------------
+    async def submit(self, records: dict[tuple[str, int], Sequence[Any]]) -> Deliveries:
+        """One bulk poll: the partitions still ours applied; the deliveries and what they cover."""
+        async with self.lock:
+            await self._apply({tp: msgs for tp, msgs in records.items() if tp in self.owned})
+            return await self._flush()
+
+    async def poll(self) -> Deliveries:
+        """The timer: re-seek gaps, close idle partitions' windows, write what is ready."""
+        async with self.lock:
+            for key, offset in self.guard.due_reseeks(time.monotonic()):
+                assert isinstance(key, tuple)
+                topic = self.topic_of_kind[key[0]]
+                log.info(
+                    "%s[%d]: offset %d has not arrived yet; seeking to it again",
+                    topic,
+                    key[1],
+                    offset,
+                )
+                self.reader.seek(topic, key[1], offset)
+            await self._close_idle()
+            return await self._flush()
+
+    def pause(self) -> None:
+        """Input paused (a rebalance, a recovery): not idleness of the traffic."""
+        now = time.time()
+        for pw in self.windows.values():
+            if pw.last_event_wall is not None:
+                pw.last_event_wall = now
+
+    async def assign(self, assigned: set[tuple[str, int]]) -> None:
+        async with self.lock:
+            self.owned = set(assigned)
+            self.pause()
+            # the partitions' states read side by side now (a read takes 1-3 s on Tansu),
+            # not one after the other as each partition's first batch arrives
+            await asyncio.gather(*(self._restore(p) for p in sorted({p for _, p in assigned})))
+
+    async def start_offset(self, tp: tuple[str, int]) -> int | None:
+        """The offset after the last one a partition's state applied (None: no state yet)."""
+        async with self.lock:
+            pw = await self.windows_for(self.kind_of_topic[tp[0]], tp[1])
+            return None if pw.applied_message is None else pw.applied_message + 1
+
+    async def revoke(self, revoked: set[tuple[str, int]]) -> list[Any]:
+        """Let revoked partitions go: their state queued and sent; the deliveries to wait for."""
+        async with self.lock:
+            # the window state of partition p holds every kind's: all of them go together
+            # (the range assignor gives partition p of every source topic to one member)
+            partitions = {p for _, p in revoked}
+            self.owned = {tp for tp in self.owned if tp[1] not in partitions}
+            for kind, partition in [k for k in self.windows if k[1] in partitions]:
+                pw = self.windows.pop((kind, partition))
+                # the partials in flight delivered, their close marks and tombstones written,
+                # so that the next owner does not close those windows again; then the state
+                await self._await_delivered(kind, partition)
+                if (kind, partition) in self.unpersisted:
+                    self._persist(pw, partition)
+            for partition in partitions:
+                for kind in KINDS_BY_KIND:
+                    self.guard.forget((kind, partition))
+                self.restored.discard(partition)
+                self.table.drop_partition(partition)
+            futures, offsets = await self._flush()
+            self.reader.ledger.add(futures, offsets)  # committed before the revoke returns
+            return futures
+
+    async def join(self) -> None:
+        """A clean stop: the state of every partition applied past it queued, after its close marks."""
+        async with self.lock:
+            for kind, partition in sorted(self.unpersisted):
+                pw = self.windows.get((kind, partition))
+                await self._await_delivered(kind, partition)
+                if pw is not None:
+                    self._persist(pw, partition)
+            self.unpersisted.clear()
+            futures, offsets = await self._flush()
+            self.reader.ledger.add(futures, offsets)
+
+    def close_all(self) -> list[Partial]:
+        """Every open window closed now, its partials returned, not emitted (the exit flush)."""
+        return [
+            p
+            for pw in list(self.windows.values())
+            for p in pw.close(time.time(), force=True).partials
+        ]
+
+    # -- state --------------------------------------------------------------------------------------
+    async def _flush(self) -> Deliveries:
+        """Send the queued state; its deliveries (and the batch's dead letters) and the offsets they cover."""
+        futures = await self.table.flush(self.emitter.publish) + self.batch_futures
+        offsets, self.persisted, self.batch_futures = self.persisted, {}, []
+        return futures, offsets
+
+    async def _restore(self, partition: int) -> None:
+        """Load one partition's state from its changelog, read to its true end (restore.py)."""
+        if partition in self.restored:
+            return
+        # the records queued for it go first: the read's barrier must follow them
+        self.reader.ledger.add(await self.table.flush(self.emitter.publish), {})
+        await asyncio.gather(*(f for futures, _ in self.reader.ledger.entries for f in futures))
+        state = await self.read_state(self.table.topic, partition)
+        self.table.drop_partition(partition)
+        for k, v in state.items():
+            self.table.data[k] = v
+        self.restored.add(partition)
+
+    async def windows_for(self, kind: str, partition: int) -> PartitionWindows:
+        pw = self.windows.get((kind, partition))
+        if pw is not None:
+            return pw
+        await self._restore(partition)
+        pw = self.windows.get((kind, partition))
+        if pw is not None:
+            return pw
+        wcfg = self.settings.worker
+        dims: dict[int, list[list[str]]] | list[list[str]] = (
+            self.call_dimensions if kind == "calls"
+            else {"gpu": GPU_DIMENSIONS, "host": HOST_DIMENSIONS}.get(kind, FEEDBACK_DIMENSIONS)
+        )  # fmt: skip
+        pw = PartitionWindows(
+            kind,
+            f"{kind}:{partition}",
+            wcfg.windows_s,
+            wcfg.grace_s,
+            wcfg.idle_close_s,
+            dims,
+            wcfg.dedup_horizon_s,
+            wcfg.allowed_lateness_s,
+        )
+        prefix = f"{partition}|{kind}|"
+        # id chunks of a batch whose meta was never written are replayed: delete them
+        for key in WS.load(
+            pw, partition, ((k, v) for k, v in self.table.items() if k.startswith(prefix))
+        ):
+            del self.table[key]
+        self.windows[(kind, partition)] = pw
+        return pw
+
+    def _persist(self, pw: PartitionWindows, partition: int) -> None:
+        """Queue the partition's changed state; its close marks in flight must be written first."""
+        self.unpersisted.discard((pw.kind, partition))
+        if pw.applied_message is not None:
+            self.persisted[(self.topic_of_kind[pw.kind], partition)] = pw.applied_message + 1
+        WS.write_batch(self.table, partition, pw)
+
+    # -- applying a batch ---------------------------------------------------------------------------
+    async def _seek(self, topic: str, partition: int, offset: int) -> None:
+        self.reader.seek(topic, partition, offset)
+
+    async def _apply(self, records: dict[tuple[str, int], Sequence[Any]]) -> None:
+        """Stage 1 on one poll's records, by (topic, partition), each in offset order."""
+        now = time.time()
+        dead: list[DeadLetter] = []
+        closing: list[tuple[PartitionWindows, int]] = []
+        for (topic, partition), msgs in records.items():
+            kind = self.kind_of_topic[topic]
+            pw = await self.windows_for(kind, partition)
+            msgs = await admit_messages(
+                self.guard, (kind, partition), pw.applied_message, msgs, self._seek
+            )
+            if not msgs:
+                continue
+            batch: list[tuple[int, Any]] = []
+            model = KINDS_BY_KIND[kind]
+            events_in = 0
+            for msg in msgs:
+                decoded = decode_calls(msg.value) if kind == "calls" else decode(msg.value, model)
+                events_in += len(decoded.valid) + len(decoded.rejected)
+                for i, rej in enumerate(decoded.rejected):
+                    dead.append(
+                        DeadLetter.for_bytes(
+                            rej.raw, rej.reason, kind="invalid", source=msg.topic,
+                            partition=msg.partition, offset=msg.offset,
+                            dead_letter_id=f"{msg.topic}-{msg.partition}-{msg.offset}-{i}",
+                        )
+                    )  # fmt: skip
+                valid = decoded.valid
+                base = position(msg.offset, 0)
+                if len(valid) == 1:
+                    batch.append((base, valid[0]))
+                else:
+                    batch.extend(zip(range(base, base + len(valid)), valid, strict=True))
+            metrics.EVENTS_IN.labels("worker", kind).inc(events_in)
+            applied = pw.apply(batch, now)
+            if applied.duplicates:
+                metrics.DUPLICATES.labels(kind).inc(applied.duplicates)
+            if applied.revised:
+                metrics.LATE_REVISED.labels(kind).inc(applied.revised)
+            for late in applied.late:
+                ev = late.event
+                dead.append(
+                    DeadLetter.for_bytes(
+                        msgspec.json.encode(ev) if isinstance(ev, msgspec.Struct) else encode(ev),
+                        f"late event: its {pw.windows_s[0]} s window ended at {late.window_end_ms} ms, more than "
+                        f"the allowed lateness ({pw.lateness_ms / 1000:g} s, worker.allowed_lateness_s) before "
+                        f"the partition's close mark {pw.close_mark_ms} ms",
+                        kind="late",
+                        source=topic,
+                        partition=partition,
+                        offset=message_of(late.offset),
+                        dead_letter_id=f"late-{kind}-{partition}-{late.offset}",
+                    )
+                )
+            pw.consumed_through(
+                msgs[-1].offset
+            )  # in offset order; admit_messages kept those past the state
+            self.unpersisted.add((kind, partition))
+            if self._delivered(kind, partition):
+                # the partials of its last close are delivered: write their close mark, then
+                # the state, then close. Otherwise all three wait for a later batch (or the
+                # timer): the state stays in memory and its offsets uncommitted meanwhile,
+                # so a partition never waits for the broker between its batches.
+                await self._await_delivered(kind, partition)
+                self._persist(pw, partition)
+                closing.append((pw, partition))
+        for d in dead:
+            metrics.DEAD_LETTERS.labels("worker", d.kind).inc()
+            # committed with the batch: the dead letters are delivered before its offsets commit
+            self.batch_futures.append(
+                await self.emitter.send(self.deadletter_topic, d.source.encode(), encode(d))
+            )
+        for pw, partition in closing:
+            await self._close_and_emit(pw, partition)
+
+    # -- closing windows ----------------------------------------------------------------------------
+    def _delivered(self, kind: str, partition: int) -> bool:
+        """Whether every partial sent for the partition so far is delivered."""
+        return all(
+            f.done() for sent, _, _ in self.inflight.get((kind, partition), ()) for f in sent
+        )
+
+    async def _close_and_emit(self, pw: PartitionWindows, partition: int) -> list[Partial]:
+        before = pw.close_mark_ms
+        res = pw.close(time.time())
+        futures = []
+        # one message per window (and chunk of its dimension sets), not per dimension set
+        # (the late events of a closed window come as source `<source>~late`, windowing.py)
+        by_window: dict[tuple[int, int, str], list[DimensionSetState]] = {}
+        for p in res.partials:
+            by_window.setdefault((p.window_s, p.start_ms, p.source), []).append(
+                DimensionSetState(p.dims_key, p.dims, p.state)
+            )
+        for (window_s, start_ms, source), sets in by_window.items():
+            key = partial_key(pw.kind, window_s)
+            fp = finalizer_partition(pw.kind, window_s, self.partitions)
+            for msg in window_messages(pw.kind, window_s, start_ms, source, sets):
+                futures.append(
+                    await self.emitter.send(self.partials_topic, key, encode_partials(msg), fp)
+                )
+        mark = res.mark_ms  # None: this partition has seen no event yet
+        last = self.last_marks.get((pw.kind, partition))
+        now = time.monotonic()
+        if last is None or last[0] != mark or now - last[1] > MARK_REPEAT_S:
+            body = encode_partials(CloseMark(pw.kind, pw.source, mark))
+            for fp in range(self.partitions):
+                futures.append(await self.emitter.send(self.partials_topic, None, body, fp))
+            self.last_marks[(pw.kind, partition)] = (mark, now)
+        # the close mark and then the tombstones, once the partials are delivered: a state
+        # restored in between never closes a window again without the accumulators it
+        # already published. Not awaited here: the next batch is processed meanwhile.
+        meta = (
+            pw.meta_state() if (res.partials or res.removed or pw.close_mark_ms != before) else None
+        )
+        removed = WS.closed_keys(partition, pw.kind, res.removed, res.removed_late, res.removed_ids)
+        self.inflight.setdefault((pw.kind, partition), []).append((futures, meta, removed))
+        return res.partials
+
+    async def _await_delivered(self, kind: str, partition: int) -> None:
+        """Wait for a partition's partials in flight, then write the close marks and tombstones."""
+        pending = self.inflight.pop((kind, partition), None)
+        if not pending:
+            return
+        futures = [f for sent, _, _ in pending for f in sent]
+        if futures:
+            await asyncio.gather(*futures)
+        table = self.table
+        for _, meta, removed in pending:
+            if meta is not None:
+                table[WS.meta_key(partition, kind)] = meta
+            for k in removed:
+                if k in table:
+                    del table[k]
+
+    async def _close_idle(self) -> None:
+        now = time.time()
+        for topic, partition in sorted(self.owned):
+            kind = self.kind_of_topic[topic]
+            pw = await self.windows_for(kind, partition)
+            if self._has_backlog((topic, partition), pw):
+                pw.last_event_wall = now  # behind, not idle: its next events are already waiting
+            await self._await_delivered(kind, partition)
+            if (kind, partition) in self.unpersisted:
+                self._persist(pw, partition)
+            if pw.applied_message is None and not await self.reader.at_end(topic, partition):
+                # no event yet, and not known to have none: its close mark would say "empty",
+                # and the finalizer would close every window on the other partitions' marks
+                # alone (a replay's partition 1, not yet fetched, lost 5,000 s of windows)
+                continue
+            await self._close_and_emit(pw, partition)
+
+    def _has_backlog(self, tp: tuple[str, int], pw: PartitionWindows) -> bool:
+        """Whether the broker holds messages of the partition past what the state applied.
+
+        Idle closing is for traffic that stopped; a partition that is merely behind (a
+        rebalance, a restore, a slow moment) must not have its windows closed by the clock."""
+        applied = pw.applied_message
+        if applied is None:
+            return False
+        high = self.reader.highwater(*tp)
+        return high is not None and high > applied + 1
+
+
+def call_dimensions(settings: Settings, rules: Any) -> dict[int, list[list[str]]]:
+    """The dimension sets of call windows per window size: the configured ones
+    (WorkerConfig.dimensions_by_window), plus the sets the rules judge at that size, plus,
+    at the smallest size, the set the Prometheus LLM metrics are labelled by
+    (llmpulse.sinks.prometheus reads the smallest window)."""
+    out = settings.worker.dimensions_by_window()
+    lm = settings.llm_metrics
+    wanted: list[tuple[int, list[str]]] = [(min(out), list(lm.labels))] if lm.enabled else []
+    engine = getattr(rules, "engine", None)
+    for rule in getattr(getattr(engine, "rules", None), "rules", ()):
+        if getattr(rule, "kind", None) == "calls" and getattr(rule, "window", None) in out:
+            wanted += [(rule.window, list(dims)) for dims in rule.dim_sets]
+    for size, dims in wanted:
+        if sorted(dims) not in [sorted(d) for d in out[size]]:
+            out[size].append(dims)
+    return out
+
+
+def sources_of(partitions: int) -> dict[str, Iterable[str]]:
+    """The source names a finalizer waits for, per kind: one per source partition."""
+    return {kind: [f"{kind}:{p}" for p in range(partitions)] for kind, _ in KINDS.values()}
