@@ -1,0 +1,261 @@
+"""The worker's two stages without Kafka or Faust, against the in-memory emitter
+(llmpulse/streams/emitter.py), as their contracts state them (window_stage.py,
+finalize_stage.py): what each emits, in which order, what it writes as state and when,
+which offsets it says are covered, and that stage 2 publishes every window once whatever
+stage 1 sends again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from llmpulse.config import Settings
+from llmpulse.schemas import CallEvent
+from llmpulse.schemas.aggregate import WindowAggregate, dimensions_key
+from llmpulse.schemas.codec import encode
+from llmpulse.schemas.partials import CloseMark, WindowPartials, decode_partials
+from llmpulse.streams import window_state as WS
+from llmpulse.streams.commits import CommitLedger
+from llmpulse.streams.emitter import MemoryEmitter
+from llmpulse.streams.finalize_stage import FinalizeStage
+from llmpulse.streams.window_stage import WindowStage, call_dimensions, sources_of
+
+T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+GLOBAL = dimensions_key({})  # the key of all traffic
+S = Settings()
+CALLS = S.kafka.topic("calls")
+PARTIALS = S.kafka.topic("partials")
+AGGREGATES = S.kafka.topic("aggregates")
+STATE = "w-windows-changelog"
+
+
+@dataclass
+class Msg:
+    topic: str
+    partition: int
+    offset: int
+    value: bytes
+
+
+class Reader:
+    """What stage 1 asks of its reader: a ledger, the partitions' ends, seeks."""
+
+    def __init__(self) -> None:
+        self.ledger = CommitLedger()
+        self.seeks: list[tuple[str, int, int]] = []
+
+    def highwater(self, topic: str, partition: int) -> int | None:
+        return None
+
+    async def at_end(self, topic: str, partition: int) -> bool:
+        return True
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        self.seeks.append((topic, partition, offset))
+
+
+class HeldEmitter(MemoryEmitter):
+    """Partials are delivered only when `release()` is called (a slow broker)."""
+
+    def __init__(self, partitions: int) -> None:
+        super().__init__(partitions)
+        self.held: list[asyncio.Future[Any]] = []
+
+    async def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> Any:
+        await super().send(topic, key, value, partition)
+        if topic != PARTIALS:
+            return _done()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.held.append(fut)
+        return fut
+
+    def release(self) -> None:
+        for f in self.held:
+            if not f.done():
+                f.set_result(None)
+
+
+def _done() -> asyncio.Future[Any]:
+    f: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    f.set_result(None)
+    return f
+
+
+def call(i: int, sec: float, model: str = "m1") -> CallEvent:
+    return CallEvent(
+        event_id=f"e{i}", ts=T0 + timedelta(seconds=sec), model=model, app=f"a{i % 2}",
+        status_code=200, latency_ms=10 + i % 7, prompt_tokens=i % 11, completion_tokens=3,
+    )  # fmt: skip
+
+
+def messages(events: list[CallEvent], first_offset: int = 0, partition: int = 0) -> list[Msg]:
+    return [Msg(CALLS, partition, first_offset + i, encode(e)) for i, e in enumerate(events)]
+
+
+def stored(emitter: MemoryEmitter, partition: int) -> dict[str, Any]:
+    """What restore.py would read back from the window changelog's partition."""
+    out: dict[str, Any] = {}
+    for key, value in emitter.records.get((STATE, partition), []):
+        assert key is not None
+        k = json.loads(key)
+        if value is None:
+            out.pop(k, None)
+        else:
+            out[k] = json.loads(value)
+    return out
+
+
+def stage1(emitter: MemoryEmitter, state: dict[str, Any] | None = None) -> WindowStage:
+    async def read_state(topic: str, partition: int) -> dict[str, Any]:
+        assert topic == STATE
+        return {k: v for k, v in (state or {}).items() if k.startswith(f"{partition}|")}
+
+    return WindowStage(S, emitter, Reader(), read_state, STATE, call_dimensions(S, None))
+
+
+def partial_messages(emitter: MemoryEmitter) -> list[tuple[int, WindowPartials | CloseMark]]:
+    return [
+        (p, decode_partials(v))
+        for (t, p), recs in sorted(emitter.records.items()) if t == PARTIALS
+        for _, v in recs if v is not None
+    ]  # fmt: skip
+
+
+def requests(msgs: list[tuple[int, WindowPartials | CloseMark]], window_s: int, dims_key: str) -> int:
+    return sum(
+        s.state["r"] for _, m in msgs if isinstance(m, WindowPartials) and m.window_s == window_s
+        for s in m.sets if s.dims_key == dims_key
+    )  # fmt: skip
+
+
+def test_stage1_emits_each_closed_window_once_then_its_close_mark_and_writes_meta_last() -> None:
+    async def run() -> None:
+        em = MemoryEmitter(S.kafka.partitions)
+        st = stage1(em)
+        await st.assign({(CALLS, 0)})
+        events = [call(i, i * 0.5, model=f"m{i % 3}") for i in range(200)]  # 0 .. 100 s
+        futures, offsets = await st.submit({(CALLS, 0): messages(events)})
+        # the batch's state covers every offset it read: the reader commits 200 once delivered
+        assert offsets == {(CALLS, 0): 200} and all(f.done() for f in futures)
+        msgs = partial_messages(em)
+        # windows that ended 5 s (grace) before the last event, 10 s ones through [80, 90)
+        closed_10 = {m.start_ms for _, m in msgs if isinstance(m, WindowPartials) and m.window_s == 10}
+        start = int(T0.timestamp() * 1000)
+        assert closed_10 == {start + 10_000 * k for k in range(9)}
+        assert requests(msgs, 10, GLOBAL) == 180 and requests(msgs, 60, GLOBAL) == 120
+        # each partials partition: the window messages, then this partition's close mark
+        for fp in range(S.kafka.partitions):
+            here = [m for p, m in msgs if p == fp]
+            assert isinstance(here[-1], CloseMark) and here[-1].src == "calls:0"
+            assert all(isinstance(m, WindowPartials) for m in here[:-1])
+        # the state: the meta record after the accumulators of the batch
+        keys = [json.loads(k) for k, _ in em.records[(STATE, 0)] if k is not None]
+        parsed = [WS.parse(k) for k in keys]
+        assert all(p is not None and p.partition == 0 and p.kind == "calls" for p in parsed)
+        assert parsed[-1] is not None and parsed[-1].shape == "M"
+        assert {p.shape for p in parsed if p is not None} >= {"A", "D", "M"}
+
+    asyncio.run(run())
+
+
+def test_stage1_writes_no_state_while_its_partials_are_in_flight_and_covers_no_offset_meanwhile() -> None:
+    async def run() -> None:
+        em = HeldEmitter(S.kafka.partitions)
+        st = stage1(em)
+        await st.assign({(CALLS, 0)})
+        await st.submit({(CALLS, 0): messages([call(i, i * 0.5) for i in range(100)])})  # closes windows
+        written = len(em.records[(STATE, 0)])
+        assert em.held and not any(f.done() for f in em.held)
+        # the next batch is applied in memory: no state written, no offset covered
+        futures, offsets = await st.submit({(CALLS, 0): messages([call(100 + i, 50 + i * 0.5) for i in range(20)], 100)})
+        assert offsets == {} and len(em.records[(STATE, 0)]) == written
+        em.release()
+        # delivered: the timer writes the close mark (meta), the tombstones and the state
+        futures, offsets = await st.poll()
+        assert all(f.done() for f in futures)
+        assert offsets == {(CALLS, 0): 120}
+        assert len(em.records[(STATE, 0)]) > written
+
+    asyncio.run(run())
+
+
+def test_stage1_restored_from_its_changelog_continues_where_the_state_ends() -> None:
+    async def run() -> None:
+        em = MemoryEmitter(S.kafka.partitions)
+        st = stage1(em)
+        await st.assign({(CALLS, 0)})
+        first = [call(i, i * 0.5) for i in range(100)]
+        await st.submit({(CALLS, 0): messages(first)})
+        await st.join()
+        # a new worker: reads the state back, starts after it, skips a replay of the batch
+        em2 = MemoryEmitter(S.kafka.partitions)
+        st2 = stage1(em2, stored(em, 0))
+        await st2.assign({(CALLS, 0)})
+        assert await st2.start_offset((CALLS, 0)) == 100
+        rest = [call(100 + i, 50 + i * 0.5) for i in range(100)]
+        await st2.submit({(CALLS, 0): messages(first + rest)})  # redelivered from offset 0
+        both = partial_messages(em) + partial_messages(em2)
+        # every window closed by either worker counts each call once (the finalizer keeps
+        # the latest part of a source: take each window's last message)
+        last: dict[tuple[int, int], WindowPartials] = {}
+        for _, m in both:
+            if isinstance(m, WindowPartials) and m.window_s == 10:
+                last[(m.start_ms, m.chunk)] = m
+        n = sum(s.state["r"] for m in last.values() for s in m.sets if s.dims_key == GLOBAL)
+        closed = len({k[0] for k in last})
+        assert n == closed * 20  # two calls a second, every closed 10 s window complete
+
+    asyncio.run(run())
+
+
+def stage2(emitter: MemoryEmitter, table: dict[str, Any]) -> FinalizeStage:
+    async def load_state(fp: int) -> dict[str, Any]:
+        return {k: v for k, v in table.items() if k.startswith(f"{fp}|")}
+
+    async def seek(topic: str, partition: int, offset: int) -> None:
+        raise AssertionError("no gap in these tests")
+
+    return FinalizeStage(S, emitter, table, load_state, seek, sources_of(S.kafka.partitions), None)
+
+
+def test_stage2_publishes_each_window_once_whatever_stage1_sends_again() -> None:
+    async def run() -> None:
+        # stage 1 on all three source partitions, so every window is complete
+        em1 = MemoryEmitter(S.kafka.partitions)
+        st = stage1(em1)
+        await st.assign({(CALLS, p) for p in range(S.kafka.partitions)})
+        events = [call(i, i * 0.25, model=f"m{i % 3}") for i in range(480)]  # 0 .. 120 s
+        for p in range(S.kafka.partitions):
+            part = [e for i, e in enumerate(events) if i % S.kafka.partitions == p]
+            await st.submit({(CALLS, p): messages(part, partition=p)})
+        em2 = MemoryEmitter(S.kafka.partitions)
+        table: dict[str, Any] = {}
+        fin = stage2(em2, table)
+        for fp in range(S.kafka.partitions):
+            values = [v for v in em1.values(PARTIALS, fp) if v is not None]
+            msgs = [Msg(PARTIALS, fp, i, v) for i, v in enumerate(values)]
+            await fin.submit(fp, msgs)
+            # the same batch again (a redelivery) is skipped by offset; the same partials
+            # again at new offsets (stage 1 restarted and closed them again) change nothing
+            await fin.submit(fp, msgs)
+            await fin.submit(fp, [Msg(PARTIALS, fp, len(values) + i, v) for i, v in enumerate(values)])
+        aggs = [WindowAggregate.model_validate_json(v) for v in em2.values(AGGREGATES) if v is not None]
+        ids = Counter(a.aggregate_id for a in aggs)
+        assert ids and max(ids.values()) == 1  # every window and dimension set published once
+        glob = {a.window_start: a.requests for a in aggs if a.window_s == 10 and a.dims_key == GLOBAL}
+        assert len(glob) == 11 and all(n == 40 for n in glob.values())  # [0, 110) s: 4 calls a second
+        per_model = sum(a.requests for a in aggs if a.window_s == 60 and a.dimensions.get("model"))
+        assert per_model == 240  # the minute [0, 60) s of all three models
+        # the state says so: a restarted stage 2 from this table publishes nothing again
+        em3 = MemoryEmitter(S.kafka.partitions)
+        fin2 = stage2(em3, dict(table))
+        for fp in range(S.kafka.partitions):
+            values = [v for v in em1.values(PARTIALS, fp) if v is not None]
+            await fin2.submit(fp, [Msg(PARTIALS, fp, 2 * len(values) + i, v) for i, v in enumerate(values)])
+        assert em3.values(AGGREGATES) == []
+
+    asyncio.run(run())
