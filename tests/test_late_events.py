@@ -18,7 +18,7 @@ import pytest
 
 from llmpulse.config import ConfigError, load_settings
 from llmpulse.schemas import CallEvent
-from llmpulse.streams.dedup import chunk_key_parse, chunk_key_text
+from llmpulse.streams import window_state as WS
 from llmpulse.streams.finalizing import RETAIN_MS, Finalizer
 from llmpulse.streams.windowing import LATE_SUFFIX, Partial, PartitionWindows
 from tests.test_worker_duplicates import DIMS, T0, T0_MS, call
@@ -172,35 +172,25 @@ def test_lateness_is_bounded_by_the_dedup_horizon_and_the_finalizer_retention(tm
 
 # -- restore in the middle -----------------------------------------------------------------------
 def persist(w: PartitionWindows, state: dict[str, Any], meta: bool = True) -> None:
-    """What worker_app._persist writes after a batch: accumulators, late ones, id chunks, meta."""
-    for key in w.take_dirty():
-        state[f"A|{key}"] = (key, w.acc_state(key))
-    for key in w.take_late_dirty():
-        state[f"L|{key}"] = (key, w.late_state(key))
-    for chunk, ids in w.seen.take_added(w.applied_offset):
-        state[f"D|{chunk_key_text(chunk)}"] = ids
-    if meta:
-        state["M"] = w.meta_state()
+    """What the worker writes for a batch (window_state.write_batch: accumulators, late ones,
+    id chunks, meta last); meta=False: a crash before the batch's last record was written."""
+    batch: dict[str, Any] = {}
+    WS.write_batch(batch, 0, w)
+    if not meta:
+        del batch[WS.meta_key(0, w.kind)]
+    state.update(batch)
 
 
 def restore(state: dict[str, Any]) -> PartitionWindows:
+    """What a restarted worker reads back (window_state.load)."""
     w = windows()
-    for k, v in state.items():
-        if k == "M":
-            w.restore_meta(v)
-        elif k.startswith("A|"):
-            w.restore_acc(*v)
-        elif k.startswith("L|"):
-            w.restore_late(*v)
-        elif k.startswith("D|"):
-            w.seen.restore_chunk(chunk_key_parse(k[2:]), v)
-    w.seen.finish_restore(w.applied_offset, w.close_mark_ms)
+    WS.load(w, 0, state.items())
     return w
 
 
 def delivered(w: PartitionWindows, state: dict[str, Any]) -> None:
-    """Once a close's partials are delivered the worker writes its meta (worker_app.await_delivered)."""
-    state["M"] = w.meta_state()
+    """Once a close's partials are delivered the worker writes its meta (window_stage._await_delivered)."""
+    state[WS.meta_key(0, w.kind)] = w.meta_state()
 
 
 def test_a_restore_before_the_late_partial_went_out_counts_each_late_event_once() -> None:

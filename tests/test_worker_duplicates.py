@@ -26,6 +26,7 @@ from llmpulse.config import Settings
 from llmpulse.embedded.ports import free_port
 from llmpulse.schemas import CallEvent, Feedback, GpuSample, encode, encode_batch
 from llmpulse.schemas.host import HostSample
+from llmpulse.streams import window_state as WS
 from llmpulse.streams.accumulators import NANO
 from llmpulse.streams.dedup import SeenIds, chunk_key_parse, chunk_key_text
 from llmpulse.streams.windowing import Partial, PartitionWindows
@@ -149,26 +150,20 @@ def test_eviction_returns_the_persisted_chunks_to_delete() -> None:
 
 
 def persist(w: PartitionWindows, state: dict[str, Any], meta: bool = True) -> None:
-    """What the worker writes for a batch (worker_app._persist): accumulators, id chunks, meta."""
-    for key in w.take_dirty():
-        state[f"A|{key}"] = (key, w.acc_state(key))
-    for chunk, ids in w.seen.take_added(w.applied_offset):
-        state[f"D|{chunk_key_text(chunk)}"] = ids
-    if meta:
-        state["M"] = w.meta_state()
+    """What the worker writes for a batch (window_state.write_batch: accumulators, id chunks,
+    meta last); meta=False: a crash before the batch's last record reached the changelog."""
+    batch: dict[str, Any] = {}
+    WS.write_batch(batch, 0, w)
+    if not meta:
+        del batch[WS.meta_key(0, w.kind)]
+    state.update(batch)
 
 
 def restore(state: dict[str, Any], horizon_s: float = 30.0) -> tuple[PartitionWindows, list[Any]]:
+    """What a restarted worker reads back (window_state.load); the id chunks it drops."""
     w = windows(horizon_s)
-    for k, v in state.items():
-        if k == "M":
-            w.restore_meta(v)
-        elif k.startswith("A|"):
-            w.restore_acc(*v)
-        elif k.startswith("D|"):
-            w.seen.restore_chunk(chunk_key_parse(k[2:]), v)
-    dropped = w.seen.finish_restore(w.applied_offset, w.close_mark_ms)
-    return w, dropped
+    dropped = [WS.parse(k) for k in WS.load(w, 0, state.items())]
+    return w, [d.chunk for d in dropped if d is not None]
 
 
 def test_persisted_ids_round_trip_and_a_crash_mid_persist_replays_exactly() -> None:
@@ -207,9 +202,9 @@ def test_persisted_ids_round_trip_and_a_crash_mid_persist_replays_exactly() -> N
     w2.apply(b2, now_wall=0)
     dirty = sorted(w2.take_dirty())
     for key in dirty[: len(dirty) // 2]:
-        partial_crash[f"A|{key}"] = (key, w2.acc_state(key))
+        partial_crash[WS.acc_key(0, "calls", key)] = w2.acc_state(key)
     for chunk, ids in w2.seen.take_added(w2.applied_offset):
-        partial_crash[f"D|{chunk_key_text(chunk)}"] = ids
+        partial_crash[WS.ids_key(0, "calls", chunk)] = ids
     r, _ = restore(partial_crash)
     r.apply(b2, now_wall=0)
     assert totals(r.close(now_wall=0, force=True).partials) == truth(events)
