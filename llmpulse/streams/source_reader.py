@@ -15,7 +15,7 @@ Contract (as arroyo's strategies state theirs):
   records queued (and dead letters sent) for it and, per partition, the offset (next to
   read) that queued state covers. Nothing waits for Kafka there, except restoring a
   partition's state the first time it is seen: a partition whose last close is still in
-  flight keeps its new state in memory and queues it with a later batch (worker_app.py).
+  flight keeps its new state in memory and queues it with a later batch (window_stage.py).
 - commit: every `commit_interval_s`, the offsets of the batches whose state has been
   delivered (commits.py: in batch order, never past an undelivered one). Commits lag
   the state; a replay from a lagging commit is skipped by the state's applied offset.
