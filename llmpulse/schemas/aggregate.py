@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import Field
 
@@ -97,3 +99,26 @@ class WindowAggregate(WireModel):
     def tokens_per_request(self) -> float | None:
         """Average tokens (prompt + completion) of a call; None without calls."""
         return self.total_tokens / self.requests if self.requests > 0 else None
+
+    @classmethod
+    def of_figures(cls, values: dict[str, Any]) -> WindowAggregate:
+        """An aggregate of values that are valid already (the worker's own figures, every
+        required field among them; `values` is taken over), not validated again.
+
+        What `model_construct` does, at a fraction of its cost (its Python loop over the
+        fields cost the finalizer more than validating): a copy of a blank aggregate, whose
+        fields are in declared order (so its JSON is byte for byte a validated one's), with
+        the values put in; a field with a default factory left out gets a fresh default."""
+        for name, factory in _FACTORIES.items():
+            if name not in values:
+                values[name] = factory()
+        return _BLANK.model_copy(update=values)
+
+
+_EPOCH = datetime.fromtimestamp(0, tz=UTC)
+_BLANK = WindowAggregate(aggregate_id="-", kind="calls", window_s=1, window_start=_EPOCH, window_end=_EPOCH)
+_FACTORIES = {
+    name: cast(Callable[[], Any], field.default_factory)
+    for name, field in WindowAggregate.model_fields.items()
+    if field.default_factory is not None
+}

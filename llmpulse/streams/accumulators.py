@@ -42,21 +42,23 @@ class Accumulator:
     def to_state(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def fill(self, agg: WindowAggregate) -> None:
+    def figures(self, window_s: int) -> dict[str, Any]:
+        """The aggregate's fields of this kind, by name."""
         raise NotImplementedError
 
-    def result(self, window_s: int, start_ms: int, dims: dict[str, str], dims_key: str) -> WindowAggregate:
-        agg = WindowAggregate(
-            aggregate_id=aggregate_id(self.kind, window_s, start_ms, dims_key),
-            kind=self.kind,  # type: ignore[arg-type]
-            window_s=window_s,
-            window_start=_ms_to_dt(start_ms),
-            window_end=_ms_to_dt(start_ms + window_s * 1000),
-            dimensions=dims,
-            dims_key=dims_key,
-        )
-        self.fill(agg)
-        return agg
+    def result(
+        self, window_s: int, start_ms: int, dims: dict[str, str], dims_key: str, revision: int = 1
+    ) -> WindowAggregate:
+        values = self.figures(window_s)
+        values["aggregate_id"] = aggregate_id(self.kind, window_s, start_ms, dims_key)
+        values["kind"] = self.kind
+        values["window_s"] = window_s
+        values["window_start"] = _ms_to_dt(start_ms)
+        values["window_end"] = _ms_to_dt(start_ms + window_s * 1000)
+        values["dimensions"] = dict(dims)
+        values["dims_key"] = dims_key
+        values["revision"] = revision
+        return WindowAggregate.of_figures(values)
 
 
 class CallAccumulator(Accumulator):
@@ -147,7 +149,7 @@ class CallAccumulator(Accumulator):
 
     @classmethod
     def from_state(cls, s: dict[str, Any]) -> CallAccumulator:
-        a = cls()
+        a = cls.__new__(cls)  # every slot is set below: no empty sketches to throw away
         a.requests = s["r"]
         a.errors = s["e"]
         a.err_types = dict(s["et"])
@@ -162,29 +164,33 @@ class CallAccumulator(Accumulator):
         a.unpriced = s["u"]
         return a
 
-    def fill(self, agg: WindowAggregate) -> None:
+    def figures(self, window_s: int) -> dict[str, Any]:
         n = self.requests
-        agg.requests = n
-        agg.errors = self.errors
-        agg.errors_by_type = dict(self.err_types)
-        agg.qps = n / agg.window_s
-        agg.error_rate = self.errors / n if n else 0.0
-        agg.success_rate = 1.0 - agg.error_rate if n else 1.0
-        agg.latency_sum_ms = self.lat_sum
-        agg.latency_avg_ms = self.lat_sum / n if n else None
-        agg.latency_p50_ms = self.latency.quantile(0.50)
-        agg.latency_p95_ms = self.latency.quantile(0.95)
-        agg.latency_p99_ms = self.latency.quantile(0.99)
-        agg.ttft_p95_ms = self.ttft.quantile(0.95)
-        agg.latency_hist = self.latency.bucket_counts(LATENCY_BOUNDS_MS) if n else []
-        agg.ttft_hist = self.ttft.bucket_counts(TTFT_BOUNDS_MS) if self.ttft.count else []
-        agg.ttft_count = self.ttft.count
-        agg.ttft_sum_ms = self.ttft_sum
-        agg.prompt_tokens = self.prompt
-        agg.completion_tokens = self.completion
-        agg.total_tokens = self.total
-        agg.cost_usd = self.cost_nano / NANO
-        agg.unpriced_requests = self.unpriced
+        error_rate = self.errors / n if n else 0.0
+        latency, ttft = self.latency, self.ttft
+        return {
+            "requests": n,
+            "errors": self.errors,
+            "errors_by_type": dict(self.err_types),
+            "qps": n / window_s,
+            "error_rate": error_rate,
+            "success_rate": 1.0 - error_rate if n else 1.0,
+            "latency_sum_ms": self.lat_sum,
+            "latency_avg_ms": self.lat_sum / n if n else None,
+            "latency_p50_ms": latency.quantile(0.50),
+            "latency_p95_ms": latency.quantile(0.95),
+            "latency_p99_ms": latency.quantile(0.99),
+            "ttft_p95_ms": ttft.quantile(0.95),
+            "latency_hist": latency.bucket_counts(LATENCY_BOUNDS_MS) if n else [],
+            "ttft_hist": ttft.bucket_counts(TTFT_BOUNDS_MS) if ttft.count else [],
+            "ttft_count": ttft.count,
+            "ttft_sum_ms": self.ttft_sum,
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.total,
+            "cost_usd": self.cost_nano / NANO,
+            "unpriced_requests": self.unpriced,
+        }
 
 
 class FeedbackAccumulator(Accumulator):
@@ -224,14 +230,16 @@ class FeedbackAccumulator(Accumulator):
 
     @classmethod
     def from_state(cls, s: dict[str, Any]) -> FeedbackAccumulator:
-        a = cls()
+        a = cls.__new__(cls)
         a.count, a.intent_n, a.intent_ok, a.rel_n, a.rel_sum = s["n"], s["in"], s["io"], s["rn"], s["rs"]
         return a
 
-    def fill(self, agg: WindowAggregate) -> None:
-        agg.feedback_count = self.count
-        agg.intent_accuracy = self.intent_ok / self.intent_n if self.intent_n else None
-        agg.relevance_avg = self.rel_sum / self.rel_n if self.rel_n else None
+    def figures(self, window_s: int) -> dict[str, Any]:
+        return {
+            "feedback_count": self.count,
+            "intent_accuracy": self.intent_ok / self.intent_n if self.intent_n else None,
+            "relevance_avg": self.rel_sum / self.rel_n if self.rel_n else None,
+        }
 
 
 class GpuAccumulator(Accumulator):
@@ -284,20 +292,22 @@ class GpuAccumulator(Accumulator):
 
     @classmethod
     def from_state(cls, s: dict[str, Any]) -> GpuAccumulator:
-        a = cls()
+        a = cls.__new__(cls)
         a.n, a.util_sum, a.util_max, a.mem_max = s["n"], s["us"], s["um"], s["mm"]
         a.mem_util_sum, a.temp_max, a.power_sum, a.power_n = s["mu"], s["tm"], s["ps"], s["pn"]
         return a
 
-    def fill(self, agg: WindowAggregate) -> None:
+    def figures(self, window_s: int) -> dict[str, Any]:
         n = self.n
-        agg.samples = n
-        agg.gpu_util_avg_pct = self.util_sum / n if n else None
-        agg.gpu_util_max_pct = self.util_max if n else None
-        agg.memory_used_max_bytes = self.mem_max if n else None
-        agg.memory_util_avg_pct = self.mem_util_sum / n if n else None
-        agg.temperature_max_c = self.temp_max
-        agg.power_avg_w = self.power_sum / self.power_n if self.power_n else None
+        return {
+            "samples": n,
+            "gpu_util_avg_pct": self.util_sum / n if n else None,
+            "gpu_util_max_pct": self.util_max if n else None,
+            "memory_used_max_bytes": self.mem_max if n else None,
+            "memory_util_avg_pct": self.mem_util_sum / n if n else None,
+            "temperature_max_c": self.temp_max,
+            "power_avg_w": self.power_sum / self.power_n if self.power_n else None,
+        }
 
 
 class HostAccumulator(Accumulator):
@@ -350,20 +360,22 @@ class HostAccumulator(Accumulator):
 
     @classmethod
     def from_state(cls, s: dict[str, Any]) -> HostAccumulator:
-        a = cls()
+        a = cls.__new__(cls)
         a.n, a.cpu_sum, a.cpu_max, a.mem_sum, a.mem_max = s["n"], s["cs"], s["cm"], s["ms"], s["mm"]
         a.mem_bytes_max, a.load1_sum, a.load1_n = s["mb"], s["ls"], s["ln"]
         return a
 
-    def fill(self, agg: WindowAggregate) -> None:
+    def figures(self, window_s: int) -> dict[str, Any]:
         n = self.n
-        agg.samples = n
-        agg.host_cpu_avg_pct = self.cpu_sum / n if n else None
-        agg.host_cpu_max_pct = self.cpu_max if n else None
-        agg.host_memory_avg_pct = self.mem_sum / n if n else None
-        agg.host_memory_max_pct = self.mem_max if n else None
-        agg.memory_used_max_bytes = self.mem_bytes_max if n else None
-        agg.host_load1_avg = self.load1_sum / self.load1_n if self.load1_n else None
+        return {
+            "samples": n,
+            "host_cpu_avg_pct": self.cpu_sum / n if n else None,
+            "host_cpu_max_pct": self.cpu_max if n else None,
+            "host_memory_avg_pct": self.mem_sum / n if n else None,
+            "host_memory_max_pct": self.mem_max if n else None,
+            "memory_used_max_bytes": self.mem_bytes_max if n else None,
+            "host_load1_avg": self.load1_sum / self.load1_n if self.load1_n else None,
+        }
 
 
 ACCUMULATORS: dict[

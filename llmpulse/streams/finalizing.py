@@ -186,19 +186,23 @@ class Finalizer:
             self.unpublished.discard(wkey)
             kind, s, start = wkey
             cls = ACCUMULATORS[kind]
+            window = self.windows[wkey]
             aggs: list[tuple[PendingKey, WindowAggregate]] = []
-            for dk in sorted(self.windows[wkey].sets):
-                slot = self.windows[wkey].sets[dk]
+            for dk in sorted(window.sets):
+                slot = window.sets[dk]
                 if slot.revision > 0:
                     continue
                 slot.revision = 1 - slot.revision
-                acc = cls()
-                for state in slot.parts.values():
+                # the first source's state is the accumulator the others merge into (most
+                # sets have one source: no merge at all); the same figures as merging each
+                # into an empty one, which adds zeros and takes maxima with zero
+                states = iter(slot.parts.values())
+                first = next(states, None)
+                acc = cls() if first is None else cls.from_state(first)
+                for state in states:
                     acc.merge(cls.from_state(state))  # type: ignore[arg-type]
-                agg = acc.result(s, start, slot.dims, dk)
-                agg.revision = slot.revision
-                aggs.append(((kind, s, start, dk), agg))
-            self.windows[wkey].published = True
+                aggs.append(((kind, s, start, dk), acc.result(s, start, slot.dims, dk, slot.revision)))
+            window.published = True
             out.append((wkey, aggs))
         return out
 

@@ -15,6 +15,12 @@ action rule matching on the root cause) can target it::
 
     alerts = explain_window(final_aggregates_of_the_window, alerts)
 
+Its cost is linear in the window's aggregates, whatever the number of alerts: they are
+indexed once (``WindowIndex``: the aggregate of a dimension set, and the sets one dimension
+finer, by key), not scanned once per alert; a window of 10,000 users' sets with an alert on
+each of hundreds of them made that quadratic. A caller explaining the alerts of one window
+in several calls passes one ``WindowIndex`` of it to each, so it is built once.
+
 Alerts whose aggregate is missing, resolved alerts and metrics without a contribution
 (see ``CONTRIBUTION``) come back unchanged; order is kept. It lives with the rules, not
 with the actions that read its result, so the worker depends on the rules only (no
@@ -24,6 +30,7 @@ with the actions that read its result, so the worker depends on the rules only (
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 
 from llmpulse.schemas import Alert, WindowAggregate
 
@@ -49,6 +56,82 @@ CONTRIBUTION: dict[str, tuple[str, str | None]] = {
 }
 
 
+DimensionItems = frozenset[tuple[str, str]]  # a dimension set as a key: equal sets, equal keys
+Level = tuple[str, int, datetime, int]  # kind, window_s, window_start, number of dimensions
+
+
+class WindowIndex:
+    """The final aggregates of a window (or of several), indexed for root causes.
+
+    Each look-up of a kind (a parent; the sets one dimension finer than a parent, per kind,
+    window and number of dimensions) scans the aggregates the first time, as one look-up
+    costs least that way, and builds its index the second time, in one pass, for every
+    later one: linear in the aggregates whether one alert or thousands are explained."""
+
+    def __init__(self, aggregates: Iterable[WindowAggregate]) -> None:
+        self.aggregates = list(aggregates)
+        self._parents: dict[DimensionItems, list[WindowAggregate]] | None = None
+        self._parent_scanned = False
+        self._finer: dict[Level, dict[DimensionItems, list[tuple[str, WindowAggregate]]]] = {}
+        self._finer_scanned: set[Level] = set()
+
+    def parent(
+        self, window_start: datetime, window_end: datetime, dimensions: dict[str, str]
+    ) -> WindowAggregate | None:
+        """The aggregate of ``dimensions`` in that window: the first of kind calls, else the first of any kind."""
+        if self._parents is not None:
+            found: Iterable[WindowAggregate] = self._parents.get(frozenset(dimensions.items()), ())
+        elif not self._parent_scanned:
+            self._parent_scanned = True
+            found = (a for a in self.aggregates if a.dimensions == dimensions)
+        else:
+            self._parents = {}
+            for a in self.aggregates:
+                self._parents.setdefault(frozenset(a.dimensions.items()), []).append(a)
+            found = self._parents.get(frozenset(dimensions.items()), ())
+        first = None
+        for a in found:
+            if a.window_start == window_start and a.window_end == window_end:
+                if a.kind == "calls":
+                    return a
+                if first is None:
+                    first = a
+        return first
+
+    def finer(self, parent: WindowAggregate) -> dict[str, list[WindowAggregate]]:
+        """The aggregates of ``parent``'s kind and window whose dimensions are its own plus exactly
+        one more, grouped by that dimension, groups and members in the order of the aggregates."""
+        level = (parent.kind, parent.window_s, parent.window_start, len(parent.dimensions) + 1)
+        by_coarser = self._finer.get(level)
+        pdims = parent.dimensions
+        pairs: Iterable[tuple[str, WindowAggregate]]
+        if by_coarser is None and level not in self._finer_scanned:
+            self._finer_scanned.add(level)
+            pairs = (
+                (next(k for k in a.dimensions if k not in pdims), a)
+                for a in self._of_level(level)
+                if pdims.items() <= a.dimensions.items()
+            )
+        else:
+            if by_coarser is None:
+                by_coarser = self._finer[level] = {}
+                for a in self._of_level(level):
+                    items = frozenset(a.dimensions.items())
+                    for item in items:  # under each set one dimension coarser
+                        by_coarser.setdefault(items - {item}, []).append((item[0], a))
+            pairs = by_coarser.get(frozenset(pdims.items()), ())
+        groups: dict[str, list[WindowAggregate]] = {}
+        for dim, a in pairs:
+            groups.setdefault(dim, []).append(a)
+        return groups
+
+    def _of_level(self, level: Level) -> Iterable[WindowAggregate]:
+        kind, window_s, window_start, n = level
+        for a in self.aggregates:
+            if len(a.dimensions) == n and a.kind == kind and a.window_s == window_s and a.window_start == window_start:
+                yield a
+
+
 def root_cause(
     metric: str,
     parent: WindowAggregate,
@@ -58,9 +141,18 @@ def root_cause(
     """The finer dimension value contributing most to ``metric`` in ``parent``; None if none stands out.
 
     ``children``: aggregates of the same kind and window whose dimensions are the parent's
-    plus exactly one more. Returns ``{"dimension", "value", "metric", "share",
-    "traffic_share"}`` (shares in 0..1), fitting ``Alert.root_cause``.
+    plus exactly one more (others are ignored). Returns ``{"dimension", "value", "metric",
+    "share", "traffic_share"}`` (shares in 0..1), fitting ``Alert.root_cause``.
     """
+    if metric not in CONTRIBUTION:
+        return None
+    return _strongest(metric, parent, WindowIndex(children).finer(parent), min_score)
+
+
+def _strongest(
+    metric: str, parent: WindowAggregate, groups: dict[str, list[WindowAggregate]], min_score: float
+) -> dict[str, str | float] | None:
+    """`root_cause` of the children grouped by their extra dimension (`WindowIndex.finer`)."""
     spec = CONTRIBUTION.get(metric)
     if spec is None:
         return None
@@ -69,25 +161,11 @@ def root_cause(
     traffic_total = float(getattr(parent, traffic_field)) if traffic_field else 0.0
     if total <= 0:
         return None
-    pdims = parent.dimensions
-    groups: dict[str, list[WindowAggregate]] = {}
-    for c in children:
-        if (
-            c.kind != parent.kind
-            or c.window_s != parent.window_s
-            or c.window_start != parent.window_start
-        ):
-            continue
-        if len(c.dimensions) != len(pdims) + 1 or any(
-            c.dimensions.get(k) != v for k, v in pdims.items()
-        ):
-            continue
-        (extra,) = (k for k in c.dimensions if k not in pdims)
-        groups.setdefault(extra, []).append(c)
     best: tuple[float, float, float, str, str] | None = None
     for dim, members in groups.items():
         if len(members) < 2:
             continue  # one value carries everything: no information
+        rank = FINER_DIMENSIONS.index(dim) if dim in FINER_DIMENSIONS else len(FINER_DIMENSIONS)
         for c in members:
             share = float(getattr(c, num_field)) / total
             tshare = (
@@ -96,7 +174,6 @@ def root_cause(
                 else 0.0
             )
             score = share - tshare if traffic_field else share
-            rank = FINER_DIMENSIONS.index(dim) if dim in FINER_DIMENSIONS else len(FINER_DIMENSIONS)
             key = (score, -rank, share, dim, c.dimensions[dim])
             if best is None or key[:3] > best[:3]:
                 best = key
@@ -118,7 +195,10 @@ def explain(alert: Alert, parent: WindowAggregate, children: Iterable[WindowAggr
     """The alert with ``root_cause`` set and a clause added to its summary (firing alerts only)."""
     if alert.state != "firing":
         return alert
-    cause = root_cause(alert.metric, parent, children)
+    return _with_cause(alert, root_cause(alert.metric, parent, children))
+
+
+def _with_cause(alert: Alert, cause: dict[str, str | float] | None) -> Alert:
     if cause is None:
         return alert
     clause = f"; mostly {cause['dimension']}={cause['value']} ({float(cause['share']) * 100:.0f}% of {cause['metric']}"
@@ -130,31 +210,20 @@ def explain(alert: Alert, parent: WindowAggregate, children: Iterable[WindowAggr
     )
 
 
-def _parent_of(alert: Alert, aggregates: Sequence[WindowAggregate]) -> WindowAggregate | None:
-    found = [
-        a
-        for a in aggregates
-        if a.window_start == alert.window_start
-        and a.window_end == alert.window_end
-        and a.dimensions == alert.dimensions
-    ]
-    if not found:
-        return None
-    calls = [a for a in found if a.kind == "calls"]
-    return (calls or found)[0]
+def explain_window(aggregates: Iterable[WindowAggregate] | WindowIndex, alerts: Sequence[Alert]) -> list[Alert]:
+    """The alerts, each firing one with a root cause when a finer dimension value stands out.
 
-
-def explain_window(aggregates: Iterable[WindowAggregate], alerts: Sequence[Alert]) -> list[Alert]:
-    """The alerts, each firing one with a root cause when a finer dimension value stands out."""
-    aggs = list(aggregates)
+    ``aggregates``: the window's final aggregates, or a ``WindowIndex`` of them (for a window
+    whose alerts come in several calls: built once, not once per call)."""
+    index = aggregates if isinstance(aggregates, WindowIndex) else WindowIndex(aggregates)
     out: list[Alert] = []
     for alert in alerts:
         if alert.state != "firing" or alert.root_cause or alert.metric not in CONTRIBUTION:
             out.append(alert)
             continue
-        parent = _parent_of(alert, aggs)
+        parent = index.parent(alert.window_start, alert.window_end, alert.dimensions)
         if parent is None:
             out.append(alert)
             continue
-        out.append(explain(alert, parent, aggs))
+        out.append(_with_cause(alert, _strongest(alert.metric, parent, index.finer(parent), 0.1)))
     return out
