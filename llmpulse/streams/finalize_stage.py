@@ -44,7 +44,7 @@ from llmpulse.streams.contiguity import OffsetGuard, Seek, admit_messages
 from llmpulse.streams.emitter import Emitter
 from llmpulse.streams.finalizing import Finalizer, StoredFinalizer, finalizer_partition
 from llmpulse.streams.rules.engine import has_open_alerts
-from llmpulse.streams.rules.rootcause import explain_window
+from llmpulse.streams.rules.rootcause import WindowIndex, explain_window
 from llmpulse.streams.windowing import Partial
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,7 @@ class FinalizeStage:
         window_of: dict[tuple[str, int, datetime], list[WindowAggregate]] = {}
         for agg in aggregates:
             window_of.setdefault((agg.kind, agg.window_s, agg.window_start), []).append(agg)
+        index_of = {key: WindowIndex(aggs) for key, aggs in window_of.items()}  # one per window, not per alert
         records: list[Record] = []
         judged: dict[
             str, dict[str, Any]
@@ -200,7 +201,7 @@ class FinalizeStage:
                 if alerts:
                     # root cause: which finer dimension of this window drives the deviation
                     alerts = explain_window(
-                        window_of[(agg.kind, agg.window_s, agg.window_start)], alerts
+                        index_of[(agg.kind, agg.window_s, agg.window_start)], alerts
                     )
                 for alert in alerts:
                     metrics.ALERTS_PUBLISHED.labels(alert.severity, alert.state).inc()
