@@ -48,14 +48,7 @@ from typing import Any
 
 from llmpulse.schemas import Alert, WindowAggregate, alert_fingerprint
 from llmpulse.schemas.alert import RuleType, evidence_text
-from llmpulse.streams.rules.baseline import (
-    RATE_METRICS,
-    Observation,
-    add,
-    expected,
-    observe,
-    series_dispersion,
-)
+from llmpulse.streams.rules.baseline import RATE_METRICS, Observation, Summaries, observe
 from llmpulse.streams.rules.evidence import (
     ALONE_MIN,
     Verdict,
@@ -85,6 +78,7 @@ from llmpulse.streams.rules.summary import fmt_dims, fmt_span, fmt_time, fmt_val
 
 STATE_VERSION = 2
 KEEP_OUT_S = 3600  # the longest run of anomalous windows left out of an anomaly baseline
+MAX_KEPT_SUMMARIES = 200_000  # baselines' Summaries kept (then all dropped; derivable again)
 State = dict[str, Any]
 
 
@@ -151,6 +145,10 @@ class RulesEngine:
                     index.setdefault((r.kind, r.window, dims), []).append(r)
         self._index = {k: tuple(v) for k, v in index.items()}
         self._composites_of = {k: tuple(v) for k, v in composites.items()}
+        # per series (kind, window, dimensions, rule): what its anomaly baseline implies, kept
+        # beside the state, never in it (baseline.Summaries); rebuilt when the series' state
+        # is another object than the one it was derived from (restored, reset, another worker's)
+        self._summaries: dict[tuple[str, int, str, str], Summaries] = {}
 
     # -- public ---------------------------------------------------------------------------
 
@@ -193,7 +191,7 @@ class RulesEngine:
                 verdict = judge_slo(rule, agg, rst.setdefault("slo", {}))
                 for_windows = 1
             elif isinstance(rule, AnomalyRule):
-                verdict = _judge_anomaly(rule, agg, rst)
+                verdict = self._judge_anomaly(rule, agg, rst, start_ms // 1000)
                 for_windows = rule.for_
             else:
                 verdict, ended = _judge_budget(rule, agg, rst)
@@ -301,6 +299,52 @@ class RulesEngine:
                     )
                 )  # fmt: skip
         return alerts
+
+    def _baseline(self, rule: AnomalyRule, agg: WindowAggregate, rst: State) -> Summaries:
+        """The Summaries of this series' baseline state (created empty when absent)."""
+        bst: State = rst.setdefault("baseline", {})
+        key = (agg.kind, agg.window_s, agg.dims_key, rule.name)
+        summaries = self._summaries.get(key)
+        if summaries is None or summaries.state is not bst:
+            if len(self._summaries) >= MAX_KEPT_SUMMARIES:
+                self._summaries.clear()
+            summaries = self._summaries[key] = Summaries(rule, bst)
+        return summaries
+
+    def _judge_anomaly(self, rule: AnomalyRule, agg: WindowAggregate, rst: State, start_s: int) -> Verdict:
+        obs = observe(rule, agg)
+        if obs is None:
+            return Verdict(None, None, None, judged=False)
+        baseline = self._baseline(rule, agg, rst)
+        exp = baseline.expected(start_s)
+        judged, span = obs, None
+        if rule.metric in RATE_METRICS and rule.min_requests > 0 and rule.pool_windows > 1:
+            # a low-traffic series' rate: this window with the ones before it (pooling.py)
+            s = pooled(rule, agg, rst, Sample(obs.volume, obs.value))
+            if s is not None and s.windows > 1:
+                judged, span = Observation(s.value, round(s.value * s.n), s.n), s
+        verdict = judge_anomaly(rule, judged, exp, agg, baseline.dispersion, pooled=span is not None)
+        if span is not None and verdict.judged and verdict.evidence:
+            verdict.evidence["windows"] = span.windows
+            verdict.evidence["span_s"] = span.span_s
+            # a short window whose own calls already show the anomaly fires on them (the test is
+            # exact at any n): pooled with the calm minutes before it, an error burst's first
+            # minute on a quiet model (5 errors in 9 calls) was diluted below the evidence
+            if obs.volume >= ALONE_MIN:
+                alone = judge_anomaly(rule, obs, exp, agg, baseline.dispersion, pooled=True)
+                if more_severe(alone, verdict):
+                    alone.evidence["small_sample"] = "true"
+                    verdict = alone
+        # an incident does not teach the baseline: a window judged anomalous stays out of it
+        # (else a 15-minute error burst lifted its own rolling baseline and "resolved" at 44%
+        # errors), but for at most an hour of windows in a row: a level that stays is the new normal
+        kept_out = int(rst.get("kept_out", 0))
+        if verdict.level is not None and kept_out < max(1, KEEP_OUT_S // rule.window):
+            rst["kept_out"] = kept_out + 1
+        else:
+            rst["kept_out"] = 0
+            baseline.add(start_s, obs)
+        return verdict
 
     # -- rules changed --------------------------------------------------------------------
 
@@ -430,43 +474,6 @@ def has_open_alerts(state: State) -> bool:
 
 
 # -- judging ------------------------------------------------------------------------------
-
-
-def _judge_anomaly(rule: AnomalyRule, agg: WindowAggregate, rst: State) -> Verdict:
-    obs = observe(rule, agg)
-    if obs is None:
-        return Verdict(None, None, None, judged=False)
-    start_s = _ms(agg.window_start) // 1000
-    bst: State = rst.setdefault("baseline", {})
-    exp = expected(rule, bst, start_s)
-    judged, span = obs, None
-    if rule.metric in RATE_METRICS and rule.min_requests > 0 and rule.pool_windows > 1:
-        # a low-traffic series' rate: this window with the ones before it (pooling.py)
-        s = pooled(rule, agg, rst, Sample(obs.volume, obs.value))
-        if s is not None and s.windows > 1:
-            judged, span = Observation(s.value, round(s.value * s.n), s.n), s
-    verdict = judge_anomaly(rule, judged, exp, agg, lambda: series_dispersion(bst), pooled=span is not None)
-    if span is not None and verdict.judged and verdict.evidence:
-        verdict.evidence["windows"] = span.windows
-        verdict.evidence["span_s"] = span.span_s
-        # a short window whose own calls already show the anomaly fires on them (the test is
-        # exact at any n): pooled with the calm minutes before it, an error burst's first
-        # minute on a quiet model (5 errors in 9 calls) was diluted below the evidence
-        if obs.volume >= ALONE_MIN:
-            alone = judge_anomaly(rule, obs, exp, agg, lambda: series_dispersion(bst), pooled=True)
-            if more_severe(alone, verdict):
-                alone.evidence["small_sample"] = "true"
-                verdict = alone
-    # an incident does not teach the baseline: a window judged anomalous stays out of it
-    # (else a 15-minute error burst lifted its own rolling baseline and "resolved" at 44%
-    # errors), but for at most an hour of windows in a row: a level that stays is the new normal
-    kept_out = int(rst.get("kept_out", 0))
-    if verdict.level is not None and kept_out < max(1, KEEP_OUT_S // rule.window):
-        rst["kept_out"] = kept_out + 1
-    else:
-        rst["kept_out"] = 0
-        add(rule, bst, start_s, obs)
-    return verdict
 
 
 def _judge_budget(rule: BudgetRule, agg: WindowAggregate, rst: State) -> tuple[Verdict, State | None]:

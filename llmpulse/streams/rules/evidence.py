@@ -72,6 +72,8 @@ from llmpulse.streams.rules.stats import (
 Evidence = dict[str, str | float]
 COUNT_METRICS = frozenset({"requests", "errors", "unpriced_requests", "feedback_count", "samples"})
 SUM_METRICS = frozenset({"cost_usd", "prompt_tokens", "completion_tokens", "total_tokens"})
+# threshold metrics judged with a confidence bound (the rest: the point value, as measured)
+ON_EVIDENCE = RATE_METRICS | COUNT_METRICS | frozenset(PERCENTILES) | {"latency_avg_ms", "relevance_avg"}
 _Z_CACHE: dict[float, float] = {}
 
 
@@ -227,8 +229,7 @@ def _judge_sample(rule: ThresholdRule, sample: Sample, shown: float | None, smal
         levels.append(("warning", rule.warning))
     band: tuple[float | None, float | None] = (None, shown) if above else (shown, None)
     conf = rule.confidence
-    judged_on_evidence = RATE_METRICS | COUNT_METRICS | set(PERCENTILES) | {"latency_avg_ms", "relevance_avg"}
-    if conf is None or rule.kind in ("gpu", "host") or rule.metric not in judged_on_evidence:
+    if conf is None or rule.kind in ("gpu", "host") or rule.metric not in ON_EVIDENCE:
         for sev, lvl in levels:
             if (v > lvl) if above else (v < lvl):
                 return Verdict(sev, v, lvl, None, True, *band)
