@@ -7,8 +7,11 @@ Cost is kept in integer nano-dollars so that sums are exact in any order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from functools import reduce
+from operator import add, attrgetter
+from typing import Any, ClassVar, Self
 
 from llmpulse.schemas.aggregate import (
     LATENCY_BUCKETS_S,
@@ -25,6 +28,8 @@ from llmpulse.streams.sketch import QuantileSketch
 NANO = 1_000_000_000
 LATENCY_BOUNDS_MS = tuple(b * 1000 for b in LATENCY_BUCKETS_S)
 TTFT_BOUNDS_MS = tuple(b * 1000 for b in TTFT_BUCKETS_S)
+_LAT_SUM = attrgetter("lat_sum")
+_TTFT_SUM = attrgetter("ttft_sum")
 
 
 def _ms_to_dt(ms: int) -> datetime:
@@ -38,6 +43,22 @@ class Accumulator:
 
     def merge(self, other: Any) -> None:
         raise NotImplementedError
+
+    @classmethod
+    def merged(cls, accs: Sequence[Any]) -> Self:
+        """A new accumulator with `accs` merged into it in their order: the same state, to the bit,
+        as `merge` of each in turn (float sums are order dependent)."""
+        out = cls()
+        for a in accs:
+            out.merge(a)
+        return out
+
+    @classmethod
+    def merged_from(cls, parts: Sequence[Any], finest: Sequence[Any]) -> Self:
+        """The same state as `merged(finest)`, where `parts` are `merged` of consecutive runs of
+        `finest`, in order (llmpulse.streams.rollup): here merged from `finest` again; kinds
+        whose roll-ups are costly derive what is exact from the parts."""
+        return cls.merged(finest)
 
     def to_state(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -130,6 +151,73 @@ class CallAccumulator(Accumulator):
         self.total += o.total
         self.cost_nano += o.cost_nano
         self.unpriced += o.unpriced
+
+    @classmethod
+    def merged(cls, accs: Sequence[CallAccumulator]) -> Self:
+        # `merge` of each into a new accumulator, in one loop: a window's roll-up merges every
+        # finest accumulator once per dimension set, most of them holding one event, so the
+        # calls and attribute writes per merge were most of the cost of closing a window.
+        # Integers add in any order; the float sums, the error types and the sketch bins are
+        # added in the order of `accs`, as `merge` does (same sums, same dict order).
+        out = cls()
+        requests = errors = prompt = completion = total = cost_nano = unpriced = 0
+        lat_n = lat_zeros = ttft_n = ttft_zeros = 0
+        lat_sum = ttft_sum = 0.0
+        err_types = out.err_types
+        lat_bins = out.latency.bins
+        ttft_bins = out.ttft.bins
+        lat_get = lat_bins.get
+        ttft_get = ttft_bins.get
+        for o in accs:
+            requests += o.requests
+            errors += o.errors
+            if o.err_types:
+                for t, n in o.err_types.items():
+                    err_types[t] = err_types.get(t, 0) + n
+            lat_sum += o.lat_sum
+            sk = o.latency
+            lat_n += sk.count
+            lat_zeros += sk.zeros
+            for k, n in sk.bins.items():
+                lat_bins[k] = lat_get(k, 0) + n
+            sk = o.ttft
+            ttft_n += sk.count
+            ttft_zeros += sk.zeros
+            if sk.bins:
+                for k, n in sk.bins.items():
+                    ttft_bins[k] = ttft_get(k, 0) + n
+            ttft_sum += o.ttft_sum
+            prompt += o.prompt
+            completion += o.completion
+            total += o.total
+            cost_nano += o.cost_nano
+            unpriced += o.unpriced
+        out.requests = requests
+        out.errors = errors
+        out.lat_sum = lat_sum
+        out.latency.count = lat_n
+        out.latency.zeros = lat_zeros
+        out.ttft.count = ttft_n
+        out.ttft.zeros = ttft_zeros
+        out.ttft_sum = ttft_sum
+        out.prompt = prompt
+        out.completion = completion
+        out.total = total
+        out.cost_nano = cost_nano
+        out.unpriced = unpriced
+        return out
+
+    @classmethod
+    def merged_from(cls, parts: Sequence[CallAccumulator], finest: Sequence[CallAccumulator]) -> Self:
+        # Integers, error types and sketch bins from the parts (the runs merged in order insert
+        # the dicts' keys in the order the finest would); the float sums are added again from
+        # the finest accumulators in order, as merging them one by one adds them. One part is
+        # the sums of the same terms in the same order already (a sum from 0.0 is never -0.0).
+        out = cls.merged(parts)
+        if len(parts) > 1:
+            out.lat_sum = reduce(add, map(_LAT_SUM, finest), 0.0)
+            out.ttft_sum = reduce(add, map(_TTFT_SUM, finest), 0.0)
+        return out
 
     def to_state(self) -> dict[str, Any]:
         return {

@@ -30,10 +30,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmpulse.schemas.aggregate import dimensions_key
 from llmpulse.streams.accumulators import ACCUMULATORS, Accumulator
 from llmpulse.streams.dedup import ChunkKey, SeenIds
 from llmpulse.streams.positions import BATCH_SLOTS
+from llmpulse.streams.rollup import RollUp
 
 AccKey = tuple[int, tuple[str, ...]]
 LATE_SUFFIX = "~late"  # source of the partials of late events: never a source the finalizer waits for
@@ -80,17 +80,6 @@ class CloseResult:
     mark_ms: int | None = None
 
 
-def project(dimension_names: tuple[str, ...], dim_set: tuple[int, ...], tup: tuple[str, ...]) -> dict[str, str] | None:
-    """The dimension set's values of a finest tuple; None when a member is unattributed."""
-    out = {}
-    for i in dim_set:
-        v = tup[i]
-        if v == "":
-            return None
-        out[dimension_names[i]] = v
-    return out
-
-
 class PartitionWindows:
     def __init__(
         self,
@@ -120,7 +109,16 @@ class PartitionWindows:
             dimension_sets if isinstance(dimension_sets, Mapping)
             else {s: list(map(tuple, dimension_sets)) for s in self.windows_s}
         )  # fmt: skip
-        self.dim_sets_of = {s: [tuple(names.index(d) for d in ds) for ds in per_size[s]] for s in self.windows_s}
+        # per window size, each dimension set once (listed twice, or in another order, it would
+        # be counted twice under the same dimensions_key): (its names, their indexes in the tuple)
+        self.dim_sets_of: dict[int, list[tuple[tuple[str, ...], tuple[int, ...]]]] = {}
+        for s in self.windows_s:
+            sets = self.dim_sets_of[s] = []
+            for ds in per_size[s]:
+                set_names = tuple(ds)
+                if sorted(set_names) not in [sorted(n) for n, _ in sets]:
+                    sets.append((set_names, tuple(names.index(d) for d in set_names)))
+        self.rollup = RollUp(self.acc_cls, self.windows_s, self.dim_sets_of)
         self.accs: dict[AccKey, Accumulator] = {}
         self.acc_offsets: dict[AccKey, int] = {}
         self.applied_offset = -1
@@ -258,18 +256,32 @@ class PartitionWindows:
             self._close_late(result, prev)
             result.mark_ms = prev
             return result
+        # the keys by smallest-window start, each list sorted once: a window's keys are the
+        # lists of its starts in ascending order (the fixed merge order of _roll_up)
+        by_start: dict[int, list[AccKey]] = {}
+        for key in self.accs:
+            ks = by_start.get(key[0])
+            if ks is None:
+                by_start[key[0]] = [key]
+            else:
+                ks.append(key)
         groups: dict[tuple[int, int], list[AccKey]] = {}
         removable: list[AccKey] = []
-        for key in self.accs:
-            b = key[0]
+        for b in sorted(by_start):
+            ks = by_start[b]
+            ks.sort()
             for s in self.windows_s:
                 size = s * 1000
                 t = b - b % size
                 end = t + size
                 if end <= new_mark and (prev is None or end > prev):
-                    groups.setdefault((s, t), []).append(key)
+                    window_keys = groups.get((s, t))
+                    if window_keys is None:
+                        groups[(s, t)] = list(ks)
+                    else:
+                        window_keys += ks
             if (b - b % self.max_ms) + self.max_ms <= new_mark:
-                removable.append(key)
+                removable += ks
         for (s, t), keys in sorted(groups.items()):
             self._roll_up(s, t, keys, self.accs, self.source, result.partials)
         for key in removable:
@@ -277,6 +289,7 @@ class PartitionWindows:
             self.acc_offsets.pop(key, None)
             self.dirty.discard(key)
         result.removed = removable
+        self.rollup.forget_through(new_mark)
         if new_mark != math.inf:
             self.close_mark_ms = int(new_mark)
         elif self.max_ts_ms is not None:
@@ -290,28 +303,13 @@ class PartitionWindows:
     def _roll_up(
         self, s: int, t: int, keys: list[AccKey], accs: dict[AccKey, Accumulator], source: str, out: list[Partial]
     ) -> None:
-        """The partials of window (s, t): the finest accumulators `keys` merged per dimension set."""
-        # a fixed merge order: a window closed again after a restore gives the same
-        # state to the bit (float sums depend on the order), so it is not re-published
-        keys.sort()
-        names = self.acc_cls.dimension_names
-        merged: dict[str, tuple[dict[str, str], Any]] = {}
-        for dim_set in self.dim_sets_of[s]:
-            for key in keys:
-                dims = project(names, dim_set, key[1])
-                if dims is None:
-                    continue
-                dk = dimensions_key(dims)
-                slot = merged.get(dk)
-                acc: Any
-                if slot is None:
-                    acc = self.acc_cls()
-                    merged[dk] = (dims, acc)
-                else:
-                    acc = slot[1]
-                acc.merge(accs[key])
-        for dk, (dims, acc) in merged.items():
-            out.append(Partial(self.kind, s, t, dims, dk, source, acc.to_state()))
+        """The partials of window (s, t): the finest accumulators `keys` (sorted) merged per dimension
+        set (rollup.py: the same state, to the bit, as merging them one by one in key order, so a
+        window closed again after a restore is not published again)."""
+        kind = self.kind
+        keep = accs is self.accs  # a closed window's keys are final, its late events' are not
+        for dims, dk, acc in self.rollup.window(s, t, keys, accs, keep):
+            out.append(Partial(kind, s, t, dims, dk, source, acc.to_state()))
 
     def _close_late(self, result: CloseResult, prev_mark: int | None) -> None:
         """Emit the late partials of every window late events touched; drop those past the lateness.
@@ -335,7 +333,7 @@ class PartitionWindows:
             self.late_unsent.clear()
             for s, t in sorted(touched):
                 end = t + s * 1000
-                keys = [k for k in self.late_accs if t <= k[0] < end]
+                keys = sorted(k for k in self.late_accs if t <= k[0] < end)
                 self._roll_up(s, t, keys, self.late_accs, self.late_source, result.partials)
         if self.close_mark_ms is None:
             return

@@ -1,0 +1,230 @@
+"""Roll-up of a closed window's finest accumulators into its dimension sets, the same to the bit
+as merging the finest accumulators of each set's group one by one in key order.
+
+That order is the guarantee: a window closed again after a restore must give the same state
+(float sums depend on the order of their terms), or the finalizer would publish it again with
+other figures. The plain way, every finest accumulator merged once per dimension set, made a
+window's close cost about (finest tuples x dimension sets) merges; with many users and keys
+almost every finest tuple holds one event, so each event was merged about nine times (10 s:
+3 sets, 60 s: 6) and closing windows was a quarter of the worker's time.
+
+So a set is derived, where that is exact, from a set already merged: the same set of the
+smaller windows a window is made of (a 60 s window per model from the six 10 s ones), or a set
+with more members (per model from per model, provider and app), each group of that source
+being one run of consecutive finest accumulators (in key order) of a group of the set derived.
+Then
+- integers add in any order;
+- error types and sketch bins, merged run after run, are inserted in the order a one-by-one
+  merge inserts them (first seen in key order), so even the dicts' order is the same;
+- float sums are not decomposable (((a + b) + c) is not a + (b + c)): they are added again
+  from the finest accumulators, in key order, as the one-by-one merge adds them
+  (Accumulator.merged_from);
+and the groups' members are found from the runs, not by projecting every finest tuple again.
+
+Keys are sorted by (smallest window start, tuple). A source's groups are runs of the derived
+set's groups in two cases:
+- the same set of smaller windows: a window holds their keys one window after the other;
+- a set with more members, of smallest windows (one start: keys sorted by tuple alone), whose
+  extra members are the first members, in tuple order, of those the derived set lacks: within
+  a group of the derived set, the keys sharing those first members are consecutive.
+And the source must have left out no finest tuple: a set leaves out the tuples where one of its
+members is "" (unattributed), which the derived set holds if only its own members are set.
+
+The sets of smaller windows are kept in memory (`kept`) until the largest window holding
+them is closed; after a restart they are gone, and a window is rolled up from its finest
+accumulators again: the same state, as tests/test_rollup.py checks against the one-by-one merge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import chain
+from operator import itemgetter
+from typing import Any, TypeVar
+
+from llmpulse.schemas.aggregate import dimensions_key
+from llmpulse.streams.accumulators import Accumulator
+
+_T = TypeVar("_T")
+Members = tuple[int, ...]  # a dimension set: indexes of its members in the finest tuple
+AccKey = tuple[int, tuple[str, ...]]
+
+
+@dataclass(slots=True)
+class Group:
+    values: tuple[str, ...]  # the set's values, in the order of its members
+    acc: Any  # the group merged
+    finest: list[Any]  # its finest accumulators, in key order
+
+
+@dataclass(slots=True)
+class Rolled:
+    """One dimension set of one window: its groups in the order their first key comes."""
+
+    left_out: int  # finest tuples the set does not hold (a member "")
+    groups: list[Group]
+
+
+def group_by_set(
+    members: Members, tuples: Sequence[tuple[str, ...]], items: Sequence[_T]
+) -> dict[tuple[str, ...], list[_T]]:
+    """`items` (one per finest tuple of `tuples`) grouped by the tuples' values of the dimension
+    set `members`, groups and items in first-seen order. A tuple is left out when a member is
+    "" (unattributed): a set groups only the tuples that have all its members."""
+    groups: dict[tuple[str, ...], list[_T]] = {}
+    if not members:
+        if items:
+            groups[()] = list(items)
+        return groups
+    get = itemgetter(*members)
+    if len(members) > 1:
+        for tup, item in zip(tuples, items, strict=True):
+            v = get(tup)
+            if "" in v:
+                continue
+            g = groups.get(v)
+            if g is None:
+                groups[v] = [item]
+            else:
+                g.append(item)
+        return groups
+    by_value: dict[str, list[_T]] = {}  # one member: its value alone, no tuple per item
+    for tup, item in zip(tuples, items, strict=True):
+        v = get(tup)
+        if v == "":
+            continue
+        g = by_value.get(v)
+        if g is None:
+            by_value[v] = [item]
+        else:
+            g.append(item)
+    for v, g in by_value.items():
+        groups[(v,)] = g
+    return groups
+
+
+def runs_of(derived: Members, source: Members, width: int) -> bool:
+    """Whether each group of `source` (of keys sorted by tuple) is a run of consecutive keys of
+    a group of `derived`: the source holds the derived set's members and, beyond them, the first
+    members (in tuple order) of those the derived set lacks."""
+    if not set(derived) <= set(source):
+        return False
+    extra = set(source) - set(derived)
+    lacked = [i for i in range(width) if i not in derived]
+    return extra == set(lacked[: len(extra)])
+
+
+class RollUp:
+    """The roll-up of one source partition's windows (PartitionWindows), with its plan: where
+    each dimension set of each window size is derived from (in order of preference), and which
+    sets of smaller windows are kept for that."""
+
+    def __init__(
+        self,
+        acc_cls: type[Accumulator],
+        windows_s: Sequence[int],
+        sets_of: Mapping[int, Sequence[tuple[tuple[str, ...], Members]]],
+    ) -> None:
+        self.acc_cls = acc_cls
+        self.sets_of = sets_of
+        width = len(acc_cls.dimension_names)
+        sizes = sorted(windows_s)
+        self.max_ms = sizes[-1] * 1000
+        # sources of each (size, set): larger windows first (fewer runs), then fewer members
+        self.sources: dict[tuple[int, Members], list[tuple[int, Members]]] = {}
+        self.keep: dict[int, set[Members]] = {s: set() for s in sizes}
+        # per size its sets in the order they are rolled up: a source before the sets derived
+        # from it (a source of the same size has more members)
+        self.order: dict[int, list[Members]] = {}
+        for s in sizes:
+            members_here = [m for _, m in sets_of[s]]
+            self.order[s] = sorted(members_here, key=lambda m: -len(m))
+            for c in members_here:
+                # the same set of smaller windows (a window's keys are theirs, one window after
+                # the other), or a set with more members of smallest windows: keys are sorted by
+                # (smallest window start, tuple), so only there are its groups runs of keys
+                found = [
+                    (s2, f)
+                    for s2 in sizes
+                    if s2 <= s and s % s2 == 0
+                    for _, f in sets_of[s2]
+                    if (sorted(f) == sorted(c) and s2 < s)
+                    or (s2 == sizes[0] and len(f) > len(c) and runs_of(c, f, width))
+                ]
+                found.sort(key=lambda src: (-src[0], len(src[1])))
+                self.sources[(s, c)] = found
+                for s2, f in found:
+                    if s2 < s:
+                        self.keep[s2].add(f)
+        self.kept: dict[tuple[int, int, Members], Rolled] = {}
+
+    def window(
+        self, s: int, t: int, keys: list[AccKey], accs: Mapping[AccKey, Accumulator], keep: bool
+    ) -> list[tuple[dict[str, str], str, Accumulator]]:
+        """(dims, dims_key, merged accumulator) of every group of every dimension set of window
+        (s, t), whose finest accumulators are `keys`, sorted; sets in their configured order,
+        groups in the order of their first key. `keep`: the window's keys are final (a closed
+        window, not its late events), its sets may be kept for larger windows."""
+        finest = [accs[k] for k in keys]
+        if not finest:
+            return []
+        tuples = [k[1] for k in keys]
+        starts = sorted({k[0] for k in keys})
+        merged = self.acc_cls.merged
+        done: dict[Members, Rolled] = {}
+        for c in self.order[s]:
+            rolled = None
+            for s2, f in self.sources[(s, c)]:
+                if s2 == s:
+                    runs: list[Rolled | None] = [done.get(f)]
+                elif keep:
+                    size = s2 * 1000
+                    runs = [self.kept.get((s2, t2, f)) for t2 in sorted({b - b % size for b in starts})]
+                else:
+                    continue
+                if all(r is not None and r.left_out == 0 for r in runs):
+                    rolled = self._derive(c, f, [r for r in runs if r is not None])
+                    break
+            if rolled is None:
+                groups = group_by_set(c, tuples, finest)
+                rolled = Rolled(
+                    len(finest) - sum(map(len, groups.values())),
+                    [Group(v, merged(g), g) for v, g in groups.items()],
+                )
+            done[c] = rolled
+        if keep:
+            for f in self.keep[s]:
+                self.kept[(s, t, f)] = done[f]
+        out = []
+        for names, c in self.sets_of[s]:
+            for g in done[c].groups:
+                dims = dict(zip(names, g.values, strict=True))
+                out.append((dims, dimensions_key(dims), g.acc))
+        return out
+
+    def _derive(self, c: Members, f: Members, runs: list[Rolled]) -> Rolled:
+        """Set `c` from the groups of `f` (runs of its groups, in key order, runs_of)."""
+        pos = [f.index(i) for i in c]
+        parts: dict[tuple[str, ...], tuple[list[Any], list[list[Any]]]] = {}
+        for r in runs:
+            for g in r.groups:
+                v = tuple([g.values[i] for i in pos])
+                slot = parts.get(v)
+                if slot is None:
+                    parts[v] = ([g.acc], [g.finest])
+                else:
+                    slot[0].append(g.acc)
+                    slot[1].append(g.finest)
+        merged_from = self.acc_cls.merged_from
+        groups = []
+        for v, (accs, finest_runs) in parts.items():
+            finest = finest_runs[0] if len(finest_runs) == 1 else list(chain.from_iterable(finest_runs))
+            groups.append(Group(v, merged_from(accs, finest), finest))
+        return Rolled(0, groups)
+
+    def forget_through(self, mark_ms: float) -> None:
+        """Drop the kept sets of smaller windows whose largest window ended by `mark_ms` (closed)."""
+        max_ms = self.max_ms
+        for key in [k for k in self.kept if k[1] - k[1] % max_ms + max_ms <= mark_ms]:
+            del self.kept[key]
