@@ -2,9 +2,10 @@
 
 Events are added to accumulators of the smallest window size, one per finest
 dimension tuple; larger windows and coarser dimension sets are rolled up from those
-when a window closes. A window closes once the partition's event time passes its end
-plus the grace period, or, when the partition goes idle, once wall-clock time since
-the last event has carried event time that far. Events of a closed window are late.
+when a window closes (rollup.py: the same state, to the bit, whatever it derives a set
+from). A window closes once the partition's event time passes its end plus the grace
+period, or, when the partition goes idle, once wall-clock time since the last event
+has carried event time that far. Events of a closed window are late.
 
 A late event whose window closed less than the allowed lateness ago (event time of the
 close mark) is still counted: it goes to a late accumulator of its window, and the next
