@@ -40,6 +40,7 @@ from llmpulse.streams.rules.model import DAY_S, VOLUME_FIELD, AnomalyRule
 from llmpulse.streams.rules.stats import mad_sigma, median
 
 State = dict[str, Any]
+_START, _VAR_DOF, _MEAN_DOF = itemgetter(0), itemgetter(1), itemgetter(2)
 FALLBACK_SPAN_S = 3600
 FALLBACK_BUCKET_S = 300
 # rate metric -> (the count it is a share of the volume of), per aggregate
@@ -118,18 +119,19 @@ def series_dispersion(st: State) -> float:
     baseline, so an incident's every window reuses one figure).
     """
     parts: list[tuple[float, float, float]] = []  # (ratio, variance x dof, mean x dof)
+    append = parts.append
     for entries in (st.get("slots") or {}).values():
         for _, w, s1, s2 in entries:
             if w >= 3 and s1 > 0:
                 mean = s1 / w
                 var = max(0.0, s2 / w - mean * mean) * w / (w - 1)
-                parts.append((var / mean, var * (w - 1), mean * (w - 1)))
+                append((var / mean, var * (w - 1), mean * (w - 1)))
     if not parts:
         return 0.0
-    parts.sort(key=lambda p: p[0])
+    parts.sort(key=_START)  # by ratio, stable
     kept = parts[: max(1, len(parts) - len(parts) // 10)]
-    total_mean = sum(p[2] for p in kept)
-    return sum(p[1] for p in kept) / total_mean if total_mean > 0 else 0.0
+    total_mean = sum(map(_MEAN_DOF, kept))
+    return sum(map(_VAR_DOF, kept)) / total_mean if total_mean > 0 else 0.0
 
 
 def _fallback_bucket(rule: AnomalyRule) -> int:
@@ -138,7 +140,6 @@ def _fallback_bucket(rule: AnomalyRule) -> int:
 
 
 Group = tuple[int, float, float]  # (windows, s1, s2) of a day or a bucket
-_START = itemgetter(0)
 _EXACT = 2**53  # below this, float sums of whole numbers are exact in any order
 
 
@@ -174,8 +175,9 @@ def _within(g: Group) -> float:
 
 
 def _robust(means: list[float], within: list[float], windows: int, source: str) -> Expectation:
-    var = median(within) + mad_sigma(means) ** 2
-    return Expectation(median(means), var, windows, 0, source)
+    """The median of the means; the median within-group variance plus the MAD of the means squared."""
+    mid = median(means)
+    return Expectation(mid, median(within) + mad_sigma(means, mid) ** 2, windows, 0, source)
 
 
 def _weekday_factor(st: State, today: int, first_s: int) -> float | None:

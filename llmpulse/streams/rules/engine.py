@@ -184,15 +184,15 @@ class RulesEngine:
             rst = all_states.get(rule.name)
             if rst is None:
                 rst = all_states[rule.name] = {"k": self._data_sig[rule.name], "streak": 0}
-            if isinstance(rule, ThresholdRule):
+            if isinstance(rule, AnomalyRule):  # the commonest first (types are disjoint)
+                verdict = self._judge_anomaly(rule, agg, rst, start_ms // 1000)
+                for_windows = rule.for_
+            elif isinstance(rule, ThresholdRule):
                 verdict = judge_threshold(rule, agg, rst)
                 for_windows = rule.for_
             elif isinstance(rule, SloRule):
                 verdict = judge_slo(rule, agg, rst.setdefault("slo", {}))
                 for_windows = 1
-            elif isinstance(rule, AnomalyRule):
-                verdict = self._judge_anomaly(rule, agg, rst, start_ms // 1000)
-                for_windows = rule.for_
             else:
                 verdict, ended = _judge_budget(rule, agg, rst)
                 for_windows = 1

@@ -231,9 +231,10 @@ def median(values: Sequence[float]) -> float:
     return s[mid] if n % 2 else (s[mid - 1] + s[mid]) / 2
 
 
-def mad_sigma(values: Sequence[float]) -> float:
-    """The median absolute deviation scaled to a normal sigma (x 1.4826); 0 for < 3 values."""
+def mad_sigma(values: Sequence[float], centre: float | None = None) -> float:
+    """The median absolute deviation scaled to a normal sigma (x 1.4826); 0 for < 3 values.
+    ``centre``: the values' median when the caller has it already."""
     if len(values) < 3:
         return 0.0
-    m = median(values)
+    m = median(values) if centre is None else centre
     return 1.4826 * median([abs(v - m) for v in values])
