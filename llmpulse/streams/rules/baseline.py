@@ -236,10 +236,10 @@ class Summaries:
     The state dict is the only truth and all that is stored: a Summaries holds figures
     derived from it, never written into it, so a restored state gets a fresh Summaries that
     derives the same figures. What is kept, and when it goes:
-    - seasonal: the expectation per time-of-day bucket for one UTC day. It reads only
-      previous days (and the weekday levels of previous days), which a window of that day
-      does not change; kept until the day judged or a window added is another day, or the
-      series' first window changes.
+    - seasonal: the expectation of the time-of-day bucket judged, for its UTC day. It reads
+      only previous days (and their weekday levels), which a window of that day does not
+      change; kept while the windows judged stay in that bucket (15 in a row by default),
+      until a window of another day is added or the series' first window changes.
     - rolling: the buckets that ended before the window judged (``_Closed``), until the
       span moves past a bucket boundary or a window lands in one of them.
     - the series' dispersion of sums, until the next window is added.
@@ -248,9 +248,8 @@ class Summaries:
     """
 
     __slots__ = (
-        "_bucket", "_by_slot", "_closed", "_day", "_days_kept", "_dispersion", "_first", "_rate",
-        "_roll_bucket", "_roll_source", "_roll_span", "_seasonal", "_window", "_zero_filled",
-        "rule", "state",
+        "_bucket", "_closed", "_days_kept", "_dispersion", "_rate", "_roll_bucket", "_roll_source",
+        "_roll_span", "_seasonal", "_slot", "_window", "_zero_filled", "rule", "state",
     )  # fmt: skip
 
     def __init__(self, rule: AnomalyRule, state: State) -> None:
@@ -269,9 +268,9 @@ class Summaries:
         else:
             self._roll_span, self._roll_bucket = rule.baseline_s, rule.bucket_s
             self._roll_source = "rolling"
-        self._by_slot: dict[int, Expectation | None] = {}  # seasonal, for _day and _first
-        self._day: int | None = None
-        self._first: int | None = None
+        # seasonal: the expectation of one time-of-day bucket of one day, for a first window
+        # (windows come in order: a bucket's 15 windows in a row reuse it, and one is kept)
+        self._slot: tuple[int, int, int, Expectation | None] | None = None  # slot, day, first, exp
         self._closed: _Closed | None = None
         self._dispersion: float | None = None
 
@@ -297,12 +296,12 @@ class Summaries:
         first = self.state.get("first")
         if first is None:  # no window added yet (the zero fill would count from now)
             return self._seasonal_of(slot, today, now_s)
-        if today != self._day or first != self._first:
-            self._by_slot.clear()
-            self._day, self._first = today, first
-        if slot not in self._by_slot:
-            self._by_slot[slot] = self._seasonal_of(slot, today, now_s)
-        return self._by_slot[slot]
+        kept = self._slot
+        if kept is not None and kept[0] == slot and kept[1] == today and kept[2] == first:
+            return kept[3]
+        exp = self._seasonal_of(slot, today, now_s)
+        self._slot = (slot, today, first, exp)
+        return exp
 
     def _seasonal_of(self, slot: int, today: int, now_s: int) -> Expectation | None:
         """The median over previous days of this time-of-day bucket (module docstring)."""
@@ -449,9 +448,8 @@ class Summaries:
         self._dispersion = None
         if self._seasonal:
             today = window_start_s // DAY_S
-            if today != self._day:  # another day's data changed: its expectations go
-                self._by_slot.clear()
-                self._day = None
+            if self._slot is not None and self._slot[1] != today:
+                self._slot = None  # another day's data changed: its expectation goes
             self._seasonal_add(window_start_s, today, s1, s2)
         b = window_start_s - window_start_s % self._roll_bucket
         if self._closed is not None and b <= self._closed.last_start:
