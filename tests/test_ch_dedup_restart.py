@@ -80,15 +80,16 @@ def test_batch_rewritten_after_the_migrating_writer_died_counts_once(tmp_path: P
 
 
 class _Consumer:
-    """Owns partition 0 of t.calls; records the offsets committed."""
+    """Owns partition 0 of a topic (t.calls); records the offsets committed."""
 
-    def __init__(self) -> None:
+    def __init__(self, topic: str = "t.calls") -> None:
+        self.topic = topic
         self.commits: list[dict[int, int]] = []
 
     def assignment(self) -> list[Any]:
         from confluent_kafka import TopicPartition
 
-        return [TopicPartition("t.calls", 0)]
+        return [TopicPartition(self.topic, 0)]
 
     def commit(self, offsets: list[Any], asynchronous: bool) -> None:
         self.commits.append({tp.partition: tp.offset for tp in offsets})
@@ -138,5 +139,68 @@ def test_a_rebuilt_batch_whose_token_outlived_its_rows_is_written_again(tmp_path
         assert count() == 300 and consumer.commits == [{0: 6}]
         rows = store.client.query("SELECT event_id, count() c FROM llmpulse.llm_calls GROUP BY event_id HAVING c > 1")
         assert rows.result_rows == []
+    finally:
+        store.close()
+
+
+def test_a_rebuilt_batch_of_a_table_without_roll_ups_is_written_whole_and_read_once(tmp_path: Path) -> None:
+    """The same crash state for `llm_aggregates`, whose items are rows, not event objects: the
+    rebuilt batch is written again whole (the chaos bench's sink retried it forever with
+    "'list' object has no attribute 'aggregate_id'", stalling every table behind it), and
+    FINAL reads each aggregate once, also when the first write had landed whole."""
+    from datetime import UTC, datetime, timedelta
+
+    from llmpulse.config.clickhouse import ClickHouseConfig
+    from llmpulse.schemas import WindowAggregate, encode_batch
+    from llmpulse.schemas.aggregate import aggregate_id, dimensions_key
+    from llmpulse.sinks.clickhouse.migrate import open_migrated
+    from llmpulse.sinks.clickhouse.rows import TABLES
+    from llmpulse.sinks.clickhouse.steps.commit import CommitOffsets
+    from llmpulse.sinks.clickhouse.steps.model import Batch
+    from llmpulse.sinks.clickhouse.steps.write import WriteInThread
+    from llmpulse.sinks.clickhouse.writer import BatchWriter
+
+    store, _ = open_migrated(ClickHouseConfig(), tmp_path)
+    try:
+        t0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+        aggs = []
+        for i in range(40):
+            start = t0 + timedelta(seconds=10 * i)
+            dk = dimensions_key({})
+            aggs.append(WindowAggregate(
+                aggregate_id=aggregate_id("calls", 10, int(start.timestamp() * 1000), dk), kind="calls", window_s=10,
+                window_start=start, window_end=start + timedelta(seconds=10), dimensions={}, dims_key=dk, requests=i + 1,
+            ))  # fmt: skip
+        spec = TABLES["aggregates"]
+        items, _ = spec.items(encode_batch(aggs))
+        writer = BatchWriter(store.client, "llmpulse")
+        token = "t.aggregates|0:0-3|1796000000000"
+        writer.insert(spec, items, token)
+        first_ids = sorted(a.aggregate_id for a in aggs)[:15]
+        store.client.command("DELETE FROM llmpulse.llm_aggregates WHERE aggregate_id IN {ids:Array(String)}",
+                             parameters={"ids": first_ids})  # fmt: skip
+
+        def figures() -> tuple[int, int]:
+            r = store.client.query("SELECT count(), sum(requests) FROM llmpulse.llm_aggregates FINAL").result_rows[0]
+            return int(r[0]), int(r[1])
+
+        writer.insert(spec, items, token)
+        assert figures()[0] == 25  # the token alone keeps the lost rows out: the state a crash leaves
+        def rebuild() -> list[dict[int, int]]:
+            consumer = _Consumer("t.aggregates")
+
+            def failed() -> None:  # the sink's backpressure hook, called while an INSERT fails
+                write.terminate()
+                raise AssertionError("the INSERT of the rebuilt batch failed (see the log)")
+
+            write = WriteInThread(writer, CommitOffsets(consumer), 0.01, 0.02, failed, lambda: None)
+            write.submit(Batch("t.aggregates", spec, items, token, {0: (0, 3)}, commit={0: 4}, rebuilt=True))
+            write.join()
+            write.close()
+            return consumer.commits
+
+        for _ in range(2):  # rebuilt, then rebuilt again after its rows all landed
+            assert rebuild() == [{0: 4}]
+            assert figures() == (40, sum(range(1, 41)))
     finally:
         store.close()
