@@ -56,6 +56,7 @@ CONTRIBUTION: dict[str, tuple[str, str | None]] = {
 }
 
 
+MIN_SCORE = 0.1  # a member's excess share (or share, for sums) below this explains nothing
 DimensionItems = frozenset[tuple[str, str]]  # a dimension set as a key: equal sets, equal keys
 Level = tuple[str, int, datetime, int]  # kind, window_s, window_start, number of dimensions
 
@@ -63,7 +64,7 @@ Level = tuple[str, int, datetime, int]  # kind, window_s, window_start, number o
 class WindowIndex:
     """The final aggregates of a window (or of several), indexed for root causes.
 
-    Each look-up of a kind (a parent; the sets one dimension finer than a parent, per kind,
+    Each sort of look-up (a parent; the sets one dimension finer than a parent, per kind,
     window and number of dimensions) scans the aggregates the first time, as one look-up
     costs least that way, and builds its index the second time, in one pass, for every
     later one: linear in the aggregates whether one alert or thousands are explained."""
@@ -136,7 +137,7 @@ def root_cause(
     metric: str,
     parent: WindowAggregate,
     children: Iterable[WindowAggregate],
-    min_score: float = 0.1,
+    min_score: float = MIN_SCORE,
 ) -> dict[str, str | float] | None:
     """The finer dimension value contributing most to ``metric`` in ``parent``; None if none stands out.
 
@@ -225,5 +226,5 @@ def explain_window(aggregates: Iterable[WindowAggregate] | WindowIndex, alerts: 
         if parent is None:
             out.append(alert)
             continue
-        out.append(_with_cause(alert, _strongest(alert.metric, parent, index.finer(parent), 0.1)))
+        out.append(_with_cause(alert, _strongest(alert.metric, parent, index.finer(parent), MIN_SCORE)))
     return out
