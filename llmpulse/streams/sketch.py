@@ -70,14 +70,12 @@ class QuantileSketch:
         return counts
 
     def to_state(self) -> dict[str, Any]:
-        bins = self.bins
-        return {"b": dict(zip(map(str, bins), bins.values(), strict=True)), "z": self.zeros, "n": self.count}
+        return {"b": {str(k): v for k, v in self.bins.items()}, "z": self.zeros, "n": self.count}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> QuantileSketch:
         s = cls()
-        b = state.get("b", {})
-        s.bins = dict(zip(map(int, b), map(int, b.values()), strict=True))
+        s.bins = {int(k): int(v) for k, v in state.get("b", {}).items()}
         s.zeros = int(state.get("z", 0))
         s.count = int(state.get("n", 0))
         return s
