@@ -24,6 +24,19 @@ Contract (as arroyo's strategies state theirs):
   so the next owner, which restores after every member has returned from its revoke,
   reads the whole state. `stop` does the same for every partition and leaves the group.
 
+Fetching overlaps stage 1: aiokafka's fetcher prefetches in the background, but with one
+fetch request in flight per broker, for the partitions whose buffered records are all
+consumed. A fetch that finds nothing new (partitions caught up, such as the GPU, feedback
+and host topics of a calls-only workload, or a calls partition whose models sent less) is
+held by the broker for `fetch_max_wait_ms`, and while it is in flight a backlogged
+partition, drained by stage 1 meanwhile, cannot be fetched again. With aiokafka's default
+(500 ms), over a single-event backlog of 200,000 events in which calls partition 1 held
+more than 0 and 2, 13 of the 31 source fetches were such 0.5 s waits on the caught-up
+partitions (6.6 s of a 10.3 s run) and the event loop sat idle in `getmany` for 1.1-1.9 s
+of 8-10 s (bench/run.py worker, single-event run). FETCH_MAX_WAIT_MS
+bounds that stall; its cost is an idle worker's empty fetch every FETCH_MAX_WAIT_MS. It
+changes when records are fetched, not which: offsets and commits are as below.
+
 No silently skipped offsets: the consumer starts a partition from the group's
 committed offset, which never runs ahead of the delivered state (without one: from
 the offset after the state's last applied one, or the earliest without state), and
@@ -49,6 +62,10 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from llmpulse.streams.commits import CommitLedger
 
 log = logging.getLogger(__name__)
+
+# how long the broker may hold a fetch that finds nothing new (aiokafka: 500 ms). Short,
+# because one fetch of idle partitions in flight keeps the busy ones from being fetched
+FETCH_MAX_WAIT_MS = 50
 
 TopicPart = tuple[str, int]
 # records by (topic, partition) -> (state deliveries, offsets consumed: next to read)
@@ -118,6 +135,7 @@ class SourceReader:
             heartbeat_interval_ms=max(500, session_timeout_ms // 6),
             max_poll_records=max_records,
             max_partition_fetch_bytes=10_000_000,
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             fetch_max_bytes=50_000_000,
             **client,
         )
