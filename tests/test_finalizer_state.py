@@ -18,6 +18,7 @@ from llmpulse.schemas.partials import (
     DimensionSetState,
     WindowPartials,
     decode_partials,
+    decode_sets,
     encode_partials,
     window_messages,
 )
@@ -201,6 +202,41 @@ def test_previous_version_state_restores_publishes_and_expires() -> None:
     far = T0_MS + 3600_000
     run(stored, [CloseMark("calls", "calls:0", far), CloseMark("calls", "calls:1", far)], first_offset=43)
     assert not [k for k in table if SK.parse(k) and SK.parse(k).shape in ("P", "V", "W")]  # type: ignore[union-attr]
+
+
+def test_window_messages_stored_by_the_previous_format_restore_the_same() -> None:
+    """Stored messages were the list their sets decode to; now they are one JSON text each."""
+    msgs = closed_window_messages("calls:0", [call(1), call(2, user="v"), call(15)])
+    msgs += closed_window_messages("calls:1", [call(3), call(16, user="w")])
+    close_1 = msgs.pop()  # calls:1's close mark: nothing is final before it
+    new = CountingTable()
+    assert run(StoredFinalizer.restore(0, SOURCES, new), msgs) == []
+    old = CountingTable()
+    for key, value in new.items():
+        shape = SK.parse(key)
+        old[key] = json.loads(encode_partials_sets(value)) if shape and shape.shape == "W" else value
+    assert any(isinstance(v, list) for v in old.values()) and any(isinstance(v, str) for v in new.values())
+    got_new = run(StoredFinalizer.restore(0, SOURCES, new), [close_1], first_offset=len(msgs))
+    got_old = run(StoredFinalizer.restore(0, SOURCES, old), [close_1], first_offset=len(msgs))
+    assert got_new and [a.model_dump() for a in got_new] == [a.model_dump() for a in got_old]
+
+
+def encode_partials_sets(text: str) -> str:
+    """A stored message in the previous format: its sets as a list of [dims_key, dims, state]."""
+    return json.dumps([[e.dims_key, e.dims, e.state] for e in decode_sets(text)])
+
+
+def test_published_parts_are_kept_packed_and_a_backfill_still_merges_them_exactly() -> None:
+    table = CountingTable()
+    stored = StoredFinalizer.restore(0, SOURCES, table)
+    published = run(stored, closed_window_messages("calls:0", [call(1), call(2)]) + closed_window_messages("calls:1", [call(3)]))
+    assert totals(published)[(10, T0_MS, "*")] == (3, 1)
+    parts = [st for w in stored.fin.windows.values() for p in w.sets.values() for st in p.parts.values()]
+    assert parts and all(isinstance(st, bytes) for st in parts)  # kept only for a backfill: packed
+    again = run(stored, closed_window_messages("calls:1", [call(3), call(4, user="late")]), first_offset=50)
+    assert totals(again)[(10, T0_MS, "*")] == (4, 2)  # a packed part of calls:0 merged with the new one
+    assert totals(again)[(10, T0_MS, "user=late")] == (1, 1)
+    assert (10, T0_MS, "user=u") not in totals(again)  # neither source changed it: not republished
 
 
 def test_state_keys_format_and_parse_side_by_side() -> None:

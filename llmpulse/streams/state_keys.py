@@ -6,7 +6,8 @@ partition the state lives in), then a one-letter shape:
     <fp>|O                              the last partials offset applied
     <fp>|M|<kind>|<source>              a source's close mark
     <fp>|F|<kind>                       event time finalized through
-    <fp>|W|<kind>|<s>|<start>|<source>|<chunk>   one received partials message (its sets)
+    <fp>|W|<kind>|<s>|<start>|<source>|<chunk>   one received partials message (its sets,
+                                        as one JSON text: partials.encode_sets)
     <fp>|V|<kind>|<s>|<start>           the revisions of a published window
     <fp>|P|<kind>|<s>|<start>|<dims_key>         one dimension set of a window (previous
                                         version's state: read, never written)
