@@ -243,10 +243,7 @@ class WindowStage:
         # the records queued for it go first: the read's barrier must follow them
         self.reader.ledger.add(await self.table.flush(self.emitter.publish), {})
         await asyncio.gather(*(f for futures, _ in self.reader.ledger.entries for f in futures))
-        state = await self.read_state(self.table.topic, partition)
-        self.table.drop_partition(partition)
-        for k, v in state.items():
-            self.table.data[k] = v
+        self.table.restore(partition, await self.read_state(self.table.topic, partition))
         self.restored.add(partition)
 
     async def windows_for(self, kind: str, partition: int) -> PartitionWindows:
@@ -274,9 +271,7 @@ class WindowStage:
         )
         prefix = f"{partition}|{kind}|"
         # id chunks of a batch whose meta was never written are replayed: delete them
-        for key in WS.load(
-            pw, partition, ((k, v) for k, v in self.table.items() if k.startswith(prefix))
-        ):
+        for key in WS.load(pw, partition, self.table.take_restored(prefix)):
             del self.table[key]
         self.windows[(kind, partition)] = pw
         return pw
