@@ -35,7 +35,7 @@ from typing import Any
 from llmpulse import metrics
 from llmpulse.config import Settings
 from llmpulse.kafka import topics as T
-from llmpulse.schemas import Alert, WindowAggregate
+from llmpulse.schemas import WindowAggregate
 from llmpulse.schemas.codec import encode
 from llmpulse.schemas.partials import decode_partials
 from llmpulse.streams import state_keys as SK
@@ -44,15 +44,12 @@ from llmpulse.streams.contiguity import OffsetGuard, Seek, admit_messages
 from llmpulse.streams.emitter import Emitter
 from llmpulse.streams.finalizing import Finalizer, StoredFinalizer, finalizer_partition
 from llmpulse.streams.rules.engine import has_open_alerts
+from llmpulse.streams.rules.hook import RulesHook as RulesHook  # the worker's type of its rules
 from llmpulse.streams.rules.rootcause import WindowIndex, explain_window
 from llmpulse.streams.windowing import Partial
 
 log = logging.getLogger(__name__)
 
-# (aggregate, rule state or None) -> (alerts, new rule state or None)
-RulesHook = Callable[
-    [WindowAggregate, dict[str, Any] | None], tuple[list[Alert], dict[str, Any] | None]
-]
 # partials partition -> its records read back from the table's changelog (restore.py), put
 # in place of the table's records of that partition without writing the changelog again
 LoadState = Callable[[int], Awaitable[dict[str, Any]]]
@@ -172,8 +169,9 @@ class FinalizeStage:
         """Publish final aggregates and judge them; return once all is delivered.
 
         The aggregates go out in bulk (bulk_publish.py: one batch per partition, placed by
-        key as one send each would be), the rules judge each window of a dimension set in
-        window order, and each dimension set's rule state is written once per call, after
+        key as one send each would be), the rules judge them in one call (a window's
+        aggregates together, each dimension set's windows in window order: the same verdicts
+        as one aggregate at a time), and each dimension set's rule state is written once per call, after
         its last window, not once per window: a replay hands this hundreds of windows of
         the same sets at once (the state is plain data the engine mutates in place; a
         crash before the write re-judges those windows, and an alert's id is deterministic)."""
@@ -181,37 +179,39 @@ class FinalizeStage:
         now = time.time()
         aggregates = list(aggregates)
         window_of: dict[tuple[str, int, datetime], list[WindowAggregate]] = {}
+        records: list[Record] = []
         for agg in aggregates:
             window_of.setdefault((agg.kind, agg.window_s, agg.window_start), []).append(agg)
-        index_of = {key: WindowIndex(aggs) for key, aggs in window_of.items()}  # one per window, not per alert
-        records: list[Record] = []
-        judged: dict[
-            str, dict[str, Any]
-        ] = {}  # rule-state key -> its state, written after the loop
-        for agg in aggregates:
             records.append((None, agg.aggregate_id.encode(), encode(agg)))
             metrics.WINDOWS_CLOSED.labels(agg.kind).inc()
             metrics.WINDOW_CLOSE_DELAY.observe(max(0.0, now - agg.window_end.timestamp()))
-            if self.rules is not None and agg.revision == 1:
-                rkey = SK.rule_key(fp, agg.kind, agg.window_s, agg.dims_key)
-                state = judged.get(rkey)
-                alerts, new_state = self.rules(
-                    agg, state if state is not None else self.table.get(rkey)
-                )
-                if alerts:
-                    # root cause: which finer dimension of this window drives the deviation
-                    alerts = explain_window(
-                        index_of[(agg.kind, agg.window_s, agg.window_start)], alerts
-                    )
-                for alert in alerts:
+        judged: dict[str, dict[str, Any]] = {}  # rule-state key -> its state, written after delivery
+        if self.rules is not None:
+
+            def rule_key(agg: WindowAggregate) -> str:
+                return SK.rule_key(fp, agg.kind, agg.window_s, agg.dims_key)
+
+            # in bulk: each window's aggregates judged together (RulesEngine.judge)
+            verdicts = self.rules.judge(
+                [agg for agg in aggregates if agg.revision == 1],
+                lambda agg: self.table.get(rule_key(agg)),
+            )
+            index_of: dict[tuple[str, int, datetime], WindowIndex] = {}  # one per window, not per alert
+            for agg, alerts, state in verdicts:
+                judged[rule_key(agg)] = state
+                if not alerts:
+                    continue
+                # root cause: which finer dimension of this window drives the deviation
+                window = (agg.kind, agg.window_s, agg.window_start)
+                if window not in index_of:
+                    index_of[window] = WindowIndex(window_of[window])
+                for alert in explain_window(index_of[window], alerts):
                     metrics.ALERTS_PUBLISHED.labels(alert.severity, alert.state).inc()
                     futures.append(
                         await self.emitter.send(
                             self.alerts_topic, alert.fingerprint.encode(), encode(alert)
                         )
                     )
-                if new_state is not None:
-                    judged[rkey] = new_state
         futures += await self.emitter.publish(self.aggregates_topic, records)
         for rkey, state in judged.items():
             self.table[rkey] = state

@@ -42,16 +42,23 @@ State format (version 1)::
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from llmpulse.schemas import Alert, WindowAggregate, alert_fingerprint
 from llmpulse.schemas.alert import RuleType, evidence_text
-from llmpulse.streams.rules.baseline import RATE_METRICS, Observation, Summaries, observe
+from llmpulse.streams.rules.baseline import (
+    RATE_METRICS,
+    Expectation,
+    Observation,
+    Summaries,
+    observe,
+)
 from llmpulse.streams.rules.evidence import (
     ALONE_MIN,
     Verdict,
+    cannot_breach,
     judge_anomaly,
     judge_threshold,
     more_severe,
@@ -80,6 +87,21 @@ STATE_VERSION = 2
 KEEP_OUT_S = 3600  # the longest run of anomalous windows left out of an anomaly baseline
 MAX_KEPT_SUMMARIES = 200_000  # baselines' Summaries kept (then all dropped; derivable again)
 State = dict[str, Any]
+
+
+class Judged(NamedTuple):
+    """One aggregate a rule judges (``RulesEngine.judge``): the alerts to publish, in order,
+    and the state of its dimension set, mutated in place (a new one when none was stored)."""
+
+    aggregate: WindowAggregate
+    alerts: list[Alert]
+    state: State
+
+
+# an aggregate of a window being judged: its rules, its state, the list its alerts go to
+_Entry = tuple[WindowAggregate, tuple[WindowRule, ...], State, list[Alert]]
+# the same once its state is checked: the aggregate, its rules' states, its alerts
+_Judging = tuple[WindowAggregate, dict[str, State], list[Alert]]
 
 
 def new_state() -> State:
@@ -162,57 +184,49 @@ class RulesEngine:
         if not rules:
             return []
         alerts: list[Alert] = []
-        if state.get("v", 1) != STATE_VERSION:
-            migrate_state(state)
-        if state.get("sig") != self.signature:
-            self._reconcile(agg, state, alerts)
-        start_ms = _ms(agg.window_start)
-        seen: dict[str, int] = state["seen"]
-        seen_key = f"{agg.kind}/{agg.window_s}"
-        last = seen.get(seen_key)
-        if last is not None and start_ms <= last:
-            return alerts
-        seen[seen_key] = start_ms
-        if "dims" not in state:
-            state["dims"] = dict(agg.dimensions)
-        all_states: dict[str, State] = state["rules"]
-        touched: list[CompositeRule] = []
-        dims = agg.dimensions
-        for rule in rules:
-            if rule.match and any(dims.get(k) != v for k, v in rule.match.items()):
-                continue
-            rst = all_states.get(rule.name)
-            if rst is None:
-                rst = all_states[rule.name] = {"k": self._data_sig[rule.name], "streak": 0}
-            if isinstance(rule, AnomalyRule):  # the commonest first (types are disjoint)
-                verdict = self._judge_anomaly(rule, agg, rst, start_ms // 1000)
-                for_windows = rule.for_
-            elif isinstance(rule, ThresholdRule):
-                verdict = judge_threshold(rule, agg, rst)
-                for_windows = rule.for_
-            elif isinstance(rule, SloRule):
-                verdict = judge_slo(rule, agg, rst.setdefault("slo", {}))
-                for_windows = 1
-            else:
-                verdict, ended = _judge_budget(rule, agg, rst)
-                for_windows = 1
-                if ended is not None and rst.get("alert") is not None:
-                    self._end_budget_day(rule, agg, rst, ended, alerts)
-            tr = advance(
-                rst, verdict.level, start_ms, metric=rule.metric,
-                for_windows=for_windows, resolve_after=rule.resolve_after, hold=verdict.inconclusive,
-            )  # fmt: skip
-            if tr is not None:
-                if tr.change == "fired":
-                    rst["alert"]["publish"] = rule.publish
-                if rule.publish:
-                    alerts.append(self._alert(rule, tr, verdict, agg))
-            for comp in self._composites_of.get(rule.name, ()):
-                if comp not in touched:
-                    touched.append(comp)
-        for comp in touched:
-            self._evaluate_composite(comp, agg, all_states, start_ms, alerts)
+        self._judge_window([(agg, rules, state, alerts)])
         return alerts
+
+    def judge(
+        self, aggregates: Iterable[WindowAggregate], stored: Callable[[WindowAggregate], State | None]
+    ) -> list[Judged]:
+        """Judge final windows in bulk: each window's aggregates in one pass per rule.
+
+        ``aggregates`` in the order their alerts are to be published; ``stored(agg)``: the
+        stored state of the aggregate's dimension set (kind, window size, dimensions) or
+        None, asked once per dimension set and call (a later window of the same set is
+        judged on the state the earlier one left). One ``Judged`` per aggregate a rule
+        judges (``applies``), in input order, with its alerts in the order ``evaluate``
+        would return them and its state (mutated in place, a new one when none was stored:
+        store it). The verdicts are ``evaluate``'s, aggregate by aggregate: an aggregate's
+        rules run in rule order, and windows are judged in input order (a run of
+        consecutive aggregates of one window at a time); only aggregates of other
+        dimension sets, whose states are apart, are interleaved.
+        """
+        out: list[Judged] = []
+        states: dict[tuple[str, int, str], State] = {}
+        run: list[_Entry] = []
+        window: tuple[str, int, datetime] | None = None
+        index = self._index
+        for agg in aggregates:
+            rules = index.get((agg.kind, agg.window_s, tuple(sorted(agg.dimensions))))
+            if not rules:
+                continue
+            if (agg.kind, agg.window_s, agg.window_start) != window:
+                if run:
+                    self._judge_window(run)
+                    run = []
+                window = (agg.kind, agg.window_s, agg.window_start)
+            series = (agg.kind, agg.window_s, agg.dims_key)
+            state = states.get(series)
+            if state is None:
+                state = states[series] = stored(agg) or new_state()
+            alerts: list[Alert] = []
+            run.append((agg, rules, state, alerts))
+            out.append(Judged(agg, alerts, state))
+        if run:
+            self._judge_window(run)
+        return out
 
     def sweep(
         self, state: State, now: datetime, dimensions: dict[str, str] | None = None
@@ -300,6 +314,81 @@ class RulesEngine:
                 )  # fmt: skip
         return alerts
 
+    # -- judging ------------------------------------------------------------------------
+
+    def _judge_window(self, entries: list[_Entry]) -> None:
+        """Judge aggregates of one window (kind, size, start), each with its rules, its state
+        and the list its alerts go to: the checks per state first, then each group of
+        aggregates sharing their rules one rule at a time, then their composites."""
+        first = entries[0][0]
+        start_ms = _ms(first.window_start)
+        seen_key = f"{first.kind}/{first.window_s}"
+        groups: dict[int, tuple[tuple[WindowRule, ...], list[_Judging]]] = {}
+        for agg, rules, state, alerts in entries:
+            if state.get("v", 1) != STATE_VERSION:
+                migrate_state(state)
+            if state.get("sig") != self.signature:
+                self._reconcile(agg, state, alerts)
+            seen: dict[str, int] = state["seen"]
+            last = seen.get(seen_key)
+            if last is not None and start_ms <= last:
+                continue  # judged before (a re-delivered window)
+            seen[seen_key] = start_ms
+            if "dims" not in state:
+                state["dims"] = dict(agg.dimensions)
+            group = groups.get(id(rules))
+            if group is None:
+                group = groups[id(rules)] = (rules, [])
+            group[1].append((agg, state["rules"], alerts))
+        for rules, judging in groups.values():
+            for rule in rules:
+                self._judge_rule(rule, judging, start_ms)
+            composites = self._composites_of
+            if any(r.name in composites for r in rules):
+                for agg, all_states, alerts in judging:
+                    touched: list[CompositeRule] = []
+                    for rule in rules:
+                        if _matches(rule, agg.dimensions):
+                            for comp in composites.get(rule.name, ()):
+                                if comp not in touched:
+                                    touched.append(comp)
+                    for comp in touched:
+                        self._evaluate_composite(comp, agg, all_states, start_ms, alerts)
+
+    def _judge_rule(self, rule: WindowRule, judging: list[_Judging], start_ms: int) -> None:
+        """One rule over the aggregates of one window that it judges."""
+        name = rule.name
+        data_sig = self._data_sig[name]
+        dims_match = rule.match
+        publish = rule.publish
+        for_windows = rule.for_ if isinstance(rule, (AnomalyRule, ThresholdRule)) else 1
+        start_s = start_ms // 1000
+        for agg, all_states, alerts in judging:
+            if dims_match and not _matches(rule, agg.dimensions):
+                continue
+            rst = all_states.get(name)
+            if rst is None:
+                rst = all_states[name] = {"k": data_sig, "streak": 0}
+            if isinstance(rule, AnomalyRule):  # the commonest first (types are disjoint)
+                verdict = self._judge_anomaly(rule, agg, rst, start_s)
+            elif isinstance(rule, ThresholdRule):
+                verdict = judge_threshold(rule, agg, rst)
+            elif isinstance(rule, SloRule):
+                verdict = judge_slo(rule, agg, rst.setdefault("slo", {}))
+            else:
+                verdict, ended = _judge_budget(rule, agg, rst)
+                if ended is not None and rst.get("alert") is not None:
+                    self._end_budget_day(rule, agg, rst, ended, alerts)
+            tr = advance(
+                rst, verdict.level, start_ms, metric=rule.metric,
+                for_windows=for_windows, resolve_after=rule.resolve_after, hold=verdict.inconclusive,
+            )  # fmt: skip
+            if tr is not None:
+                if tr.change == "fired":
+                    rst["alert"]["publish"] = publish
+                if publish:
+                    alerts.append(self._alert(rule, tr, verdict, agg))
+
     def _baseline(self, rule: AnomalyRule, agg: WindowAggregate, rst: State) -> Summaries:
         """The Summaries of this series' baseline state (created empty when absent)."""
         bst: State = rst.setdefault("baseline", {})
@@ -316,13 +405,40 @@ class RulesEngine:
         if obs is None:
             return Verdict(None, None, None, judged=False)
         baseline = self._baseline(rule, agg, rst)
-        exp = baseline.expected(start_s)
         judged, span = obs, None
         if rule.metric in RATE_METRICS and rule.min_requests > 0 and rule.pool_windows > 1:
             # a low-traffic series' rate: this window with the ones before it (pooling.py)
             s = pooled(rule, agg, rst, Sample(obs.volume, obs.value))
             if s is not None and s.windows > 1:
                 judged, span = Observation(s.value, round(s.value * s.n), s.n), s
+        if (
+            rst.get("alert") is None
+            and cannot_breach(rule, judged, agg, pooled=span is not None)
+            and (span is None or obs.volume < ALONE_MIN or cannot_breach(rule, obs, agg, pooled=True))
+        ):
+            # clear whatever the baseline expects (pooled, and the window alone: below), and
+            # with no alert open nothing reads a clear verdict's figures (lifecycle.advance only
+            # resets the streak): the expectation is not derived
+            verdict = Verdict(None, judged.value, None, judged=False)
+        else:
+            verdict = self._judge_expected(rule, agg, obs, judged, span, baseline.expected(start_s), baseline)
+        # an incident does not teach the baseline: a window judged anomalous stays out of it
+        # (else a 15-minute error burst lifted its own rolling baseline and "resolved" at 44%
+        # errors), but for at most an hour of windows in a row: a level that stays is the new normal
+        kept_out = int(rst.get("kept_out", 0))
+        if verdict.level is not None and kept_out < max(1, KEEP_OUT_S // rule.window):
+            rst["kept_out"] = kept_out + 1
+        else:
+            rst["kept_out"] = 0
+            baseline.add(start_s, obs)
+        return verdict
+
+    def _judge_expected(
+        self, rule: AnomalyRule, agg: WindowAggregate, obs: Observation, judged: Observation,
+        span: Sample | None, exp: Expectation | None, baseline: Summaries,
+    ) -> Verdict:  # fmt: skip
+        """The verdict on ``judged`` (``obs``, or pooled over ``span``: the windows before it)
+        against ``exp``, what the baseline expects of the window."""
         verdict = judge_anomaly(rule, judged, exp, agg, baseline.dispersion, pooled=span is not None)
         if span is not None and verdict.judged and verdict.evidence:
             verdict.evidence["windows"] = span.windows
@@ -335,15 +451,6 @@ class RulesEngine:
                 if more_severe(alone, verdict):
                     alone.evidence["small_sample"] = "true"
                     verdict = alone
-        # an incident does not teach the baseline: a window judged anomalous stays out of it
-        # (else a 15-minute error burst lifted its own rolling baseline and "resolved" at 44%
-        # errors), but for at most an hour of windows in a row: a level that stays is the new normal
-        kept_out = int(rst.get("kept_out", 0))
-        if verdict.level is not None and kept_out < max(1, KEEP_OUT_S // rule.window):
-            rst["kept_out"] = kept_out + 1
-        else:
-            rst["kept_out"] = 0
-            baseline.add(start_s, obs)
         return verdict
 
     # -- rules changed --------------------------------------------------------------------
@@ -466,6 +573,11 @@ def _composite_level(
     if comp.mode == "any_of" and active:
         return active, comp.severity or ranked[-1]
     return active, None
+
+
+def _matches(rule: WindowRule, dims: dict[str, str]) -> bool:
+    """Whether a dimension set has the values of the rule's ``match`` (all, when it has none)."""
+    return all(dims.get(k) == v for k, v in rule.match.items())
 
 
 def has_open_alerts(state: State) -> bool:

@@ -364,6 +364,19 @@ def anomaly_test(
     return p, max(0.0, mean - z * sd), mean + z * sd, ev
 
 
+def cannot_breach(rule: AnomalyRule, obs: Observation, agg: WindowAggregate, pooled: bool = False) -> bool:
+    """Whether ``judge_anomaly(rule, obs, exp, agg, pooled=pooled)`` finds no anomaly
+    whatever ``exp`` is: too few calls to judge (``min_requests``, unless pooled), or,
+    direction above, a value under ``min_value``. The same conditions as judge_anomaly's,
+    kept beside it: the engine then does not derive the expectation of a series with no
+    alert open (nothing reads a clear verdict's figures but the words of a resolution), the
+    commonest case on sparse traffic (a key's minute of a few calls is under every shipped
+    ``min_value``, and most minutes hold no error)."""
+    if not pooled and rule.min_requests > 0 and getattr(agg, VOLUME_FIELD[rule.kind]) < rule.min_requests:
+        return True
+    return rule.direction == "above" and obs.value < rule.min_value
+
+
 def judge_anomaly(
     rule: AnomalyRule,
     obs: Observation,

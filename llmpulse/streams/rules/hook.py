@@ -1,8 +1,11 @@
 """The worker's entry point to the rules: load from settings, hot reload, judge, sweep.
 
-``RulesRuntime`` is callable with the worker's hook signature ``RulesHook``:
-``(aggregate, stored_state_or_None) -> (alerts, state_to_store_or_None)``. The type lives
-here, on the rules side, so the rules never import the worker.
+``RulesRuntime`` is what the worker's finalizer holds (the ``RulesHook`` protocol):
+``judge(aggregates, stored)`` judges the final windows of a publish in bulk (one pass per
+window and rule: RulesEngine.judge) and ``sweep`` resolves alerts of quiet dimension sets.
+The type lives here, on the rules side, so the rules never import the worker. Calling it
+with one aggregate (``runtime(aggregate, stored_state_or_None) -> (alerts,
+state_to_store_or_None)``) judges that one the same way.
 """
 
 from __future__ import annotations
@@ -12,18 +15,28 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from llmpulse.config import Settings
 from llmpulse.schemas import Alert, WindowAggregate
-from llmpulse.streams.rules.engine import RulesEngine, new_state
+from llmpulse.streams.rules.engine import Judged, RulesEngine, State
 from llmpulse.streams.rules.loader import DEFAULT_WINDOWS_S, RulesReloader
 
 log = logging.getLogger(__name__)
 
-RulesHook = Callable[[WindowAggregate, dict[str, Any] | None], tuple[list[Alert], dict[str, Any] | None]]
-"""What the worker's finalizer calls per final aggregate: (aggregate, stored state or None)
--> (alerts to publish, state to store or None)."""
+
+class RulesHook(Protocol):
+    """What the worker's finalizer calls with the final aggregates it publishes."""
+
+    def judge(
+        self, aggregates: Iterable[WindowAggregate], stored: Callable[[WindowAggregate], State | None]
+    ) -> list[Judged]:
+        """See RulesEngine.judge: one ``Judged`` (alerts, state to store) per aggregate judged."""
+        ...
+
+    def sweep(self, state: State, now: datetime) -> list[Alert]:
+        """See RulesEngine.sweep."""
+        ...
 
 
 class RulesRuntime:
@@ -61,15 +74,22 @@ class RulesRuntime:
         self.engine = RulesEngine(rules)
         return True
 
-    def __call__(
-        self, agg: WindowAggregate, state: dict[str, Any] | None
-    ) -> tuple[list[Alert], dict[str, Any] | None]:
-        """Judge one final window; the state to store is None when no rule judges it."""
+    def judge(
+        self, aggregates: Iterable[WindowAggregate], stored: Callable[[WindowAggregate], State | None]
+    ) -> list[Judged]:
+        """Judge final windows in bulk (RulesEngine.judge), with the rules in effect now:
+        the rules file is checked once per call, so a call's windows see one rule set."""
         self.maybe_reload()
-        if not self.engine.applies(agg):
+        return self.engine.judge(aggregates, stored)
+
+    def __call__(
+        self, agg: WindowAggregate, state: State | None
+    ) -> tuple[list[Alert], State | None]:
+        """Judge one final window; the state to store is None when no rule judges it."""
+        judged = self.judge((agg,), lambda _: state)
+        if not judged:
             return [], None
-        st = state if state is not None else new_state()
-        return self.engine.evaluate(agg, st), st
+        return judged[0].alerts, judged[0].state
 
     def sweep(self, state: dict[str, Any], now: datetime) -> list[Alert]:
         """See RulesEngine.sweep: resolve alerts of a dimension set that went quiet."""
