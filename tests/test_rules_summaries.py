@@ -118,16 +118,22 @@ def _rules() -> list[AnomalyRule]:
 def test_kept_summaries_equal_a_fresh_rescan_window_by_window(rule: AnomalyRule) -> None:
     """Over three days of windows with gaps, quiet hours and now and then a window arriving
     late into a bucket already summarised, the kept Summaries' expectation and dispersion
-    equal a fresh computation from the state at every window."""
+    equal a fresh computation from the state at every window, and its floor of the mean is
+    under the mean."""
     rng = random.Random(rule.name)
     state: dict[str, Any] = {}
     kept = Summaries(rule, state)
     t = int(DAY0.timestamp())  # from midnight: a day's first windows meet the day before's
-    compared = 0
+    compared = floors = 0
     for _ in range(1800):
         step = rng.choice((1, 1, 1, 1, 2, 3)) if rng.random() > 0.02 else rng.randint(20, 90)
         t += 60 * step
-        assert kept.expected(t) == expected(rule, state, t)
+        floor = kept.mean_floor(t)  # asked first: it changes nothing expected() then keeps
+        exp = expected(rule, state, t)
+        assert kept.expected(t) == exp
+        if floor is not None:  # a floor under the mean the engine may judge against instead
+            assert exp is not None and floor <= exp.mean, (floor, exp)
+            floors += 1
         assert kept.dispersion() == series_dispersion(state)
         compared += 1
         n = rng.randint(5, 60)
@@ -142,5 +148,9 @@ def test_kept_summaries_equal_a_fresh_rescan_window_by_window(rule: AnomalyRule)
         # ignores a window at or before the last judged; the Summaries stay exact regardless)
         kept.add(t - 600 if rng.random() < 0.03 else t, obs)
     assert compared == 1800 and state["roll"]
+    if rule.metric == "error_rate":  # a rate's floor is its seasonal expectation, once there is one
+        assert floors > 900 if rule.method == "seasonal" else floors == 0
+    else:
+        assert floors > 1700
     if rule.method == "seasonal":
         assert any(len(v) > 1 for v in state["slots"].values())  # judged on previous days too

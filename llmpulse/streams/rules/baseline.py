@@ -214,13 +214,14 @@ class _Closed:
     last_start: int
     groups: list[Group]  # in bucket order, windows > 0
     windows: int
-    means: list[float]  # sorted (the median sorts anyway)
-    within: list[float]
+    means: list[float]  # not rates: sorted (the median sorts anyway)
+    within: list[float]  # not rates
     used: int  # rates: groups with calls
     calls1: float  # rates: their s1 and s2 summed
     calls2: float
     top: Group | None  # rates: the first group with the highest share
     whole: bool  # rates: every s1, s2 and sum a whole number below 2**53 (sums exact in any order)
+    ordered: bool  # no mean is NaN (``means`` is in order: Summaries.mean_floor)
 
 
 class Summaries:
@@ -290,6 +291,35 @@ class Summaries:
             self._dispersion = series_dispersion(self.state)
         return self._dispersion
 
+    def mean_floor(self, window_start_s: int) -> float | None:
+        """A floor under ``expected(window_start_s).mean`` (whenever that is not None), from
+        what is kept: the seasonal expectation itself; else, not for rates, the rolling
+        buckets that ended before the window (``_Closed``, their means sorted): the buckets
+        still filling, k of them at most, move the median of all the means at most k places
+        down that order. None when it cannot say without deriving the expectation.
+
+        Lets the engine leave the expectation of a window far under it underived (the
+        commonest window: an effect needs ``factor`` x the mean); a floor, not the mean, as
+        the means of the buckets still filling change with every window."""
+        if self._seasonal:
+            seasonal = self._seasonal_expected(window_start_s)
+            if seasonal is not None:
+                return seasonal.mean
+        if self._rate:
+            return None
+        where = self._span_of(window_start_s)
+        if where is None:
+            return None
+        buckets, lo, fixed, done, hi, first, _ = where
+        closed = self._closed_of(buckets, fixed, done, first)
+        if closed is None or not closed.ordered:
+            return None
+        for i in (*range(lo, fixed), *range(done, hi)):
+            if buckets[i][2] != buckets[i][2]:  # a NaN sum: its mean has no place in the order
+                return None
+        k = (len(closed.means) - (fixed - lo) - (hi - done) - 1) // 2
+        return closed.means[k] if k >= 0 else None
+
     def _seasonal_expected(self, now_s: int) -> Expectation | None:
         today, sec = divmod(now_s, DAY_S)
         slot = sec // self._bucket
@@ -332,20 +362,11 @@ class Summaries:
         """The same statistics over the buckets of the span before the window: those that
         ended before it from ``_Closed``, the rest (the bucket still filling; with zero_fill
         the one the span's start cuts) derived now."""
-        buckets: list[list[Any]] = self.state.get("roll") or []
-        if not buckets:
+        where = self._span_of(now_s)
+        if where is None:
             return None
-        span, bucket = self._roll_span, self._roll_bucket
-        cutoff = now_s - span
-        first = int(self.state.get("first", now_s))
-        # buckets[lo:hi] are in the span (end after the cutoff, start before now); of these,
-        # buckets[fixed:done] ended before now and do not depend on now
-        lo = bisect_right(buckets, cutoff - bucket, key=_START)
-        hi = bisect_left(buckets, now_s, key=_START)
-        done = max(lo, min(hi, bisect_right(buckets, now_s - bucket, key=_START)))
-        fixed = lo
-        if self._zero_filled and first < cutoff:  # the bucket the cutoff cuts counts from it
-            fixed = min(done, max(lo, bisect_left(buckets, cutoff, key=_START)))
+        buckets, lo, fixed, done, hi, first, cutoff = where
+        bucket = self._roll_bucket
         closed = self._closed_of(buckets, fixed, done, first)
         live: list[Group] = []
         for i in (*range(lo, fixed), *range(done, hi)):
@@ -367,6 +388,25 @@ class Summaries:
             self._roll_source,
         )
 
+    def _span_of(self, now_s: int) -> tuple[list[list[Any]], int, int, int, int, int, int] | None:
+        """The rolling buckets and where the span before ``now_s`` lies in them: (buckets, lo,
+        fixed, done, hi, first, cutoff); None without buckets."""
+        buckets: list[list[Any]] = self.state.get("roll") or []
+        if not buckets:
+            return None
+        span, bucket = self._roll_span, self._roll_bucket
+        cutoff = now_s - span
+        first = int(self.state.get("first", now_s))
+        # buckets[lo:hi] are in the span (end after the cutoff, start before now); of these,
+        # buckets[fixed:done] ended before now and do not depend on now
+        lo = bisect_right(buckets, cutoff - bucket, key=_START)
+        hi = bisect_left(buckets, now_s, key=_START)
+        done = max(lo, min(hi, bisect_right(buckets, now_s - bucket, key=_START)))
+        fixed = lo
+        if self._zero_filled and first < cutoff:  # the bucket the cutoff cuts counts from it
+            fixed = min(done, max(lo, bisect_left(buckets, cutoff, key=_START)))
+        return buckets, lo, fixed, done, hi, first, cutoff
+
     def _closed_of(self, buckets: list[list[Any]], fixed: int, done: int, first: int) -> _Closed | None:
         if fixed >= done:
             return None
@@ -384,7 +424,25 @@ class Summaries:
         if not groups:
             self._closed = None
             return None
-        used = [g for g in groups if g[2] > 0]
+        windows = sum(g[0] for g in groups)
+        ordered = all(g[1] == g[1] for g in groups)
+        if not self._rate:  # what _robust reads
+            self._closed = closed = _Closed(
+                key=key,
+                last_start=key[1],
+                groups=groups,
+                windows=windows,
+                means=sorted(_mean(g) for g in groups),
+                within=sorted(_within(g) for g in groups),
+                used=0,
+                calls1=0.0,
+                calls2=0.0,
+                top=None,
+                whole=False,
+                ordered=ordered,
+            )
+            return closed
+        used = [g for g in groups if g[2] > 0]  # what _rate_of reads
         calls1 = sum(g[1] for g in used)
         calls2 = sum(g[2] for g in used)
         whole = (
@@ -396,14 +454,15 @@ class Summaries:
             key=key,
             last_start=key[1],
             groups=groups,
-            windows=sum(g[0] for g in groups),
-            means=sorted(_mean(g) for g in groups),
-            within=sorted(_within(g) for g in groups),
+            windows=windows,
+            means=[],
+            within=[],
             used=len(used),
             calls1=calls1,
             calls2=calls2,
             top=max(used, key=_share) if used else None,
             whole=whole,
+            ordered=ordered,
         )
         return closed
 

@@ -411,12 +411,7 @@ class RulesEngine:
             s = pooled(rule, agg, rst, Sample(obs.volume, obs.value))
             if s is not None and s.windows > 1:
                 judged, span = Observation(s.value, round(s.value * s.n), s.n), s
-        if (
-            rst.get("alert") is None
-            and cannot_breach(rule, judged, agg, pooled=span is not None)
-            and (span is None or obs.volume < ALONE_MIN or cannot_breach(rule, obs, agg, pooled=True))
-        ):
-            # clear whatever the baseline expects (pooled, and the window alone: below), and
+        if rst.get("alert") is None and _clear_anyway(rule, agg, obs, judged, span, baseline, start_s):
             # with no alert open nothing reads a clear verdict's figures (lifecycle.advance only
             # resets the streak): the expectation is not derived
             verdict = Verdict(None, judged.value, None, judged=False)
@@ -573,6 +568,23 @@ def _composite_level(
     if comp.mode == "any_of" and active:
         return active, comp.severity or ranked[-1]
     return active, None
+
+
+def _clear_anyway(
+    rule: AnomalyRule, agg: WindowAggregate, obs: Observation, judged: Observation,
+    span: Sample | None, baseline: Summaries, start_s: int,
+) -> bool:  # fmt: skip
+    """Whether the engine's verdict on this window is clear whatever its baseline expects
+    (evidence.cannot_breach): pooled over ``span``, the pooled sample ``judged`` and the
+    window alone (judged as well when it holds ALONE_MIN calls); else the window, then the
+    window against the floor of its expected mean."""
+    if span is not None:
+        return cannot_breach(rule, judged, agg, pooled=True) and (
+            obs.volume < ALONE_MIN or cannot_breach(rule, obs, agg, pooled=True)
+        )
+    if cannot_breach(rule, obs, agg):
+        return True
+    return rule.direction == "above" and cannot_breach(rule, obs, agg, mean_floor=baseline.mean_floor(start_s))
 
 
 def _matches(rule: WindowRule, dims: dict[str, str]) -> bool:

@@ -364,17 +364,26 @@ def anomaly_test(
     return p, max(0.0, mean - z * sd), mean + z * sd, ev
 
 
-def cannot_breach(rule: AnomalyRule, obs: Observation, agg: WindowAggregate, pooled: bool = False) -> bool:
-    """Whether ``judge_anomaly(rule, obs, exp, agg, pooled=pooled)`` finds no anomaly
-    whatever ``exp`` is: too few calls to judge (``min_requests``, unless pooled), or,
-    direction above, a value under ``min_value``. The same conditions as judge_anomaly's,
-    kept beside it: the engine then does not derive the expectation of a series with no
-    alert open (nothing reads a clear verdict's figures but the words of a resolution), the
-    commonest case on sparse traffic (a key's minute of a few calls is under every shipped
-    ``min_value``, and most minutes hold no error)."""
+def cannot_breach(
+    rule: AnomalyRule,
+    obs: Observation,
+    agg: WindowAggregate,
+    pooled: bool = False,
+    mean_floor: float | None = None,
+) -> bool:
+    """Whether ``judge_anomaly(rule, obs, exp, agg, pooled=pooled)`` finds no anomaly for
+    any ``exp`` (whose mean is at least ``mean_floor``, when given): too few calls to judge
+    (``min_requests``, unless pooled), or, direction above, a value under ``min_value`` or
+    under ``factor`` x the floor (so under ``factor`` x the mean). The same conditions as
+    judge_anomaly's, kept beside it: the engine then leaves the expectation of a series with
+    no alert open underived (nothing reads a clear verdict's figures but the words of a
+    resolution), the commonest case (on sparse traffic a key's minute of a few calls is
+    under every shipped ``min_value``, most minutes hold no error, and an effect is rare)."""
     if not pooled and rule.min_requests > 0 and getattr(agg, VOLUME_FIELD[rule.kind]) < rule.min_requests:
         return True
-    return rule.direction == "above" and obs.value < rule.min_value
+    if rule.direction != "above":
+        return False
+    return obs.value < rule.min_value or (mean_floor is not None and obs.value < mean_floor * rule.factor)
 
 
 def judge_anomaly(
