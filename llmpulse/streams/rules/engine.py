@@ -8,6 +8,13 @@ Usage (one state per dimension set, e.g. a changelog-backed table keyed by ``dim
     table[agg.dims_key] = state               # plain JSON data: dicts, lists, str, int, float
     for alert in alerts: publish(alert)
 
+In bulk, as the worker judges a publish's windows (the same verdicts, a window's
+aggregates one rule at a time)::
+
+    for agg, alerts, state in engine.judge(aggregates, lambda a: table.get(a.dims_key)):
+        table[agg.dims_key] = state
+        for alert in alerts: publish(alert)
+
 A window a rule cannot judge (no value, too little baseline, fewer than ``min_requests``
 even pooled with the windows before it: pooling.py) counts as clear: it breaks a ``for``
 streak and counts towards ``resolve_after``.
