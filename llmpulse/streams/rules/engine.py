@@ -227,7 +227,8 @@ class RulesEngine:
             series = (agg.kind, agg.window_s, agg.dims_key)
             state = states.get(series)
             if state is None:
-                state = states[series] = stored(agg) or new_state()
+                state = stored(agg)
+                states[series] = state = new_state() if state is None else state
             alerts: list[Alert] = []
             run.append((agg, rules, state, alerts))
             out.append(Judged(agg, alerts, state))
