@@ -183,6 +183,32 @@ def test_stage1_writes_no_state_while_its_partials_are_in_flight_and_covers_no_o
     asyncio.run(run())
 
 
+def test_stage1_writes_and_closes_a_deferred_batch_once_its_partials_are_delivered_without_a_next_batch() -> None:
+    async def run() -> None:
+        em = HeldEmitter(S.kafka.partitions)
+        st = stage1(em)
+        await st.assign({(CALLS, 0)})
+        await st.submit({(CALLS, 0): messages([call(i, i * 0.5) for i in range(100)])})  # closes [0, 40)
+        written = len(em.records[(STATE, 0)])
+        # the last batch of a backlog: its events end the windows up to 80 s, but the partials
+        # of the first close are in flight, so it is applied in memory only
+        _, offsets = await st.submit({(CALLS, 0): messages([call(100 + i, 50 + i * 0.5) for i in range(60)], 100)})
+        assert offsets == {} and len(em.records[(STATE, 0)]) == written
+        closed_before = {m.start_ms for _, m in partial_messages(em) if isinstance(m, WindowPartials) and m.window_s == 10}
+        em.release()
+        # no batch and no timer: the delivery alone writes the state and closes its windows
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(em.records[(STATE, 0)]) > written
+        covered = [o for _, o in st.reader.ledger.entries if o]
+        assert covered == [{(CALLS, 0): 160}]
+        closed = {m.start_ms for _, m in partial_messages(em) if isinstance(m, WindowPartials) and m.window_s == 10}
+        start = int(T0.timestamp() * 1000)
+        assert closed - closed_before == {start + 10_000 * k for k in range(4, 7)}  # [40, 70): 80 - 5 s grace
+
+    asyncio.run(run())
+
+
 def test_stage1_restored_from_its_changelog_continues_where_the_state_ends() -> None:
     async def run() -> None:
         em = MemoryEmitter(S.kafka.partitions)
