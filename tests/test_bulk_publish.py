@@ -57,3 +57,17 @@ def test_records_land_where_the_default_partitioner_puts_their_key_in_call_order
     assert len(by_partition) == partitions  # the keys spread over every partition
     for seqs in by_partition.values():
         assert seqs == sorted(seqs)  # call order within a partition
+
+
+def test_our_murmur2_is_the_one_kafka_clients_use_for_every_length() -> None:
+    """bulk_publish.murmur2 reads words at once; aiokafka's reads bytes: the same hash, tails included."""
+    import random
+
+    from aiokafka.partitioner import murmur2 as reference
+
+    from llmpulse.streams.bulk_publish import murmur2
+
+    rng = random.Random(15)
+    samples = [bytes(rng.randrange(256) for _ in range(n)) for n in range(0, 130) for _ in range(20)]
+    samples += [b"\xff" * n for n in range(9)] + [b"calls|60", b"calls|10|1700000000000|model=gpt-4o"]
+    assert [murmur2(s) for s in samples] == [reference(s) for s in samples]

@@ -171,7 +171,7 @@ def test_backfilled_window_is_published_again_after_a_restore_in_between() -> No
     # calls:1 is restored and sends window [0, 10) again with one more event (a backfill)
     again = closed_window_messages("calls:1", [call(3), call(4, user="late")])
     for m in again:
-        stored.apply(m)
+        stored.apply(decode_partials(encode_partials(m)))  # as stage 2 receives it
     stored.commit(100)
     # crash before publishing: the state knows the window must be published again
     stored = StoredFinalizer.restore(0, SOURCES, table)
@@ -300,7 +300,7 @@ def test_a_crash_before_the_aggregates_are_delivered_publishes_them_again() -> N
     stored = StoredFinalizer.restore(0, SOURCES, table)
     msgs = closed_window_messages("calls:0", [call(1), call(2)]) + closed_window_messages("calls:1", [call(3)])
     for m in msgs:
-        stored.apply(m)
+        stored.apply(decode_partials(encode_partials(m)))  # as stage 2 receives it
     stored.commit(len(msgs) - 1)
     first = totals(stored.publishable())
     assert first[(10, T0_MS, "*")] == (3, 1)
@@ -319,7 +319,7 @@ def test_a_window_first_seen_after_the_finalized_mark_passed_it_survives_a_resto
     assert stored.fin.finalized["calls"] > T0_MS + 10_000
     # calls:1 backfills window [0, 10), never seen before; the worker dies before publishing it
     for m in closed_window_messages("calls:1", [call(1), *later]):
-        stored.apply(m)
+        stored.apply(decode_partials(encode_partials(m)))  # as stage 2 receives it
     stored.commit(500)
     stored = StoredFinalizer.restore(0, SOURCES, table)
     got = totals(stored.publishable())

@@ -22,16 +22,43 @@ again, under the same keys).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Iterable
+from struct import unpack_from
 from typing import Any
 
-from aiokafka.partitioner import murmur2
-
 Record = tuple[int | None, bytes | None, bytes | None]  # (partition or None: by key, key, value)
+
+_M = 0x5BD1E995
+_MASK = 0xFFFFFFFF
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (Java's `Utils.murmur2`, as unsigned 32 bits), as aiokafka's
+    `partitioner.murmur2` computes it, about twice as fast: the 4-byte words are read in one
+    `unpack_from`, not byte by byte (every aggregate's key is hashed once, and on sparse
+    traffic there is about one aggregate per event)."""
+    length = len(data)
+    h = 0x9747B28C ^ length
+    n4 = length >> 2
+    for k in unpack_from(f"<{n4}I", data):
+        k = (k * _M) & _MASK
+        k = ((k ^ (k >> 24)) * _M) & _MASK
+        h = ((h * _M) & _MASK) ^ k
+    tail = n4 << 2
+    rest = length - tail
+    if rest:
+        if rest == 3:
+            h ^= data[tail + 2] << 16
+        if rest >= 2:
+            h ^= data[tail + 1] << 8
+        h = ((h ^ data[tail]) * _M) & _MASK
+    h ^= h >> 13
+    h = (h * _M) & _MASK
+    return h ^ (h >> 15)
 
 
 def default_partition(key: bytes, partitions: int) -> int:
     """Kafka's default partitioner: the partition of a keyed record among `partitions`."""
-    return (int(murmur2(key)) & 0x7FFFFFFF) % partitions
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 async def publish_bulk(producer: Any, topic: str, records: Iterable[Record]) -> list[Awaitable[Any]]:

@@ -23,8 +23,6 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka.partitioner import murmur2
-
 from llmpulse.config.worker import FINALIZED_RETENTION_S
 from llmpulse.schemas.aggregate import WindowAggregate
 from llmpulse.schemas.partials import (
@@ -38,6 +36,7 @@ from llmpulse.schemas.partials import (
 )
 from llmpulse.streams import state_keys as SK
 from llmpulse.streams.accumulators import ACCUMULATORS
+from llmpulse.streams.bulk_publish import murmur2
 from llmpulse.streams.state_keys import StateKey
 from llmpulse.streams.windowing import Partial
 
@@ -106,7 +105,7 @@ def finalizer_partition(kind: str, window_s: int, partitions: int) -> int:
 
     Kafka's default partitioner (murmur2 of the key), which placed partials before they
     were sent to an explicit partition: a deployment's state stays where it was."""
-    return int(murmur2(partial_key(kind, window_s)) & 0x7FFFFFFF) % partitions
+    return (murmur2(partial_key(kind, window_s)) & 0x7FFFFFFF) % partitions
 
 
 EMPTY = -(2**62)  # the close mark of a source that has seen no event yet
@@ -168,7 +167,8 @@ class Finalizer:
         """One dimension set of one window (see `add`)."""
         msg = WindowPartials(
             kind=p.kind, window_s=p.window_s, start_ms=p.start_ms, source=p.source, chunk=-1, chunks=0,
-            sets=[DimensionSetState(p.dims_key, p.dims, p.state)],
+            # as a message carries it (JSON's string keys), so that it compares equal to a sent copy
+            sets=[DimensionSetState(p.dims_key, p.dims, unpack_state(pack_state(p.state)))],
         )  # fmt: skip
         return None if self.add(msg) is None else (p.kind, p.window_s, p.start_ms, p.dims_key)
 

@@ -70,7 +70,10 @@ class QuantileSketch:
         return counts
 
     def to_state(self) -> dict[str, Any]:
-        return {"b": {str(k): v for k, v in self.bins.items()}, "z": self.zeros, "n": self.count}
+        # the bins keep their int keys: every encoder of a state (msgspec, json) writes them
+        # as JSON's string keys, and from_state reads either. A copy, not the live dict: a
+        # state is encoded later than it is taken (changelog_state.py queues it).
+        return {"b": dict(self.bins), "z": self.zeros, "n": self.count}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> QuantileSketch:
