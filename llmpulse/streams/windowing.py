@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from sys import intern
 from typing import Any
 
 from llmpulse.streams.accumulators import ACCUMULATORS, Accumulator
@@ -190,6 +191,10 @@ class PartitionWindows:
             key = (start, key_of(event))
             acc = accs.get(key)
             if acc is None:
+                # the key's strings are kept as long as its window (and its state key, in the
+                # changelog's live keys): interned, a model or user named by thousands of keys
+                # is one string, not one decoded copy per event (at 10,000 users, ~40 MB)
+                key = (start, tuple(map(intern, key[1])))
                 acc = accs[key] = new_cls()
             elif acc_offsets.get(key, -1) >= offset:
                 applied = offset
