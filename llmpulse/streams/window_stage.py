@@ -202,12 +202,9 @@ class WindowStage:
             partitions = {p for _, p in revoked}
             self.owned = {tp for tp in self.owned if tp[1] not in partitions}
             for kind, partition in [k for k in self.windows if k[1] in partitions]:
-                pw = self.windows.pop((kind, partition))
                 # the partials in flight delivered, their close marks and tombstones written,
                 # so that the next owner does not close those windows again; then the state
-                await self._await_delivered(kind, partition)
-                if (kind, partition) in self.unpersisted:
-                    self._persist(pw, partition)
+                await self._write(self.windows.pop((kind, partition)), partition)
             for partition in partitions:
                 for kind in KINDS_BY_KIND:
                     self.guard.forget((kind, partition))
@@ -222,9 +219,10 @@ class WindowStage:
         async with self.lock:
             for kind, partition in sorted(self.unpersisted):
                 pw = self.windows.get((kind, partition))
-                await self._await_delivered(kind, partition)
-                if pw is not None:
-                    self._persist(pw, partition)
+                if pw is None:
+                    await self._await_delivered(kind, partition)
+                else:
+                    await self._write(pw, partition)
             self.unpersisted.clear()
             futures, offsets = await self._flush()
             self.reader.ledger.add(futures, offsets)
@@ -299,7 +297,7 @@ class WindowStage:
         """Stage 1 on one poll's records, by (topic, partition), each in offset order."""
         now = time.time()
         dead: list[DeadLetter] = []
-        closing: list[tuple[PartitionWindows, int]] = []
+        ready: list[tuple[PartitionWindows, int]] = []
         for (topic, partition), msgs in records.items():
             kind = self.kind_of_topic[topic]
             pw = await self.windows_for(kind, partition)
@@ -353,32 +351,32 @@ class WindowStage:
                 msgs[-1].offset
             )  # in offset order; admit_messages kept those past the state
             self.unpersisted.add((kind, partition))
-            if not self._delivered(kind, partition):
-                self._defer(kind, partition)
-            else:
+            if all(f.done() for f in self._inflight(kind, partition)):
                 # the partials of its last close are delivered: write their close mark, then
-                # the state, then close. Otherwise (_defer) all three wait for their delivery
-                # or a later batch: the state stays in memory and its offsets uncommitted
-                # meanwhile, so a partition never waits for the broker between its batches.
-                await self._await_delivered(kind, partition)
-                self._persist(pw, partition)
-                closing.append((pw, partition))
+                # the state, then close (below). Otherwise (_defer) all three wait for their
+                # delivery or a later batch: the state stays in memory and its offsets
+                # uncommitted meanwhile, so a partition never waits for the broker between
+                # its batches.
+                ready.append((pw, partition))
+            else:
+                self._defer(kind, partition)
         for d in dead:
             metrics.DEAD_LETTERS.labels("worker", d.kind).inc()
             # committed with the batch: the dead letters are delivered before its offsets commit
             self.batch_futures.append(
                 await self.emitter.send(self.deadletter_topic, d.source.encode(), encode(d))
             )
-        for pw, partition in closing:
-            await self._close_and_emit(pw, partition)
+        for pw, partition in ready:
+            await self._write_and_close(pw, partition)
 
     # -- closing windows ----------------------------------------------------------------------------
     def _defer(self, kind: str, partition: int) -> None:
         """Write and close the partition once its partials in flight are delivered, even if
         no batch of it follows (the end of a backlog): `_close_delivered` then."""
         self.deferred.add((kind, partition))
-        pending = [f for sent, _, _ in self.inflight.get((kind, partition), ()) for f in sent]
-        asyncio.gather(*pending, return_exceptions=True).add_done_callback(self._start_closer)
+        asyncio.gather(*self._inflight(kind, partition), return_exceptions=True).add_done_callback(
+            self._start_closer
+        )
 
     def _start_closer(self, _: Any = None) -> None:
         self._close_again = True
@@ -394,32 +392,37 @@ class WindowStage:
             self._close_again = False
             try:
                 async with self.lock:
-                    closing: list[tuple[PartitionWindows, int]] = []
                     for kind, partition in sorted(self.deferred):
-                        sent = [
-                            f for s, _, _ in self.inflight.get((kind, partition), ()) for f in s
-                        ]
+                        sent = self._inflight(kind, partition)
                         if not all(f.done() for f in sent) or any(f.exception() for f in sent):
                             continue
                         self.deferred.discard((kind, partition))
                         pw = self.windows.get((kind, partition))
                         if pw is None or (kind, partition) not in self.unpersisted:
                             continue  # revoked, or written meanwhile by a batch, the timer or join
-                        await self._await_delivered(kind, partition)
-                        self._persist(pw, partition)
-                        closing.append((pw, partition))
-                    for pw, partition in closing:
-                        await self._close_and_emit(pw, partition)
+                        await self._write_and_close(pw, partition)
                     futures, offsets = await self._flush()
                     self.reader.ledger.add(futures, offsets)
             except Exception:  # what it left is written by the next batch or the timer
                 log.exception("closing the windows of delivered partitions failed")
 
-    def _delivered(self, kind: str, partition: int) -> bool:
-        """Whether every partial sent for the partition so far is delivered."""
-        return all(
-            f.done() for sent, _, _ in self.inflight.get((kind, partition), ()) for f in sent
-        )
+    def _inflight(self, kind: str, partition: int) -> list[Any]:
+        """The sends of the partition's closes whose close marks and tombstones are not written yet."""
+        return [f for sent, _, _ in self.inflight.get((kind, partition), ()) for f in sent]
+
+    async def _write(self, pw: PartitionWindows, partition: int) -> None:
+        """The partition's partials in flight delivered and their close marks and tombstones
+        queued, then its state if applied past what is queued: the order a crash needs (the
+        module docstring), for a batch, the timer, a revoke and a clean stop alike."""
+        await self._await_delivered(pw.kind, partition)
+        if (pw.kind, partition) in self.unpersisted:
+            self._persist(pw, partition)
+
+    async def _write_and_close(self, pw: PartitionWindows, partition: int) -> None:
+        """Write what the partition's delivered closes and batches left (`_write`), then close
+        its windows: their partials go out only after the state that precedes them."""
+        await self._write(pw, partition)
+        await self._close_and_emit(pw, partition)
 
     async def _close_and_emit(self, pw: PartitionWindows, partition: int) -> list[Partial]:
         before = pw.close_mark_ms
@@ -459,10 +462,10 @@ class WindowStage:
 
     async def _await_delivered(self, kind: str, partition: int) -> None:
         """Wait for a partition's partials in flight, then write the close marks and tombstones."""
+        futures = self._inflight(kind, partition)
         pending = self.inflight.pop((kind, partition), None)
         if not pending:
             return
-        futures = [f for sent, _, _ in pending for f in sent]
         if futures:
             await asyncio.gather(*futures)
         table = self.table
@@ -480,9 +483,7 @@ class WindowStage:
             pw = await self.windows_for(kind, partition)
             if self._has_backlog((topic, partition), pw):
                 pw.last_event_wall = now  # behind, not idle: its next events are already waiting
-            await self._await_delivered(kind, partition)
-            if (kind, partition) in self.unpersisted:
-                self._persist(pw, partition)
+            await self._write(pw, partition)
             if pw.applied_message is None and not await self.reader.at_end(topic, partition):
                 # no event yet, and not known to have none: its close mark would say "empty",
                 # and the finalizer would close every window on the other partitions' marks
