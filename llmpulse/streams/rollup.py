@@ -21,6 +21,14 @@ Then
   (Accumulator.merged_from);
 and the groups' members are found from the runs, not by projecting every finest tuple again.
 
+A group of one accumulator (most groups, where many users and keys make most finest tuples hold
+a few events) is that accumulator, not a merged copy: merging one accumulator into a new one
+gives its state to the bit (integers and float sums added to zero, a sum from 0.0 never being
+-0.0; maxima from their initial value, which the accumulator already passed; dicts copied in
+order), so the copy cost an allocation (two sketches for calls) and a merge for nothing. It is
+only read: the finest accumulators of a closed window are final (its events are late from then
+on), and a roll-up of late accumulators is turned into states at once (windowing.py).
+
 Keys are sorted by (smallest window start, tuple). A source's groups are runs of the derived
 set's groups in two cases:
 - the same set of smaller windows: a window holds their keys one window after the other;
@@ -190,7 +198,7 @@ class RollUp:
                 groups = group_by_set(c, tuples, finest)
                 rolled = Rolled(
                     len(finest) - sum(map(len, groups.values())),
-                    [Group(v, merged(g), g) for v, g in groups.items()],
+                    [Group(v, g[0] if len(g) == 1 else merged(g), g) for v, g in groups.items()],
                 )
             done[c] = rolled
         if keep:
@@ -219,7 +227,10 @@ class RollUp:
         merged_from = self.acc_cls.merged_from
         groups = []
         for v, (accs, finest_runs) in parts.items():
-            finest = finest_runs[0] if len(finest_runs) == 1 else list(chain.from_iterable(finest_runs))
+            if len(accs) == 1:  # one run: its merged accumulator is the group's
+                groups.append(Group(v, accs[0], finest_runs[0]))
+                continue
+            finest = list(chain.from_iterable(finest_runs))
             groups.append(Group(v, merged_from(accs, finest), finest))
         return Rolled(0, groups)
 

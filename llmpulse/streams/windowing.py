@@ -314,8 +314,14 @@ class PartitionWindows:
         window closed again after a restore is not published again)."""
         kind = self.kind
         keep = accs is self.accs  # a closed window's keys are final, its late events' are not
+        # one state per accumulator: a group of one accumulator is that accumulator (rollup.py),
+        # often the same one in several sets (a user's only call is its model's, its app's...)
+        states: dict[int, dict[str, Any]] = {}
         for dims, dk, acc in self.rollup.window(s, t, keys, accs, keep):
-            out.append(Partial(kind, s, t, dims, dk, source, acc.to_state()))
+            state = states.get(id(acc))
+            if state is None:
+                state = states[id(acc)] = acc.to_state()
+            out.append(Partial(kind, s, t, dims, dk, source, state))
 
     def _close_late(self, result: CloseResult, prev_mark: int | None) -> None:
         """Emit the late partials of every window late events touched; drop those past the lateness.
