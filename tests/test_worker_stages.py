@@ -19,6 +19,7 @@ from llmpulse.schemas.aggregate import WindowAggregate, dimensions_key
 from llmpulse.schemas.codec import encode
 from llmpulse.schemas.partials import CloseMark, WindowPartials, decode_partials
 from llmpulse.streams import window_state as WS
+from llmpulse.streams.bulk_publish import Record
 from llmpulse.streams.commits import CommitLedger
 from llmpulse.streams.emitter import MemoryEmitter
 from llmpulse.streams.finalize_stage import FinalizeStage
@@ -72,6 +73,14 @@ class HeldEmitter(MemoryEmitter):
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.held.append(fut)
         return fut
+
+    async def publish(self, topic: str, records: list[Record]) -> list[Any]:
+        futures = await super().publish(topic, records)
+        if topic != PARTIALS:
+            return futures
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.held.append(fut)
+        return [fut]
 
     def release(self) -> None:
         for f in self.held:

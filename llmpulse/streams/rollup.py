@@ -166,6 +166,9 @@ class RollUp:
                     if s2 < s:
                         self.keep[s2].add(f)
         self.kept: dict[tuple[int, int, Members], Rolled] = {}
+        # per set, its groups' (dims, dims_key) during one close: the windows of a close (dozens on
+        # sparse traffic) share most values, so each is made once there; the partials only read them
+        self.labels: dict[tuple[str, ...], dict[tuple[str, ...], tuple[dict[str, str], str]]] = {}
 
     def window(
         self, s: int, t: int, keys: list[AccKey], accs: Mapping[AccKey, Accumulator], keep: bool
@@ -206,10 +209,20 @@ class RollUp:
                 self.kept[(s, t, f)] = done[f]
         out = []
         for names, c in self.sets_of[s]:
+            labels = self.labels.get(names)
+            if labels is None:
+                labels = self.labels[names] = {}
             for g in done[c].groups:
-                dims = dict(zip(names, g.values, strict=True))
-                out.append((dims, dimensions_key(dims), g.acc))
+                label = labels.get(g.values)
+                if label is None:
+                    dims = dict(zip(names, g.values, strict=True))
+                    label = labels[g.values] = (dims, dimensions_key(dims))
+                out.append((label[0], label[1], g.acc))
         return out
+
+    def end_close(self) -> None:
+        """A close is done: forget the groups' labels it made (they live in its partials)."""
+        self.labels.clear()
 
     def _derive(self, c: Members, f: Members, runs: list[Rolled]) -> Rolled:
         """Set `c` from the groups of `f` (runs of its groups, in key order, runs_of)."""

@@ -53,6 +53,7 @@ from llmpulse.schemas.fast import decode_calls
 from llmpulse.schemas.host import HostSample
 from llmpulse.schemas.partials import CloseMark, DimensionSetState, encode_partials, window_messages
 from llmpulse.streams import window_state as WS
+from llmpulse.streams.bulk_publish import Record
 from llmpulse.streams.changelog_state import ChangelogState
 from llmpulse.streams.commits import CommitLedger
 from llmpulse.streams.contiguity import OffsetGuard, admit_messages
@@ -148,6 +149,7 @@ class WindowStage:
         # (kind, partition)s whose batch was applied while their partials were in flight
         self.deferred: set[tuple[str, int]] = set()
         self._closer: asyncio.Future[None] | None = None
+        self._places: dict[tuple[str, int], tuple[bytes, int]] = {}
         self._close_again = False
 
     # -- the contract ---------------------------------------------------------------------------
@@ -427,29 +429,30 @@ class WindowStage:
     async def _close_and_emit(self, pw: PartitionWindows, partition: int) -> list[Partial]:
         before = pw.close_mark_ms
         res = pw.close(time.time())
-        futures = []
         # one message per window (and chunk of its dimension sets), not per dimension set
         # (the late events of a closed window come as source `<source>~late`, windowing.py)
         by_window: dict[tuple[int, int, str], list[DimensionSetState]] = {}
         for p in res.partials:
-            by_window.setdefault((p.window_s, p.start_ms, p.source), []).append(
-                DimensionSetState(p.dims_key, p.dims, p.state)
-            )
+            sets = by_window.get((p.window_s, p.start_ms, p.source))
+            if sets is None:
+                sets = by_window[(p.window_s, p.start_ms, p.source)] = []
+            sets.append(DimensionSetState(p.dims_key, p.dims, p.state))
+        records: list[Record] = []
         for (window_s, start_ms, source), sets in by_window.items():
-            key = partial_key(pw.kind, window_s)
-            fp = finalizer_partition(pw.kind, window_s, self.partitions)
+            key, fp = self._partials_place(pw.kind, window_s)
             for msg in window_messages(pw.kind, window_s, start_ms, source, sets):
-                futures.append(
-                    await self.emitter.send(self.partials_topic, key, encode_partials(msg), fp)
-                )
+                records.append((fp, key, encode_partials(msg)))
         mark = res.mark_ms  # None: this partition has seen no event yet
         last = self.last_marks.get((pw.kind, partition))
         now = time.monotonic()
         if last is None or last[0] != mark or now - last[1] > MARK_REPEAT_S:
             body = encode_partials(CloseMark(pw.kind, pw.source, mark))
-            for fp in range(self.partitions):
-                futures.append(await self.emitter.send(self.partials_topic, None, body, fp))
+            records += [(fp, None, body) for fp in range(self.partitions)]
             self.last_marks[(pw.kind, partition)] = (mark, now)
+        # in one call, not one awaited send each (a close of sparse traffic is dozens of
+        # windows): each partials partition gets its records in this order, its windows
+        # before the close mark that says they are complete (emitter.py)
+        futures = await self.emitter.publish(self.partials_topic, records) if records else []
         # the close mark and then the tombstones, once the partials are delivered: a state
         # restored in between never closes a window again without the accumulators it
         # already published. Not awaited here: the next batch is processed meanwhile.
@@ -459,6 +462,14 @@ class WindowStage:
         removed = WS.closed_keys(partition, pw.kind, res.removed, res.removed_late, res.removed_ids)
         self.inflight.setdefault((pw.kind, partition), []).append((futures, meta, removed))
         return res.partials
+
+    def _partials_place(self, kind: str, window_s: int) -> tuple[bytes, int]:
+        """The key and the partials partition of a window size's messages (computed once)."""
+        place = self._places.get((kind, window_s))
+        if place is None:
+            key = partial_key(kind, window_s)
+            place = self._places[(kind, window_s)] = (key, finalizer_partition(kind, window_s, self.partitions))
+        return place
 
     async def _await_delivered(self, kind: str, partition: int) -> None:
         """Wait for a partition's partials in flight, then write the close marks and tombstones."""

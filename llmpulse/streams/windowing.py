@@ -260,6 +260,7 @@ class PartitionWindows:
         prev = self.close_mark_ms
         if prev is not None and new_mark <= prev:
             self._close_late(result, prev)
+            self.rollup.end_close()
             result.mark_ms = prev
             return result
         # the keys by smallest-window start, each list sorted once: a window's keys are the
@@ -303,6 +304,7 @@ class PartitionWindows:
         if self.close_mark_ms is not None:
             result.removed_ids = self.seen.close_through(self.close_mark_ms)
         self._close_late(result, prev)
+        self.rollup.end_close()
         result.mark_ms = self.close_mark_ms
         return result
 
