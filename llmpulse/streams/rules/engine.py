@@ -174,6 +174,7 @@ class RulesEngine:
                     index.setdefault((r.kind, r.window, dims), []).append(r)
         self._index = {k: tuple(v) for k, v in index.items()}
         self._composites_of = {k: tuple(v) for k, v in composites.items()}
+        self._rules_by_names: dict[tuple[str, int, tuple[str, ...]], tuple[WindowRule, ...]] = {}
         # per series (kind, window, dimensions, rule): what its anomaly baseline implies, kept
         # beside the state, never in it (baseline.Summaries); rebuilt when the series' state
         # is another object than the one it was derived from (restored, reset, another worker's)
@@ -183,11 +184,24 @@ class RulesEngine:
 
     def applies(self, agg: WindowAggregate) -> bool:
         """Whether any rule judges this aggregate's kind, window size and dimension names."""
-        return (agg.kind, agg.window_s, tuple(sorted(agg.dimensions))) in self._index
+        return bool(self._rules_of(agg))
+
+    def _rules_of(self, agg: WindowAggregate) -> tuple[WindowRule, ...]:
+        """The rules that judge this aggregate (its kind, window size and dimension names), in
+        rule order: the one place an aggregate's index key is built. Looked up by its names in
+        their own order, so the names are sorted once per such order (a handful), not once per
+        aggregate."""
+        key = (agg.kind, agg.window_s, tuple(agg.dimensions))
+        rules = self._rules_by_names.get(key)
+        if rules is None:
+            rules = self._index.get((agg.kind, agg.window_s, tuple(sorted(agg.dimensions))), ())
+            if len(self._rules_by_names) < 1024:  # bounded whatever names the aggregates carry
+                self._rules_by_names[key] = rules
+        return rules
 
     def evaluate(self, agg: WindowAggregate, state: State) -> list[Alert]:
         """Judge one final window of one dimension set; mutates ``state``; the alerts to publish."""
-        rules = self._index.get((agg.kind, agg.window_s, tuple(sorted(agg.dimensions))))
+        rules = self._rules_of(agg)
         if not rules:
             return []
         alerts: list[Alert] = []
@@ -214,9 +228,9 @@ class RulesEngine:
         states: dict[tuple[str, int, str], State] = {}
         run: list[_Entry] = []
         window: tuple[str, int, datetime] | None = None
-        index = self._index
+        rules_of = self._rules_of
         for agg in aggregates:
-            rules = index.get((agg.kind, agg.window_s, tuple(sorted(agg.dimensions))))
+            rules = rules_of(agg)
             if not rules:
                 continue
             if (agg.kind, agg.window_s, agg.window_start) != window:
@@ -350,7 +364,10 @@ class RulesEngine:
             group[1].append((agg, state["rules"], alerts))
         for rules, judging in groups.values():
             for rule in rules:
-                self._judge_rule(rule, judging, start_ms)
+                if isinstance(rule, AnomalyRule):  # the commonest (types are disjoint)
+                    self._judge_anomalies(rule, judging, start_ms)
+                else:
+                    self._judge_rule(rule, judging, start_ms)
             composites = self._composites_of
             if any(r.name in composites for r in rules):
                 for agg, all_states, alerts in judging:
@@ -363,23 +380,23 @@ class RulesEngine:
                     for comp in touched:
                         self._evaluate_composite(comp, agg, all_states, start_ms, alerts)
 
-    def _judge_rule(self, rule: WindowRule, judging: list[_Judging], start_ms: int) -> None:
-        """One rule over the aggregates of one window that it judges."""
+    def _judge_rule(
+        self, rule: ThresholdRule | SloRule | BudgetRule, judging: list[_Judging], start_ms: int
+    ) -> None:
+        """One rule but an anomaly rule (``_judge_anomalies``) over the aggregates of one
+        window that it judges."""
         name = rule.name
         data_sig = self._data_sig[name]
         dims_match = rule.match
         publish = rule.publish
-        for_windows = rule.for_ if isinstance(rule, (AnomalyRule, ThresholdRule)) else 1
-        start_s = start_ms // 1000
+        for_windows = rule.for_ if isinstance(rule, ThresholdRule) else 1
         for agg, all_states, alerts in judging:
             if dims_match and not _matches(rule, agg.dimensions):
                 continue
             rst = all_states.get(name)
             if rst is None:
                 rst = all_states[name] = {"k": data_sig, "streak": 0}
-            if isinstance(rule, AnomalyRule):  # the commonest first (types are disjoint)
-                verdict = self._judge_anomaly(rule, agg, rst, start_s)
-            elif isinstance(rule, ThresholdRule):
+            if isinstance(rule, ThresholdRule):
                 verdict = judge_threshold(rule, agg, rst)
             elif isinstance(rule, SloRule):
                 verdict = judge_slo(rule, agg, rst.setdefault("slo", {}))
@@ -387,9 +404,47 @@ class RulesEngine:
                 verdict, ended = _judge_budget(rule, agg, rst)
                 if ended is not None and rst.get("alert") is not None:
                     self._end_budget_day(rule, agg, rst, ended, alerts)
+            if verdict.level is None and rst.get("alert") is None:
+                rst["streak"] = 0  # all advance does with a clear window and no alert open
+                continue
             tr = advance(
                 rst, verdict.level, start_ms, metric=rule.metric,
                 for_windows=for_windows, resolve_after=rule.resolve_after, hold=verdict.inconclusive,
+            )  # fmt: skip
+            if tr is not None:
+                if tr.change == "fired":
+                    rst["alert"]["publish"] = publish
+                if publish:
+                    alerts.append(self._alert(rule, tr, verdict, agg))
+
+    def _judge_anomalies(self, rule: AnomalyRule, judging: list[_Judging], start_ms: int) -> None:
+        """``_judge_rule`` for an anomaly rule, the commonest and most judged: the rule's
+        figures read once per window, not once per aggregate, and a clear verdict with no
+        alert open only resets the streak (all ``advance`` would do with it)."""
+        name = rule.name
+        data_sig = self._data_sig[name]
+        dims_match = rule.match
+        publish = rule.publish
+        start_s = start_ms // 1000
+        keep_out = max(1, KEEP_OUT_S // rule.window)
+        # a low-traffic series' rate is pooled with the windows before it (pooling.py), which
+        # index windows by the start's whole second (the same for a window's aggregates)
+        pool_s = None
+        if rule.metric in RATE_METRICS and rule.min_requests > 0 and rule.pool_windows > 1:
+            pool_s = round(judging[0][0].window_start.timestamp())
+        for agg, all_states, alerts in judging:
+            if dims_match and not _matches(rule, agg.dimensions):
+                continue
+            rst = all_states.get(name)
+            if rst is None:
+                rst = all_states[name] = {"k": data_sig, "streak": 0}
+            verdict = self._judge_anomaly(rule, agg, rst, start_s, pool_s, keep_out)
+            if verdict is None:  # clear, no alert open: all advance would do
+                rst["streak"] = 0
+                continue
+            tr = advance(
+                rst, verdict.level, start_ms, metric=rule.metric,
+                for_windows=rule.for_, resolve_after=rule.resolve_after, hold=verdict.inconclusive,
             )  # fmt: skip
             if tr is not None:
                 if tr.change == "fired":
@@ -408,32 +463,41 @@ class RulesEngine:
             summaries = self._summaries[key] = Summaries(rule, bst)
         return summaries
 
-    def _judge_anomaly(self, rule: AnomalyRule, agg: WindowAggregate, rst: State, start_s: int) -> Verdict:
+    def _judge_anomaly(
+        self, rule: AnomalyRule, agg: WindowAggregate, rst: State, start_s: int,
+        pool_s: int | None, keep_out: int,
+    ) -> Verdict | None:  # fmt: skip
+        """One window of one series: its verdict, or None for a clear one with no alert open,
+        whose figures nothing reads (lifecycle.advance only resets the streak). ``pool_s``:
+        the window start's second when the rule pools a low-traffic rate (pooling.py);
+        ``keep_out``: the most anomalous windows in a row left out of the baseline."""
         obs = observe(rule, agg)
+        closed = rst.get("alert") is None
         if obs is None:
-            return Verdict(None, None, None, judged=False)
+            return None if closed else Verdict(None, None, None, judged=False)
         baseline = self._baseline(rule, agg, rst)
         judged, span = obs, None
-        if rule.metric in RATE_METRICS and rule.min_requests > 0 and rule.pool_windows > 1:
+        if pool_s is not None:
             # a low-traffic series' rate: this window with the ones before it (pooling.py)
-            s = pooled(rule, agg, rst, Sample(obs.volume, obs.value))
+            s = pooled(rule, agg, rst, Sample(obs.volume, obs.value), pool_s)
             if s is not None and s.windows > 1:
                 judged, span = Observation(s.value, round(s.value * s.n), s.n), s
-        if rst.get("alert") is None and _clear_anyway(rule, agg, obs, judged, span, baseline, start_s):
-            # with no alert open nothing reads a clear verdict's figures (lifecycle.advance only
-            # resets the streak): the expectation is not derived
-            verdict = Verdict(None, judged.value, None, judged=False)
+        if closed and _clear_anyway(rule, agg, obs, judged, span, baseline, start_s):
+            # the expectation is not derived
+            verdict = None
         else:
             verdict = self._judge_expected(rule, agg, obs, judged, span, baseline.expected(start_s), baseline)
         # an incident does not teach the baseline: a window judged anomalous stays out of it
         # (else a 15-minute error burst lifted its own rolling baseline and "resolved" at 44%
         # errors), but for at most an hour of windows in a row: a level that stays is the new normal
         kept_out = int(rst.get("kept_out", 0))
-        if verdict.level is not None and kept_out < max(1, KEEP_OUT_S // rule.window):
+        if verdict is not None and verdict.level is not None and kept_out < keep_out:
             rst["kept_out"] = kept_out + 1
         else:
             rst["kept_out"] = 0
             baseline.add(start_s, obs)
+        if verdict is None or (closed and verdict.level is None):
+            return None
         return verdict
 
     def _judge_expected(
@@ -590,9 +654,7 @@ def _clear_anyway(
         return cannot_breach(rule, judged, agg, pooled=True) and (
             obs.volume < ALONE_MIN or cannot_breach(rule, obs, agg, pooled=True)
         )
-    if cannot_breach(rule, obs, agg):
-        return True
-    return rule.direction == "above" and cannot_breach(rule, obs, agg, mean_floor=baseline.mean_floor(start_s))
+    return cannot_breach(rule, obs, agg, mean_floor=lambda: baseline.mean_floor(start_s))
 
 
 def _matches(rule: WindowRule, dims: dict[str, str]) -> bool:

@@ -364,26 +364,42 @@ def anomaly_test(
     return p, max(0.0, mean - z * sd), mean + z * sd, ev
 
 
+def short_of_calls(rule: AnomalyRule, agg: WindowAggregate, pooled: bool) -> bool:
+    """Too few calls to judge: the window holds fewer than ``min_requests``, and ``obs`` is
+    not a sample pooled up to them (pooling.py)."""
+    return not pooled and rule.min_requests > 0 and getattr(agg, VOLUME_FIELD[rule.kind]) < rule.min_requests
+
+
+def below_effect(rule: AnomalyRule, value: float, limit: float) -> bool:
+    """Direction above: ``value`` shows no effect, being under ``min_value`` or under
+    ``limit`` (``factor`` x the expected mean, or x a floor under it)."""
+    return value < rule.min_value or value < limit
+
+
 def cannot_breach(
     rule: AnomalyRule,
     obs: Observation,
     agg: WindowAggregate,
     pooled: bool = False,
-    mean_floor: float | None = None,
+    mean_floor: float | Callable[[], float | None] | None = None,
 ) -> bool:
     """Whether ``judge_anomaly(rule, obs, exp, agg, pooled=pooled)`` finds no anomaly for
-    any ``exp`` (whose mean is at least ``mean_floor``, when given): too few calls to judge
-    (``min_requests``, unless pooled), or, direction above, a value under ``min_value`` or
-    under ``factor`` x the floor (so under ``factor`` x the mean). The same conditions as
-    judge_anomaly's, kept beside it: the engine then leaves the expectation of a series with
-    no alert open underived (nothing reads a clear verdict's figures but the words of a
-    resolution), the commonest case (on sparse traffic a key's minute of a few calls is
-    under every shipped ``min_value``, most minutes hold no error, and an effect is rare)."""
-    if not pooled and rule.min_requests > 0 and getattr(agg, VOLUME_FIELD[rule.kind]) < rule.min_requests:
+    any ``exp`` (whose mean is at least ``mean_floor``, when given; a callable is asked only
+    once the other conditions leave it open): too few calls to judge (``short_of_calls``),
+    or, direction above, no effect (``below_effect``) even against the floor. judge_anomaly
+    decides with the same two functions, so the two cannot drift apart. The engine then
+    leaves the expectation of a series with no alert open underived (nothing reads a clear
+    verdict's figures but the words of a resolution), the commonest case (on sparse traffic
+    a key's minute of a few calls is under every shipped ``min_value``, most minutes hold no
+    error, and an effect is rare)."""
+    if short_of_calls(rule, agg, pooled):
         return True
     if rule.direction != "above":
         return False
-    return obs.value < rule.min_value or (mean_floor is not None and obs.value < mean_floor * rule.factor)
+    if obs.value < rule.min_value:
+        return True
+    floor = mean_floor() if callable(mean_floor) else mean_floor
+    return floor is not None and below_effect(rule, obs.value, floor * rule.factor)
 
 
 def judge_anomaly(
@@ -397,14 +413,13 @@ def judge_anomaly(
     """``dispersion``: the series' dispersion for sums, asked only once the effect passed;
     ``pooled``: ``obs`` is a rate pooled over windows up to ``min_requests`` (pooling.py)."""
     v = obs.value
-    vol_ok = pooled or rule.min_requests <= 0 or getattr(agg, VOLUME_FIELD[rule.kind]) >= rule.min_requests
-    if exp is None or exp.windows < rule.min_baseline_windows or not vol_ok:
+    if exp is None or exp.windows < rule.min_baseline_windows or short_of_calls(rule, agg, pooled):
         return Verdict(None, v, None, None if exp is None else exp.mean, judged=False)
     mean = exp.mean
     above = rule.direction == "above"
     if above:
         limit = mean * rule.factor
-        effect = v >= limit and v > mean and v >= rule.min_value
+        effect = not below_effect(rule, v, limit) and v > mean  # cannot_breach's test
     else:
         limit = mean / rule.factor
         effect = v <= limit and v < mean and mean >= rule.min_value

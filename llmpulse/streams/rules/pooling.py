@@ -41,8 +41,7 @@ state stored before pooling existed needs no migration)::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from llmpulse.schemas import WindowAggregate
 from llmpulse.streams.rules.baseline import RATE_METRICS
@@ -60,9 +59,9 @@ PERCENTILES: dict[str, float] = {
 POOLED_METRICS = RATE_METRICS | {"latency_avg_ms", "relevance_avg"} | frozenset(PERCENTILES)
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """What a threshold judges: one window, or the pooled windows ending with it."""
+class Sample(NamedTuple):
+    """What a threshold judges: one window, or the pooled windows ending with it (a
+    NamedTuple: immutable, and made for every window judged, cheaper than a frozen dataclass)."""
 
     n: int  # calls (judged feedbacks for kind feedback, samples for gpu and host)
     value: float
@@ -126,12 +125,18 @@ def sample_to_judge(rule: ThresholdRule, agg: WindowAggregate, rst: State | None
     return pooled(rule, agg, rst, own)
 
 
-def pooled(rule: ThresholdRule | AnomalyRule, agg: WindowAggregate, rst: State, own: Sample | None) -> Sample | None:
+def pooled(
+    rule: ThresholdRule | AnomalyRule, agg: WindowAggregate, rst: State, own: Sample | None,
+    start_s: int | None = None,
+) -> Sample | None:  # fmt: skip
     """``own`` (this window's sample) joins the series' pool in ``rst``; the sample to judge:
     ``own`` when it holds ``min_requests``, else the latest windows pooled until they do
-    (within ``pool_windows``), else None."""
+    (within ``pool_windows``), else None. ``start_s``: ``round(agg.window_start.timestamp())``
+    when the caller has it (the same for every aggregate of a window)."""
     floor = rule.min_requests
-    idx = round(agg.window_start.timestamp()) // rule.window
+    if start_s is None:
+        start_s = round(agg.window_start.timestamp())
+    idx = start_s // rule.window
     key = f"{rule.metric}/{rule.window}"
     pool: State | None = rst.get("pool")
     if pool is None or pool.get("k") != key:
