@@ -3,18 +3,23 @@ model without validating them again): the same model, and JSON, that validating 
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from llmpulse.schemas import CallEvent, WindowAggregate
 from llmpulse.schemas.codec import encode
 from llmpulse.schemas.feedback import Feedback
 from llmpulse.schemas.gpu import GpuSample
 from llmpulse.schemas.host import HostSample
+from llmpulse.schemas.partials import pack_state, unpack_state
 from llmpulse.streams.accumulators import (
+    ACCUMULATORS,
     CallAccumulator,
     FeedbackAccumulator,
     GpuAccumulator,
     HostAccumulator,
+    WindowResults,
 )
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -63,3 +68,68 @@ def test_aggregates_share_no_mutable_default() -> None:
     first.ttft_hist.append(1)
     second = GpuAccumulator().result(10, T0_MS, {}, "*")
     assert (second.errors_by_type, second.latency_hist, second.ttft_hist) == ({}, [], [])
+
+
+def reference_aggregate(kind: str, parts: list[bytes], window_s: int, dims: dict[str, str], dk: str, revision: int) -> WindowAggregate:
+    """What stage 2 built before: each part's state decoded to dicts, `from_state` of the first,
+    `merge` of each next in order, `result`."""
+    cls = ACCUMULATORS[kind]
+    acc: Any = cls.from_state(unpack_state(parts[0]))
+    for p in parts[1:]:
+        acc.merge(cls.from_state(unpack_state(p)))
+    return acc.result(window_s, T0_MS, dims, dk, revision)
+
+
+def test_a_windows_aggregates_from_packed_parts_are_the_merged_accumulators_results() -> None:
+    """WindowResults (stage 2: states decoded typed, merged as states, one pass over the sorted
+    bins) gives, to the bit, the model and bytes of merging the accumulators in order."""
+    rnd = random.Random(15)
+    for kind, make in (("calls", random_call), ("gpu", random_gpu), ("feedback", random_feedback), ("host", random_host)):
+        cls = ACCUMULATORS[kind]
+        results = WindowResults(kind, 60, T0_MS)
+        for _ in range(300):
+            parts = []
+            for _ in range(rnd.choice([1, 1, 1, 2, 3, 5])):
+                acc: Any = cls()
+                for _ in range(rnd.choice([1, 1, 2, 7, 40])):
+                    acc.agg(make(rnd))
+                state = acc.to_state()
+                if kind == "calls" and rnd.random() < 0.1:
+                    del state["tf"]  # a state written before the TTFT sum was kept
+                parts.append(pack_state(state))
+            dims = {"model": rnd.choice(["a", "b"])}
+            rev = rnd.choice([1, 2])
+            got = results.aggregate(parts, dims, f"model={dims['model']}", rev)
+            want = reference_aggregate(kind, parts, 60, dims, f"model={dims['model']}", rev)
+            assert list(got.__dict__.items()) == list(want.__dict__.items())  # values and their order
+            assert got.model_fields_set == want.model_fields_set
+            assert encode(got) == encode(want)
+            assert [type(v) for v in got.__dict__.values()] == [type(v) for v in want.__dict__.values()]
+        dims["model"] = "changed"  # the caller's dict is not the aggregate's
+        assert got.dimensions != dims
+
+
+def random_call(rnd: random.Random) -> CallEvent:
+    err = rnd.random() < 0.2
+    return CallEvent(
+        ts=T0, model="m", latency_ms=rnd.choice([0.0, 0.0005, 12.5, rnd.lognormvariate(5, 2), 3e17]),
+        ttft_ms=rnd.choice([None, None, 0.0, rnd.lognormvariate(3, 1)]), prompt_tokens=rnd.randint(0, 900),
+        completion_tokens=rnd.randint(0, 90), cost_usd=rnd.choice([None, 0.0, rnd.random() / 100]),
+        status_code=rnd.choice([200, 429, 500, 0]) if err else 200,
+        error_type=rnd.choice([None, "timeout", "rate_limit", "overloaded"]) if err else None,
+    )  # fmt: skip
+
+
+def random_gpu(rnd: random.Random) -> GpuSample:
+    return GpuSample(ts=T0, host="h", gpu_index=0, utilization_gpu_pct=rnd.random() * 100, memory_used_bytes=rnd.randint(0, 10**10),
+                     temperature_c=rnd.choice([None, 55.5]), power_draw_w=rnd.choice([None, 210.0]))  # fmt: skip
+
+
+def random_feedback(rnd: random.Random) -> Feedback:
+    intent = rnd.choice([None, True, False])
+    return Feedback(call_event_id="c", ts=T0, intent_correct=intent, relevance=rnd.choice(([None] if intent is not None else []) + [0.0, 4.5]))
+
+
+def random_host(rnd: random.Random) -> HostSample:
+    return HostSample(ts=T0, host="h", cpu_pct=rnd.random() * 100, memory_used_bytes=2**30, memory_total_bytes=2**32,
+                      memory_used_pct=rnd.random() * 100, load1=rnd.choice([None, 0.5]))  # fmt: skip

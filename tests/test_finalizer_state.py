@@ -8,16 +8,20 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import pytest
 
 from llmpulse.config import ConfigError, load_settings
 from llmpulse.schemas import CallEvent
+from llmpulse.schemas.aggregate import encode_aggregate
 from llmpulse.schemas.partials import (
     MAX_SETS_PER_MESSAGE,
     CloseMark,
     DimensionSetState,
+    ReceivedPartials,
     WindowPartials,
     decode_partials,
+    decode_received,
     decode_sets,
     encode_partials,
     window_messages,
@@ -73,7 +77,7 @@ def closed_window_messages(source: str, events: Iterable[CallEvent], dims: Any =
 def run(stored: StoredFinalizer, msgs: list[WindowPartials | CloseMark], first_offset: int = 0) -> list[Any]:
     """One batch through a stored finalizer, the wire format included; the aggregates published."""
     for m in msgs:
-        stored.apply(decode_partials(encode_partials(m)))
+        stored.apply(decode_received(encode_partials(m)))  # as stage 2 receives it
     stored.commit(first_offset + len(msgs) - 1)
     published = stored.publishable()
     stored.published()
@@ -104,6 +108,49 @@ def test_messages_round_trip_and_previous_version_partials_still_parse() -> None
     for bad in (b"not json", b'{"type": "other"}', b'{"type": "partials", "kind": "calls"}'):
         with pytest.raises(ValueError):
             decode_partials(bad)
+        with pytest.raises(ValueError):
+            decode_received(bad)
+    # stage 2 leaves each state as its JSON text until its window is published
+    received = decode_received(encode_partials(msg))
+    assert isinstance(received, ReceivedPartials)
+    assert [(e.dims_key, e.dims, json.loads(bytes(e.state))) for e in received.sets] == [("model=a", {"model": "a"}, {"r": 1})]
+    assert decode_received(json.dumps(old).encode()) == up
+    assert decode_received(encode_partials(mark)) == mark
+
+
+def test_states_decoded_on_receipt_or_when_published_give_the_same_bytes() -> None:
+    """A message decoded whole (its states dicts: a previous version's partial, `flush`) or as
+    stage 2 decodes it (states kept as their text): the same aggregates, to the byte."""
+    events = [call(i * 0.7, user=f"u{i % 4}") for i in range(40)]
+    msgs = closed_window_messages("calls:0", events[::2]) + closed_window_messages("calls:1", events[1::2])
+    published = []
+    for decode in (decode_partials, decode_received):
+        stored = StoredFinalizer.restore(0, SOURCES, CountingTable())
+        for m in msgs:
+            stored.apply(decode(encode_partials(m)))
+        stored.commit(len(msgs))
+        published.append([encode_aggregate(a) for a in stored.publishable()])
+    assert published[0] and published[0] == published[1]
+
+
+def test_a_part_sent_again_is_a_revision_only_when_its_values_changed() -> None:
+    table = CountingTable()
+    stored = StoredFinalizer.restore(0, SOURCES, table)
+    first = closed_window_messages("calls:0", [call(1), call(2)])
+    assert totals(run(stored, first + closed_window_messages("calls:1", [call(3)])))[(10, T0_MS, "*")] == (3, 1)
+    # the same states written otherwise (keys in another order, as after a restore of stage 1)
+    def reversed_keys(m: WindowPartials | CloseMark) -> WindowPartials | CloseMark:
+        if isinstance(m, CloseMark):
+            return m
+        sets = [DimensionSetState(e.dims_key, e.dims, dict(reversed(e.state.items()))) for e in m.sets]
+        return msgspec.structs.replace(m, sets=sets)
+
+    reordered = [reversed_keys(m) for m in first]
+    assert encode_partials(reordered[0]) != encode_partials(first[0])
+    assert run(stored, reordered, first_offset=10) == []
+    # one more event in the window: published again, revision 2
+    again = totals(run(stored, closed_window_messages("calls:0", [call(1), call(2), call(5)]), first_offset=20))
+    assert again[(10, T0_MS, "*")] == (4, 2)
 
 
 def test_a_window_of_many_dimension_sets_goes_in_chunks_in_order() -> None:
@@ -171,7 +218,7 @@ def test_backfilled_window_is_published_again_after_a_restore_in_between() -> No
     # calls:1 is restored and sends window [0, 10) again with one more event (a backfill)
     again = closed_window_messages("calls:1", [call(3), call(4, user="late")])
     for m in again:
-        stored.apply(decode_partials(encode_partials(m)))  # as stage 2 receives it
+        stored.apply(decode_received(encode_partials(m)))  # as stage 2 receives it
     stored.commit(100)
     # crash before publishing: the state knows the window must be published again
     stored = StoredFinalizer.restore(0, SOURCES, table)
@@ -300,7 +347,7 @@ def test_a_crash_before_the_aggregates_are_delivered_publishes_them_again() -> N
     stored = StoredFinalizer.restore(0, SOURCES, table)
     msgs = closed_window_messages("calls:0", [call(1), call(2)]) + closed_window_messages("calls:1", [call(3)])
     for m in msgs:
-        stored.apply(decode_partials(encode_partials(m)))  # as stage 2 receives it
+        stored.apply(decode_received(encode_partials(m)))  # as stage 2 receives it
     stored.commit(len(msgs) - 1)
     first = totals(stored.publishable())
     assert first[(10, T0_MS, "*")] == (3, 1)
@@ -319,7 +366,7 @@ def test_a_window_first_seen_after_the_finalized_mark_passed_it_survives_a_resto
     assert stored.fin.finalized["calls"] > T0_MS + 10_000
     # calls:1 backfills window [0, 10), never seen before; the worker dies before publishing it
     for m in closed_window_messages("calls:1", [call(1), *later]):
-        stored.apply(decode_partials(encode_partials(m)))  # as stage 2 receives it
+        stored.apply(decode_received(encode_partials(m)))  # as stage 2 receives it
     stored.commit(500)
     stored = StoredFinalizer.restore(0, SOURCES, table)
     got = totals(stored.publishable())

@@ -16,6 +16,7 @@ wait on the topic merges them as before.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -74,6 +75,31 @@ class CloseMark(msgspec.Struct, tag="mark", tag_field="type"):
     mark: int | None
 
 
+class ReceivedSet(msgspec.Struct, array_like=True):
+    """A `DimensionSetState` as stage 2 decodes it: the state left as its JSON text, decoded
+    only when its window is published (`llmpulse.streams.accumulators`, `decode_call_state`)."""
+
+    dims_key: str
+    dims: dict[str, str]
+    state: msgspec.Raw
+
+
+class ReceivedPartials(msgspec.Struct, tag="partials", tag_field="type", kw_only=True):
+    """A `WindowPartials` as stage 2 decodes it (its sets' states left as JSON text)."""
+
+    kind: str
+    window_s: int
+    start_ms: int
+    source: str
+    chunk: int = 0
+    chunks: int = 1
+    sets: list[ReceivedSet]
+
+    @property
+    def end_ms(self) -> int:
+        return self.start_ms + self.window_s * 1000
+
+
 PartialsMessage = WindowPartials | LegacyPartial | CloseMark
 
 _encoder = msgspec.json.Encoder()
@@ -92,11 +118,23 @@ def decode_partials(raw: bytes) -> WindowPartials | CloseMark:
     return msg.upgrade() if isinstance(msg, LegacyPartial) else msg
 
 
+_received_decoder = msgspec.json.Decoder(ReceivedPartials | LegacyPartial | CloseMark)
+
+
+def decode_received(raw: bytes) -> ReceivedPartials | WindowPartials | CloseMark:
+    """`decode_partials`, the sets' states left as their JSON text (a legacy partial comes back
+    upgraded, its state decoded). Decoding every state into dicts on receipt cost stage 2 more
+    than merging them: most are read once, when their window is published."""
+    msg = _received_decoder.decode(raw)
+    return msg.upgrade() if isinstance(msg, LegacyPartial) else msg
+
+
 _sets_decoder = msgspec.json.Decoder(list[DimensionSetState])
+_received_sets_decoder = msgspec.json.Decoder(list[ReceivedSet])
 _state_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
-def encode_sets(sets: list[DimensionSetState]) -> str:
+def encode_sets(sets: Sequence[DimensionSetState | ReceivedSet]) -> str:
     """A message's dimension sets as stage 2 stores them (`<fp>|W|...` in state_keys.py): one
     JSON text, not a tree of dicts. A table value is held in memory for the whole backfill
     retention; the text of a set's state is about 350 bytes, its decoded dicts about 2 KB."""
@@ -107,6 +145,11 @@ def decode_sets(text: str) -> list[DimensionSetState]:
     return _sets_decoder.decode(text)
 
 
+def decode_received_sets(text: str) -> list[ReceivedSet]:
+    """`decode_sets`, the states left as their JSON text."""
+    return _received_sets_decoder.decode(text)
+
+
 def pack_state(state: dict[str, Any]) -> bytes:
     """An accumulator state kept compact while nothing reads it (a published window's parts)."""
     return _encoder.encode(state)
@@ -114,6 +157,41 @@ def pack_state(state: dict[str, Any]) -> bytes:
 
 def unpack_state(packed: dict[str, Any] | bytes) -> dict[str, Any]:
     return _state_decoder.decode(packed) if isinstance(packed, bytes) else packed
+
+
+class SketchState(msgspec.Struct):
+    """`QuantileSketch.to_state` (llmpulse.streams.sketch): bins by key, zeros, count."""
+
+    b: dict[int, int] = {}
+    z: int = 0
+    n: int = 0
+
+
+class CallState(msgspec.Struct):
+    """`CallAccumulator.to_state` (llmpulse.streams.accumulators), decoded typed: stage 2 merges
+    these without the dicts' per-key conversions. A float sum keeps the type its JSON has
+    (`int | float`), as a decoded dict keeps it; `tf` is absent from states written before
+    the TTFT sum was kept."""
+
+    r: int
+    e: int
+    et: dict[str, int]
+    ls: int | float
+    l: SketchState  # noqa: E741 (the state's own key)
+    t: SketchState
+    p: int
+    c: int
+    tt: int
+    cn: int
+    u: int
+    tf: int | float = 0.0
+
+
+_call_state_decoder = msgspec.json.Decoder(CallState)
+
+
+def decode_call_state(packed: bytes) -> CallState:
+    return _call_state_decoder.decode(packed)
 
 
 def window_messages(

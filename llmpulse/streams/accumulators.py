@@ -7,7 +7,7 @@ Cost is kept in integer nano-dollars so that sums are exact in any order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from functools import reduce
 from operator import add, attrgetter
@@ -18,16 +18,20 @@ from llmpulse.schemas.aggregate import (
     TTFT_BUCKETS_S,
     WindowAggregate,
     aggregate_id,
+    blank_fields,
 )
 from llmpulse.schemas.call import CallEvent
 from llmpulse.schemas.feedback import Feedback
 from llmpulse.schemas.gpu import GpuSample
 from llmpulse.schemas.host import HostSample
-from llmpulse.streams.sketch import QuantileSketch
+from llmpulse.schemas.partials import CallState, SketchState, decode_call_state, unpack_state
+from llmpulse.streams.sketch import QuantileSketch, SketchSummary
 
 NANO = 1_000_000_000
 LATENCY_BOUNDS_MS = tuple(b * 1000 for b in LATENCY_BUCKETS_S)
 TTFT_BOUNDS_MS = tuple(b * 1000 for b in TTFT_BUCKETS_S)
+_LATENCY = SketchSummary((0.50, 0.95, 0.99), LATENCY_BOUNDS_MS)
+_TTFT = SketchSummary((0.95,), TTFT_BOUNDS_MS)
 _LAT_SUM = attrgetter("lat_sum")
 _TTFT_SUM = attrgetter("ttft_sum")
 
@@ -252,33 +256,71 @@ class CallAccumulator(Accumulator):
         a.unpriced = s["u"]
         return a
 
+    @classmethod
+    def of_call_state(cls, s: CallState) -> CallAccumulator:
+        """`from_state` of a state decoded typed (schemas.partials.decode_call_state): the same
+        accumulator, its dicts taken over (a decoded state is used once)."""
+        a = cls.__new__(cls)
+        a.requests = s.r
+        a.errors = s.e
+        a.err_types = s.et
+        a.lat_sum = s.ls
+        a.latency = latency = QuantileSketch.__new__(QuantileSketch)
+        latency.bins, latency.zeros, latency.count = s.l.b, s.l.z, s.l.n
+        a.ttft = ttft = QuantileSketch.__new__(QuantileSketch)
+        ttft.bins, ttft.zeros, ttft.count = s.t.b, s.t.z, s.t.n
+        a.ttft_sum = s.tf
+        a.prompt = s.p
+        a.completion = s.c
+        a.total = s.tt
+        a.cost_nano = s.cn
+        a.unpriced = s.u
+        return a
+
+    def state(self) -> CallState:
+        """`to_state` as stage 2 decodes it (schemas.partials.CallState), sharing this one's dicts."""
+        lat, ttft = self.latency, self.ttft
+        return CallState(
+            self.requests, self.errors, self.err_types, self.lat_sum, SketchState(lat.bins, lat.zeros, lat.count),
+            SketchState(ttft.bins, ttft.zeros, ttft.count), self.prompt, self.completion, self.total,
+            self.cost_nano, self.unpriced, self.ttft_sum,
+        )  # fmt: skip
+
     def figures(self, window_s: int) -> dict[str, Any]:
-        n = self.requests
-        error_rate = self.errors / n if n else 0.0
-        latency, ttft = self.latency, self.ttft
-        return {
-            "requests": n,
-            "errors": self.errors,
-            "errors_by_type": dict(self.err_types),
-            "qps": n / window_s,
-            "error_rate": error_rate,
-            "success_rate": 1.0 - error_rate if n else 1.0,
-            "latency_sum_ms": self.lat_sum,
-            "latency_avg_ms": self.lat_sum / n if n else None,
-            "latency_p50_ms": latency.quantile(0.50),
-            "latency_p95_ms": latency.quantile(0.95),
-            "latency_p99_ms": latency.quantile(0.99),
-            "ttft_p95_ms": ttft.quantile(0.95),
-            "latency_hist": latency.bucket_counts(LATENCY_BOUNDS_MS) if n else [],
-            "ttft_hist": ttft.bucket_counts(TTFT_BOUNDS_MS) if ttft.count else [],
-            "ttft_count": ttft.count,
-            "ttft_sum_ms": self.ttft_sum,
-            "prompt_tokens": self.prompt,
-            "completion_tokens": self.completion,
-            "total_tokens": self.total,
-            "cost_usd": self.cost_nano / NANO,
-            "unpriced_requests": self.unpriced,
-        }
+        out: dict[str, Any] = {}
+        call_figures(out, window_s, self.state())
+        return out
+
+
+def call_figures(out: dict[str, Any], window_s: int, s: CallState) -> None:
+    """A calls aggregate's fields, put in `out`, of an accumulator's state (`CallAccumulator.state`,
+    or a state of the partials as stage 2 decodes it): `CallAccumulator.figures`."""
+    n = s.r
+    error_rate = s.e / n if n else 0.0
+    lat, ttft = s.l, s.t
+    (p50, p95, p99), lat_hist = _LATENCY.of(lat.b, lat.z, lat.n)
+    (ttft_p95,), ttft_hist = _TTFT.of(ttft.b, ttft.z, ttft.n)
+    out["requests"] = n
+    out["errors"] = s.e
+    out["errors_by_type"] = dict(s.et)
+    out["qps"] = n / window_s
+    out["error_rate"] = error_rate
+    out["success_rate"] = 1.0 - error_rate if n else 1.0
+    out["latency_sum_ms"] = s.ls
+    out["latency_avg_ms"] = s.ls / n if n else None
+    out["latency_p50_ms"] = p50
+    out["latency_p95_ms"] = p95
+    out["latency_p99_ms"] = p99
+    out["ttft_p95_ms"] = ttft_p95
+    out["latency_hist"] = lat_hist if n else []
+    out["ttft_hist"] = ttft_hist if ttft.n else []
+    out["ttft_count"] = ttft.n
+    out["ttft_sum_ms"] = s.tf
+    out["prompt_tokens"] = s.p
+    out["completion_tokens"] = s.c
+    out["total_tokens"] = s.tt
+    out["cost_usd"] = s.cn / NANO
+    out["unpriced_requests"] = s.u
 
 
 class FeedbackAccumulator(Accumulator):
@@ -474,3 +516,95 @@ ACCUMULATORS: dict[
     "gpu": GpuAccumulator,
     "host": HostAccumulator,
 }
+
+
+def merged_states(kind: str, states: Iterable[bytes]) -> Accumulator:
+    """The accumulator of a dimension set's parts, as stage 2 holds them (packed states,
+    schemas.partials.pack_state), in order: the first part's state, each next merged into it
+    (most sets have one part: no merge at all). The same figures as merging each into an
+    empty one, which adds zeros and takes maxima with zero; an empty accumulator for none."""
+    if kind == "calls":
+        calls: CallAccumulator | None = None
+        for packed in states:
+            part = CallAccumulator.of_call_state(decode_call_state(packed))
+            if calls is None:
+                calls = part
+            else:
+                calls.merge(part)
+        return CallAccumulator() if calls is None else calls
+    cls = ACCUMULATORS[kind]
+    acc: Accumulator | None = None
+    for packed in states:
+        other = cls.from_state(unpack_state(packed))
+        if acc is None:
+            acc = other
+        else:
+            acc.merge(other)
+    return cls() if acc is None else acc
+
+
+class WindowResults:
+    """The aggregates of one window, each from its dimension set's parts as stage 2 holds them
+    (packed states, in arrival order): `merged_states(kind, parts).result(window_s, start_ms,
+    dims, dims_key, revision)`, the same model to the bit. The fields the aggregates share
+    (the window's, the blank ones) are made once for the window; a calls set's parts are
+    decoded typed and merged as states (`merge` of each, in order: the same sums), with no
+    accumulator or sketch objects: sparse traffic makes thousands of one-call aggregates."""
+
+    __slots__ = ("_base", "kind", "start_ms", "window_s")
+
+    def __init__(self, kind: str, window_s: int, start_ms: int) -> None:
+        self.kind = kind
+        self.window_s = window_s
+        self.start_ms = start_ms
+        base = blank_fields()
+        base["kind"] = kind
+        base["window_s"] = window_s
+        base["window_start"] = _ms_to_dt(start_ms)
+        base["window_end"] = _ms_to_dt(start_ms + window_s * 1000)
+        self._base = base
+
+    def aggregate(self, parts: Iterable[bytes], dims: dict[str, str], dims_key: str, revision: int) -> WindowAggregate:
+        if self.kind != "calls":
+            values = merged_states(self.kind, parts).figures(self.window_s)
+            values.update(self._ids(dims, dims_key, revision))
+            return WindowAggregate.of_figures(values, self._base)
+        states = map(decode_call_state, parts)
+        s = next(states, None)
+        if s is None:
+            s = CallAccumulator().state()
+        for o in states:  # CallAccumulator.merge, on states
+            s.r += o.r
+            s.e += o.e
+            err_types = s.et
+            for t, k in o.et.items():
+                err_types[t] = err_types.get(t, 0) + k
+            s.ls += o.ls
+            for mine, other in ((s.l, o.l), (s.t, o.t)):
+                mine.n += other.n
+                mine.z += other.z
+                bins = mine.b
+                for key, k in other.b.items():
+                    bins[key] = bins.get(key, 0) + k
+            s.tf += o.tf
+            s.p += o.p
+            s.c += o.c
+            s.tt += o.tt
+            s.cn += o.cn
+            s.u += o.u
+        fields = self._base.copy()
+        call_figures(fields, self.window_s, s)
+        fields.update(self._ids(dims, dims_key, revision))
+        return WindowAggregate.of_fields(fields, _CALL_NAMES)
+
+    def _ids(self, dims: dict[str, str], dims_key: str, revision: int) -> dict[str, Any]:
+        return {
+            "aggregate_id": aggregate_id(self.kind, self.window_s, self.start_ms, dims_key),
+            "dimensions": dict(dims),
+            "dims_key": dims_key,
+            "revision": revision,
+        }
+
+
+# the names `result` gives a calls aggregate (its model_fields_set, with the blank's)
+_CALL_NAMES = frozenset(CallAccumulator().result(1, 0, {}, "*").model_fields_set)

@@ -36,8 +36,9 @@ from llmpulse import metrics
 from llmpulse.config import Settings
 from llmpulse.kafka import topics as T
 from llmpulse.schemas import WindowAggregate
+from llmpulse.schemas.aggregate import encode_aggregate
 from llmpulse.schemas.codec import encode
-from llmpulse.schemas.partials import decode_partials
+from llmpulse.schemas.partials import decode_received
 from llmpulse.streams import state_keys as SK
 from llmpulse.streams.bulk_publish import Record
 from llmpulse.streams.contiguity import OffsetGuard, Seek, admit_messages
@@ -95,7 +96,7 @@ class FinalizeStage:
                 return
             for msg in msgs:
                 try:
-                    stored.apply(decode_partials(msg.value))
+                    stored.apply(decode_received(msg.value))
                 except ValueError as exc:
                     log.error("unreadable partials message at %s/%s: %s", fp, msg.offset, exc)
             stored.commit(max(m.offset for m in msgs))  # admit_messages kept only offsets past it
@@ -178,13 +179,15 @@ class FinalizeStage:
         futures: list[Any] = []
         now = time.time()
         aggregates = list(aggregates)
-        window_of: dict[tuple[str, int, datetime], list[WindowAggregate]] = {}
-        records: list[Record] = []
+        records: list[Record] = [(None, agg.aggregate_id.encode(), encode_aggregate(agg)) for agg in aggregates]
+        closed: dict[str, int] = {}
+        observe = metrics.WINDOW_CLOSE_DELAY.observe
         for agg in aggregates:
-            window_of.setdefault((agg.kind, agg.window_s, agg.window_start), []).append(agg)
-            records.append((None, agg.aggregate_id.encode(), encode(agg)))
-            metrics.WINDOWS_CLOSED.labels(agg.kind).inc()
-            metrics.WINDOW_CLOSE_DELAY.observe(max(0.0, now - agg.window_end.timestamp()))
+            closed[agg.kind] = closed.get(agg.kind, 0) + 1
+            observe(max(0.0, now - agg.window_end.timestamp()))
+        for kind, n in closed.items():
+            metrics.WINDOWS_CLOSED.labels(kind).inc(n)
+        window_of: dict[tuple[str, int, datetime], list[WindowAggregate]] = {}  # built for a first alert
         judged: dict[str, dict[str, Any]] = {}  # rule-state key -> its state, written after delivery
         if self.rules is not None:
 
@@ -203,6 +206,9 @@ class FinalizeStage:
                     continue
                 # root cause: which finer dimension of this window drives the deviation
                 window = (agg.kind, agg.window_s, agg.window_start)
+                if not window_of:
+                    for each in aggregates:
+                        window_of.setdefault((each.kind, each.window_s, each.window_start), []).append(each)
                 if window not in index_of:
                     index_of[window] = WindowIndex(window_of[window])
                 for alert in explain_window(index_of[window], alerts):

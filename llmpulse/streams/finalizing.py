@@ -28,14 +28,15 @@ from llmpulse.schemas.aggregate import WindowAggregate
 from llmpulse.schemas.partials import (
     CloseMark,
     DimensionSetState,
+    ReceivedPartials,
     WindowPartials,
-    decode_sets,
+    decode_received_sets,
     encode_sets,
     pack_state,
     unpack_state,
 )
 from llmpulse.streams import state_keys as SK
-from llmpulse.streams.accumulators import ACCUMULATORS
+from llmpulse.streams.accumulators import WindowResults
 from llmpulse.streams.bulk_publish import murmur2
 from llmpulse.streams.state_keys import StateKey
 from llmpulse.streams.windowing import Partial
@@ -50,19 +51,14 @@ WindowKey = tuple[str, int, int]  # kind, window_s, start_ms
 class Pending:
     """One dimension set of a window: its partials by source, and its publication.
 
-    A part is an accumulator state, packed (bytes, schemas.partials.pack_state) once the set
-    is published: a published window is kept only for a backfill, which is rare, for the
-    whole retention (15 min), and at 10,000 users a window its decoded dicts were most of
-    the worker's memory (2 KB a part, against 350 bytes packed)."""
+    A part is an accumulator state, packed (its JSON bytes, schemas.partials.pack_state) as
+    it arrived in its message: it is decoded once, when the set is published (a decoded
+    state is 2 KB of dicts against 350 bytes packed, and a window is kept for the whole
+    backfill retention, 15 min; decoding each on receipt cost stage 2 more than merging)."""
 
     dims: dict[str, str]
-    parts: dict[str, dict[str, Any] | bytes] = field(default_factory=dict)
+    parts: dict[str, bytes] = field(default_factory=dict)
     revision: int = 0  # > 0 once published; each re-publication increments it
-
-    def pack(self) -> None:
-        for src, st in self.parts.items():
-            if not isinstance(st, bytes):
-                self.parts[src] = pack_state(st)
 
     def to_json(self) -> dict[str, Any]:
         parts = {src: unpack_state(st) for src, st in self.parts.items()}
@@ -70,7 +66,14 @@ class Pending:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Pending:
-        return cls(d["dims"], d["parts"], d.get("rev", 0))
+        parts = {src: pack_state(st) for src, st in d["parts"].items()}
+        return cls(d["dims"], parts, d.get("rev", 0))
+
+
+def _changed(held: bytes, state: bytes) -> bool:
+    """Whether a part received again differs from the one held: the same text, or the same
+    values written otherwise (e.g. a state's dict keys in another order after a restore)."""
+    return held != state and unpack_state(held) != unpack_state(state)
 
 
 @dataclass(slots=True)
@@ -123,7 +126,7 @@ class Finalizer:
         self.stale = 0
         self.applied: int | None = None  # the last partials offset this state holds
 
-    def add(self, msg: WindowPartials) -> WindowKey | None:
+    def add(self, msg: WindowPartials | ReceivedPartials) -> WindowKey | None:
         """Keep a window's partials of one source; None when the window is past the backfill
         retention (counted). A source's partial of a dimension set replaces its earlier copy."""
         if msg.end_ms <= self.finalized.get(msg.kind, EMPTY) - RETAIN_MS:
@@ -147,9 +150,11 @@ class Finalizer:
                 slot = sets[entry.dims_key] = Pending(entry.dims)
                 if window.published:
                     self.revised.add(wkey)  # a set the stored revisions do not know (revision 0)
+            state = entry.state
+            packed = pack_state(state) if isinstance(state, dict) else bytes(state)
             held = slot.parts.get(msg.source)
-            if held is None or unpack_state(held) != entry.state:
-                slot.parts[msg.source] = entry.state
+            if held is None or _changed(held, packed):
+                slot.parts[msg.source] = packed
                 if slot.revision > 0:
                     slot.revision = -slot.revision  # published before: publish again
                     self.revised.add(wkey)
@@ -167,8 +172,7 @@ class Finalizer:
         """One dimension set of one window (see `add`)."""
         msg = WindowPartials(
             kind=p.kind, window_s=p.window_s, start_ms=p.start_ms, source=p.source, chunk=-1, chunks=0,
-            # as a message carries it (JSON's string keys), so that it compares equal to a sent copy
-            sets=[DimensionSetState(p.dims_key, p.dims, unpack_state(pack_state(p.state)))],
+            sets=[DimensionSetState(p.dims_key, p.dims, p.state)],
         )  # fmt: skip
         return None if self.add(msg) is None else (p.kind, p.window_s, p.start_ms, p.dims_key)
 
@@ -203,25 +207,16 @@ class Finalizer:
         out: list[tuple[WindowKey, list[tuple[PendingKey, WindowAggregate]]]] = []
         for wkey in done:
             self.unpublished.discard(wkey)
-            kind, s, start = wkey
-            cls = ACCUMULATORS[kind]
             window = self.windows[wkey]
+            results = WindowResults(*wkey)
             aggs: list[tuple[PendingKey, WindowAggregate]] = []
             for dk in sorted(window.sets):
                 slot = window.sets[dk]
                 if slot.revision > 0:
                     continue
                 slot.revision = 1 - slot.revision
-                # the first source's state is the accumulator the others merge into (most
-                # sets have one source: no merge at all); the same figures as merging each
-                # into an empty one, which adds zeros and takes maxima with zero
-                states = iter(slot.parts.values())
-                first = next(states, None)
-                acc = cls() if first is None else cls.from_state(unpack_state(first))
-                for state in states:
-                    acc.merge(cls.from_state(unpack_state(state)))  # type: ignore[arg-type]
-                aggs.append(((kind, s, start, dk), acc.result(s, start, slot.dims, dk, slot.revision)))
-                slot.pack()
+                # its sources' parts merged in arrival order
+                aggs.append(((*wkey, dk), results.aggregate(slot.parts.values(), slot.dims, dk, slot.revision)))
             window.published = True
             out.append((wkey, aggs))
         return out
@@ -269,12 +264,15 @@ def restore_finalizer(sources: Mapping[str, Iterable[str]], state: Iterable[tupl
         window = window_of(key)
         window.chunks[key.source] = max(window.chunks.get(key.source, 0), key.chunk + 1)
         # this version stores the sets' JSON text; the one before, the list they decode to
-        entries = decode_sets(value) if isinstance(value, str) else [DimensionSetState(*e) for e in value]
-        for entry in entries:
-            slot = window.sets.get(entry.dims_key)
+        if isinstance(value, str):
+            entries = [(e.dims_key, e.dims, bytes(e.state)) for e in decode_received_sets(value)]
+        else:
+            entries = [(dk, dims, pack_state(state)) for dk, dims, state in value]
+        for dims_key, dims, packed in entries:
+            slot = window.sets.get(dims_key)
             if slot is None:
-                slot = window.sets[entry.dims_key] = Pending(entry.dims)
-            slot.parts[key.source] = entry.state
+                slot = window.sets[dims_key] = Pending(dims)
+            slot.parts[key.source] = packed
     for key, value in by_shape.get("V", []):
         window = window_of(key)
         window.restore_revisions(value)
@@ -287,9 +285,6 @@ def restore_finalizer(sources: Mapping[str, Iterable[str]], state: Iterable[tupl
                 if dk not in window.legacy or p.revision == 0:
                     p.revision = rev
         window.published = any(p.revision != 0 for p in window.sets.values())
-        for p in window.sets.values():
-            if p.revision > 0:
-                p.pack()
         if any(p.revision <= 0 for p in window.sets.values()):
             fin.unpublished.add(wkey)
     for key, value in by_shape.get("M", []):
@@ -328,7 +323,7 @@ class StoredFinalizer:
         ]  # fmt: skip
         return cls(fp, restore_finalizer(sources, state), table)
 
-    def apply(self, m: WindowPartials | CloseMark) -> None:
+    def apply(self, m: WindowPartials | ReceivedPartials | CloseMark) -> None:
         fin, fp, table = self.fin, self.fp, self.table
         if isinstance(m, CloseMark):
             fin.set_mark(m.kind, m.src, m.mark)
