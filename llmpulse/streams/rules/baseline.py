@@ -101,19 +101,12 @@ def _sig(x: float) -> float | int:
     return float("%.7g" % x)  # noqa: UP031 (the digits of f"{x:.7g}", in half the time)
 
 
-def _whole(x: float) -> int | None:
-    """``x`` as an int when it is a whole float under 2**53 (what ``_sig`` stores as an int), else None."""
-    if type(x) is float and x.is_integer() and -_EXACT < x < _EXACT:
-        return int(x)
-    return None
-
-
 def _count(entry: list[Any], s1: float, w1: int | None, s2: float, w2: int | None) -> None:
     """Count one window into ``entry`` (``[key, windows, s1, s2]``): its sums become
-    ``_sig(sum + s)``. A whole stored sum plus a whole figure (``w1``, ``w2``: ``_whole`` of
-    ``s1``, ``s2``) is added as ints: the float sum of two integers under 2**53 is exact,
-    so ``_sig`` returns that same int (five sums a window and anomaly rule made ``_sig`` a
-    fifth of the rules' time)."""
+    ``_sig(sum + s)``. A whole stored sum plus a whole figure (``w1``, ``w2``: ``s1``, ``s2``
+    as ints when they are whole floats under 2**53, else None) is added as ints: the float
+    sum of two integers under 2**53 is exact, so ``_sig`` returns that same int (five sums
+    a window and anomaly rule made ``_sig`` a fifth of the rules' time)."""
     entry[1] += 1
     t = entry[2]
     if w1 is not None and type(t) is int and -_EXACT < t < _EXACT and -_EXACT < (r := t + w1) < _EXACT:
@@ -543,7 +536,9 @@ class Summaries:
             s1, s2 = float(obs.count), float(obs.volume)
         else:
             s1, s2 = obs.value, obs.value * obs.value
-        w1, w2 = _whole(s1), _whole(s2)
+        # as ints when whole (see _count)
+        w1 = int(s1) if type(s1) is float and s1.is_integer() and -_EXACT < s1 < _EXACT else None
+        w2 = int(s2) if type(s2) is float and s2.is_integer() and -_EXACT < s2 < _EXACT else None
         st = self.state
         st.setdefault("first", window_start_s)
         self._dispersion = None
@@ -551,8 +546,10 @@ class Summaries:
             today = window_start_s // DAY_S
             if self._slot is not None and self._slot[1] != today:
                 self._slot = None  # another day's data changed: its expectation goes
-            slots: dict[str, list[list[Any]]] = st.setdefault("slots", {})
-            days: list[list[Any]] = st.setdefault("days", [])  # [day, windows, s1]: the weekday level
+            # (``d[k] if k in d else d.setdefault(k, ...)``: setdefault without an empty container
+            # made, and dropped, for every window)
+            slots: dict[str, list[list[Any]]] = st["slots"] if "slots" in st else st.setdefault("slots", {})
+            days: list[list[Any]] = st["days"] if "days" in st else st.setdefault("days", [])  # [day, windows, s1]
             if days and (day := days[-1])[0] == today:
                 day[1] += 1
                 t = day[2]
@@ -564,7 +561,8 @@ class Summaries:
                 days.append([today, 1, _sig(s1)])
                 while len(days) > 8:
                     days.pop(0)
-            entries = slots.setdefault(str((window_start_s % DAY_S) // self._bucket), [])
+            key = str((window_start_s % DAY_S) // self._bucket)
+            entries = slots[key] if key in slots else slots.setdefault(key, [])
             if entries and (entry := entries[-1])[0] == today:
                 _count(entry, s1, w1, s2, w2)
             else:
@@ -579,7 +577,7 @@ class Summaries:
         if self._closed is not None and b <= self._closed.last_start:
             self._closed = None  # a window late into a bucket already summarised
         # the rolling span: bucket b (its start) counts the window; buckets sorted by start
-        buckets: list[list[Any]] = st.setdefault("roll", [])
+        buckets: list[list[Any]] = st["roll"] if "roll" in st else st.setdefault("roll", [])
         if buckets and (entry := buckets[-1])[0] == b:
             pass
         elif not buckets or buckets[-1][0] < b:

@@ -175,10 +175,12 @@ class RulesEngine:
         self._index = {k: tuple(v) for k, v in index.items()}
         self._composites_of = {k: tuple(v) for k, v in composites.items()}
         self._rules_by_names: dict[tuple[str, int, tuple[str, ...]], tuple[WindowRule, ...]] = {}
-        # per series (kind, window, dimensions, rule): what its anomaly baseline implies, kept
-        # beside the state, never in it (baseline.Summaries); rebuilt when the series' state
-        # is another object than the one it was derived from (restored, reset, another worker's)
-        self._summaries: dict[tuple[str, int, str, str], Summaries] = {}
+        # per series (rule, then dimension set: a rule judges one kind and window size): what
+        # its anomaly baseline implies, kept beside the state, never in it (baseline.Summaries);
+        # rebuilt when the series' state is another object than the one it was derived from
+        # (restored, reset, another worker's); all dropped at MAX_KEPT_SUMMARIES
+        self._summaries: dict[str, dict[str, Summaries]] = {}
+        self._summaries_kept = 0
 
     # -- public ---------------------------------------------------------------------------
 
@@ -399,7 +401,7 @@ class RulesEngine:
             if isinstance(rule, ThresholdRule):
                 verdict = judge_threshold(rule, agg, rst)
             elif isinstance(rule, SloRule):
-                verdict = judge_slo(rule, agg, rst.setdefault("slo", {}))
+                verdict = judge_slo(rule, agg, rst["slo"] if "slo" in rst else rst.setdefault("slo", {}))
             else:
                 verdict, ended = _judge_budget(rule, agg, rst)
                 if ended is not None and rst.get("alert") is not None:
@@ -454,13 +456,19 @@ class RulesEngine:
 
     def _baseline(self, rule: AnomalyRule, agg: WindowAggregate, rst: State) -> Summaries:
         """The Summaries of this series' baseline state (created empty when absent)."""
-        bst: State = rst.setdefault("baseline", {})
-        key = (agg.kind, agg.window_s, agg.dims_key, rule.name)
-        summaries = self._summaries.get(key)
+        bst: State = rst["baseline"] if "baseline" in rst else rst.setdefault("baseline", {})
+        of_rule = self._summaries.get(rule.name)
+        if of_rule is None:
+            of_rule = self._summaries[rule.name] = {}
+        summaries = of_rule.get(agg.dims_key)
         if summaries is None or summaries.state is not bst:
-            if len(self._summaries) >= MAX_KEPT_SUMMARIES:
-                self._summaries.clear()
-            summaries = self._summaries[key] = Summaries(rule, bst)
+            if summaries is None:
+                if self._summaries_kept >= MAX_KEPT_SUMMARIES:
+                    self._summaries.clear()
+                    self._summaries_kept = 0
+                    of_rule = self._summaries[rule.name] = {}
+                self._summaries_kept += 1
+            summaries = of_rule[agg.dims_key] = Summaries(rule, bst)
         return summaries
 
     def _judge_anomaly(
@@ -482,10 +490,18 @@ class RulesEngine:
             s = pooled(rule, agg, rst, Sample(obs.volume, obs.value), pool_s)
             if s is not None and s.windows > 1:
                 judged, span = Observation(s.value, round(s.value * s.n), s.n), s
-        if closed and _clear_anyway(rule, agg, obs, judged, span, baseline, start_s):
-            # the expectation is not derived
-            verdict = None
-        else:
+        # clear whatever the baseline expects (evidence.cannot_breach), with no alert open: the
+        # expectation is not derived
+        if not closed:
+            clear = False
+        elif span is None:  # the window, then the window against the floor of its expected mean
+            clear = cannot_breach(rule, obs, agg, mean_floor=lambda: baseline.mean_floor(start_s))
+        else:  # pooled: the pooled sample, and the window alone (judged too from ALONE_MIN calls)
+            clear = cannot_breach(rule, judged, agg, pooled=True) and (
+                obs.volume < ALONE_MIN or cannot_breach(rule, obs, agg, pooled=True)
+            )
+        verdict = None
+        if not clear:
             verdict = self._judge_expected(rule, agg, obs, judged, span, baseline.expected(start_s), baseline)
         # an incident does not teach the baseline: a window judged anomalous stays out of it
         # (else a 15-minute error burst lifted its own rolling baseline and "resolved" at 44%
@@ -640,21 +656,6 @@ def _composite_level(
     if comp.mode == "any_of" and active:
         return active, comp.severity or ranked[-1]
     return active, None
-
-
-def _clear_anyway(
-    rule: AnomalyRule, agg: WindowAggregate, obs: Observation, judged: Observation,
-    span: Sample | None, baseline: Summaries, start_s: int,
-) -> bool:  # fmt: skip
-    """Whether the engine's verdict on this window is clear whatever its baseline expects
-    (evidence.cannot_breach): pooled over ``span``, the pooled sample ``judged`` and the
-    window alone (judged as well when it holds ALONE_MIN calls); else the window, then the
-    window against the floor of its expected mean."""
-    if span is not None:
-        return cannot_breach(rule, judged, agg, pooled=True) and (
-            obs.volume < ALONE_MIN or cannot_breach(rule, obs, agg, pooled=True)
-        )
-    return cannot_breach(rule, obs, agg, mean_floor=lambda: baseline.mean_floor(start_s))
 
 
 def _matches(rule: WindowRule, dims: dict[str, str]) -> bool:

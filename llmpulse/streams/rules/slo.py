@@ -59,7 +59,7 @@ def add_window(rule: SloRule, st: State, window_start_s: int, total: int, bad: i
         acc[1] += bad
     st["last"] = idx
     day = window_start_s // DAY_S
-    days: list[list[int]] = st.setdefault("days", [])
+    days: list[list[int]] = st["days"] if "days" in st else st.setdefault("days", [])
     if days and days[-1][0] == day:
         days[-1][1] += total
         days[-1][2] += bad
