@@ -227,10 +227,22 @@ class RollUp:
     def _derive(self, c: Members, f: Members, runs: list[Rolled]) -> Rolled:
         """Set `c` from the groups of `f` (runs of its groups, in key order, runs_of)."""
         pos = [f.index(i) for i in c]
+        # the set's values from the source's: the same tuple (the same set of smaller windows),
+        # one member, or several picked at once
+        same = pos == list(range(len(f)))
+        one = pos[0] if len(pos) == 1 else None
+        pick = itemgetter(*pos) if len(pos) > 1 else None
         parts: dict[tuple[str, ...], tuple[list[Any], list[list[Any]]]] = {}
         for r in runs:
             for g in r.groups:
-                v = tuple([g.values[i] for i in pos])
+                if same:
+                    v = g.values
+                elif one is not None:
+                    v = (g.values[one],)
+                elif pick is not None:
+                    v = pick(g.values)
+                else:
+                    v = ()
                 slot = parts.get(v)
                 if slot is None:
                     parts[v] = ([g.acc], [g.finest])

@@ -26,6 +26,17 @@ Contract (as arroyo's strategies state theirs):
   next timer tick; now 0.02 s, once the broker confirms. A crash in between restores a state that does not include a close whose
   partials may be lost: the windows close again, to the same partials (the finalizer
   replaces a source's part, so a partial delivered twice counts once).
+- Why the accumulators a close removes are written before it (and deleted after it): on
+  sparse traffic most accumulators open and close between two writes, so most state
+  records are written only to be deleted. Writing only those still open after the close
+  makes that state safe only once the close's partials are delivered, so it would wait
+  for them, a round trip later than now. A crash in that time restores the state of the
+  close before, and the replay closes windows where its own batches end, not where the
+  published close did: a window closed at an earlier offset is published again without
+  the events after that point, which take the late path (counted in its `~late` partial
+  within the allowed lateness, dead-lettered beyond it, where the first publication had
+  counted them). Now the state a close starts from goes out with its partials, and a
+  replay starts at the close's point. Not done: not proven exact in every case.
 - `poll()` (the timer, every second): re-seeks partitions left with an offset gap,
   closes windows of partitions whose traffic stopped, writes what is ready; returns what
   to commit after, as `submit` does.
