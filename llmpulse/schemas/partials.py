@@ -187,11 +187,8 @@ class CallState(msgspec.Struct):
     tf: int | float = 0.0
 
 
-_call_state_decoder = msgspec.json.Decoder(CallState)
-
-
-def decode_call_state(packed: bytes) -> CallState:
-    return _call_state_decoder.decode(packed)
+decode_call_state = msgspec.json.Decoder(CallState).decode
+"""A packed calls state (bytes) as a `CallState`; a msgspec.ValidationError (a ValueError) if it is none."""
 
 
 def window_messages(

@@ -278,10 +278,11 @@ class CallAccumulator(Accumulator):
         return a
 
     def state(self) -> CallState:
-        """`to_state` as stage 2 decodes it (schemas.partials.CallState), sharing this one's dicts."""
+        """`to_state` as stage 2 decodes it (schemas.partials.CallState), sharing this one's bins
+        (read only) but not its error types (an aggregate takes them over: call_figures)."""
         lat, ttft = self.latency, self.ttft
         return CallState(
-            self.requests, self.errors, self.err_types, self.lat_sum, SketchState(lat.bins, lat.zeros, lat.count),
+            self.requests, self.errors, dict(self.err_types), self.lat_sum, SketchState(lat.bins, lat.zeros, lat.count),
             SketchState(ttft.bins, ttft.zeros, ttft.count), self.prompt, self.completion, self.total,
             self.cost_nano, self.unpriced, self.ttft_sum,
         )  # fmt: skip
@@ -294,15 +295,19 @@ class CallAccumulator(Accumulator):
 
 def call_figures(out: dict[str, Any], window_s: int, s: CallState) -> None:
     """A calls aggregate's fields, put in `out`, of an accumulator's state (`CallAccumulator.state`,
-    or a state of the partials as stage 2 decodes it): `CallAccumulator.figures`."""
+    or a state of the partials as stage 2 decodes it): `CallAccumulator.figures`. The state's
+    error types become the aggregate's."""
     n = s.r
     error_rate = s.e / n if n else 0.0
     lat, ttft = s.l, s.t
     (p50, p95, p99), lat_hist = _LATENCY.of(lat.b, lat.z, lat.n)
-    (ttft_p95,), ttft_hist = _TTFT.of(ttft.b, ttft.z, ttft.n)
+    if ttft.n:
+        (ttft_p95,), ttft_hist = _TTFT.of(ttft.b, ttft.z, ttft.n)
+    else:  # no streamed call: what `of` gives for an empty sketch, no histogram
+        ttft_p95, ttft_hist = None, []
     out["requests"] = n
     out["errors"] = s.e
-    out["errors_by_type"] = dict(s.et)
+    out["errors_by_type"] = s.et
     out["qps"] = n / window_s
     out["error_rate"] = error_rate
     out["success_rate"] = 1.0 - error_rate if n else 1.0
@@ -313,7 +318,7 @@ def call_figures(out: dict[str, Any], window_s: int, s: CallState) -> None:
     out["latency_p99_ms"] = p99
     out["ttft_p95_ms"] = ttft_p95
     out["latency_hist"] = lat_hist if n else []
-    out["ttft_hist"] = ttft_hist if ttft.n else []
+    out["ttft_hist"] = ttft_hist
     out["ttft_count"] = ttft.n
     out["ttft_sum_ms"] = s.tf
     out["prompt_tokens"] = s.p
@@ -567,7 +572,7 @@ class WindowResults:
     def aggregate(self, parts: Iterable[bytes], dims: dict[str, str], dims_key: str, revision: int) -> WindowAggregate:
         if self.kind != "calls":
             values = merged_states(self.kind, parts).figures(self.window_s)
-            values.update(self._ids(dims, dims_key, revision))
+            self._put_ids(values, dims, dims_key, revision)
             return WindowAggregate.of_figures(values, self._base)
         states = map(decode_call_state, parts)
         s = next(states, None)
@@ -594,16 +599,14 @@ class WindowResults:
             s.u += o.u
         fields = self._base.copy()
         call_figures(fields, self.window_s, s)
-        fields.update(self._ids(dims, dims_key, revision))
+        self._put_ids(fields, dims, dims_key, revision)
         return WindowAggregate.of_fields(fields, _CALL_NAMES)
 
-    def _ids(self, dims: dict[str, str], dims_key: str, revision: int) -> dict[str, Any]:
-        return {
-            "aggregate_id": aggregate_id(self.kind, self.window_s, self.start_ms, dims_key),
-            "dimensions": dict(dims),
-            "dims_key": dims_key,
-            "revision": revision,
-        }
+    def _put_ids(self, out: dict[str, Any], dims: dict[str, str], dims_key: str, revision: int) -> None:
+        out["aggregate_id"] = aggregate_id(self.kind, self.window_s, self.start_ms, dims_key)
+        out["dimensions"] = dict(dims)
+        out["dims_key"] = dims_key
+        out["revision"] = revision
 
 
 # the names `result` gives a calls aggregate (its model_fields_set, with the blank's)

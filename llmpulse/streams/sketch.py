@@ -120,6 +120,16 @@ class SketchSummary:
             return [None] * len(self.qs), counts
         counts[0] = zeros
         last = count - 1
+        if len(bins) == 1:  # most sets of sparse traffic: one call, or calls alike
+            ((key, n),) = bins.items()
+            try:
+                counts[self._bucket[key]] += n
+            except KeyError:
+                i = self._bucket[key] = bisect.bisect_left(bounds, reported(key))
+                counts[i] += n
+            # every rank past the zeros falls in the one bin (or past the counts: the top bin, the same)
+            value = reported(key)
+            return [0.0 if q * last < zeros else value for q in self.qs], counts
         ranks = [q * last for q in self.qs]
         wanted = len(ranks)
         ranks.append(math.inf)  # past the last: no bin passes it
