@@ -130,6 +130,9 @@ def add(rule: AnomalyRule, st: State, window_start_s: int, obs: Observation) -> 
     Summaries(rule, st).add(window_start_s, obs)
 
 
+_Part = tuple[float, float, float]  # a bucket-day's (ratio, variance x dof, mean x dof)
+
+
 def series_dispersion(st: State) -> float:
     """The series' dispersion of a sum (variance / mean of one window), pooled over all its
     bucket-days: the within-day variances over the means, weighted by degrees of freedom,
@@ -145,14 +148,27 @@ def series_dispersion(st: State) -> float:
     it until the next window is added: the windows of an incident are kept out of the
     baseline, so an incident's every window reuses one figure).
     """
-    parts: list[tuple[float, float, float]] = []  # (ratio, variance x dof, mean x dof)
-    append = parts.append
+    parts: list[_Part] = []
     for entries in (st.get("slots") or {}).values():
-        for _, w, s1, s2 in entries:
-            if w >= 3 and s1 > 0:
-                mean = s1 / w
-                var = max(0.0, s2 / w - mean * mean) * w / (w - 1)
-                append((var / mean, var * (w - 1), mean * (w - 1)))
+        parts += _parts_of(entries)
+    return _pooled_dispersion(parts)
+
+
+def _parts_of(entries: list[list[Any]]) -> list[_Part]:
+    """The parts of one time-of-day bucket's days, in order (``series_dispersion``)."""
+    parts: list[_Part] = []
+    append = parts.append
+    for _, w, s1, s2 in entries:
+        if w >= 3 and s1 > 0:
+            mean = s1 / w
+            var = max(0.0, s2 / w - mean * mean) * w / (w - 1)
+            append((var / mean, var * (w - 1), mean * (w - 1)))
+    return parts
+
+
+def _pooled_dispersion(parts: list[_Part]) -> float:
+    """``series_dispersion`` of the parts of all bucket-days, in slot then day order (sorted
+    here: the order decides ties, so the same parts in the same order give the same float)."""
     if not parts:
         return 0.0
     parts.sort(key=_START)  # by ratio, stable
@@ -283,7 +299,8 @@ class Summaries:
     """
 
     __slots__ = (
-        "_bucket", "_closed", "_days_kept", "_dispersion", "_rate", "_roll_bucket", "_roll_source",
+        "_bucket", "_closed", "_days_kept", "_dispersion", "_parts", "_rate", "_roll_bucket",
+        "_roll_source",
         "_roll_span", "_seasonal", "_slot", "_window", "_zero_filled", "rule", "state",
     )  # fmt: skip
 
@@ -308,6 +325,7 @@ class Summaries:
         self._slot: tuple[int, int, int, Expectation | None] | None = None  # slot, day, first, exp
         self._closed: _Closed | None = None
         self._dispersion: float | None = None
+        self._parts: dict[str, list[_Part]] = {}  # per time-of-day bucket (dispersion)
 
     # -- reading --------------------------------------------------------------------------
 
@@ -320,9 +338,18 @@ class Summaries:
         return self._rolling(window_start_s)
 
     def dispersion(self) -> float:
-        """``series_dispersion`` of the state, kept until the next window is added."""
+        """``series_dispersion`` of the state, kept until the next window is added; each
+        time-of-day bucket's parts kept until a window is added to that bucket (the rest of
+        the buckets, up to 96 x days of entries, are not read again for every window)."""
         if self._dispersion is None:
-            self._dispersion = series_dispersion(self.state)
+            parts: list[_Part] = []
+            kept = self._parts
+            for key, entries in (self.state.get("slots") or {}).items():
+                of_slot = kept.get(key)
+                if of_slot is None:
+                    of_slot = kept[key] = _parts_of(entries)
+                parts += of_slot
+            self._dispersion = _pooled_dispersion(parts)
         return self._dispersion
 
     def mean_floor(self, window_start_s: int) -> float | None:
@@ -563,6 +590,7 @@ class Summaries:
                     days.pop(0)
             key = str((window_start_s % DAY_S) // self._bucket)
             entries = slots[key] if key in slots else slots.setdefault(key, [])
+            self._parts.pop(key, None)  # its days change
             if entries and (entry := entries[-1])[0] == today:
                 _count(entry, s1, w1, s2, w2)
             else:

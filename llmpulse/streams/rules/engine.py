@@ -173,6 +173,7 @@ class RulesEngine:
                 for dims in r.dim_sets:
                     index.setdefault((r.kind, r.window, dims), []).append(r)
         self._index = {k: tuple(v) for k, v in index.items()}
+        self._sizes = frozenset(k[1] for k in self._index)  # the window sizes rules judge
         self._composites_of = {k: tuple(v) for k, v in composites.items()}
         self._rules_by_names: dict[tuple[str, int, tuple[str, ...]], tuple[WindowRule, ...]] = {}
         # per series (rule, then dimension set: a rule judges one kind and window size): what
@@ -231,7 +232,10 @@ class RulesEngine:
         run: list[_Entry] = []
         window: tuple[str, int, datetime] | None = None
         rules_of = self._rules_of
+        sizes = self._sizes
         for agg in aggregates:
+            if agg.window_s not in sizes:  # no rule judges windows of this size (10 s ones)
+                continue
             rules = rules_of(agg)
             if not rules:
                 continue
