@@ -293,7 +293,8 @@ class Summaries:
       until a window of another day is added or the series' first window changes.
     - rolling: the buckets that ended before the window judged (``_Closed``), until the
       span moves past a bucket boundary or a window lands in one of them.
-    - the series' dispersion of sums, until the next window is added.
+    - the series' dispersion of sums, until the next window is added; the parts of each
+      time-of-day bucket it pools, until a window is added to that bucket.
     Every change of the state goes through ``add`` (the engine's only writer of a baseline);
     a caller that changes the state otherwise must use a new Summaries.
     """
