@@ -32,8 +32,8 @@ class DimensionSetState(msgspec.Struct, array_like=True):
     state: dict[str, Any]
 
 
-class WindowPartials(msgspec.Struct, tag="partials", tag_field="type", kw_only=True):
-    """The dimension sets of one closed window of one source partition (chunk `chunk` of `chunks`)."""
+class _WindowHeader(msgspec.Struct, kw_only=True):
+    """What a partials message says of its window, whichever way its sets are decoded."""
 
     kind: str
     window_s: int
@@ -41,11 +41,16 @@ class WindowPartials(msgspec.Struct, tag="partials", tag_field="type", kw_only=T
     source: str
     chunk: int = 0
     chunks: int = 1
-    sets: list[DimensionSetState]
 
     @property
     def end_ms(self) -> int:
         return self.start_ms + self.window_s * 1000
+
+
+class WindowPartials(_WindowHeader, tag="partials", tag_field="type", kw_only=True):
+    """The dimension sets of one closed window of one source partition (chunk `chunk` of `chunks`)."""
+
+    sets: list[DimensionSetState]
 
 
 class LegacyPartial(msgspec.Struct, tag="partial", tag_field="type"):
@@ -84,20 +89,10 @@ class ReceivedSet(msgspec.Struct, array_like=True):
     state: msgspec.Raw
 
 
-class ReceivedPartials(msgspec.Struct, tag="partials", tag_field="type", kw_only=True):
+class ReceivedPartials(_WindowHeader, tag="partials", tag_field="type", kw_only=True):
     """A `WindowPartials` as stage 2 decodes it (its sets' states left as JSON text)."""
 
-    kind: str
-    window_s: int
-    start_ms: int
-    source: str
-    chunk: int = 0
-    chunks: int = 1
     sets: list[ReceivedSet]
-
-    @property
-    def end_ms(self) -> int:
-        return self.start_ms + self.window_s * 1000
 
 
 PartialsMessage = WindowPartials | LegacyPartial | CloseMark

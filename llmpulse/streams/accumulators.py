@@ -7,7 +7,7 @@ Cost is kept in integer nano-dollars so that sums are exact in any order.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from functools import reduce
 from operator import add, attrgetter
@@ -528,23 +528,20 @@ def merged_states(kind: str, states: Iterable[bytes]) -> Accumulator:
     schemas.partials.pack_state), in order: the first part's state, each next merged into it
     (most sets have one part: no merge at all). The same figures as merging each into an
     empty one, which adds zeros and takes maxima with zero; an empty accumulator for none."""
-    if kind == "calls":
-        calls: CallAccumulator | None = None
-        for packed in states:
-            part = CallAccumulator.of_call_state(decode_call_state(packed))
-            if calls is None:
-                calls = part
-            else:
-                calls.merge(part)
-        return CallAccumulator() if calls is None else calls
     cls = ACCUMULATORS[kind]
+    # a calls state decoded typed (schemas.partials.CallState), the others as their dicts
+    load: Callable[[bytes], Accumulator] = (
+        (lambda packed: CallAccumulator.of_call_state(decode_call_state(packed)))
+        if kind == "calls"
+        else (lambda packed: cls.from_state(unpack_state(packed)))
+    )
     acc: Accumulator | None = None
     for packed in states:
-        other = cls.from_state(unpack_state(packed))
+        part = load(packed)
         if acc is None:
-            acc = other
+            acc = part
         else:
-            acc.merge(other)
+            acc.merge(part)  # type: ignore[arg-type]
     return cls() if acc is None else acc
 
 

@@ -394,7 +394,6 @@ class RulesEngine:
         name = rule.name
         data_sig = self._data_sig[name]
         dims_match = rule.match
-        publish = rule.publish
         for_windows = rule.for_ if isinstance(rule, ThresholdRule) else 1
         for agg, all_states, alerts in judging:
             if dims_match and not _matches(rule, agg.dimensions):
@@ -413,15 +412,23 @@ class RulesEngine:
             if verdict.level is None and rst.get("alert") is None:
                 rst["streak"] = 0  # all advance does with a clear window and no alert open
                 continue
-            tr = advance(
-                rst, verdict.level, start_ms, metric=rule.metric,
-                for_windows=for_windows, resolve_after=rule.resolve_after, hold=verdict.inconclusive,
-            )  # fmt: skip
-            if tr is not None:
-                if tr.change == "fired":
-                    rst["alert"]["publish"] = publish
-                if publish:
-                    alerts.append(self._alert(rule, tr, verdict, agg))
+            self._advance(rule, rst, verdict, agg, start_ms, for_windows, alerts)
+
+    def _advance(
+        self, rule: WindowRule, rst: State, verdict: Verdict, agg: WindowAggregate, start_ms: int,
+        for_windows: int, alerts: list[Alert],
+    ) -> None:  # fmt: skip
+        """A judged window moves the series' alert on (``advance``); the alert of a change
+        appended when the rule publishes."""
+        tr = advance(
+            rst, verdict.level, start_ms, metric=rule.metric,
+            for_windows=for_windows, resolve_after=rule.resolve_after, hold=verdict.inconclusive,
+        )  # fmt: skip
+        if tr is not None:
+            if tr.change == "fired":
+                rst["alert"]["publish"] = rule.publish
+            if rule.publish:
+                alerts.append(self._alert(rule, tr, verdict, agg))
 
     def _judge_anomalies(self, rule: AnomalyRule, judging: list[_Judging], start_ms: int) -> None:
         """``_judge_rule`` for an anomaly rule, the commonest and most judged: the rule's
@@ -430,7 +437,6 @@ class RulesEngine:
         name = rule.name
         data_sig = self._data_sig[name]
         dims_match = rule.match
-        publish = rule.publish
         start_s = start_ms // 1000
         keep_out = max(1, KEEP_OUT_S // rule.window)
         # a low-traffic series' rate is pooled with the windows before it (pooling.py), which
@@ -448,15 +454,7 @@ class RulesEngine:
             if verdict is None:  # clear, no alert open: all advance would do
                 rst["streak"] = 0
                 continue
-            tr = advance(
-                rst, verdict.level, start_ms, metric=rule.metric,
-                for_windows=rule.for_, resolve_after=rule.resolve_after, hold=verdict.inconclusive,
-            )  # fmt: skip
-            if tr is not None:
-                if tr.change == "fired":
-                    rst["alert"]["publish"] = publish
-                if publish:
-                    alerts.append(self._alert(rule, tr, verdict, agg))
+            self._advance(rule, rst, verdict, agg, start_ms, rule.for_, alerts)
 
     def _baseline(self, rule: AnomalyRule, agg: WindowAggregate, rst: State) -> Summaries:
         """The Summaries of this series' baseline state (created empty when absent)."""
