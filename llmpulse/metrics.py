@@ -67,6 +67,16 @@ SINK_LOST_BLOCKS = Counter(
     "Rebuilt batches whose token ClickHouse had recorded without their rows (written again)",
     ["table"],
 )
+SINK_ROLLUP_REPAIRS = Counter(
+    "llmpulse_sink_rollup_repairs_total",
+    "Rebuilt batches whose block a roll-up had lost (its token kept, its part not): written again",
+    ["table"],
+)
+SINK_ROLLUP_MISMATCHES = Counter(
+    "llmpulse_sink_rollup_mismatches_total",
+    "Rebuilt batches after which a roll-up disagrees with llm_calls in a way the sink cannot repair",
+    ["table"],
+)
 PROXY_OVERHEAD_SECONDS = Histogram(
     "llmpulse_proxy_overhead_seconds",
     "Latency the proxy adds to a request",

@@ -509,11 +509,14 @@ def _hist_resample(value: str, nullable: bool = False) -> str:
     return f"initializeAggregation('sumForEachState', arrayResize({h}, arrayLastIndex(x -> x > 0, {h})))"
 
 
-def rollup_view_query(cfg: ClickHouseConfig, table: str) -> str:
+def rollup_view_query(cfg: ClickHouseConfig, table: str, source: str | None = None) -> str:
     """The SELECT of the view that fills roll-up `table` (migration 5 on): from raw calls for
-    `llm_calls_1m`, from another roll-up's inserted states (-MergeState) for the others."""
+    `llm_calls_1m`, from another roll-up's inserted states (-MergeState) for the others.
+    `source` reads a subquery instead of the view's table (rollup_audit.py writes a lost block
+    again through the same SELECT)."""
     db = cfg.database
     src, fn, dims = CHAIN[table]
+    read = source or f"{db}.{src}"
     key = "bucket, model, provider, app" if dims else "bucket"
     if src == "llm_calls":
         return f"""SELECT
@@ -530,7 +533,7 @@ def rollup_view_query(cfg: ClickHouseConfig, table: str) -> str:
             sumState(toUInt64(isNull(cost_usd))) AS unpriced,
             {_hist_resample('latency_ms')} AS latency_h,
             {_hist_resample('ttft_ms', nullable=True)} AS ttft_h
-        FROM {db}.llm_calls
+        FROM {read}
         GROUP BY {key}"""
     return f"""SELECT
             {fn}(bucket) AS bucket{', model, provider, app' if dims else ''},
@@ -546,7 +549,7 @@ def rollup_view_query(cfg: ClickHouseConfig, table: str) -> str:
             sumMergeState(unpriced) AS unpriced,
             sumForEachMergeState(latency_h) AS latency_h,
             sumForEachMergeState(ttft_h) AS ttft_h
-        FROM {db}.{src}
+        FROM {read}
         GROUP BY {key}"""
 
 

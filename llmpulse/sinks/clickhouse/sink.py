@@ -61,6 +61,7 @@ from typing import Any
 
 from llmpulse.config import Settings
 from llmpulse.kafka.clients import consumer_settings
+from llmpulse.sinks.clickhouse.rollup_audit import RollupAudit
 from llmpulse.sinks.clickhouse.rows import TABLES
 from llmpulse.sinks.clickhouse.steps.batch import BatchByTable, Buffer
 from llmpulse.sinks.clickhouse.steps.commit import CommitOffsets
@@ -103,8 +104,10 @@ class ClickHouseSink:
         self._in_callback = False
         # the steps, last first: each hands its finished work to the next
         self.commit = CommitOffsets(self.consumer)
+        # a cluster's Replicated tables commit a block's id with its part: no roll-up block to lose
+        audit = None if settings.clickhouse.cluster else RollupAudit(client, settings.clickhouse)
         self.write = WriteInThread(
-            self.writer, self.commit, self.cfg.retry_initial_s, self.cfg.retry_max_s, self._stall, self._resume
+            self.writer, self.commit, self.cfg.retry_initial_s, self.cfg.retry_max_s, self._stall, self._resume, audit
         )
         self.batch = BatchByTable(self.topic_table, self.cfg.batch_rows, self.cfg.batch_seconds, self.write)
         self.decode = Decode(self.topic_table, self.batch)

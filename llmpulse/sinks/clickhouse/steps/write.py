@@ -7,8 +7,10 @@ Contract:
 - Writing a batch: for a table with roll-ups, choose its rows (each event id once,
   steps/dedup.py); record its offset ranges, token and the ids left out in `sink_intents`
   (skipped for a rebuilt batch, recorded by the sink that first wrote it), then INSERT
-  its rows under the token. The rows are chosen once: a retry writes the same rows. A failure (intent or INSERT) is counted in llmpulse_sink_insert_failures_total
-  and retried in the thread with exponential backoff, same token, until it succeeds or
+  its rows under the token; a rebuilt batch (a crash came before it) is then checked for rows
+  the raw table or a roll-up lost to the crash (rollup_audit.py), and those are written
+  again. The rows are chosen once: a retry writes the same rows. A failure (intent or
+  INSERT) is counted in llmpulse_sink_insert_failures_total and retried in the thread with exponential backoff, same token, until it succeeds or
   `terminate()` is called: a batch is never dropped.
 - While a write is failing, whoever waits for it calls `stall()` (the sink pauses
   fetching and serves its group membership); `release()` once it succeeded.
@@ -31,6 +33,7 @@ from concurrent.futures import wait as wait_futures
 from typing import Any
 
 from llmpulse import metrics
+from llmpulse.sinks.clickhouse.rollup_audit import RollupAudit
 from llmpulse.sinks.clickhouse.steps.commit import CommitOffsets
 from llmpulse.sinks.clickhouse.steps.dedup import missing_rows, rows_to_write
 from llmpulse.sinks.clickhouse.steps.model import Batch
@@ -52,8 +55,10 @@ class WriteInThread:
         retry_max_s: float,
         stall: Callable[[], None],
         release: Callable[[], None],
+        audit: RollupAudit | None = None,
     ) -> None:
         self.writer = writer
+        self.audit = audit
         self.next = next_step
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
@@ -148,6 +153,8 @@ class WriteInThread:
         self.writer.insert(batch.spec, rows, batch.token)
         if batch.rebuilt:
             self._restore_lost_block(batch, rows)
+            if self.audit is not None:
+                self.audit.check(rows, batch.token)  # the same gap in a roll-up (rollup_audit.py)
 
     def _restore_lost_block(self, batch: Batch, rows: list[Any]) -> None:
         """Write the rows of a rebuilt batch that its token kept out although the table lacks them.
