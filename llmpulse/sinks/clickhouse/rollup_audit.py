@@ -106,6 +106,8 @@ class RollupAudit:
         cols = ", model, provider, app" if dims else ""
         bucket = f"toUnixTimestamp({fn}(ts, 'UTC'))"
         mine = self._counts(f"SELECT {bucket} AS b{cols}, count() FROM {batch} GROUP BY b{cols}", ids)
+        if not mine:  # none of its rows in llm_calls (write.py restores those first): nothing to write them from
+            return "holds"
         lo, hi = min(k[0] for k in mine), max(k[0] for k in mine) + BUCKET_S[fn]
         # the raw table's rows (FINAL: an event inserted twice is one row) and the roll-up's
         # requests over the same buckets; integer literals of our own making
