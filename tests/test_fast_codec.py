@@ -23,6 +23,7 @@ BAD = [
     {"model": "gpt-4o", "status_code": 1000},
     {"model": "gpt-4o", "source": "carrier-pigeon"},
     {"model": "gpt-4o", "event_id": "has spaces"},
+    {"model": "gpt-4o", "event_id": "ends-in-a-newline\n"},  # `$` of a re.search would pass it
     {"model": "gpt-4o", "latency_ms": -0.5},
     {"model": "x" * 300},
     {"model": "gpt-4o", "app": "a" * 200},
@@ -56,6 +57,14 @@ def test_batches_and_mixed_batches() -> None:
     mixed = json.dumps({"schema_version": 1, "events": [json.loads(encode(evs[0])), BAD[0]]}).encode()
     out = decode_calls(mixed)
     assert len(out.valid) == 1 and len(out.rejected) == 1 and "prompt_tokens" in out.rejected[0].reason
+    # the ids of a batch are matched in one pass: one bad id among good ones is still named
+    for bad_id in ("a b", "", "x\n", "ok.id:1 "):
+        items = [json.loads(encode(e)) for e in evs[:3]]
+        items[1]["event_id"] = bad_id
+        raw = json.dumps({"schema_version": 1, "events": items}).encode()
+        out, slow = decode_calls(raw), decode(raw, CallEvent)
+        assert len(out.valid) == 2 and [r.reason for r in out.rejected] == [r.reason for r in slow.rejected]
+        assert "event_id" in out.rejected[0].reason
 
 
 @pytest.mark.parametrize("raw", BAD_RAW)
