@@ -16,8 +16,8 @@ from typing import Any
 RELATIVE_ACCURACY = 0.01
 """Every quantile is within 1% of a true sample value at that rank."""
 _GAMMA = (1 + RELATIVE_ACCURACY) / (1 - RELATIVE_ACCURACY)
-_LOG_GAMMA = math.log(_GAMMA)
-_MIN_VALUE = 1e-3  # values at or below this (ms) count as zero
+LOG_GAMMA = math.log(_GAMMA)
+MIN_VALUE = 1e-3  # values at or below this (ms) count as zero
 
 # A bin's reported value by bin key: the same arithmetic every time, done once per key (keys
 # are few: about 35 per doubling of a value). Computed per aggregate, the reported values and
@@ -43,11 +43,12 @@ class QuantileSketch:
         self.count = 0
 
     def add(self, value: float) -> None:
+        # CallAccumulator.agg writes this out for its two sketches: change both alike
         self.count += 1
-        if value <= _MIN_VALUE:
+        if value <= MIN_VALUE:
             self.zeros += 1
             return
-        key = math.ceil(math.log(value) / _LOG_GAMMA)
+        key = math.ceil(math.log(value) / LOG_GAMMA)
         bins = self.bins
         bins[key] = bins.get(key, 0) + 1
 

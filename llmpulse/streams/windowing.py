@@ -123,6 +123,7 @@ class PartitionWindows:
         self.rollup = RollUp(self.acc_cls, self.windows_s, self.dim_sets_of)
         self.accs: dict[AccKey, Accumulator] = {}
         self.acc_offsets: dict[AccKey, int] = {}
+        self.restored_acc_offset = -1  # the largest offset of a restored accumulator
         self.applied_offset = -1
         self.max_ts_ms: int | None = None
         self.close_mark_ms: int | None = None
@@ -162,50 +163,63 @@ class PartitionWindows:
         ids: set[int] = set()
         ids_added: list[str] = []
         was_seen = False
-        for offset, event in batch:
-            if offset <= applied:
-                continue
-            ts = int(event.ts.timestamp() * 1000)
-            start = ts - ts % base
-            event_id = event.event_id
-            h = hash(event_id)
-            if mark is not None and start + base <= mark:
-                if seen.seen_closed(start, h):
+        # an accumulator's own offset can be past the applied one only as restored (a crash
+        # between its record and the meta's): otherwise every offset it holds is at or below
+        # `applied`, below every event applied here, and its check is skipped
+        check_offsets = self.restored_acc_offset > applied
+        # the accumulators this batch changed, at their last offset: their offsets and the
+        # dirty set updated once per key after the loop, not per event (the same dirty set:
+        # keys inserted in the order they were first changed, as one add per event did)
+        changed: dict[AccKey, int] = {}
+        try:
+            for offset, event in batch:
+                if offset <= applied:
+                    continue
+                ts = int(event.ts.timestamp() * 1000)
+                start = ts - ts % base
+                event_id = event.event_id
+                h = hash(event_id)
+                if mark is not None and start + base <= mark:
+                    if seen.seen_closed(start, h):
+                        duplicates += 1
+                    elif late_from is not None and start + base > late_from:
+                        self._apply_late(offset, (start, key_of(event)), event, h)
+                        out.revised += 1
+                    else:
+                        late.append(Late(offset, event, start + base))
+                    applied = offset
+                    continue
+                if start != ids_start:
+                    ids, ids_added = seen.open_window(start)
+                    ids_start = start
+                if h in ids:
                     duplicates += 1
-                elif late_from is not None and start + base > late_from:
-                    self._apply_late(offset, (start, key_of(event)), event, h)
-                    out.revised += 1
-                else:
-                    late.append(Late(offset, event, start + base))
+                    applied = offset
+                    continue
+                ids.add(h)
+                ids_added.append(event_id)
+                key = (start, key_of(event))
+                acc = accs.get(key)
+                if acc is None:
+                    # the key's strings are kept as long as its window (and its state key, in the
+                    # changelog's live keys): interned, a model or user named by thousands of keys
+                    # is one string, not one decoded copy per event (at 10,000 users, ~40 MB)
+                    key = (start, tuple(map(intern, key[1])))
+                    acc = accs[key] = new_cls()
+                elif check_offsets and acc_offsets.get(key, -1) >= offset:
+                    applied = offset
+                    continue
+                acc.agg(event)  # type: ignore[attr-defined]
+                changed[key] = offset
                 applied = offset
-                continue
-            if start != ids_start:
-                ids, ids_added = seen.open_window(start)
-                ids_start = start
-            if h in ids:
-                duplicates += 1
-                applied = offset
-                continue
-            ids.add(h)
-            ids_added.append(event_id)
-            key = (start, key_of(event))
-            acc = accs.get(key)
-            if acc is None:
-                # the key's strings are kept as long as its window (and its state key, in the
-                # changelog's live keys): interned, a model or user named by thousands of keys
-                # is one string, not one decoded copy per event (at 10,000 users, ~40 MB)
-                key = (start, tuple(map(intern, key[1])))
-                acc = accs[key] = new_cls()
-            elif acc_offsets.get(key, -1) >= offset:
-                applied = offset
-                continue
-            acc.agg(event)  # type: ignore[attr-defined]
-            acc_offsets[key] = offset
-            dirty.add(key)
-            applied = offset
-            was_seen = True
-            if max_ts is None or ts > max_ts:
-                max_ts = ts
+                was_seen = True
+                if max_ts is None or ts > max_ts:
+                    max_ts = ts
+        finally:  # what was absorbed, even if an event raised: a replay must not count it again
+            if changed:
+                acc_offsets.update(changed)
+                for key in changed:  # one by one: set.update of a dict sizes the table otherwise,
+                    dirty.add(key)  # and its order (the order of the state records) would differ
         self.applied_offset = applied
         self.max_ts_ms = max_ts
         if was_seen:
@@ -374,6 +388,7 @@ class PartitionWindows:
     def restore_acc(self, key: AccKey, s: dict[str, Any]) -> None:
         self.accs[key] = self.acc_cls.from_state(s["a"])
         self.acc_offsets[key] = s["o"]
+        self.restored_acc_offset = max(self.restored_acc_offset, s["o"])
 
     def take_dirty(self) -> list[AccKey]:
         keys = [k for k in self.dirty if k in self.accs]
