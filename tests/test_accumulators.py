@@ -133,3 +133,45 @@ def random_feedback(rnd: random.Random) -> Feedback:
 def random_host(rnd: random.Random) -> HostSample:
     return HostSample(ts=T0, host="h", cpu_pct=rnd.random() * 100, memory_used_bytes=2**30, memory_total_bytes=2**32,
                       memory_used_pct=rnd.random() * 100, load1=rnd.choice([None, 0.5]))  # fmt: skip
+
+
+def test_a_calls_batch_added_at_once_is_the_same_state_as_one_event_at_a_time() -> None:
+    """Stage 1 hands an accumulator its events of a batch at once (`agg_many`): the same state to
+    the bit as adding them one by one (`agg`, its own code), in any split, and the same sketch
+    bins as the sketch's own `add` (which both write out)."""
+    from llmpulse.streams.sketch import QuantileSketch
+
+    rnd = random.Random(15)
+    events = [
+        CallEvent(
+            model="m", ts=T0, status_code=rnd.choice([200, 200, 0, 404, 503]),
+            error_type=rnd.choice([None, None, "timeout"]),
+            latency_ms=rnd.choice([0.0, 0.001, 0.0011, rnd.uniform(0, 9000), rnd.lognormvariate(5, 2)]),
+            ttft_ms=rnd.choice([None, 0.0, rnd.uniform(0, 900)]), prompt_tokens=rnd.randrange(5000),
+            completion_tokens=rnd.randrange(900), total_tokens=rnd.choice([None, rnd.randrange(9000)]),
+            cost_usd=rnd.choice([None, 0.0, rnd.uniform(0, 0.3)]),
+        )
+        for _ in range(500)
+    ]
+    one_by_one = CallAccumulator()
+    for e in events:
+        one_by_one.agg(e)
+    at_once = CallAccumulator()
+    at_once.agg_many(events)
+    in_runs = CallAccumulator()
+    for lo in range(0, len(events), 37):
+        in_runs.agg_many(events[lo : lo + 37])
+    expected = encode_state(one_by_one)
+    assert encode_state(at_once) == expected and encode_state(in_runs) == expected
+    latency, ttft = QuantileSketch(), QuantileSketch()
+    for e in events:
+        latency.add(e.latency_ms)
+        if e.ttft_ms is not None:
+            ttft.add(e.ttft_ms)
+    assert at_once.to_state()["l"] == latency.to_state() and at_once.to_state()["t"] == ttft.to_state()
+    assert at_once.errors == sum(1 for e in events if e.error_type or e.status_code >= 400 or e.status_code == 0)
+
+
+def encode_state(acc: CallAccumulator) -> bytes:
+    """The state as bytes (floats to the bit, dicts in their order)."""
+    return pack_state(acc.to_state())

@@ -50,6 +50,12 @@ class Accumulator:
     def merge(self, other: Any) -> None:
         raise NotImplementedError
 
+    def agg_many(self, events: Sequence[Any]) -> None:
+        """`agg` of each event in turn (stage 1 hands an accumulator its events of a batch at once)."""
+        agg = self.agg  # type: ignore[attr-defined]
+        for e in events:
+            agg(e)
+
     @classmethod
     def merged(cls, accs: Sequence[Any]) -> Self:
         """A new accumulator with `accs` merged into it in their order: the same state, to the bit,
@@ -125,35 +131,36 @@ class CallAccumulator(Accumulator):
         return (e.model, e.provider, e.app, e.user or "", e.api_key_hash or "", e.operation)
 
     def agg(self, e: CallEvent) -> None:
-        # once per event: the sketches' `add` is written out here (the same arithmetic, the
-        # same bins), a call and its attribute look-ups less for each of the two values
+        # the sketches' `add` written out (the same arithmetic, the same bins): a call and its
+        # attribute look-ups less for each of the two values. Stage 1 calls this for a key's
+        # only event of a batch (most, on sparse traffic), `agg_many` for several
         self.requests += 1
         status = e.status_code
         if e.error_type is not None or status >= 400 or status == 0:
             self.errors += 1
             t = e.error_type or f"http_{status}"
             self.err_types[t] = self.err_types.get(t, 0) + 1
-        value = e.latency_ms
-        self.lat_sum += value
+        latency = e.latency_ms
+        self.lat_sum += latency
         sk = self.latency
         sk.count += 1
-        if value <= MIN_VALUE:
+        if latency <= MIN_VALUE:
             sk.zeros += 1
         else:
-            key = _ceil(_log(value) / LOG_GAMMA)
+            key = _ceil(_log(latency) / LOG_GAMMA)
             bins = sk.bins
             bins[key] = bins.get(key, 0) + 1
-        ttft = e.ttft_ms
-        if ttft is not None:
+        first_token = e.ttft_ms
+        if first_token is not None:
             sk = self.ttft
             sk.count += 1
-            if ttft <= MIN_VALUE:
+            if first_token <= MIN_VALUE:
                 sk.zeros += 1
             else:
-                key = _ceil(_log(ttft) / LOG_GAMMA)
+                key = _ceil(_log(first_token) / LOG_GAMMA)
                 bins = sk.bins
                 bins[key] = bins.get(key, 0) + 1
-            self.ttft_sum += ttft
+            self.ttft_sum += first_token
         self.prompt += e.prompt_tokens
         self.completion += e.completion_tokens
         self.total += e.total_tokens or 0
@@ -162,6 +169,73 @@ class CallAccumulator(Accumulator):
             self.unpriced += 1
         else:
             self.cost_nano += round(cost * NANO)
+
+    def agg_many(self, events: Sequence[CallEvent]) -> None:
+        """`agg` of each event in turn, to the bit: the float sums add the same terms in the same
+        order, the error types and sketch bins are inserted in the same order. Stage 1 hands an
+        accumulator its events of a batch at once (windowing.py): the running figures are local
+        variables, not attribute writes (from about 2 events on, cheaper than `agg` of each)."""
+        errors = self.errors
+        err_types = self.err_types
+        lat_sum = self.lat_sum
+        lat = self.latency
+        lat_bins = lat.bins
+        lat_zeros = lat.zeros
+        ttft = self.ttft
+        ttft_bins = ttft.bins
+        ttft_n = ttft.count
+        ttft_zeros = ttft.zeros
+        ttft_sum = self.ttft_sum
+        prompt = self.prompt
+        completion = self.completion
+        total = self.total
+        cost_nano = self.cost_nano
+        unpriced = self.unpriced
+        for e in events:
+            status = e.status_code
+            error_type = e.error_type
+            if error_type is not None or status >= 400 or status == 0:
+                errors += 1
+                t = error_type or f"http_{status}"
+                err_types[t] = err_types.get(t, 0) + 1
+            latency = e.latency_ms
+            lat_sum += latency
+            if latency <= MIN_VALUE:
+                lat_zeros += 1
+            else:
+                key = _ceil(_log(latency) / LOG_GAMMA)
+                lat_bins[key] = lat_bins.get(key, 0) + 1
+            first_token = e.ttft_ms
+            if first_token is not None:
+                ttft_n += 1
+                if first_token <= MIN_VALUE:
+                    ttft_zeros += 1
+                else:
+                    key = _ceil(_log(first_token) / LOG_GAMMA)
+                    ttft_bins[key] = ttft_bins.get(key, 0) + 1
+                ttft_sum += first_token
+            prompt += e.prompt_tokens
+            completion += e.completion_tokens
+            total += e.total_tokens or 0
+            cost = e.cost_usd
+            if cost is None:
+                unpriced += 1
+            else:
+                cost_nano += round(cost * NANO)
+        n = len(events)
+        self.requests += n
+        self.errors = errors
+        self.lat_sum = lat_sum
+        lat.count += n
+        lat.zeros = lat_zeros
+        ttft.count = ttft_n
+        ttft.zeros = ttft_zeros
+        self.ttft_sum = ttft_sum
+        self.prompt = prompt
+        self.completion = completion
+        self.total = total
+        self.cost_nano = cost_nano
+        self.unpriced = unpriced
 
     def merge(self, o: CallAccumulator) -> None:
         self.requests += o.requests
