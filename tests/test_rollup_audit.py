@@ -107,21 +107,24 @@ def figures(store: Store, table: str) -> dict[tuple[Any, ...], tuple[int, int, i
     """requests, errors, total tokens and cost (nano-dollars) per bucket and key of a roll-up."""
     dims = CHAIN[table][2]
     cols = ", model, provider, app" if dims else ""
-    got = store.client.query(
+    return by_key(store.client.query(
         f"SELECT toUnixTimestamp(bucket) b{cols}, countMerge(requests), sumMerge(errors), sumMerge(tokens_total), "
         f"toInt64(sumMerge(cost) * 1000000000) FROM llmpulse.{table} GROUP BY b{cols}"
-    ).result_rows
-    return {tuple(r[:-4]): tuple(int(x) for x in r[-4:]) for r in got}
+    ).result_rows)
 
 
 def truth(store: Store, table: str) -> dict[tuple[Any, ...], tuple[int, int, int, int]]:
     fn, dims = CHAIN[table][1], CHAIN[table][2]
     cols = ", model, provider, app" if dims else ""
-    want = store.client.query(
+    return by_key(store.client.query(
         f"SELECT toUnixTimestamp({fn}(ts, 'UTC')) b{cols}, count(), sum(is_error), sum(total_tokens), "
         f"toInt64(sum(ifNull(cost_usd, toDecimal64(0, 9))) * 1000000000) FROM llmpulse.llm_calls FINAL GROUP BY b{cols}"
-    ).result_rows
-    return {tuple(r[:-4]): tuple(int(x) for x in r[-4:]) for r in want}
+    ).result_rows)
+
+
+def by_key(rows: list[Any]) -> dict[tuple[Any, ...], tuple[int, int, int, int]]:
+    """Rows of (bucket, key..., requests, errors, tokens, cost) -> {(bucket, key...): the four figures}."""
+    return {tuple(r[:-4]): (int(r[-4]), int(r[-3]), int(r[-2]), int(r[-1])) for r in rows}
 
 
 def counter(metric: Any, table: str) -> float:

@@ -41,7 +41,7 @@ from typing import Any
 from llmpulse import metrics
 from llmpulse.config.clickhouse import ClickHouseConfig
 from llmpulse.sinks.clickhouse.schema import CHAIN, rollup_view_query
-from llmpulse.sinks.clickhouse.writer import INSERT_SETTINGS, time_spans
+from llmpulse.sinks.clickhouse.writer import INSERT_SETTINGS, spans_where, time_spans
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,16 @@ class RollupAudit:
         if not rows:
             return {}
         ids = sorted(set(map(attrgetter("event_id"), rows)))
-        spans = time_spans(list(map(attrgetter("ts"), rows)))
-        batch = self._batch_rows(spans)
+        batch = self._batch_rows(time_spans(list(map(attrgetter("ts"), rows))))
+        # the batch's rows counted once, per minute and key; each roll-up's buckets are sums of these
+        minutes = self._counts(
+            f"SELECT toUnixTimestamp(toStartOfMinute(ts, 'UTC')) AS b, model, provider, app, count() FROM {batch} "
+            "GROUP BY b, model, provider, app",
+            ids,
+        )
         state: dict[str, str] = {}
         for table in CHAIN:  # sources first
-            state[table] = self._state(table, batch, ids)
+            state[table] = self._state(table, self._bucketed(minutes, table))
         for table, st in state.items():
             if st != "lacks" or state.get(CHAIN[table][0]) == "lacks":
                 continue  # holds, or lacks and is fed by the repair of its source
@@ -98,14 +103,23 @@ class RollupAudit:
     # -- the three counts of one roll-up ------------------------------------------------------
     def _batch_rows(self, spans: list[tuple[int, int]]) -> str:
         """The batch's rows as `llm_calls` holds them, one per id ({ids} is a query parameter)."""
-        where = " OR ".join(f"(ts >= toDateTime64({lo}, 3, 'UTC') AND ts < toDateTime64({hi}, 3, 'UTC'))" for lo, hi in spans)
-        return f"(SELECT * FROM {self.db}.{RAW} WHERE ({where}) AND event_id IN {{ids:Array(String)}} LIMIT 1 BY event_id)"
+        return f"(SELECT * FROM {self.db}.{RAW} WHERE ({spans_where(spans)}) AND event_id IN {{ids:Array(String)}} LIMIT 1 BY event_id)"
 
-    def _state(self, table: str, batch: str, ids: list[str]) -> str:
+    @staticmethod
+    def _bucketed(minutes: Counter[Key], table: str) -> Counter[Key]:
+        """The batch's per-minute counts in `table`'s buckets and key (UTC buckets of whole
+        minutes or hours start at a multiple of their width in Unix seconds)."""
+        width, dims = BUCKET_S[CHAIN[table][1]], CHAIN[table][2]
+        out: Counter[Key] = Counter()
+        for (b, *key), n in minutes.items():
+            out[(b - b % width, *key) if dims else (b - b % width,)] += n
+        return out
+
+    def _state(self, table: str, mine: Counter[Key]) -> str:
+        """`table` against the raw table over the batch's buckets (`mine`: its counts in them)."""
         fn, dims = CHAIN[table][1], CHAIN[table][2]
         cols = ", model, provider, app" if dims else ""
         bucket = f"toUnixTimestamp({fn}(ts, 'UTC'))"
-        mine = self._counts(f"SELECT {bucket} AS b{cols}, count() FROM {batch} GROUP BY b{cols}", ids)
         if not mine:  # none of its rows in llm_calls (write.py restores those first): nothing to write them from
             return "holds"
         lo, hi = min(k[0] for k in mine), max(k[0] for k in mine) + BUCKET_S[fn]

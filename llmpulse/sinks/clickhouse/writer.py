@@ -64,9 +64,7 @@ class BatchWriter:
             return set()
         col = spec.id_column
         want = set(map(attrgetter(col), items))
-        spans = time_spans(list(map(attrgetter("ts"), items)))
-        # integer literals of our own making (no user text): the sort key's ts compared with constants
-        where = " OR ".join(f"(ts >= toDateTime64({lo}, 3, 'UTC') AND ts < toDateTime64({hi}, 3, 'UTC'))" for lo, hi in spans)
+        where = spans_where(time_spans(list(map(attrgetter("ts"), items))))
         table = f"{self.database}.{spec.table}"
         most = max(4 * len(items), 20_000)
         res = self.client.query(f"SELECT {col} FROM {table} WHERE {where} LIMIT {most + 1}")
@@ -143,3 +141,10 @@ def time_spans(ts: list[datetime], gap_s: float = 5.0, most: int = 16) -> list[t
         k = min(range(len(spans) - 1), key=lambda j: spans[j + 1][0] - spans[j][1])
         spans[k : k + 2] = [[spans[k][0], spans[k + 1][1]]]
     return [(int(a.timestamp()), int(b.timestamp()) + 1) for a, b in spans]
+
+
+def spans_where(spans: list[tuple[int, int]]) -> str:
+    """A WHERE condition for rows whose `ts` lies in one of `time_spans`' spans. Integer
+    literals of our own making (no user text): the sort key's `ts` compared with constants,
+    so ClickHouse prunes partitions and granules."""
+    return " OR ".join(f"(ts >= toDateTime64({lo}, 3, 'UTC') AND ts < toDateTime64({hi}, 3, 'UTC'))" for lo, hi in spans)
