@@ -34,7 +34,8 @@ gives a live stream's density at that rate).
 every run; `--rules FILE` runs the worker with that rules file instead of the built-in
 defaults (`--rules none`: an empty one, no rules at all: the rules' share of the
 worker's time is the difference, issue 14 wants it under 10 %); `--profile DIR` records the batched run's worker with py-spy (wall clock,
-idle included; raw collapsed stacks in DIR/worker.txt, a summary in the result);
+idle included; raw collapsed stacks in DIR/worker.txt, a summary in the result; py-spy is
+not a project dependency: without it `--profile` stops at once and says so);
 `--cprofile-single FILE` runs the single-event run's worker under cProfile (its main
 thread, the event loop: CPU per function, FILE is a pstats file written when it stops).
 
@@ -53,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,10 +192,18 @@ def fast_messages(n: int, batch: int, span_s: float, t0: datetime) -> Iterator[t
 
 
 # -- one run ------------------------------------------------------------------------------------
+def _py_spy() -> str | None:
+    """py-spy beside this Python (a venv's bin), else on PATH; None: not installed (it is not
+    one of the project's dependencies: `--profile` is for a developer who installed it)."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
 def _profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
-    spy = Path(sys.executable).parent / "py-spy"
+    spy = _py_spy()
+    assert spy is not None  # checked before the run starts
     return subprocess.Popen(
-        [str(spy), "record", "--pid", str(pid), "--idle", "--rate", "200", "--format", "raw",
+        [spy, "record", "--pid", str(pid), "--idle", "--rate", "200", "--format", "raw",
          "--output", str(out), "--nonblocking"],
         stdout=subprocess.DEVNULL, stderr=open(str(out) + ".log", "wb"),
     )  # fmt: skip
@@ -453,6 +463,11 @@ def main() -> dict[str, Any]:
     )
 
     prof = None
+    if args.profile is not None and _py_spy() is None:
+        raise SystemExit(
+            "--profile records the worker with py-spy, which is not installed here "
+            "(pip install py-spy); --cprofile-single FILE profiles with the standard library's cProfile"
+        )
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
         prof = args.profile / "worker.txt"
