@@ -30,12 +30,15 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from sys import intern
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmpulse.streams.accumulators import ACCUMULATORS, Accumulator
 from llmpulse.streams.dedup import ChunkKey, SeenIds
 from llmpulse.streams.positions import BATCH_SLOTS
 from llmpulse.streams.rollup import RollUp
+
+if TYPE_CHECKING:
+    from llmpulse.streams.window_state import WindowRecords
 
 AccKey = tuple[int, tuple[str, ...]]
 LATE_SUFFIX = "~late"  # source of the partials of late events: never a source the finalizer waits for
@@ -141,6 +144,8 @@ class PartitionWindows:
         self.late_offsets: dict[AccKey, int] = {}
         self.late_dirty: set[AccKey] = set()  # to persist
         self.late_unsent: set[AccKey] = set()  # changed since their windows' late partials were emitted
+        # which changelog records hold the accumulators, by window start (window_state.py's)
+        self.records: dict[int, WindowRecords] | None = None
 
     # -- processing ---------------------------------------------------------------------------
     def apply(self, batch: Iterable[tuple[int, Any]], now_wall: float) -> Applied:
@@ -202,7 +207,12 @@ class PartitionWindows:
                 key = (start, key_of(event))
                 group = groups.get(key)
                 if check_offsets and acc_offsets.get(key, -1) >= offset:
+                    # counted before a crash (restored past the meta): its time was the partition's
+                    # then, so it still moves event time, or this replay would close fewer windows
+                    # than the first run did and count on time what that run counted late
                     applied = offset
+                    if max_ts is None or ts > max_ts:
+                        max_ts = ts
                     continue
                 if group is None:
                     acc = accs.get(key)
