@@ -161,12 +161,13 @@ def test_stage1_emits_each_closed_window_once_then_its_close_mark_and_writes_met
             here = [m for p, m in msgs if p == fp]
             assert isinstance(here[-1], CloseMark) and here[-1].src == "calls:0"
             assert all(isinstance(m, WindowPartials) for m in here[:-1])
-        # the state: the meta record after the accumulators of the batch
+        # the state: the meta record after the accumulators of the batch (per window, W)
         keys = [json.loads(k) for k, _ in em.records[(STATE, 0)] if k is not None]
         parsed = [WS.parse(k) for k in keys]
         assert all(p is not None and p.partition == 0 and p.kind == "calls" for p in parsed)
         assert parsed[-1] is not None and parsed[-1].shape == "M"
-        assert {p.shape for p in parsed if p is not None} >= {"A", "D", "M"}
+        shapes = {p.shape for p in parsed if p is not None}
+        assert shapes >= {"W", "D", "M"} and "A" not in shapes
 
     asyncio.run(run())
 

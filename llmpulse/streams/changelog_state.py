@@ -53,6 +53,35 @@ def _value_encoder() -> Callable[[Any], str]:
 _KEY_TEXT: Callable[[str], str] = json.encoder.encode_basestring_ascii
 _VALUE_TEXT = _value_encoder()
 
+
+class EncodedMapping(dict[str, Any]):
+    """A JSON object value made item by item together with its text, so that its writer knows
+    its size as it grows (window_state.py bounds a record of many accumulators by it); `flush`
+    sends that text, the same as `json.dumps` of the mapping, without encoding it again."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+        self.size = 2  # the text's length: "{" and "}", then each item and its ", "
+
+    @staticmethod
+    def item_text(key: str, value: Any) -> str:
+        return f"{_KEY_TEXT(key)}: {_VALUE_TEXT(value)}"
+
+    def add(self, key: str, value: Any, text: str) -> None:
+        """`text`: item_text(key, value)."""
+        if self.parts:
+            self.size += 2
+        self.parts.append(text)
+        self.size += len(text)
+        self[key] = value
+
+    def text(self) -> str:
+        return "{" + ", ".join(self.parts) + "}"
+
+
 # (topic, [(partition, key, value or None for a tombstone)] in order) -> the deliveries to wait for
 Publish = Callable[[str, list[tuple[int | None, bytes | None, bytes | None]]], Awaitable[list[Awaitable[Any]]]]
 
@@ -111,7 +140,11 @@ class ChangelogState:
             return []
         key_text, value_text = _KEY_TEXT, _VALUE_TEXT
         records: list[tuple[int | None, bytes | None, bytes | None]] = [
-            (partition, key_text(key).encode(), None if value is None else value_text(value).encode())
+            (
+                partition, key_text(key).encode(),
+                None if value is None
+                else (value.text() if type(value) is EncodedMapping else value_text(value)).encode(),
+            )
             for partition, key, value in queued
-        ]
+        ]  # fmt: skip
         return await publish(self.topic, records)

@@ -470,7 +470,7 @@ class WindowStage:
         meta = (
             pw.meta_state() if (res.partials or res.removed or pw.close_mark_ms != before) else None
         )
-        removed = WS.closed_keys(partition, pw.kind, res.removed, res.removed_late, res.removed_ids)
+        removed = WS.closed_keys(partition, pw, res)
         self.inflight.setdefault((pw.kind, partition), []).append((futures, meta, removed))
         return res.partials
 
