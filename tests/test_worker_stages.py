@@ -248,6 +248,39 @@ def test_stage1_restored_from_its_changelog_continues_where_the_state_ends() -> 
     asyncio.run(run())
 
 
+def test_stage1_restored_closes_what_its_state_was_written_before_then_replays() -> None:
+    """A batch's state is written before its close, and the close's mark only with the next
+    batch's state: a worker killed in between (here: after the next batch's partials went
+    out, before its state) leaves a state whose windows that close ended are still open. The
+    new worker closes them before replaying, so the replayed late event of [0, 10 s) is late
+    again (one ~late partial), not counted on time beside the ~late partial already sent."""
+
+    async def run() -> None:
+        em = MemoryEmitter(S.kafka.partitions)
+        st = stage1(em)
+        await st.assign({(CALLS, 0)})
+        first = [call(i, i * 0.5) for i in range(100)]  # 0 .. 49.5 s: closes [0, 40 s)
+        await st.submit({(CALLS, 0): messages(first)})
+        state = stored(em, 0)
+        assert state[WS.meta_key(0, "calls")]["c"] is None  # written before the close
+        second = [call(100, 3.0), call(101, 50.0)]  # a late event of [0, 10 s), then one on time
+        await st.submit({(CALLS, 0): messages(second, 100)})
+        em2 = MemoryEmitter(S.kafka.partitions)
+        st2 = stage1(em2, state)  # the state of the first batch: the second batch's is lost
+        await st2.assign({(CALLS, 0)})
+        assert await st2.start_offset((CALLS, 0)) == 100
+        await st2.submit({(CALLS, 0): messages(second, 100)})
+        last: dict[tuple[int, str, int], WindowPartials] = {}
+        for _, m in partial_messages(em) + partial_messages(em2):
+            if isinstance(m, WindowPartials) and m.window_s == 10:
+                last[(m.start_ms, m.source, m.chunk)] = m
+        start = int(T0.timestamp() * 1000)
+        counted = {src: sum(s.state["r"] for s in m.sets if s.dims_key == GLOBAL) for (t, src, _), m in last.items() if t == start}
+        assert counted == {"calls:0": 20, "calls:0~late": 1}
+
+    asyncio.run(run())
+
+
 def stage2(emitter: MemoryEmitter, table: dict[str, Any]) -> FinalizeStage:
     async def load_state(fp: int) -> dict[str, Any]:
         return {k: v for k, v in table.items() if k.startswith(f"{fp}|")}

@@ -25,7 +25,9 @@ Contract (as arroyo's strategies state theirs):
   end of a 200,000-event backlog the last batch's windows closed 0.6 s after it, at the
   next timer tick; now 0.02 s, once the broker confirms. A crash in between restores a state that does not include a close whose
   partials may be lost: the windows close again, to the same partials (the finalizer
-  replaces a source's part, so a partial delivered twice counts once).
+  replaces a source's part, so a partial delivered twice counts once), as soon as the
+  state is restored (`windows_for`), before any replayed event: that event then finds
+  its window closed, as the first run did.
 - Why the accumulators a close removes are written before it (and deleted after it): on
   sparse traffic most accumulators open and close between two writes, so most state
   records are written only to be deleted. Writing only those still open after the close
@@ -293,6 +295,12 @@ class WindowStage:
         for key in WS.load(pw, partition, self.table.take_restored(prefix)):
             del self.table[key]
         self.windows[(kind, partition)] = pw
+        if pw.max_ts_ms is not None:
+            # the close this state was written before (a batch's state, then its close): again
+            # now, before any replayed event, at the same mark (its partials may be lost; sent
+            # twice they count once). Applied first, an event of a window that close ended
+            # would be counted on time where the first run counted it late
+            await self._close_and_emit(pw, partition)
         return pw
 
     def _persist(self, pw: PartitionWindows, partition: int) -> None:
