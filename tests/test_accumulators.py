@@ -175,3 +175,26 @@ def test_a_calls_batch_added_at_once_is_the_same_state_as_one_event_at_a_time() 
 def encode_state(acc: CallAccumulator) -> bytes:
     """The state as bytes (floats to the bit, dicts in their order)."""
     return pack_state(acc.to_state())
+
+
+def test_merged_is_merge_of_each_into_a_new_accumulator() -> None:
+    """`CallAccumulator.merged` (the roll-up's merge, written out and skipping what an empty
+    member holds) is `merge` of each into a new accumulator in order, to the bit: float sums,
+    error types and sketch bins in the same order, restored states and one-event members alike."""
+    rnd = random.Random(15)
+    for _ in range(300):
+        accs = []
+        for _ in range(rnd.choice([0, 1, 2, 3, 12])):
+            acc = CallAccumulator()
+            for _ in range(rnd.choice([0, 1, 1, 2, 9])):
+                acc.agg(random_call(rnd))
+            if rnd.random() < 0.3:  # as stage 1 restores it
+                acc = CallAccumulator.from_state(unpack_state(pack_state(acc.to_state())))
+            accs.append(acc)
+        one_by_one = CallAccumulator()
+        for acc in accs:
+            one_by_one.merge(acc)
+        merged = CallAccumulator.merged(accs)
+        assert encode_state(merged) == encode_state(one_by_one)
+        assert merged.to_state() == one_by_one.to_state()
+        assert [type(v) for v in merged.to_state().values()] == [type(v) for v in one_by_one.to_state().values()]
