@@ -73,3 +73,5 @@ def test_quantiles_and_buckets_are_the_plain_definitions() -> None:
 def test_a_summary_takes_its_quantiles_in_order() -> None:
     with pytest.raises(ValueError, match="ascending"):
         SketchSummary((0.95, 0.5), BOUNDS[0])
+    with pytest.raises(ValueError, match="within"):
+        SketchSummary((-0.5, 0.5), BOUNDS[0])

@@ -684,32 +684,45 @@ class WindowResults:
             values = merged_states(self.kind, parts).figures(self.window_s)
             self._put_ids(values, dims, dims_key, revision)
             return WindowAggregate.of_figures(values, self._base)
-        states = map(decode_call_state, parts)
-        s = next(states, None)
-        if s is None:
-            s = CallAccumulator().state()
-        for o in states:  # CallAccumulator.merge, on states
-            s.r += o.r
-            s.e += o.e
-            err_types = s.et
-            for t, k in o.et.items():
-                err_types[t] = err_types.get(t, 0) + k
-            s.ls += o.ls
-            for mine, other in ((s.l, o.l), (s.t, o.t)):
+        states = list(map(decode_call_state, parts))
+        s = states[0] if states else CallAccumulator().state()
+        if len(states) > 1:  # most sets have one part: nothing to merge
+            for o in states[1:]:  # CallAccumulator.merge, on states, in arrival order
+                s.r += o.r
+                n = o.e
+                if n:  # error types only with errors (CallAccumulator.merged says why)
+                    s.e += n
+                    err_types = s.et
+                    for t, n in o.et.items():
+                        err_types[t] = err_types.get(t, 0) + n
+                s.ls += o.ls
+                mine, other = s.l, o.l
                 mine.n += other.n
                 mine.z += other.z
                 bins = mine.b
-                for key, k in other.b.items():
-                    bins[key] = bins.get(key, 0) + k
-            s.tf += o.tf
-            s.p += o.p
-            s.c += o.c
-            s.tt += o.tt
-            s.cn += o.cn
-            s.u += o.u
+                for key, n in other.b.items():
+                    bins[key] = bins.get(key, 0) + n
+                other = o.t
+                if other.n:  # a TTFT sketch holds something only with a count
+                    mine = s.t
+                    mine.n += other.n
+                    mine.z += other.z
+                    bins = mine.b
+                    for key, n in other.b.items():
+                        bins[key] = bins.get(key, 0) + n
+                s.tf += o.tf
+                s.p += o.p
+                s.c += o.c
+                s.tt += o.tt
+                s.cn += o.cn
+                s.u += o.u
         fields = self._base.copy()
         call_figures(fields, self.window_s, s)
-        self._put_ids(fields, dims, dims_key, revision)
+        # _put_ids written out (one call less per aggregate)
+        fields["aggregate_id"] = aggregate_id("calls", self.window_s, self.start_ms, dims_key)
+        fields["dimensions"] = dict(dims)
+        fields["dims_key"] = dims_key
+        fields["revision"] = revision
         return WindowAggregate.of_fields(fields, _CALL_NAMES)
 
     def _put_ids(self, out: dict[str, Any], dims: dict[str, str], dims_key: str, revision: int) -> None:

@@ -110,6 +110,8 @@ class SketchSummary:
     def __init__(self, qs: tuple[float, ...], bounds: tuple[float, ...]) -> None:
         if list(qs) != sorted(qs):
             raise ValueError(f"quantiles must be ascending, got {qs}")
+        if any(not 0.0 <= q <= 1.0 for q in qs):  # `of` counts on no rank below 0
+            raise ValueError(f"quantiles must be within [0, 1], got {qs}")
         self.qs = qs
         self.bounds = bounds
         self._bucket: dict[int, int] = {}
@@ -130,6 +132,8 @@ class SketchSummary:
                 counts[i] += n
             # every rank past the zeros falls in the one bin (or past the counts: the top bin, the same)
             value = reported(key)
+            if not zeros:  # no rank is below 0: all of them (most one-bin sketches)
+                return [value] * len(self.qs), counts
             return [0.0 if q * last < zeros else value for q in self.qs], counts
         ranks = [q * last for q in self.qs]
         wanted = len(ranks)
