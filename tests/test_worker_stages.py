@@ -20,6 +20,7 @@ from llmpulse.schemas.codec import encode
 from llmpulse.schemas.partials import CloseMark, WindowPartials, decode_partials
 from llmpulse.streams import window_state as WS
 from llmpulse.streams.bulk_publish import Record
+from llmpulse.streams.changelog_map import ChangelogMap
 from llmpulse.streams.commits import CommitLedger
 from llmpulse.streams.emitter import MemoryEmitter
 from llmpulse.streams.finalize_stage import FinalizeStage
@@ -281,14 +282,33 @@ def test_stage1_restored_closes_what_its_state_was_written_before_then_replays()
     asyncio.run(run())
 
 
-def stage2(emitter: MemoryEmitter, table: dict[str, Any]) -> FinalizeStage:
+FINAL = "w-final-changelog"
+
+
+def read_back(emitter: MemoryEmitter, topic: str, fp: int) -> dict[str, Any]:
+    """A changelog partition as restore.py reads it: the latest value of every live key."""
+    state: dict[str, Any] = {}
+    for key, value in emitter.records.get((topic, fp), []):
+        assert key is not None
+        if value is None:
+            state.pop(json.loads(key), None)
+        else:
+            state[json.loads(key)] = json.loads(value)
+    return state
+
+
+def stage2(emitter: MemoryEmitter, changelog: MemoryEmitter | None = None) -> FinalizeStage:
+    """Stage 2 writing its state through `emitter`; restored from what `changelog` holds."""
+
     async def load_state(fp: int) -> dict[str, Any]:
-        return {k: v for k, v in table.items() if k.startswith(f"{fp}|")}
+        return {} if changelog is None else read_back(changelog, FINAL, fp)
 
     async def seek(topic: str, partition: int, offset: int) -> None:
         raise AssertionError("no gap in these tests")
 
-    return FinalizeStage(S, emitter, table, load_state, seek, sources_of(S.kafka.partitions), None)
+    return FinalizeStage(
+        S, emitter, ChangelogMap(FINAL), load_state, seek, sources_of(S.kafka.partitions), None
+    )
 
 
 def test_stage2_publishes_each_window_once_whatever_stage1_sends_again() -> None:
@@ -302,8 +322,7 @@ def test_stage2_publishes_each_window_once_whatever_stage1_sends_again() -> None
             part = [e for i, e in enumerate(events) if i % S.kafka.partitions == p]
             await st.submit({(CALLS, p): messages(part, partition=p)})
         em2 = MemoryEmitter(S.kafka.partitions)
-        table: dict[str, Any] = {}
-        fin = stage2(em2, table)
+        fin = stage2(em2)
         for fp in range(S.kafka.partitions):
             values = [v for v in em1.values(PARTIALS, fp) if v is not None]
             msgs = [Msg(PARTIALS, fp, i, v) for i, v in enumerate(values)]
@@ -319,9 +338,11 @@ def test_stage2_publishes_each_window_once_whatever_stage1_sends_again() -> None
         assert len(glob) == 11 and all(n == 40 for n in glob.values())  # [0, 110) s: 4 calls a second
         per_model = sum(a.requests for a in aggs if a.window_s == 60 and a.dimensions.get("model"))
         assert per_model == 240  # the minute [0, 60) s of all three models
-        # the state says so: a restarted stage 2 from this table publishes nothing again
+        # the state says so: a restarted stage 2, its state read back from the changelog
+        # records the first one wrote, publishes nothing again
+        assert any(em2.records.get((FINAL, fp)) for fp in range(S.kafka.partitions))
         em3 = MemoryEmitter(S.kafka.partitions)
-        fin2 = stage2(em3, dict(table))
+        fin2 = stage2(em3, changelog=em2)
         for fp in range(S.kafka.partitions):
             values = [v for v in em1.values(PARTIALS, fp) if v is not None]
             await fin2.submit(fp, [Msg(PARTIALS, fp, 2 * len(values) + i, v) for i, v in enumerate(values)])

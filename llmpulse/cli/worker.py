@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     runtime = WorkerRuntime(settings, bootstrap, rules=load_rules_hook(settings))
     # stage 1's changelog is not a Faust table's: created here, before any client runs
     # (a topic created while the producer runs left its metadata request unanswered)
-    ensure_topics(bootstrap, settings.kafka, compacted=[runtime.window_table.topic])
+    ensure_topics(bootstrap, settings.kafka, compacted=runtime.changelogs)
     serve_metrics(settings.worker.web_port, settings.worker.web_host)
     worker = faust.Worker(runtime.app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False)
     # a process of its own whose state is long-lived (open windows, retained windows, rule

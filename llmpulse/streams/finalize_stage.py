@@ -5,19 +5,21 @@ partition, and close marks), a batch at a time per partials partition. Output, t
 an `Emitter` (emitter.py): each window's final aggregate to `aggregates` once, under a
 deterministic key (a revision when late events or a backfill change it), and the alerts
 the rules raise on it to `alerts`. State: the finalizer's (finalizing.py, keys in
-state_keys.py) and each dimension set's rule state, in a table whose changelog the app
-keeps (the Faust table in the worker, a dict in tests). Nothing here imports Faust.
+state_keys.py) and each dimension set's rule state, in a table whose changes are records
+of its changelog (changelog_map.py), published through the same `Emitter` in bulk at the
+end of each call that changed it. Nothing here imports Faust.
 
 Contract (as arroyo's strategies state theirs):
 - `submit(partition, messages)`: apply a batch of one partials partition, in offset
   order, past the state's applied offset and without a gap (contiguity.py); then publish
   the windows it completed and judge them. Returns once the aggregates and alerts are
   delivered; only then does the state say they were published (a crash before that
-  publishes them again, under the same keys: readers keep the highest revision). The
-  app commits the batch's offsets after `submit` returns, and the table's changelog
-  holds the state written by then (Faust flushes it before committing).
+  publishes them again, under the same keys: readers keep the highest revision). Then
+  the state's records are published and `submit` waits for their delivery too: the app
+  commits the batch's offsets after `submit` returns, so the changelog holds the state
+  that covers them.
 - `poll()` (the timer): re-seek a partition left with an offset gap; resolve firing alerts
-  of dimension sets whose traffic stopped.
+  of dimension sets whose traffic stopped (their alerts and state delivered before it returns).
 - `revoke(partition)`: forget a partials partition (its state is restored by the next owner).
 - `flush(partials)` (the embedded broker's exit only): close and publish everything now.
 """
@@ -28,7 +30,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,6 +43,7 @@ from llmpulse.schemas.codec import encode
 from llmpulse.schemas.partials import decode_received
 from llmpulse.streams import state_keys as SK
 from llmpulse.streams.bulk_publish import Record
+from llmpulse.streams.changelog_map import ChangelogMap
 from llmpulse.streams.contiguity import OffsetGuard, Seek, admit_messages
 from llmpulse.streams.emitter import Emitter
 from llmpulse.streams.finalizing import Finalizer, StoredFinalizer, finalizer_partition
@@ -52,7 +55,7 @@ from llmpulse.streams.windowing import Partial
 log = logging.getLogger(__name__)
 
 # partials partition -> its records read back from the table's changelog (restore.py), put
-# in place of the table's records of that partition without writing the changelog again
+# in place of the table's records of that partition (ChangelogMap.load: nothing written)
 LoadState = Callable[[int], Awaitable[dict[str, Any]]]
 
 
@@ -61,7 +64,7 @@ class FinalizeStage:
         self,
         settings: Settings,
         emitter: Emitter,
-        table: MutableMapping[str, Any],
+        table: ChangelogMap,
         load_state: LoadState,
         seek: Seek,
         sources: dict[str, Iterable[str]],
@@ -105,6 +108,7 @@ class FinalizeStage:
                 await self.publish(aggregates, fp)  # delivered before the state says so
             stored.published()
             stored.expire()
+            await self._write_state()
 
     async def poll(self) -> None:
         """The timer: re-seek gaps; resolve firing alerts of dimension sets whose traffic stopped."""
@@ -119,6 +123,7 @@ class FinalizeStage:
                 )
                 await self.seek(self.partials_topic, key[1], offset)
             await self._sweep_quiet()
+            await self._write_state()
 
     def revoke(self, fp: int) -> None:
         self.finalizers.pop(fp, None)
@@ -151,6 +156,7 @@ class FinalizeStage:
                 ).append(agg)
             for fp, aggs in sorted(by_owner.items()):
                 await self.publish(aggs, fp)
+            await self._write_state()
 
     # -- state --------------------------------------------------------------------------------------
     async def finalizer_for(self, fp: int) -> StoredFinalizer:
@@ -158,12 +164,20 @@ class FinalizeStage:
         if stored is not None:
             return stored
         if fp not in self.restored:
-            for k, v in (await self.load_state(fp)).items():
+            state = await self.load_state(fp)
+            self.table.load(fp, state)
+            for k, v in state.items():
                 if (p := SK.parse(k)) is not None and p.shape == "R" and has_open_alerts(v):
                     self.open_alerts.add(k)
             self.restored.add(fp)
         self.finalizers[fp] = stored = StoredFinalizer.restore(fp, self.sources, self.table)
         return stored
+
+    async def _write_state(self) -> None:
+        """The table's changes since the last call published in bulk, in order, and delivered."""
+        futures = await self.table.flush(self.emitter.publish)
+        if futures:
+            await asyncio.gather(*futures)
 
     # -- publishing ---------------------------------------------------------------------------------
     async def publish(self, aggregates: Iterable[WindowAggregate], fp: int) -> None:

@@ -19,8 +19,11 @@ publishing alerts.
 
 All state lives in changelogs whose keys carry their partition, so a restarted or
 rebalanced worker recovers exactly what it owned: stage 1's is written straight to its
-changelog partition (changelog_state.py), stage 2's in a Faust table. Faust's windowed
-tables are not used: they close on wall-clock time (faust-streaming #250, PR #758).
+changelog partition (changelog_state.py), stage 2's too (changelog_map.py, the topic and
+record format its Faust table used, so an older worker's state restores unchanged), each
+in bulk. Faust tables are not used: their per-write producer path cost stage 2 more than
+its work on sparse traffic, and Faust's windowed tables close on wall-clock time
+(faust-streaming #250, PR #758).
 
 What this adapter adds to the stages: the Faust app and its settings, an `Emitter` over
 the app's producer, reading a changelog partition back (restore.py), the timer, the
@@ -48,6 +51,7 @@ from faust.types import TP
 from llmpulse.config import Settings
 from llmpulse.kafka import topics as T
 from llmpulse.streams.bulk_publish import Record, publish_bulk
+from llmpulse.streams.changelog_map import ChangelogMap
 from llmpulse.streams.credentials import aiokafka_security, faust_credentials
 from llmpulse.streams.finalize_stage import FinalizeStage, RulesHook
 from llmpulse.streams.restore import read_changelog_partition
@@ -55,15 +59,6 @@ from llmpulse.streams.source_reader import FETCH_MAX_WAIT_MS, SourceReader
 from llmpulse.streams.window_stage import KINDS, WindowStage, call_dimensions, sources_of
 
 log = logging.getLogger(__name__)
-
-
-class PartitionedTable(faust.Table):  # type: ignore[misc,type-arg]
-    """A Faust table whose keys say which changelog partition they belong to (`"<fp>|..."`,
-    state_keys.py): stage 2's state of partials partition fp lives in changelog partition
-    fp, so whoever is assigned fp after a rebalance or restart recovers exactly it."""
-
-    def partition_for_key(self, key: Any) -> int | None:
-        return int(str(key).split("|", 1)[0])
 
 
 class FaustEmitter:
@@ -118,20 +113,11 @@ class WorkerRuntime:
             consumer_max_fetch_size=10_000_000,
             stream_buffer_maxsize=max(4096, wcfg.batch_max_messages * 2),
         )
-        # Faust stops feeding the streams while more than `max_messages` (100) changelog
-        # writes wait in its producer buffer; one batch writes hundreds of window states
-        self.app.producer.buffer.max_messages = 100_000
         self.partials_topic = self.app.topic(
             kcfg.topic(T.PARTIALS), key_serializer="raw", value_serializer="raw"
         )
-        self.final_table = PartitionedTable(
-            self.app,
-            name="final",
-            default=None,
-            partitions=kcfg.partitions,
-            beacon=self.app.tables.beacon,
-        )
-        self.app.tables.add(self.final_table)
+        # stage 2's state: the changelog topic its Faust table "final" had (state_keys.py)
+        self.final_table = ChangelogMap(f"{self.app.conf.id}-final-changelog")
         self.flush_on_exit = wcfg.flush_open_windows_on_exit
         emitter = FaustEmitter(self.app)
         self.reader = SourceReader(
@@ -152,16 +138,14 @@ class WorkerRuntime:
             settings, emitter, self.final_table, self._load_final, self._seek_partials,
             sources_of(kcfg.partitions), rules,
         )  # fmt: skip
-        self.window_table = (
-            self.windows.table
-        )  # its topic is created compacted by `llmpulse worker`
+        # their topics are created compacted by `llmpulse worker`
+        self.changelogs = [self.windows.table.topic, self.final_table.topic]
         self._wire()
 
     # -- wiring ---------------------------------------------------------------------------------
     def _wire(self) -> None:
         app = self.app
         partials = self.partials_topic.get_topic_name()
-        final_changelog = self.final_table.changelog_topic.get_topic_name()
 
         @app.task  # type: ignore[untyped-decorator]
         async def read_sources() -> None:
@@ -186,9 +170,8 @@ class WorkerRuntime:
         @app.on_partitions_revoked.connect  # type: ignore[arg-type]
         async def on_revoked(app: Any, revoked: set[Any], **_: Any) -> None:
             for tp in revoked:
-                if tp.topic in (final_changelog, partials):
-                    self.finalize.forget_restored(tp.partition)
                 if tp.topic == partials:
+                    self.finalize.forget_restored(tp.partition)
                     self.finalize.revoke(tp.partition)
 
         @app.on_before_shutdown.connect  # type: ignore[arg-type]
@@ -252,12 +235,5 @@ class WorkerRuntime:
         )
 
     async def _load_final(self, fp: int) -> dict[str, Any]:
-        """The final table's partition `fp` read back, in place of what it held (no changelog writes)."""
-        state = await self._read_changelog(self.final_table.changelog_topic.get_topic_name(), fp)
-        data = self.final_table.data
-        prefix = f"{fp}|"
-        for k in [k for k in list(data.keys()) if isinstance(k, str) and k.startswith(prefix)]:
-            del data[k]
-        for k, v in state.items():
-            data[k] = v
-        return state
+        """Stage 2's state of partials partition `fp`, read back from its changelog."""
+        return await self._read_changelog(self.final_table.topic, fp)
