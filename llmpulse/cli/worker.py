@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         settings.worker.flush_open_windows_on_exit = True
     bootstrap = resolve_bootstrap(settings)
     runtime = WorkerRuntime(settings, bootstrap, rules=load_rules_hook(settings))
-    # stage 1's changelog is not a Faust table's: created here, before any client runs
+    # the stages' changelogs are not Faust tables': created here, before any client runs
     # (a topic created while the producer runs left its metadata request unanswered)
     ensure_topics(bootstrap, settings.kafka, compacted=runtime.changelogs)
     serve_metrics(settings.worker.web_port, settings.worker.web_host)

@@ -295,8 +295,8 @@ def restore_finalizer(sources: Mapping[str, Iterable[str]], state: Iterable[tupl
 
 
 class StoredFinalizer:
-    """A partials partition's Finalizer with its state kept in a table (the Faust table in
-    the worker, a dict in tests), written per window: each received message is one write
+    """A partials partition's Finalizer with its state kept in a table (changelog_map.py in
+    the worker, a dict in some tests), written per window: each received message is one write
     (its dimension sets as received). A window's publication is recorded by the finalized
     mark (one write per batch); only windows published again (backfills, late events) or
     new after the mark passed them store their revisions (one write each).

@@ -30,7 +30,7 @@ the app's producer, reading a changelog partition back (restore.py), the timer, 
 rebalance callbacks and the clean stop (the state as it was, then, with the embedded
 broker, every open window closed and published).
 
-Faust's consumer (partials, the final table's changelog) asks the broker to hold a fetch
+Faust's consumer (partials) asks the broker to hold a fetch
 that finds nothing new for 1,500 ms, hard-coded in its aiokafka driver, and a partials
 message that arrives meanwhile waits for it: at the end of a 200,000-event backlog the
 finalizer received the last partials 0.85 s after they were sent. The timer gives that
