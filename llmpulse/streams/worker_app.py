@@ -113,6 +113,9 @@ class WorkerRuntime:
             consumer_max_fetch_size=10_000_000,
             stream_buffer_maxsize=max(4096, wcfg.batch_max_messages * 2),
         )
+        # Faust stops feeding the streams while more than `max_messages` (100) records wait
+        # in its producer buffer; one batch may send hundreds of dead letters through it
+        self.app.producer.buffer.max_messages = 100_000
         self.partials_topic = self.app.topic(
             kcfg.topic(T.PARTIALS), key_serializer="raw", value_serializer="raw"
         )
