@@ -15,6 +15,9 @@ import random
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
+import llmpulse.streams.rules.engine as engine_module
 from llmpulse.schemas import Alert, WindowAggregate
 from llmpulse.streams.rules import new_state
 from llmpulse.streams.rules.baseline import Expectation, Observation
@@ -208,3 +211,27 @@ def test_a_skipped_expectation_leaves_a_firing_anomaly_to_resolve_in_words() -> 
     assert fired and resolved
     assert "back near its 2h baseline" in resolved[0].summary
     assert resolved[0].baseline is not None and math.isfinite(resolved[0].baseline)
+
+
+def test_kept_summaries_dropped_at_their_bound_mid_window_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine keeps each series' baseline Summaries beside its state, up to
+    MAX_KEPT_SUMMARIES, then drops them all, in the middle of a window's run of aggregates
+    (the loop over a window holds the rule's kept ones): the verdicts and states are those
+    of an engine that never drops them."""
+
+    def run() -> tuple[list[list[dict[str, Any]]], dict[tuple[str, int, str], str]]:
+        eng = engine(RULES)
+        states: dict[tuple[str, int, str], dict[str, Any]] = {}  # kept as objects: Summaries reused
+        alerts: list[list[dict[str, Any]]] = []
+        seq = _windows()
+        for i in range(0, len(seq), 40):
+            for j in eng.judge(seq[i : i + 40], lambda a: states.get(_series(a))):
+                states[_series(j.aggregate)] = j.state
+                alerts.append(_dump(j.alerts))
+        return alerts, {k: json.dumps(v) for k, v in states.items()}
+
+    kept = run()
+    monkeypatch.setattr(engine_module, "MAX_KEPT_SUMMARIES", 3)  # fewer than a window's series
+    dropped = run()
+    assert dropped == kept
+    assert any(kept[0])  # alerts were made to compare

@@ -51,6 +51,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, NamedTuple
 
 from llmpulse.schemas import Alert, WindowAggregate, alert_fingerprint
@@ -444,21 +445,48 @@ class RulesEngine:
         pool_s = None
         if rule.metric in RATE_METRICS and rule.min_requests > 0 and rule.pool_windows > 1:
             pool_s = round(judging[0][0].window_start.timestamp())
+        # the series' Summaries of this rule, looked up once per window (``_baseline``)
+        of_rule = self._summaries.get(name)
+        if of_rule is None:
+            of_rule = self._summaries[name] = {}
+        judge_one = self._judge_anomaly
         for agg, all_states, alerts in judging:
             if dims_match and not _matches(rule, agg.dimensions):
                 continue
             rst = all_states.get(name)
             if rst is None:
                 rst = all_states[name] = {"k": data_sig, "streak": 0}
-            verdict = self._judge_anomaly(rule, agg, rst, start_s, pool_s, keep_out)
+            obs = observe(rule, agg)
+            if obs is None:  # no value: nothing read, nothing counted (clear, or judged=False)
+                if rst.get("alert") is None:
+                    rst["streak"] = 0
+                else:
+                    self._advance(rule, rst, Verdict(None, None, None, judged=False), agg, start_ms, rule.for_, alerts)
+                continue
+            bst = rst["baseline"] if "baseline" in rst else rst.setdefault("baseline", {})
+            baseline = of_rule.get(agg.dims_key)
+            if baseline is None or baseline.state is not bst:
+                baseline = self._baseline(rule, agg, bst)
+                of_rule = self._summaries[name]  # a new dict when the kept ones were all dropped
+            if pool_s is None and rst.get("alert") is None and cannot_breach(
+                rule, obs, agg, mean_floor=partial(baseline.mean_floor, start_s)
+            ):
+                # the commonest window: clear whatever the baseline expects, no alert open, so
+                # what _judge_anomaly does with it, here without its call: counted into the
+                # baseline, the streak reset
+                rst["kept_out"] = 0
+                baseline.add(start_s, obs)
+                rst["streak"] = 0
+                continue
+            verdict = judge_one(rule, agg, rst, obs, baseline, start_s, pool_s, keep_out)
             if verdict is None:  # clear, no alert open: all advance would do
                 rst["streak"] = 0
                 continue
             self._advance(rule, rst, verdict, agg, start_ms, rule.for_, alerts)
 
-    def _baseline(self, rule: AnomalyRule, agg: WindowAggregate, rst: State) -> Summaries:
-        """The Summaries of this series' baseline state (created empty when absent)."""
-        bst: State = rst["baseline"] if "baseline" in rst else rst.setdefault("baseline", {})
+    def _baseline(self, rule: AnomalyRule, agg: WindowAggregate, bst: State) -> Summaries:
+        """A new Summaries of this series' baseline state ``bst`` (none kept, or kept for
+        another state object), kept for the series' next windows."""
         of_rule = self._summaries.get(rule.name)
         if of_rule is None:
             of_rule = self._summaries[rule.name] = {}
@@ -474,18 +502,15 @@ class RulesEngine:
         return summaries
 
     def _judge_anomaly(
-        self, rule: AnomalyRule, agg: WindowAggregate, rst: State, start_s: int,
-        pool_s: int | None, keep_out: int,
+        self, rule: AnomalyRule, agg: WindowAggregate, rst: State, obs: Observation,
+        baseline: Summaries, start_s: int, pool_s: int | None, keep_out: int,
     ) -> Verdict | None:  # fmt: skip
-        """One window of one series: its verdict, or None for a clear one with no alert open,
-        whose figures nothing reads (lifecycle.advance only resets the streak). ``pool_s``:
-        the window start's second when the rule pools a low-traffic rate (pooling.py);
+        """One window of one series with a value (``obs``; ``baseline``: the Summaries of its
+        baseline state): its verdict, or None for a clear one with no alert open, whose
+        figures nothing reads (lifecycle.advance only resets the streak). ``pool_s``: the
+        window start's second when the rule pools a low-traffic rate (pooling.py);
         ``keep_out``: the most anomalous windows in a row left out of the baseline."""
-        obs = observe(rule, agg)
         closed = rst.get("alert") is None
-        if obs is None:
-            return None if closed else Verdict(None, None, None, judged=False)
-        baseline = self._baseline(rule, agg, rst)
         judged, span = obs, None
         if pool_s is not None:
             # a low-traffic series' rate: this window with the ones before it (pooling.py)
