@@ -18,7 +18,13 @@ from typing import Any
 import pytest
 
 from llmpulse.schemas import Alert, WindowAggregate
-from llmpulse.streams.rules.baseline import Observation, Summaries, expected, series_dispersion
+from llmpulse.streams.rules.baseline import (
+    Observation,
+    Summaries,
+    _parts_of,
+    expected,
+    series_dispersion,
+)
 from llmpulse.streams.rules.model import AnomalyRule
 from tests.rules_helpers import T0, Runner, calls, engine
 
@@ -154,3 +160,29 @@ def test_kept_summaries_equal_a_fresh_rescan_window_by_window(rule: AnomalyRule)
         assert floors > 1700
     if rule.method == "seasonal":
         assert any(len(v) > 1 for v in state["slots"].values())  # judged on previous days too
+
+
+def test_kept_dispersion_equals_a_fresh_one_with_ties() -> None:
+    """The dispersion kept in order (a window's time-of-day bucket taken out and put back,
+    not all bucket-days sorted again) equals series_dispersion of the state at every window:
+    with bucket-days of equal ratios at the cut of the top tenth (their place is their slot
+    and day order), new buckets appearing while others are kept, a bucket's parts taken
+    out and put back window after window, and days ageing out of the baseline."""
+    rule = AnomalyRule(name="cost", metric="cost_usd", window=60, baseline=2 * 86400)
+    state: dict[str, Any] = {}
+    kept = Summaries(rule, state)
+    rng = random.Random(7)
+    t = int(DAY0.timestamp())
+    for i in range(4 * 720):
+        t += 120 * rng.choice((1, 1, 1, 2, 5))
+        if (t // 3600) % 3 == 0:  # swinging the same way every third hour: the same ratios
+            t -= t % 120
+            value = 1.0 if (t // 120) % 2 else 0.01
+        else:
+            value = round(rng.uniform(0.2, 0.6), 4)
+        kept.add(t, Observation(value))
+        if i % 2 == 0:
+            assert kept.dispersion() == series_dispersion(state), t
+    ratios = [p[0] for entries in state["slots"].values() for p in _parts_of(entries)]
+    top = sorted(ratios)[len(ratios) - len(ratios) // 10 - 1]  # the highest ratio kept
+    assert ratios.count(top) > 1, ratios  # the cut falls among ties

@@ -30,8 +30,9 @@ entries at most, the rolling hour 12; ``roll`` is sorted by start.
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left, bisect_right, insort
 from dataclasses import dataclass
+from itertools import islice
 from operator import itemgetter
 from typing import Any, Final
 
@@ -112,6 +113,12 @@ def add(rule: AnomalyRule, st: State, window_start_s: int, obs: Observation) -> 
 
 
 _Part = tuple[float, float, float]  # a bucket-day's (ratio, variance x dof, mean x dof)
+# a part with its place in the order series_dispersion sorts in: (ratio, the time-of-day
+# bucket's position in the state's slots, the part's position among the bucket's, variance x
+# dof, mean x dof); the first three are unique, so sorting these tuples is the stable sort by
+# ratio of the parts concatenated in slot then day order
+_Ranked = tuple[float, int, int, float, float]
+_RANKED_VAR, _RANKED_MEAN, _RANK_ORDER = itemgetter(3), itemgetter(4), itemgetter(1, 2)
 
 
 def series_dispersion(st: State) -> float:
@@ -275,15 +282,17 @@ class Summaries:
     - rolling: the buckets that ended before the window judged (``_Closed``), until the
       span moves past a bucket boundary or a window lands in one of them.
     - the series' dispersion of sums, until the next window is added; the parts of each
-      time-of-day bucket it pools, until a window is added to that bucket.
+      time-of-day bucket it pools, until a window is added to that bucket, and all of them
+      in the order the dispersion sorts them in (a window's bucket's parts are taken out of
+      it and put back, not every bucket-day sorted again: O(buckets x days) to sum, not to sort).
     Every change of the state goes through ``add`` (the engine's only writer of a baseline);
     a caller that changes the state otherwise must use a new Summaries.
     """
 
     __slots__ = (
-        "_bucket", "_closed", "_days_kept", "_dispersion", "_parts", "_rate", "_roll_bucket",
-        "_roll_source",
-        "_roll_span", "_seasonal", "_slot", "_window", "_zero_filled", "rule", "state",
+        "_bucket", "_closed", "_days_kept", "_dispersion", "_parts", "_ranked", "_rate",
+        "_roll_bucket", "_roll_source", "_roll_span", "_seasonal", "_slot", "_stale", "_window",
+        "_zero_filled", "rule", "state",
     )  # fmt: skip
 
     def __init__(self, rule: AnomalyRule, state: State) -> None:
@@ -307,7 +316,13 @@ class Summaries:
         self._slot: tuple[int, int, int, Expectation | None] | None = None  # slot, day, first, exp
         self._closed: _Closed | None = None
         self._dispersion: float | None = None
-        self._parts: dict[str, list[_Part]] = {}  # per time-of-day bucket (dispersion)
+        # dispersion: each time-of-day bucket's parts (its position in the slots, its parts
+        # ranked), all of them in order in ``_ranked`` (None until derived, and while a ratio
+        # is NaN: unordered, those are sorted as series_dispersion sorts them), and the parts
+        # of the buckets a window was added to since, to take out of that order
+        self._parts: dict[str, tuple[int, list[_Ranked]]] = {}
+        self._ranked: list[_Ranked] | None = None
+        self._stale: dict[str, list[_Ranked]] = {}
 
     # -- reading --------------------------------------------------------------------------
 
@@ -322,17 +337,50 @@ class Summaries:
     def dispersion(self) -> float:
         """``series_dispersion`` of the state, kept until the next window is added; each
         time-of-day bucket's parts kept until a window is added to that bucket (the rest of
-        the buckets, up to 96 x days of entries, are not read again for every window)."""
+        the buckets, up to 96 x days of entries, are not read again for every window), and
+        all of them kept in the order series_dispersion sorts them in: a window's bucket's
+        parts are taken out and put back in their places, not all parts sorted again for
+        every window (the sort was most of the cost, and grows with the days kept)."""
         if self._dispersion is None:
-            parts: list[_Part] = []
-            kept = self._parts
-            for key, entries in (self.state.get("slots") or {}).items():
-                of_slot = kept.get(key)
-                if of_slot is None:
-                    of_slot = kept[key] = _parts_of(entries)
-                parts += of_slot
-            self._dispersion = _pooled_dispersion(parts)
+            self._dispersion = self._derive_dispersion()
         return self._dispersion
+
+    def _derive_dispersion(self) -> float:
+        kept, stale = self._parts, self._stale
+        ranked = self._ranked
+        changed: list[_Ranked] = []  # parts of buckets derived now
+        for rank, (key, entries) in enumerate((self.state.get("slots") or {}).items()):
+            of_slot = kept.get(key)
+            if of_slot is not None and of_slot[0] == rank:
+                continue
+            if of_slot is not None:  # a bucket moved in the slots' order: all derived again
+                ranked = None
+            old = stale.pop(key, None)
+            if ranked is not None and old:
+                for part in old:
+                    del ranked[bisect_left(ranked, part)]
+            parts = [(p[0], rank, i, p[1], p[2]) for i, p in enumerate(_parts_of(entries))]
+            kept[key] = (rank, parts)
+            changed += parts
+        stale.clear()
+        if any(p[0] != p[0] for p in changed):  # a NaN ratio has no place in an order
+            ranked = None
+        if ranked is None:
+            every = [p for _, of_slot in kept.values() for p in of_slot]
+            if any(p[0] != p[0] for p in every):
+                self._ranked = None
+                return _pooled_dispersion([(p[0], p[3], p[4]) for p in sorted(every, key=_RANK_ORDER)])
+            every.sort()
+            ranked = every
+        else:
+            for part in changed:
+                insort(ranked, part)
+        self._ranked = ranked
+        if not ranked:
+            return 0.0
+        n = max(1, len(ranked) - len(ranked) // 10)  # as _pooled_dispersion keeps them
+        total_mean = sum(map(_RANKED_MEAN, islice(ranked, n)))
+        return sum(map(_RANKED_VAR, islice(ranked, n))) / total_mean if total_mean > 0 else 0.0
 
     def mean_floor(self, window_start_s: int) -> float | None:
         """A floor under ``expected(window_start_s).mean`` (whenever that is not None), from
@@ -577,7 +625,9 @@ class Summaries:
                     days.pop(0)
             key = str((window_start_s % DAY_S) // self._bucket)
             entries = slots[key] if key in slots else slots.setdefault(key, [])
-            self._parts.pop(key, None)  # its days change
+            old = self._parts.pop(key, None)  # its days change
+            if old is not None:
+                self._stale[key] = old[1]  # to take out of the kept order
             if entries and (entry := entries[-1])[0] == today:
                 # the time-of-day bucket's entry for today
                 entry[1] += 1
