@@ -102,6 +102,23 @@ def _sig(x: float) -> float | int:
     return float("%.7g" % x)  # noqa: UP031 (the digits of f"{x:.7g}", in half the time)
 
 
+def _plus(total: float | int, s: float, w: int | None) -> float | int:
+    """``_sig(total + s)``, the sum as stored. A whole stored sum plus a whole figure (``w``:
+    ``s`` as an int when it is a whole float under 2**53, else None) is added as ints: the
+    float sum of two integers under 2**53 is exact, so ``_sig`` would return that same int
+    (five sums a window and anomaly rule made ``_sig`` a fifth of the rules' time)."""
+    if w is not None and type(total) is int and -_EXACT < total < _EXACT and -_EXACT < (r := total + w) < _EXACT:
+        return r
+    return _sig(total + s)
+
+
+def _count(entry: list[Any], s1: float, w1: int | None, s2: float, w2: int | None) -> None:
+    """Count one window into ``entry`` (``[key, windows, s1, s2]``); ``w1``, ``w2``: see _plus."""
+    entry[1] += 1
+    entry[2] = _plus(entry[2], s1, w1)
+    entry[3] = _plus(entry[3], s2, w2)
+
+
 def expected(rule: AnomalyRule, st: State, window_start_s: int) -> Expectation | None:
     """The baseline of the window starting at ``window_start_s``; None without history."""
     return Summaries(rule, st).expected(window_start_s)
@@ -593,12 +610,7 @@ class Summaries:
             s1, s2 = float(obs.count), float(obs.volume)
         else:
             s1, s2 = obs.value, obs.value * obs.value
-        # Each sum of an entry ([key, windows, s1, s2]) becomes _sig(sum + s). A whole stored
-        # sum plus a whole figure (w1, w2: s1, s2 as ints when they are whole floats under
-        # 2**53, else None) is added as ints: the float sum of two integers under 2**53 is
-        # exact, so _sig returns that same int (five sums a window and anomaly rule made _sig
-        # a fifth of the rules' time). Written out at each of the three entries, not called:
-        # add runs once a window and anomaly rule, the rules' most called function.
+        # w1, w2: s1, s2 as ints when they are whole floats under 2**53, else None (_plus)
         w1 = int(s1) if type(s1) is float and s1.is_integer() and -_EXACT < s1 < _EXACT else None
         w2 = int(s2) if type(s2) is float and s2.is_integer() and -_EXACT < s2 < _EXACT else None
         st = self.state
@@ -614,11 +626,7 @@ class Summaries:
             days: list[list[Any]] = st["days"] if "days" in st else st.setdefault("days", [])  # [day, windows, s1]
             if days and (day := days[-1])[0] == today:
                 day[1] += 1
-                t = day[2]
-                if w1 is not None and type(t) is int and -_EXACT < t < _EXACT and -_EXACT < (r := t + w1) < _EXACT:
-                    day[2] = r
-                else:
-                    day[2] = _sig(t + s1)
+                day[2] = _plus(day[2], s1, w1)
             elif not days or days[-1][0] < today:
                 days.append([today, 1, _sig(s1)])
                 while len(days) > 8:
@@ -629,18 +637,7 @@ class Summaries:
             if old is not None:
                 self._stale[key] = old[1]  # to take out of the kept order
             if entries and (entry := entries[-1])[0] == today:
-                # the time-of-day bucket's entry for today
-                entry[1] += 1
-                t = entry[2]
-                if w1 is not None and type(t) is int and -_EXACT < t < _EXACT and -_EXACT < (r := t + w1) < _EXACT:
-                    entry[2] = r
-                else:
-                    entry[2] = _sig(t + s1)
-                t = entry[3]
-                if w2 is not None and type(t) is int and -_EXACT < t < _EXACT and -_EXACT < (r := t + w2) < _EXACT:
-                    entry[3] = r
-                else:
-                    entry[3] = _sig(t + s2)
+                _count(entry, s1, w1, s2, w2)  # the time-of-day bucket's entry for today
             else:
                 entries.append([today, 1, _sig(s1), _sig(s2)])
                 if len(entries) > 1 and entries[-2][0] > today:  # a day arriving late
@@ -667,17 +664,7 @@ class Summaries:
                 entry = [b, 0, 0, 0]
                 buckets.append(entry)
                 buckets.sort(key=_START)
-        entry[1] += 1  # the rolling bucket's entry
-        t = entry[2]
-        if w1 is not None and type(t) is int and -_EXACT < t < _EXACT and -_EXACT < (r := t + w1) < _EXACT:
-            entry[2] = r
-        else:
-            entry[2] = _sig(t + s1)
-        t = entry[3]
-        if w2 is not None and type(t) is int and -_EXACT < t < _EXACT and -_EXACT < (r := t + w2) < _EXACT:
-            entry[3] = r
-        else:
-            entry[3] = _sig(t + s2)
+        _count(entry, s1, w1, s2, w2)  # the rolling bucket's entry
         cutoff = window_start_s - self._roll_span
         drop = 0
         while drop < len(buckets) and buckets[drop][0] + bucket <= cutoff:
