@@ -22,7 +22,26 @@ from llmpulse.streams.finalizing import finalizer_partition
 from tests.kafkatools import produce, read_messages
 from tests.pipeline import Component, settings_from, write_config
 
-MODELS = ["m-a", "m-b", "m-c", "m-d", "m-e"]
+MODELS = ["m-a", "m-b", "m-c", "m-d", "m-e"]  # on calls partitions 0, 1, 2, 1, 1 (of 3)
+# the calls partitions of a test's models are those librdkafka's default partitioner gives
+# their key (CRC32): m-a 0, m-b 1, m-c 2, m-quiet 0, m-busy 2
+FILL_A = ["m-b", "m-c"]  # beside m-a's calls: traffic on partitions 1 and 2
+
+
+def beside(events: list[CallEvent], models: list[str]) -> list[CallEvent]:
+    """A call without error of each of `models` at the time of each event, on the partitions
+    the test's own model does not reach. A partition without events is declared empty only
+    after idle_close_s at its end (window_stage.py); these tests keep idleness long to
+    survive a kill, and their windows are final only once every partition's mark passed them."""
+    return [CallEvent(event_id=f"{e.event_id}-{m}", ts=e.ts, model=m) for e in events for m in models]
+
+
+def by_model(events: list[CallEvent]) -> list[tuple[bytes | str | None, bytes]]:
+    """One batch envelope per model, keyed by model (as the producers key calls)."""
+    groups: dict[str, list[CallEvent]] = {}
+    for e in events:
+        groups.setdefault(e.model, []).append(e)
+    return [(m, encode_batch(g)) for m, g in groups.items()]
 
 
 def latest_aggregates(bootstrap: str, topic: str, until: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
@@ -147,12 +166,12 @@ def test_warning_escalation_resolution_publish_once_across_a_restart(make_settin
     worker = Component(config, "worker", log=tmp_path / "w1.log").start()
     try:
         first = [e for e in events if e.ts < t0 + timedelta(seconds=12)]  # through the first critical window
-        produce(bootstrap, topic, [("m-a", encode_batch(first))])
+        produce(bootstrap, topic, by_model(first + beside(first, FILL_A)))
         got = read_messages(bootstrap, alerts_topic, until=lambda ms: any(b'"critical"' in m.value() for m in ms), timeout=90)
         worker.kill()  # mid-incident, without warning
         rest = [e for e in events if e.ts >= t0 + timedelta(seconds=12)]
-        closer = CallEvent(event_id="closer", ts=t0 + timedelta(seconds=200), model="m-a")
-        produce(bootstrap, topic, [("m-a", encode_batch(rest)), ("m-a", encode(closer))])
+        closers = [CallEvent(event_id=f"closer-{m}", ts=t0 + timedelta(seconds=200), model=m) for m in ["m-a", *FILL_A]]
+        produce(bootstrap, topic, by_model(rest + beside(rest, FILL_A)) + [(c.model, encode(c)) for c in closers])
         worker = Component(config, "worker", log=tmp_path / "w2.log").start()
         got = read_messages(bootstrap, alerts_topic, until=lambda ms: any(b'"resolved"' in m.value() for m in ms),
                             timeout=90, quiet_s=3)  # fmt: skip
@@ -181,7 +200,7 @@ def test_alert_of_a_dimension_that_goes_quiet_resolves(make_settings: Callable[.
     others = [CallEvent(event_id=f"o{i}", ts=t0 + timedelta(milliseconds=i * 100), model="m-busy") for i in range(300)]
     worker = Component(config, "worker", log=tmp_path / "w.log").start()
     try:
-        produce(bootstrap, settings.kafka.topic("calls"), [("m-quiet", encode_batch(failing)), ("m-busy", encode_batch(others))])
+        produce(bootstrap, settings.kafka.topic("calls"), by_model(failing + others + beside(others, ["m-b"])))
         got = read_messages(bootstrap, settings.kafka.topic("alerts"),
                             until=lambda ms: any(b'"resolved"' in m.value() for m in ms), timeout=90)  # fmt: skip
     finally:
@@ -212,7 +231,7 @@ def test_exit_flush_judges_rules_against_the_state_of_the_windows_owner(
     ]  # fmt: skip
     worker = Component(config, "worker", log=tmp_path / "w.log").start()
     try:
-        produce(bootstrap, settings.kafka.topic("calls"), [("m-a", encode_batch(events))])
+        produce(bootstrap, settings.kafka.topic("calls"), by_model(events + beside(events, FILL_A)))
         read_messages(bootstrap, settings.kafka.topic("alerts"), timeout=90,
                       until=lambda ms: any(b'"critical"' in m.value() for m in ms))  # fmt: skip
     finally:

@@ -349,3 +349,108 @@ def test_stage2_publishes_each_window_once_whatever_stage1_sends_again() -> None
         assert em3.values(AGGREGATES) == []
 
     asyncio.run(run())
+
+
+class Ends(Reader):
+    """A reader whose partitions' ends are set by the test (at its end: no message waits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.not_at_end: set[tuple[str, int]] = set()
+
+    async def at_end(self, topic: str, partition: int) -> bool:
+        return (topic, partition) not in self.not_at_end
+
+
+class TwoPartitions:
+    """Stage 1 on calls partitions 0 and 1, its partials handed to stage 2 as they come."""
+
+    def __init__(self, idle_close_s: float) -> None:
+        self.settings = Settings(kafka={"partitions": 2}, worker={"idle_close_s": idle_close_s})
+        self.em1 = MemoryEmitter(2)
+        self.em2 = MemoryEmitter(2)
+        self.reader = Ends()
+
+        async def no_state(topic: str, partition: int) -> dict[str, Any]:
+            return {}
+
+        async def seek(topic: str, partition: int, offset: int) -> None:
+            raise AssertionError("no gap in these tests")
+
+        self.st1 = WindowStage(self.settings, self.em1, self.reader, no_state, STATE, call_dimensions(self.settings, None))
+        self.st2 = FinalizeStage(
+            self.settings, self.em2, ChangelogMap(FINAL), lambda fp: no_state(FINAL, fp), seek, sources_of(2), None
+        )
+        self.fed = [0, 0]
+
+    async def to_stage2(self) -> list[WindowAggregate]:
+        """Stage 2 on the partials stage 1 sent since the last call; every aggregate published so far."""
+        for fp in range(2):
+            values = [v for v in self.em1.values(PARTIALS, fp) if v is not None]
+            await self.st2.submit(fp, [Msg(PARTIALS, fp, i, v) for i, v in enumerate(values) if i >= self.fed[fp]])
+            self.fed[fp] = len(values)
+        return [WindowAggregate.model_validate_json(v) for v in self.em2.values(AGGREGATES) if v is not None]
+
+
+def marks(emitter: MemoryEmitter) -> list[CloseMark]:
+    return [m for _, m in partial_messages(emitter) if isinstance(m, CloseMark)]
+
+
+def test_a_partition_without_events_at_start_up_holds_the_finalizer_until_its_events_come() -> None:
+    """The worker starts before the traffic: both partitions are at their (empty) end when the
+    timer first runs. Partition 0's first batch, spanning several windows, is then fetched
+    before partition 1's of the same windows. Partition 1 is not declared empty at once (that
+    published partition 0's windows short, as revision 1 judged by the rules, then again as
+    revision 2): it sends no mark, so nothing is final until its events are in."""
+
+    async def run() -> None:
+        w = TwoPartitions(idle_close_s=30.0)
+        await w.st1.assign({(CALLS, 0), (CALLS, 1)})
+        await w.st1.poll()  # the timer: no event anywhere yet, both at their end
+        events = [call(i, i * 0.25, model=f"m{i % 3}") for i in range(480)]  # 0 .. 120 s, 4 a second
+        await w.st1.submit({(CALLS, 0): messages(events[0::2], partition=0)})
+        await w.st1.poll()
+        assert await w.to_stage2() == []  # its windows wait for partition 1
+        assert {m.src for m in marks(w.em1)} == {"calls:0"}  # partition 1 claimed nothing
+        await w.st1.submit({(CALLS, 1): messages(events[1::2], partition=1)})
+        await w.st1.poll()
+        aggs = await w.to_stage2()
+        assert aggs and {a.revision for a in aggs} == {1}
+        assert max(Counter(a.aggregate_id for a in aggs).values()) == 1  # each published once
+        glob = {a.window_start: a.requests for a in aggs if a.window_s == 10 and a.dims_key == GLOBAL}
+        assert len(glob) == 11 and set(glob.values()) == {40}  # [0, 110) s: both partitions' calls
+        assert [a.requests for a in aggs if a.window_s == 60 and a.dims_key == GLOBAL] == [240]
+
+    asyncio.run(run())
+
+
+def test_a_partition_without_events_is_declared_empty_after_idle_close_s_at_its_end() -> None:
+    """Declared empty once at its end without an event for `idle_close_s` since it was
+    assigned: then it no longer holds the others back, and events it brings later are a
+    backfill (the windows published again, revision 2). A partition not at its end (its
+    messages wait in the broker) is not idle: its clock starts again."""
+
+    async def run() -> None:
+        w = TwoPartitions(idle_close_s=0.2)
+        w.reader.not_at_end.add((CALLS, 1))
+        await w.st1.assign({(CALLS, 0), (CALLS, 1)})
+        await w.st1.poll()
+        await asyncio.sleep(0.25)
+        await w.st1.poll()
+        assert {(m.src, m.mark) for m in marks(w.em1)} == {("calls:0", None)}  # 1 has messages waiting
+        w.reader.not_at_end.clear()
+        await w.st1.poll()
+        assert {(m.src, m.mark) for m in marks(w.em1)} == {("calls:0", None)}  # its clock restarted
+        await asyncio.sleep(0.25)
+        await w.st1.poll()
+        assert {(m.src, m.mark) for m in marks(w.em1)} == {("calls:0", None), ("calls:1", None)}
+        events = [call(i, i * 0.25) for i in range(480)]
+        await w.st1.submit({(CALLS, 0): messages(events[0::2], partition=0)})
+        first = await w.to_stage2()
+        glob = {a.window_start: a.requests for a in first if a.window_s == 10 and a.dims_key == GLOBAL}
+        assert len(glob) == 11 and set(glob.values()) == {20}  # partition 1 declared empty: not waited for
+        await w.st1.submit({(CALLS, 1): messages(events[1::2], partition=1)})
+        later = [a for a in await w.to_stage2() if a.window_s == 10 and a.dims_key == GLOBAL and a.revision == 2]
+        assert {a.window_start: a.requests for a in later} == {t: 40 for t in glob}  # the backfill
+
+    asyncio.run(run())

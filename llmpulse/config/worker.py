@@ -19,8 +19,9 @@ class WorkerConfig(Section):
     grace_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
     idle_close_s: Annotated[float, Field(gt=0, le=3600)] = Field(
         default=30.0,
-        description="close windows by wall-clock idleness after this long without events; keep it "
-        "above the longest consumer-group rebalance",
+        description="close windows by wall-clock idleness after this long without events, and declare a "
+        "partition that has had no event since its assignment empty after this long at its end (until then "
+        "no window is final without it); keep it above the longest consumer-group rebalance",
     )
     dimensions: list[list[str]] = Field(
         default_factory=lambda: [[], ["model"], ["provider"], ["app"], ["user"], ["api_key_hash"]],

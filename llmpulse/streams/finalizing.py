@@ -1,12 +1,15 @@
 """Merge window partials from every source partition into final window aggregates.
 
-A window of one kind is final once every source partition of that kind that has data
-has reported a close mark at or past the window's end: then all partials are in.
-Partials are kept per source, so a partial re-sent after a crash replaces its earlier
-copy instead of adding to it. A source that has seen no event yet does not hold the
-others back; if it later brings data for a window already finalized (a backfill of old
-events), the window is kept for a while after finalizing and published again, under
-the same key with a higher revision, so the stored aggregate converges to the truth.
+A window of one kind is final once every source partition of that kind has reported a
+close mark, and every one with data a mark at or past the window's end: then all
+partials are in. Partials are kept per source, so a partial re-sent after a crash
+replaces its earlier copy instead of adding to it. A source that has sent no mark holds
+every window back (`complete_through` is None). A source whose mark is EMPTY (stage 1
+declared its partition empty: no event, at its end for `worker.idle_close_s` since it
+was assigned, window_stage.py) does not hold the others back; if it later brings data
+for a window already finalized (a backfill of old events), the window is kept for a
+while after finalizing and published again, under the same key with a higher revision,
+so the stored aggregate converges to the truth.
 Late events a partition counted after closing their window arrive the same way, as the
 part of source `<source>~late` (windowing.py, cumulative); such a source sends no close
 mark and is never waited for (`complete_through` reads only `sources`).
@@ -111,7 +114,7 @@ def finalizer_partition(kind: str, window_s: int, partitions: int) -> int:
     return (murmur2(partial_key(kind, window_s)) & 0x7FFFFFFF) % partitions
 
 
-EMPTY = -(2**62)  # the close mark of a source that has seen no event yet
+EMPTY = -(2**62)  # the close mark of a source declared empty (no event, idle since assigned)
 RETAIN_MS = round(FINALIZED_RETENTION_S * 1000)  # how long a finalized window accepts a backfilled partial
 
 

@@ -42,6 +42,15 @@ Contract (as arroyo's strategies state theirs):
 - `poll()` (the timer, every second): re-seeks partitions left with an offset gap,
   closes windows of partitions whose traffic stopped, writes what is ready; returns what
   to commit after, as `submit` does.
+- A partition that has seen no event sends no close mark, which holds the finalizer back
+  (finalizing.py), until the timer declares it empty: once it has been at its end, without
+  an event, for `worker.idle_close_s` of wall time since it was assigned (its clock starts
+  again after a pause and whenever the broker holds messages for it), the idleness rule of
+  a partition whose traffic stopped, as a watermark's idleness timeout in Flink or Kafka
+  Streams. Only then does its mark say EMPTY, and the others' windows are final without
+  it; events it brings later are a backfill (the windows published again, revision n).
+  Declared at once, a partition whose first batch the worker had not fetched yet let the
+  partitions fetched first publish their windows short: revision 1, judged by the rules.
 - `revoke(partitions)`: waits for their partials in flight, writes their state, forgets
   them; returns the deliveries to wait for before the revoke may return.
 - `join()` (a clean stop): the same for every partition still held.
@@ -164,6 +173,11 @@ class WindowStage:
         self._closer: asyncio.Future[None] | None = None
         self._places: dict[tuple[str, int], tuple[bytes, int]] = {}
         self._close_again = False
+        # source (topic, partition)s: the wall time since which one that has seen no event has
+        # been at its end (set at assignment and after a pause; restarted while it is not)
+        self.eventless_since: dict[tuple[str, int], float] = {}
+        # (kind, partition)s declared empty: only these send the close mark None (EMPTY)
+        self.declared_empty: set[tuple[str, int]] = set()
 
     # -- the contract ---------------------------------------------------------------------------
     async def submit(self, records: dict[tuple[str, int], Sequence[Any]]) -> Deliveries:
@@ -194,10 +208,14 @@ class WindowStage:
         for pw in self.windows.values():
             if pw.last_event_wall is not None:
                 pw.last_event_wall = now
+        for tp in self.eventless_since:
+            self.eventless_since[tp] = now
 
     async def assign(self, assigned: set[tuple[str, int]]) -> None:
         async with self.lock:
             self.owned = set(assigned)
+            # the idle clock of a partition without events starts at its assignment
+            self.eventless_since = dict.fromkeys(assigned, time.time())
             self.pause()
             # the partitions' states read side by side now (a read takes 1-3 s on Tansu),
             # not one after the other as each partition's first batch arrives
@@ -223,6 +241,8 @@ class WindowStage:
             for partition in partitions:
                 for kind in KINDS_BY_KIND:
                     self.guard.forget((kind, partition))
+                    self.declared_empty.discard((kind, partition))
+                    self.eventless_since.pop((self.topic_of_kind[kind], partition), None)
                 self.restored.discard(partition)
                 self.table.drop_partition(partition)
             futures, offsets = await self._flush()
@@ -464,7 +484,10 @@ class WindowStage:
         mark = res.mark_ms  # None: this partition has seen no event yet
         last = self.last_marks.get((pw.kind, partition))
         now = time.monotonic()
-        if last is None or last[0] != mark or now - last[1] > MARK_REPEAT_S:
+        # None (EMPTY) only once the timer declared the partition empty: until then no mark
+        # at all, and the finalizer waits for it (`_declare_if_idle`)
+        claims = mark is not None or (pw.kind, partition) in self.declared_empty
+        if claims and (last is None or last[0] != mark or now - last[1] > MARK_REPEAT_S):
             body = encode_partials(CloseMark(pw.kind, pw.source, mark))
             records += [(fp, None, body) for fp in range(self.partitions)]
             self.last_marks[(pw.kind, partition)] = (mark, now)
@@ -514,12 +537,29 @@ class WindowStage:
             if self._has_backlog((topic, partition), pw):
                 pw.last_event_wall = now  # behind, not idle: its next events are already waiting
             await self._write(pw, partition)
-            if pw.applied_message is None and not await self.reader.at_end(topic, partition):
-                # no event yet, and not known to have none: its close mark would say "empty",
-                # and the finalizer would close every window on the other partitions' marks
-                # alone (a replay's partition 1, not yet fetched, lost 5,000 s of windows)
-                continue
+            if not pw.seen_event and not await self._declare_if_idle(kind, topic, partition, now):
+                continue  # no event yet, not declared empty: no mark, so the finalizer waits for it
             await self._close_and_emit(pw, partition)
+
+    async def _declare_if_idle(self, kind: str, topic: str, partition: int, now: float) -> bool:
+        """Whether a partition that has seen no event is declared empty (now or before): at its
+        end, without an event, for `idle_close_s` of wall time since it was assigned (the module
+        docstring: declared at once, it let the partitions fetched first publish short windows)."""
+        if (kind, partition) in self.declared_empty:
+            return True
+        tp = (topic, partition)
+        since = self.eventless_since.setdefault(tp, now)
+        if not await self.reader.at_end(topic, partition):
+            # messages wait for it, or its end is not known yet (before its first fetch): not idle
+            self.eventless_since[tp] = now
+            return False
+        if now - since < self.settings.worker.idle_close_s:
+            return False
+        self.declared_empty.add((kind, partition))
+        log.info(
+            "%s[%d]: at its end without an event for %.0f s; declared empty", topic, partition, now - since
+        )
+        return True
 
     def _has_backlog(self, tp: tuple[str, int], pw: PartitionWindows) -> bool:
         """Whether the broker holds messages of the partition past what the state applied.

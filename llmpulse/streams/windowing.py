@@ -264,6 +264,11 @@ class PartitionWindows:
             self.applied_offset = last
 
     @property
+    def seen_event(self) -> bool:
+        """Whether an event was counted (or restored); without one, `close` claims no mark."""
+        return self.max_ts_ms is not None or bool(self.accs)
+
+    @property
     def applied_message(self) -> int | None:
         """The last message offset the state holds; None before the first."""
         return self.applied_offset // BATCH_SLOTS if self.applied_offset >= 0 else None
@@ -284,7 +289,7 @@ class PartitionWindows:
     def close(self, now_wall: float, force: bool = False) -> CloseResult:
         """Close every window whose end plus grace the watermark has passed."""
         result = CloseResult()
-        if self.max_ts_ms is None and not self.accs:
+        if not self.seen_event:
             # nothing seen yet: no event time of our own, so close nothing and claim no mark
             return result
         new_mark = math.inf if force else self.watermark(now_wall) - self.grace_ms
