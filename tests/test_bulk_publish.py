@@ -71,3 +71,22 @@ def test_our_murmur2_is_the_one_kafka_clients_use_for_every_length() -> None:
     samples = [bytes(rng.randrange(256) for _ in range(n)) for n in range(0, 130) for _ in range(20)]
     samples += [b"\xff" * n for n in range(9)] + [b"calls|60", b"calls|10|1700000000000|model=gpt-4o"]
     assert [murmur2(s) for s in samples] == [reference(s) for s in samples]
+
+
+def test_many_keys_hashed_at_once_are_each_keys_murmur2() -> None:
+    """murmur2_many (numpy: one 4-byte word of every key per step, keys ordered by length) gives
+    murmur2 of each key, in the keys' order: lengths 0..80 mixed, every tail, few keys and many."""
+    import random
+
+    from llmpulse.streams.bulk_publish import murmur2, murmur2_many
+
+    rng = random.Random(15)
+    for n in [0, 1, 47, 48, 49, 300, 2000]:
+        keys = [bytes(rng.randrange(256) for _ in range(rng.randint(0, 80))) for _ in range(n)]
+        assert murmur2_many(keys) == [murmur2(k) for k in keys], n
+    for length in range(81):  # one length at a time: every key has the same words and tail
+        keys = [bytes(rng.randrange(256) for _ in range(length)) for _ in range(60)]
+        assert murmur2_many(keys) == [murmur2(k) for k in keys], length
+    keys = [b"\xff" * rng.randint(0, 80) for _ in range(100)]  # the largest words: no overflow
+    keys += [f"calls|10|{1700000000000 + 10000 * i}|model=m{i % 7}".encode() for i in range(100)]
+    assert murmur2_many(keys) == [murmur2(k) for k in keys]
