@@ -75,3 +75,15 @@ def test_a_summary_takes_its_quantiles_in_order() -> None:
         SketchSummary((0.95, 0.5), BOUNDS[0])
     with pytest.raises(ValueError, match="within"):
         SketchSummary((-0.5, 0.5), BOUNDS[0])
+
+
+def test_a_summarys_lists_are_new_each_time() -> None:
+    """A one-bin sketch's quantiles come from a memo per bin key: each call gets its own lists
+    (an aggregate takes them over)."""
+    summary = SketchSummary((0.5, 0.95), BOUNDS[0])
+    first = summary.of({40: 1}, 0, 1)
+    first[0][0] = -1.0
+    first[1][0] = -1
+    again = summary.of({40: 1}, 0, 1)
+    assert again[0] != first[0] and again[1] != first[1]
+    assert again == ([2 * _GAMMA**40 / (_GAMMA + 1)] * 2, plain_counts(QuantileSketch.from_state({"b": {40: 1}, "n": 1}), BOUNDS[0]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, cast
 
@@ -117,20 +118,27 @@ class WindowAggregate(WireModel):
             if name not in values:
                 fields[name] = factory()
         fields.update(values)
-        return cls.of_fields(fields, values)
+        return cls.of_fields(fields, _BLANK_SET.union(values))
 
     @classmethod
-    def of_fields(cls, fields: dict[str, Any], names: Iterable[str]) -> WindowAggregate:
+    def of_fields(cls, fields: dict[str, Any], fields_set: AbstractSet[str]) -> WindowAggregate:
         """An aggregate of every field, valid already, in declared order (`fields` is taken over:
-        no value in it may be another aggregate's), whose values were given for `names` (its
-        `model_fields_set`, with the blank's): what `of_figures` makes of its fields."""
+        no value in it may be another aggregate's), whose `model_fields_set` is `fields_set`
+        (the names given values, with the blank's: `fields_set_of`): what `of_figures` makes
+        of its fields. The set is copied: pydantic adds to it when a field is assigned, and a
+        caller passes one shared set for all its aggregates (a copy costs less than a union)."""
         agg = cls.__new__(cls)
         _set = object.__setattr__
         _set(agg, "__dict__", fields)
-        _set(agg, "__pydantic_fields_set__", _BLANK_SET.union(names))
+        _set(agg, "__pydantic_fields_set__", set(fields_set))
         _set(agg, "__pydantic_extra__", None)
         _set(agg, "__pydantic_private__", None)
         return agg
+
+
+def fields_set_of(names: Iterable[str]) -> frozenset[str]:
+    """The `model_fields_set` of an aggregate of `of_figures` given values for `names`."""
+    return frozenset(_BLANK_SET.union(names))
 
 
 def blank_fields() -> dict[str, Any]:

@@ -181,6 +181,42 @@ class CallState(msgspec.Struct):
     u: int
     tf: int | float = 0.0
 
+    def merge(self, o: CallState) -> None:
+        """`o` added into this state: `CallAccumulator.merge` (llmpulse.streams.accumulators) on
+        states, the float sums and the dicts' keys added in the same order (same sums, same dict
+        order). Stage 2 merges a dimension set's parts with this, in arrival order; `o` is left
+        as it was. Only what can hold something is read: error types come only with errors
+        (agg and merge add both), and a sketch's count is its zeros and binned values, so a
+        TTFT sketch of count 0 (no streamed call: most) holds nothing."""
+        self.r += o.r
+        if o.e:
+            self.e += o.e
+            err_types = self.et
+            for t, n in o.et.items():
+                err_types[t] = err_types.get(t, 0) + n
+        self.ls += o.ls
+        # the sketches' `QuantileSketch.merge` written out (no call per sketch)
+        mine, other = self.l, o.l
+        mine.n += other.n
+        mine.z += other.z
+        bins = mine.b
+        for key, n in other.b.items():
+            bins[key] = bins.get(key, 0) + n
+        other = o.t
+        if other.n:
+            mine = self.t
+            mine.n += other.n
+            mine.z += other.z
+            bins = mine.b
+            for key, n in other.b.items():
+                bins[key] = bins.get(key, 0) + n
+        self.tf += o.tf
+        self.p += o.p
+        self.c += o.c
+        self.tt += o.tt
+        self.cn += o.cn
+        self.u += o.u
+
 
 decode_call_state = msgspec.json.Decoder(CallState).decode
 """A packed calls state (bytes) as a `CallState`; a msgspec.ValidationError (a ValueError) if it is none."""

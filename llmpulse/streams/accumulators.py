@@ -7,7 +7,7 @@ Cost is kept in integer nano-dollars so that sums are exact in any order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from functools import reduce
 from math import ceil as _ceil
@@ -21,6 +21,7 @@ from llmpulse.schemas.aggregate import (
     WindowAggregate,
     aggregate_id,
     blank_fields,
+    fields_set_of,
 )
 from llmpulse.schemas.call import CallEvent
 from llmpulse.schemas.feedback import Feedback
@@ -641,16 +642,12 @@ def merged_states(kind: str, states: Iterable[bytes]) -> Accumulator:
     schemas.partials.pack_state), in order: the first part's state, each next merged into it
     (most sets have one part: no merge at all). The same figures as merging each into an
     empty one, which adds zeros and takes maxima with zero; an empty accumulator for none."""
+    if kind == "calls":  # decoded typed and merged as states (merged_call_state)
+        return CallAccumulator.of_call_state(merged_call_state(states))
     cls = ACCUMULATORS[kind]
-    # a calls state decoded typed (schemas.partials.CallState), the others as their dicts
-    load: Callable[[bytes], Accumulator] = (
-        (lambda packed: CallAccumulator.of_call_state(decode_call_state(packed)))
-        if kind == "calls"
-        else (lambda packed: cls.from_state(unpack_state(packed)))
-    )
     acc: Accumulator | None = None
     for packed in states:
-        part = load(packed)
+        part = cls.from_state(unpack_state(packed))
         if acc is None:
             acc = part
         else:
@@ -658,13 +655,26 @@ def merged_states(kind: str, states: Iterable[bytes]) -> Accumulator:
     return cls() if acc is None else acc
 
 
+def merged_call_state(parts: Iterable[bytes]) -> CallState:
+    """A calls set's packed states decoded typed (schemas.partials.CallState) and merged in
+    order, each next into the first (`CallState.merge`: `CallAccumulator.merge` on states, the
+    same sums); an empty accumulator's state for none. Most sets have one part: no merge."""
+    states = list(map(decode_call_state, parts))
+    if not states:
+        return CallAccumulator().state()
+    s = states[0]
+    for o in states[1:]:
+        s.merge(o)
+    return s
+
+
 class WindowResults:
     """The aggregates of one window, each from its dimension set's parts as stage 2 holds them
     (packed states, in arrival order): `merged_states(kind, parts).result(window_s, start_ms,
     dims, dims_key, revision)`, the same model to the bit. The fields the aggregates share
     (the window's, the blank ones) are made once for the window; a calls set's parts are
-    decoded typed and merged as states (`merge` of each, in order: the same sums), with no
-    accumulator or sketch objects: sparse traffic makes thousands of one-call aggregates."""
+    decoded typed and merged as states (merged_call_state), with no accumulator or sketch
+    objects: sparse traffic makes thousands of one-call aggregates."""
 
     __slots__ = ("_base", "kind", "start_ms", "window_s")
 
@@ -684,40 +694,8 @@ class WindowResults:
             values = merged_states(self.kind, parts).figures(self.window_s)
             self._put_ids(values, dims, dims_key, revision)
             return WindowAggregate.of_figures(values, self._base)
-        states = list(map(decode_call_state, parts))
-        s = states[0] if states else CallAccumulator().state()
-        if len(states) > 1:  # most sets have one part: nothing to merge
-            for o in states[1:]:  # CallAccumulator.merge, on states, in arrival order
-                s.r += o.r
-                n = o.e
-                if n:  # error types only with errors (CallAccumulator.merged says why)
-                    s.e += n
-                    err_types = s.et
-                    for t, n in o.et.items():
-                        err_types[t] = err_types.get(t, 0) + n
-                s.ls += o.ls
-                mine, other = s.l, o.l
-                mine.n += other.n
-                mine.z += other.z
-                bins = mine.b
-                for key, n in other.b.items():
-                    bins[key] = bins.get(key, 0) + n
-                other = o.t
-                if other.n:  # a TTFT sketch holds something only with a count
-                    mine = s.t
-                    mine.n += other.n
-                    mine.z += other.z
-                    bins = mine.b
-                    for key, n in other.b.items():
-                        bins[key] = bins.get(key, 0) + n
-                s.tf += o.tf
-                s.p += o.p
-                s.c += o.c
-                s.tt += o.tt
-                s.cn += o.cn
-                s.u += o.u
         fields = self._base.copy()
-        call_figures(fields, self.window_s, s)
+        call_figures(fields, self.window_s, merged_call_state(parts))
         # _put_ids written out (one call less per aggregate)
         fields["aggregate_id"] = aggregate_id("calls", self.window_s, self.start_ms, dims_key)
         fields["dimensions"] = dict(dims)
@@ -733,4 +711,4 @@ class WindowResults:
 
 
 # the names `result` gives a calls aggregate (its model_fields_set, with the blank's)
-_CALL_NAMES = frozenset(CallAccumulator().result(1, 0, {}, "*").model_fields_set)
+_CALL_NAMES = fields_set_of(CallAccumulator().result(1, 0, {}, "*").model_fields_set)

@@ -105,7 +105,7 @@ class SketchSummary:
     of the sketch holding them, to the bit. Each bin key's bucket is found once (memoized):
     a window's aggregates are thousands of small sketches over the same few keys."""
 
-    __slots__ = ("_bucket", "bounds", "qs")
+    __slots__ = ("_blank", "_bucket", "_one", "bounds", "qs")
 
     def __init__(self, qs: tuple[float, ...], bounds: tuple[float, ...]) -> None:
         if list(qs) != sorted(qs):
@@ -114,26 +114,31 @@ class SketchSummary:
             raise ValueError(f"quantiles must be within [0, 1], got {qs}")
         self.qs = qs
         self.bounds = bounds
+        self._blank = [0] * (len(bounds) + 1)  # copied for each histogram
         self._bucket: dict[int, int] = {}
+        # a one-bin sketch without zeros (most of sparse traffic's: one call, or calls alike):
+        # by bin key, its histogram bucket and every quantile's value
+        self._one: dict[int, tuple[int, list[float | None]]] = {}
 
     def of(self, bins: dict[int, int], zeros: int, count: int) -> tuple[list[float | None], list[int]]:
-        bounds = self.bounds
-        counts = [0] * (len(bounds) + 1)
+        counts = self._blank.copy()
         if count == 0:
             return [None] * len(self.qs), counts
-        counts[0] = zeros
-        last = count - 1
-        if len(bins) == 1:  # most sets of sparse traffic: one call, or calls alike
+        if not zeros and len(bins) == 1:
+            # every rank falls in the one bin (or past the counts: the top bin, the same)
             ((key, n),) = bins.items()
             try:
-                counts[self._bucket[key]] += n
+                i, values = self._one[key]
             except KeyError:
-                i = self._bucket[key] = bisect.bisect_left(bounds, reported(key))
-                counts[i] += n
-            # every rank past the zeros falls in the one bin (or past the counts: the top bin, the same)
+                i, values = self._one[key] = (self._bucket_of(key), [reported(key)] * len(self.qs))
+            counts[i] = n
+            return values.copy(), counts  # copies: an aggregate takes its lists over
+        counts[0] = zeros
+        last = count - 1
+        if len(bins) == 1:  # and some zeros
+            ((key, n),) = bins.items()
+            counts[self._bucket_of(key)] += n
             value = reported(key)
-            if not zeros:  # no rank is below 0: all of them (most one-bin sketches)
-                return [value] * len(self.qs), counts
             return [0.0 if q * last < zeros else value for q in self.qs], counts
         ranks = [q * last for q in self.qs]
         wanted = len(ranks)
@@ -143,7 +148,7 @@ class SketchSummary:
         while ranks[j] < zeros:  # within the zeros
             out.append(0.0)
             j += 1
-        bucket = self._bucket
+        bucket, bounds = self._bucket, self.bounds
         seen = zeros
         for key, n in sorted(bins.items()):
             try:
@@ -159,6 +164,13 @@ class SketchSummary:
             top = reported(max(bins))
             out += [top] * (wanted - j)
         return out, counts
+
+    def _bucket_of(self, key: int) -> int:
+        try:
+            return self._bucket[key]
+        except KeyError:
+            i = self._bucket[key] = bisect.bisect_left(self.bounds, reported(key))
+            return i
 
     def of_sketch(self, sketch: QuantileSketch) -> tuple[list[float | None], list[int]]:
         return self.of(sketch.bins, sketch.zeros, sketch.count)
