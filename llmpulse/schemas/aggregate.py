@@ -31,7 +31,13 @@ def dimensions_key(dimensions: dict[str, str]) -> str:
 
 def aggregate_id(kind: str, window_s: int, window_start_ms: int, dims_key: str) -> str:
     """Deterministic key of a window aggregate: re-publication overwrites, never adds."""
-    return f"{kind}|{window_s}|{window_start_ms}|{dims_key}"
+    return aggregate_id_prefix(kind, window_s, window_start_ms) + dims_key
+
+
+def aggregate_id_prefix(kind: str, window_s: int, window_start_ms: int) -> str:
+    """What the ids of a window's aggregates start with: `aggregate_id` is it and the dims key
+    (a window's thousands of aggregates take it made once)."""
+    return f"{kind}|{window_s}|{window_start_ms}|"
 
 
 class WindowAggregate(WireModel):

@@ -20,6 +20,7 @@ from llmpulse.schemas.aggregate import (
     TTFT_BUCKETS_S,
     WindowAggregate,
     aggregate_id,
+    aggregate_id_prefix,
     blank_fields,
     fields_set_of,
 )
@@ -676,7 +677,7 @@ class WindowResults:
     decoded typed and merged as states (merged_call_state), with no accumulator or sketch
     objects: sparse traffic makes thousands of one-call aggregates."""
 
-    __slots__ = ("_base", "kind", "start_ms", "window_s")
+    __slots__ = ("_base", "_id_prefix", "kind", "start_ms", "window_s")
 
     def __init__(self, kind: str, window_s: int, start_ms: int) -> None:
         self.kind = kind
@@ -688,6 +689,7 @@ class WindowResults:
         base["window_start"] = _ms_to_dt(start_ms)
         base["window_end"] = _ms_to_dt(start_ms + window_s * 1000)
         self._base = base
+        self._id_prefix = aggregate_id_prefix(kind, window_s, start_ms)
 
     def aggregate(self, parts: Iterable[bytes], dims: dict[str, str], dims_key: str, revision: int) -> WindowAggregate:
         if self.kind != "calls":
@@ -697,14 +699,14 @@ class WindowResults:
         fields = self._base.copy()
         call_figures(fields, self.window_s, merged_call_state(parts))
         # _put_ids written out (one call less per aggregate)
-        fields["aggregate_id"] = aggregate_id("calls", self.window_s, self.start_ms, dims_key)
+        fields["aggregate_id"] = self._id_prefix + dims_key
         fields["dimensions"] = dict(dims)
         fields["dims_key"] = dims_key
         fields["revision"] = revision
         return WindowAggregate.of_fields(fields, _CALL_NAMES)
 
     def _put_ids(self, out: dict[str, Any], dims: dict[str, str], dims_key: str, revision: int) -> None:
-        out["aggregate_id"] = aggregate_id(self.kind, self.window_s, self.start_ms, dims_key)
+        out["aggregate_id"] = self._id_prefix + dims_key
         out["dimensions"] = dict(dims)
         out["dims_key"] = dims_key
         out["revision"] = revision
