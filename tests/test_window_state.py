@@ -61,6 +61,7 @@ class Changelog:
     def __init__(self) -> None:
         self.state = ChangelogState("windows", "w-changelog")
         self.log: list[Record] = []
+        self.sizes: dict[str, int] = {}  # the bytes of each key's last value sent
 
     def flush(self) -> None:
         sent: list[tuple[int | None, bytes | None, bytes | None]] = []
@@ -75,6 +76,7 @@ class Changelog:
         for partition, key, value in sent:
             assert partition == 0 and key is not None
             self.log.append((json.loads(key), None if value is None else json.loads(value)))
+            self.sizes[json.loads(key)] = 0 if value is None else len(value)
 
 
 def compacted(records: Iterable[Record]) -> dict[str, Any]:
@@ -257,9 +259,9 @@ def test_a_window_written_many_times_is_rewritten_whole_and_its_older_records_de
 def test_more_accumulators_than_a_record_holds_split_into_records_that_restore_whole() -> None:
     # 1,500 users in one window: more accumulators than MAX_ACCS
     many = [call(i, 1 + i * 0.004, user=f"u{i}") for i in range(1500)]
-    # 700 users with varied latencies each: their states exceed MAX_BYTES before MAX_ACCS
-    big = [call(10_000 + i, 12 + i * 0.0012, user=f"v{i % 700}", latency=1 + (i * 37) % 5000)
-           for i in range(6000)]  # fmt: skip
+    # 900 users with varied latencies each: their states exceed MAX_BYTES before MAX_ACCS
+    big = [call(10_000 + i, 12 + i * 0.0006, user=f"v{i % 900}", latency=1 + (i * 37) % 5000)
+           for i in range(12_000)]  # fmt: skip
     events = many + big + [call(99_999, 80.0)]  # the last one closes both windows
     batches = batches_of(events, [len(many), len(big), 1])
     log = Changelog()
@@ -270,22 +272,28 @@ def test_more_accumulators_than_a_record_holds_split_into_records_that_restore_w
         if parsed is not None and parsed.window is not None:
             by_window.setdefault(parsed.window[0], []).append((parsed.window[1], value))
     t0 = int(T0.timestamp() * 1000)
-    for start, accs in ((t0, 1500), (t0 + 10_000, 700)):
+    for start, accs in ((t0, 1500), (t0 + 10_000, 900)):
         recs = by_window[start]
         assert [seq for seq, _ in recs] == list(range(len(recs))) and len(recs) >= 2
         assert sum(len(v) for _, v in recs) == accs
-        for _, v in recs:
-            assert len(v) <= WS.MAX_ACCS and len(json.dumps(v)) <= WS.MAX_BYTES
+        for seq, v in recs:
+            assert len(v) <= WS.MAX_ACCS and log.sizes[WS.window_key(0, "calls", start, seq)] <= WS.MAX_BYTES
     want, _ = run(windows(), batches)
     again, _ = run(restored(log.log), batches)
     assert latest(first + again) == latest(want)
 
 
-def test_an_encoded_mapping_is_sent_as_json_dumps_of_it() -> None:
+def test_an_encoded_mapping_is_sent_as_the_json_of_its_items_and_knows_its_size() -> None:
+    items = {
+        "a\x1fb": {"o": 3, "a": {"x": [1.5, None], "b": {7: 2}, "s": 0.1 + 0.2, "big": 1e300}},
+        "é": {"o": 4, "a": {}},
+    }
     m = EncodedMapping()
-    for name, value in (("a\x1fb", {"o": 3, "a": {"x": [1.5, None]}}), ("é", {"o": 4, "a": {}})):
-        m.add(name, value, EncodedMapping.item_text(name, value))
-    assert m.text() == json.dumps(m) and m.size == len(m.text()) and json.loads(m.text()) == m
+    for name, value in items.items():
+        m.add(EncodedMapping.item_text(name, value))
+    # what json.dumps of it reads back as (int keys become strings), in as many bytes as counted
+    assert json.loads(m.text()) == json.loads(json.dumps(items)) == m
+    assert m.size == len(m.text()) and len(m) == 2
 
 
 def test_a_state_of_the_previous_version_restores_and_its_records_are_deleted_with_their_windows() -> (
@@ -318,3 +326,4 @@ def test_a_state_of_the_previous_version_restores_and_its_records_are_deleted_wi
     assert all(p.window[0] >= t360 for p in left if p is not None and p.window is not None)
     # a crash anywhere in the flushes around the upgrade
     assert crash_everywhere(batches, legacy_until=3, steps=[2, 3, 4]) > 20
+

@@ -60,7 +60,7 @@ from llmpulse.streams.windowing import AccKey, CloseResult, PartitionWindows
 SEP = "\x1f"
 Shape = Literal["M", "W", "L", "D", "A"]
 MAX_ACCS = 1000  # accumulators in one W record
-MAX_BYTES = 256 * 1024  # and its value's text: a quarter of Kafka's default message limit
+MAX_BYTES = 256 * 1024  # and its value's text in bytes: a quarter of Kafka's default message limit
 REWRITE_SLACK = 32  # accumulator states a window's records may hold beyond twice its accumulators
 
 
@@ -191,16 +191,15 @@ def _write_window(
     bounded by MAX_ACCS and MAX_BYTES (an accumulator larger than that alone in its record)."""
     prefix = f"{partition}|{pw.kind}|W|{start}|"
     item_text = EncodedMapping.item_text
+    acc_state = pw.acc_state
     record = EncodedMapping()
     for dims in tuples:
-        name = SEP.join(dims)
-        state = pw.acc_state((start, dims))
-        text = item_text(name, state)
-        if record and (len(record) >= MAX_ACCS or record.size + 2 + len(text) > MAX_BYTES):
+        text = item_text(SEP.join(dims), acc_state((start, dims)))
+        if record and (len(record) >= MAX_ACCS or record.size + 1 + len(text) > MAX_BYTES):
             table[prefix + str(w.next)] = record
             w.next += 1
             record = EncodedMapping()
-        record.add(name, state, text)
+        record.add(text)
     if record:
         table[prefix + str(w.next)] = record
         w.next += 1
