@@ -327,3 +327,27 @@ def test_a_state_of_the_previous_version_restores_and_its_records_are_deleted_wi
     # a crash anywhere in the flushes around the upgrade
     assert crash_everywhere(batches, legacy_until=3, steps=[2, 3, 4]) > 20
 
+
+def test_accumulators_restored_past_their_close_are_dropped_at_the_next_close() -> None:
+    """A crash after a close's mark was written and before its tombstones: the restored state
+    holds accumulators of windows closed already (their partials delivered). The next close
+    that moves the mark drops them and deletes their records, though none of their windows closes."""
+    batches = batches_of(sparse_and_late(), [23, 40, 17, 31, 9, 44, 30, 6])
+    log = Changelog()
+    run(windows(), batches, log)
+    seen_stale = 0
+    for cut in range(len(log.log) + 1):
+        w = restored(log.log[:cut])
+        mark = w.close_mark_ms
+        if mark is None:
+            continue
+        stale = {k for k in w.accs if k[0] - k[0] % w.max_ms + w.max_ms <= mark}
+        seen_stale += bool(stale)
+        later = call(500_000 + cut, (mark - int(T0.timestamp() * 1000)) / 1000 + 30, model="m9")
+        w.apply([(10**9, later)], now_wall=0)
+        res = w.close(now_wall=0)
+        assert stale <= set(res.removed) and not stale & set(w.accs)
+        gone = set(WS.closed_keys(0, w, res))
+        assert all(k in gone for k in compacted(log.log[:cut]) if (p := WS.parse(k)) and p.window
+                   and p.window[0] - p.window[0] % w.max_ms + w.max_ms <= mark)  # fmt: skip
+    assert seen_stale

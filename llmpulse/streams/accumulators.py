@@ -264,7 +264,8 @@ class CallAccumulator(Accumulator):
         # Per member only what can hold something is read: an accumulator's error types are
         # its errors by type (agg and merge add both, from_state reads what they wrote), so no
         # errors means none; a sketch's count is its zeros and binned values, so a TTFT sketch
-        # of count 0 (no streamed call: most) holds nothing.
+        # of count 0 (no streamed call: most) holds nothing, and its TTFT sum is 0.0 (a sum of
+        # none; agg and merge add to both at once), which leaves a sum from 0.0 as it is.
         requests = errors = prompt = completion = total = cost_nano = unpriced = 0
         lat_n = lat_zeros = ttft_n = ttft_zeros = 0
         lat_sum = ttft_sum = 0.0
@@ -298,7 +299,7 @@ class CallAccumulator(Accumulator):
                         ttft_bins[k] += n
                     else:
                         ttft_bins[k] = n
-            ttft_sum += o.ttft_sum
+                ttft_sum += o.ttft_sum
             prompt += o.prompt
             completion += o.completion
             total += o.total
@@ -327,11 +328,13 @@ class CallAccumulator(Accumulator):
         # Integers, error types and sketch bins from the parts (the runs merged in order insert
         # the dicts' keys in the order the finest would); the float sums are added again from
         # the finest accumulators in order, as merging them one by one adds them. One part is
-        # the sums of the same terms in the same order already (a sum from 0.0 is never -0.0).
+        # the sums of the same terms in the same order already (a sum from 0.0 is never -0.0);
+        # no TTFT at all (no streamed call) is a TTFT sum of 0.0 however it is added (merged).
         out = cls.merged(parts)
         if len(parts) > 1:
             out.lat_sum = reduce(add, map(_LAT_SUM, finest), 0.0)
-            out.ttft_sum = reduce(add, map(_TTFT_SUM, finest), 0.0)
+            if out.ttft.count:
+                out.ttft_sum = reduce(add, map(_TTFT_SUM, finest), 0.0)
         return out
 
     def to_state(self) -> dict[str, Any]:

@@ -125,6 +125,10 @@ class PartitionWindows:
                     sets.append((set_names, tuple(names.index(d) for d in set_names)))
         self.rollup = RollUp(self.acc_cls, self.windows_s, self.dim_sets_of)
         self.accs: dict[AccKey, Accumulator] = {}
+        # the keys of `accs` by smallest-window start, so that a close reads only the windows it
+        # closes, not every open key (a batch's close mostly closes nothing); each list is sorted
+        # when its window closes, new keys appended after it (sorted again, a short run, by Timsort)
+        self.keys_by_start: dict[int, list[AccKey]] = {}
         self.acc_offsets: dict[AccKey, int] = {}
         self.restored_acc_offset = -1  # the largest offset of a restored accumulator
         self.applied_offset = -1
@@ -155,6 +159,7 @@ class PartitionWindows:
         duplicates = 0
         accs = self.accs
         acc_offsets = self.acc_offsets
+        by_start = self.keys_by_start
         dirty = self.dirty
         key_of = self.acc_cls.key_of
         base = self.base_ms
@@ -222,6 +227,11 @@ class PartitionWindows:
                         # is one string, not one decoded copy per event (at 10,000 users, ~40 MB)
                         key = (start, tuple(map(intern, key[1])))
                         acc = accs[key] = new_cls()
+                        starts_keys = by_start.get(start)
+                        if starts_keys is None:
+                            by_start[start] = [key]
+                        else:
+                            starts_keys.append(key)
                     groups[key] = [offset, acc, [event]]
                 else:
                     group[0] = offset
@@ -299,32 +309,36 @@ class PartitionWindows:
             self.rollup.end_close()
             result.mark_ms = prev
             return result
-        # the keys by smallest-window start, each list sorted once: a window's keys are the
-        # lists of its starts in ascending order (the fixed merge order of _roll_up)
-        by_start: dict[int, list[AccKey]] = {}
-        for key in self.accs:
-            ks = by_start.get(key[0])
-            if ks is None:
-                by_start[key[0]] = [key]
-            else:
-                ks.append(key)
+        # the keys of each window closing now, by smallest-window start in ascending order, each
+        # start's sorted: a window's keys sorted (the fixed merge order of _roll_up)
         groups: dict[tuple[int, int], list[AccKey]] = {}
         removable: list[AccKey] = []
+        by_start = self.keys_by_start
+        max_ms = self.max_ms
         for b in sorted(by_start):
-            ks = by_start[b]
-            ks.sort()
+            closing = []
             for s in self.windows_s:
                 size = s * 1000
                 t = b - b % size
                 end = t + size
                 if end <= new_mark and (prev is None or end > prev):
-                    window_keys = groups.get((s, t))
-                    if window_keys is None:
-                        groups[(s, t)] = list(ks)
-                    else:
-                        window_keys += ks
-            if (b - b % self.max_ms) + self.max_ms <= new_mark:
+                    closing.append((s, t))
+            # its largest window is closed: usually closing now, or closed before a crash whose
+            # tombstones were lost (restored past its close mark)
+            remove = (b - b % max_ms) + max_ms <= new_mark
+            if not closing and not remove:
+                continue
+            ks = by_start[b]
+            ks.sort()
+            for st in closing:
+                window_keys = groups.get(st)
+                if window_keys is None:
+                    groups[st] = list(ks)
+                else:
+                    window_keys += ks
+            if remove:
                 removable += ks
+                del by_start[b]
         for (s, t), keys in sorted(groups.items()):
             self._roll_up(s, t, keys, self.accs, self.source, result.partials)
         for key in removable:
@@ -408,6 +422,8 @@ class PartitionWindows:
         return {"o": self.acc_offsets[key], "a": self.accs[key].to_state()}
 
     def restore_acc(self, key: AccKey, s: dict[str, Any]) -> None:
+        if key not in self.accs:
+            self.keys_by_start.setdefault(key[0], []).append(key)
         self.accs[key] = self.acc_cls.from_state(s["a"])
         self.acc_offsets[key] = s["o"]
         self.restored_acc_offset = max(self.restored_acc_offset, s["o"])
