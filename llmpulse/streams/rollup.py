@@ -166,22 +166,30 @@ class RollUp:
                     if s2 < s:
                         self.keep[s2].add(f)
         self.kept: dict[tuple[int, int, Members], Rolled] = {}
-        # per set, its groups' (dims, dims_key) during one close: the windows of a close (dozens on
-        # sparse traffic) share most values, so each is made once there; the partials only read them
+        # per set, its groups' (dims, dims_key) made during this close, and those of the last close
+        # that rolled the set up: the windows of a close (dozens on sparse traffic) share most
+        # values, and so do the windows of a set from one close to its next (the same users, keys,
+        # models), so each is made once; the partials only read them. Two closes' values per set
+        # at most are held (end_close)
         self.labels: dict[tuple[str, ...], dict[tuple[str, ...], tuple[dict[str, str], str]]] = {}
+        self.last_labels: dict[tuple[str, ...], dict[tuple[str, ...], tuple[dict[str, str], str]]] = {}
 
     def window(
-        self, s: int, t: int, keys: list[AccKey], accs: Mapping[AccKey, Accumulator], keep: bool
-    ) -> list[tuple[dict[str, str], str, Accumulator]]:
+        self, s: int, t: int, keys: list[AccKey], accs: Mapping[AccKey, Accumulator], keep: bool,
+        starts: Sequence[int] | None = None,
+    ) -> list[tuple[dict[str, str], str, Accumulator]]:  # fmt: skip
         """(dims, dims_key, merged accumulator) of every group of every dimension set of window
         (s, t), whose finest accumulators are `keys`, sorted; sets in their configured order,
         groups in the order of their first key. `keep`: the window's keys are final (a closed
-        window, not its late events), its sets may be kept for larger windows."""
+        window, not its late events), its sets may be kept for larger windows. `starts`: the
+        smallest-window starts of `keys`, ascending, where the caller knows them (else read from
+        `keys`: a pass over a large window's keys)."""
         finest = [accs[k] for k in keys]
         if not finest:
             return []
-        tuples = [k[1] for k in keys]
-        starts = sorted({k[0] for k in keys})
+        tuples: list[tuple[str, ...]] | None = None  # made for the first set grouped from the finest
+        if starts is None:
+            starts = sorted({k[0] for k in keys})
         merged = self.acc_cls.merged
         done: dict[Members, Rolled] = {}
         for c in self.order[s]:
@@ -198,6 +206,8 @@ class RollUp:
                     rolled = self._derive(c, f, [r for r in runs if r is not None])
                     break
             if rolled is None:
+                if tuples is None:
+                    tuples = [k[1] for k in keys]
                 groups = group_by_set(c, tuples, finest)
                 rolled = Rolled(
                     len(finest) - sum(map(len, groups.values())),
@@ -212,17 +222,23 @@ class RollUp:
             labels = self.labels.get(names)
             if labels is None:
                 labels = self.labels[names] = {}
+            last = self.last_labels.get(names, {})
             for g in done[c].groups:
                 label = labels.get(g.values)
                 if label is None:
-                    dims = dict(zip(names, g.values, strict=True))
-                    label = labels[g.values] = (dims, dimensions_key(dims))
+                    label = last.get(g.values)
+                    if label is None:
+                        dims = dict(zip(names, g.values, strict=True))
+                        label = (dims, dimensions_key(dims))
+                    labels[g.values] = label
                 out.append((label[0], label[1], g.acc))
         return out
 
     def end_close(self) -> None:
-        """A close is done: forget the groups' labels it made (they live in its partials)."""
-        self.labels.clear()
+        """A close is done: its sets' labels are kept for their next close, in place of those
+        of their previous one."""
+        self.last_labels.update(self.labels)
+        self.labels = {}
 
     def _derive(self, c: Members, f: Members, runs: list[Rolled]) -> Rolled:
         """Set `c` from the groups of `f` (runs of its groups, in key order, runs_of)."""

@@ -48,6 +48,7 @@ batch replays to exactly the state it had.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from sys import intern
@@ -146,13 +147,9 @@ def write_batch(table: Records, partition: int, pw: PartitionWindows) -> None:
     """Queue what changed in the partition's windows since the last write, meta last."""
     kind = pw.kind
     book = records_of(pw)
-    changed: dict[int, list[tuple[str, ...]]] = {}
+    changed: defaultdict[int, list[tuple[str, ...]]] = defaultdict(list)  # by window start
     for start, dims in pw.take_dirty():
-        tuples = changed.get(start)
-        if tuples is None:
-            changed[start] = [dims]
-        else:
-            tuples.append(dims)
+        changed[start].append(dims)
     for start, tuples in changed.items():
         w = book.get(start)
         if w is None:

@@ -312,6 +312,7 @@ class PartitionWindows:
         # the keys of each window closing now, by smallest-window start in ascending order, each
         # start's sorted: a window's keys sorted (the fixed merge order of _roll_up)
         groups: dict[tuple[int, int], list[AccKey]] = {}
+        starts_of: dict[tuple[int, int], list[int]] = {}  # and their starts
         removable: list[AccKey] = []
         by_start = self.keys_by_start
         max_ms = self.max_ms
@@ -334,13 +335,15 @@ class PartitionWindows:
                 window_keys = groups.get(st)
                 if window_keys is None:
                     groups[st] = list(ks)
+                    starts_of[st] = [b]
                 else:
                     window_keys += ks
+                    starts_of[st].append(b)
             if remove:
                 removable += ks
                 del by_start[b]
         for (s, t), keys in sorted(groups.items()):
-            self._roll_up(s, t, keys, self.accs, self.source, result.partials)
+            self._roll_up(s, t, keys, self.accs, self.source, result.partials, starts_of[(s, t)])
         for key in removable:
             del self.accs[key]
             self.acc_offsets.pop(key, None)
@@ -359,8 +362,9 @@ class PartitionWindows:
         return result
 
     def _roll_up(
-        self, s: int, t: int, keys: list[AccKey], accs: dict[AccKey, Accumulator], source: str, out: list[Partial]
-    ) -> None:
+        self, s: int, t: int, keys: list[AccKey], accs: dict[AccKey, Accumulator], source: str, out: list[Partial],
+        starts: list[int] | None = None,
+    ) -> None:  # fmt: skip
         """The partials of window (s, t): the finest accumulators `keys` (sorted) merged per dimension
         set (rollup.py: the same state, to the bit, as merging them one by one in key order, so a
         window closed again after a restore is not published again)."""
@@ -369,7 +373,7 @@ class PartitionWindows:
         # one state per accumulator: a group of one accumulator is that accumulator (rollup.py),
         # often the same one in several sets (a user's only call is its model's, its app's...)
         states: dict[int, dict[str, Any]] = {}
-        for dims, dk, acc in self.rollup.window(s, t, keys, accs, keep):
+        for dims, dk, acc in self.rollup.window(s, t, keys, accs, keep, starts):
             state = states.get(id(acc))
             if state is None:
                 state = states[id(acc)] = acc.to_state()
