@@ -133,6 +133,26 @@ def test_states_decoded_on_receipt_or_when_published_give_the_same_bytes() -> No
     assert published[0] and published[0] == published[1]
 
 
+def test_the_sources_parts_merge_in_one_order_whatever_order_they_arrive_in() -> None:
+    """Which source partition's partials reach stage 2 first is timing; the aggregates are not:
+    the same bytes either way (the error types' order here; with three parts or more, a float
+    sum's last bit too: (a + b) + c is not always (a + c) + b)."""
+    ev0 = [CallEvent(ts=T0 + timedelta(seconds=i), model="m1", latency_ms=0.1 * i, error_type="a", status_code=500)
+           for i in range(3)]  # fmt: skip
+    ev1 = [CallEvent(ts=T0 + timedelta(seconds=i + 0.5), model="m2", latency_ms=0.7 * i, error_type="b", status_code=500)
+           for i in range(3)]  # fmt: skip
+    msgs0 = closed_window_messages("calls:0", ev0)
+    msgs1 = closed_window_messages("calls:1", ev1)
+    published = []
+    for msgs in (msgs0 + msgs1, msgs1 + msgs0):
+        stored = StoredFinalizer.restore(0, SOURCES, CountingTable())
+        published.append(sorted(encode_aggregate(a) for a in run(stored, msgs)))
+    assert published[0] and published[0] == published[1]
+    # in the order of the sources' names: calls:0's error type first
+    both = [json.loads(b) for b in published[0] if b'"dims_key":"*"' in b and b'"window_s":10,' in b]
+    assert [list(a["errors_by_type"]) for a in both] == [["a", "b"]]
+
+
 def test_a_part_sent_again_is_a_revision_only_when_its_values_changed() -> None:
     table = CountingTable()
     stored = StoredFinalizer.restore(0, SOURCES, table)

@@ -184,8 +184,8 @@ class CallState(msgspec.Struct):
     def merge(self, o: CallState) -> None:
         """`o` added into this state: `CallAccumulator.merge` (llmpulse.streams.accumulators) on
         states, the float sums and the dicts' keys added in the same order (same sums, same dict
-        order). Stage 2 merges a dimension set's parts with this, in arrival order; `o` is left
-        as it was. Only what can hold something is read: error types come only with errors
+        order). Stage 2 merges a dimension set's parts with this, in the order of their sources
+        (finalizing._by_source); `o` is left as it was. Only what can hold something is read: error types come only with errors
         (agg and merge add both), and a sketch's count is its zeros and binned values, so a
         TTFT sketch of count 0 (no streamed call: most) holds nothing."""
         self.r += o.r

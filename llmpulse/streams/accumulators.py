@@ -674,8 +674,8 @@ def merged_call_state(parts: Iterable[bytes]) -> CallState:
 
 class WindowResults:
     """The aggregates of one window, each from its dimension set's parts as stage 2 holds them
-    (packed states, in arrival order): `merged_states(kind, parts).result(window_s, start_ms,
-    dims, dims_key, revision)`, the same model to the bit. The fields the aggregates share
+    (packed states, in the order of their sources): `merged_states(kind, parts).result(window_s,
+    start_ms, dims, dims_key, revision)`, the same model to the bit. The fields the aggregates share
     (the window's, the blank ones) are made once for the window; a calls set's parts are
     decoded typed and merged as states (merged_call_state), with no accumulator or sketch
     objects: sparse traffic makes thousands of one-call aggregates."""

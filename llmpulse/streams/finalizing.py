@@ -79,6 +79,15 @@ def _changed(held: bytes, state: bytes) -> bool:
     return held != state and unpack_state(held) != unpack_state(state)
 
 
+def _by_source(parts: dict[str, bytes]) -> Iterable[bytes]:
+    """A dimension set's parts in the order of their sources' names, not the order they arrived:
+    the float sums (latency, TTFT) and the error types' order of a merge depend on its order,
+    and arrival order depends on timing (which partition's partials a fetch returned first), so
+    the same events gave aggregates differing in a sum's last bit from one run, restart or
+    rebalance to the next. Most sets have one part: nothing to order."""
+    return parts.values() if len(parts) < 2 else [parts[source] for source in sorted(parts)]
+
+
 @dataclass(slots=True)
 class PendingWindow:
     """Every dimension set of one window, and what of it is in the state (for removal)."""
@@ -218,8 +227,7 @@ class Finalizer:
                 if slot.revision > 0:
                     continue
                 slot.revision = 1 - slot.revision
-                # its sources' parts merged in arrival order
-                aggs.append(((*wkey, dk), results.aggregate(slot.parts.values(), slot.dims, dk, slot.revision)))
+                aggs.append(((*wkey, dk), results.aggregate(_by_source(slot.parts), slot.dims, dk, slot.revision)))
             window.published = True
             out.append((wkey, aggs))
         return out
