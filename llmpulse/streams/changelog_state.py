@@ -51,9 +51,11 @@ def _value_encoder() -> Callable[[Any], str]:
     return lambda value: "".join(iterencode(value, 0))
 
 
-# json.dumps of a str key is exactly this (ASCII, escaped: the \x1f separators of window_state.py)
-_KEY_TEXT: Callable[[str], str] = json.encoder.encode_basestring_ascii
-_VALUE_TEXT = _value_encoder()
+# a record's key and value text, as json.dumps writes them (changelog_map.py writes stage 2's
+# records with the same two): json.dumps of a str key is exactly KEY_TEXT (ASCII, escaped: the
+# \x1f separators of window_state.py)
+KEY_TEXT: Callable[[str], str] = json.encoder.encode_basestring_ascii
+VALUE_TEXT = _value_encoder()
 # a W record's items (window_state.py): msgspec writes the same JSON values as `json.dumps`
 # (floats in their shortest form that reads back to the same float, int keys as strings), with
 # no blanks between tokens and text beyond ASCII as UTF-8, at about a fifth of the cost. One
@@ -160,7 +162,7 @@ class ChangelogState:
         queued, self.queued = self.queued, []
         if not queued:
             return []
-        key_text, value_text = _KEY_TEXT, _VALUE_TEXT
+        key_text, value_text = KEY_TEXT, VALUE_TEXT
         records: list[tuple[int | None, bytes | None, bytes | None]] = [
             (
                 partition, key_text(key).encode(),
