@@ -84,6 +84,7 @@ def main() -> dict[str, Any]:
     ap.add_argument("--batch-s", type=float, default=1.0, help="event-time seconds per envelope (per model)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--profile", type=Path, default=None, help="cProfile the worker into this folder")
+    ap.add_argument("--digest", action="store_true", help="add aggregates_digest: the same aggregates, the same digest")
     args = ap.parse_args()
     cal = calibration()
     calls = int(args.rate * args.minutes * 60)
@@ -96,6 +97,7 @@ def main() -> dict[str, Any]:
         lambda: calls,
         data_end,
         profile=None if args.profile is None else args.profile / "worker.prof",
+        digest=args.digest,
     )
     return {
         "users": args.users, "keys": args.keys, "apps": args.apps, "models": args.models,

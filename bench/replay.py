@@ -2,7 +2,7 @@
 aggregates/s when events are few per second of event time, so that closed windows and
 dimension sets, not events, are what the worker spends its time on.
 
-    python bench/run.py replay [--days 3] [--seed 1] [--rate 4.0] [--profile DIR]
+    python bench/run.py replay [--days 3] [--seed 1] [--rate 4.0] [--profile DIR] [--digest]
 
 The workload is the detection benchmark's (bench/detection_workload.py: the demo's apps,
 models, keys and users on a daily curve, ~2.4 calls a second on average, 4 at the peak,
@@ -27,6 +27,9 @@ Keys of bench/results/replay.json:
   worker_cpu_pct, worker_main_thread_cpu_pct, broker_cpu_pct, machine_busy_pct
                       over the run (bench/worker.py's Sampler)
   calibration_ms, load_average_1m   this machine's speed (bench/common.py)
+`--digest` adds aggregates_digest, a hash of every aggregate published (sorted bytes, read
+until none came for 5 s after the run): the same events through two versions of the code
+give the same digest when their aggregates are the same, to the bit.
 `--profile DIR` runs the worker under cProfile (DIR/worker.prof, and the top functions
 as text in DIR/worker.txt); its figures are then slower than without.
 """
@@ -34,6 +37,7 @@ as text in DIR/worker.txt); its figures are then slower than without.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import pstats
@@ -76,6 +80,7 @@ def replay_through_worker(
     worker: dict[str, Any] | None = None,
     profile: Path | None = None,
     timeout_s: float = 4 * 3600.0,
+    digest: bool = False,
 ) -> dict[str, Any]:
     """Produce every message, then run one worker over them until the windows of all
     traffic of every window size that start at or before `data_end_s` count every call
@@ -116,12 +121,15 @@ def replay_through_worker(
                 # so a window published again is counted once)
                 totals: dict[int, dict[str, int]] = {s: {} for s in sorted(set(settings.worker.windows_s))}
                 by_size: Counter[int] = Counter()
+                kept: list[bytes] = []  # every aggregate's bytes, for `digest`
                 last_note = t0
                 while any(sum(t.values()) < calls for t in totals.values()):
                     for m in consumer.consume(10_000, 0.2):
                         if m.error() is not None:
                             continue
                         value = m.value() or b""
+                        if digest:
+                            kept.append(value)
                         by_size[10 if b'"window_s":10,' in value else 60 if b'"window_s":60,' in value else 0] += 1
                         if b'"dims_key":"*"' in value and b'"kind":"calls"' in value:
                             a = json.loads(value)
@@ -141,11 +149,14 @@ def replay_through_worker(
                 if any(sum(t.values()) != calls for t in totals.values()):
                     raise AssertionError(f"{_counted(totals)} calls in the windows, expected {calls} in each size")
                 peak = rss_mb(proc.pid)
+                if digest:
+                    kept += _rest(consumer)
             finally:
                 consumer.close()
                 stop(proc)
     aggregates = sum(by_size.values())
     return {
+        **({"aggregates_digest": _digest(kept)} if digest else {}),
         "seconds": round(elapsed, 1),
         "aggregates": aggregates,
         "aggregates_10s": by_size[10],
@@ -157,6 +168,29 @@ def replay_through_worker(
         "broker_cpu_pct": round(cpu["broker_cpu_pct"]),
         "machine_busy_pct": round(cpu["machine_busy_pct"]),
     }
+
+
+def _rest(consumer: Any, quiet_s: float = 5.0) -> list[bytes]:
+    """The aggregates still coming after the timed run (other kinds', revisions), until none
+    for `quiet_s`."""
+    out: list[bytes] = []
+    last = time.monotonic()
+    while time.monotonic() - last < quiet_s:
+        for m in consumer.consume(10_000, 0.2):
+            if m.error() is None:
+                out.append(m.value() or b"")
+                last = time.monotonic()
+    return out
+
+
+def _digest(values: list[bytes]) -> str:
+    """One figure for "the same aggregates": the SHA-256 of every aggregate's bytes, sorted
+    (their order on the topic is timing). Two runs of the same events give the same digest
+    (a window's bytes do not depend on the order its partials arrive in: finalizing.py)."""
+    h = hashlib.sha256()
+    for v in sorted(values):
+        h.update(len(v).to_bytes(4, "big") + v)
+    return h.hexdigest()[:16]
 
 
 def _counted(totals: dict[int, dict[str, int]]) -> str:
@@ -189,6 +223,7 @@ def main() -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=1, help="redraws the traffic and its incidents")
     ap.add_argument("--rate", type=float, default=4.0, help="calls a second at the daily peak")
     ap.add_argument("--profile", type=Path, default=None, help="cProfile the worker into this folder")
+    ap.add_argument("--digest", action="store_true", help="add aggregates_digest: the same aggregates, the same digest")
     args = ap.parse_args()
     cal = calibration()
     # the detection bench's 12 incidents in 3 days; shorter runs fewer, under a day none
@@ -202,6 +237,7 @@ def main() -> dict[str, Any]:
         lambda: traffic.counts["calls"],
         w.end.timestamp(),
         profile=None if args.profile is None else args.profile / "worker.prof",
+        digest=args.digest,
     )
     events = traffic.counts["calls"] + traffic.counts["gpu_samples"]
     return {
