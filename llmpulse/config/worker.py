@@ -43,6 +43,12 @@ class WorkerConfig(Section):
         description="an event arriving after its window closed, less than this long (event time) after the window "
         "closed, is counted in a new revision of the window; older ones go to the dead-letter topic as late",
     )
+    max_source_skew_s: Annotated[float, Field(ge=0, le=86400)] = Field(
+        default=60.0,
+        description="while a source partition has a backlog, read no other partition of its kind more than this "
+        "far ahead of it in event time (a replay or backfill: the finalizer holds every window between the "
+        "slowest and the fastest partition); 0: off",
+    )
     batch_max_messages: Annotated[int, Field(ge=1)] = 2000
     batch_within_s: Annotated[float, Field(gt=0)] = 0.2
     flush_open_windows_on_exit: bool = Field(

@@ -10,7 +10,9 @@ window state of partition p (all kinds) has one writer. The Faust app, in the sa
 process, keeps the partials, the finalizer, its table and changelog.
 
 Contract (as arroyo's strategies state theirs):
-- poll: `getmany` (waits up to `poll_ms` for records) -> `handle(records)`, which runs
+- poll: `getmany` of the partitions not held back (waits up to `poll_ms` for records;
+  a partition running ahead in event time on a backlog is held, alignment.py, its fetched
+  records left buffered in the consumer) -> `handle(records)`, which runs
   stage 1 on the batch under its lock and returns the delivery futures of the state
   records queued (and dead letters sent) for it and, per partition, the offset (next to
   read) that queued state covers. Nothing waits for Kafka there, except restoring a
@@ -75,6 +77,8 @@ Revoke = Callable[[set[TopicPart]], Awaitable[list[Any]]]
 Assign = Callable[[set[TopicPart]], Awaitable[None]]
 # a partition the group never committed -> the offset its state continues from (None: no state)
 StartOffset = Callable[[TopicPart], Awaitable[int | None]]
+# the partitions not to read now (event-time alignment, alignment.py)
+Held = Callable[[], set[TopicPart]]
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -107,6 +111,7 @@ class SourceReader:
         session_timeout_ms: int,
         poll_ms: int = 200,
         commit_interval_s: float = 1.0,
+        held: Held | None = None,
     ) -> None:
         self.topics = list(topics)
         self.handle = handle
@@ -116,6 +121,7 @@ class SourceReader:
         self.max_records = max_records
         self.poll_ms = poll_ms
         self.commit_interval_s = commit_interval_s
+        self.held = held
         self.ledger = CommitLedger()
         self.owned: set[TopicPart] = set()
         self.rebalancing = True  # until the first assignment
@@ -181,7 +187,9 @@ class SourceReader:
         last_commit = time.monotonic()
         try:
             while not self._stopping:
-                batch = await self.consumer.getmany(timeout_ms=self.poll_ms, max_records=self.max_records)
+                batch = await self.consumer.getmany(
+                    *self._readable(), timeout_ms=self.poll_ms, max_records=self.max_records
+                )
                 if batch and not self._stopping:
                     records = {(tp.topic, tp.partition): msgs for tp, msgs in batch.items() if msgs}
                     # shielded: a batch started is finished (its state queued) even if the task is cancelled
@@ -193,6 +201,15 @@ class SourceReader:
                     await self._commit(self.ledger.committable())
         finally:
             self._stopped.set()
+
+    def _readable(self) -> list[TopicPartition]:
+        """The partitions `getmany` may hand out now: all (an empty list) unless some are held
+        (alignment.py). A held partition's fetched records stay buffered in the consumer, and
+        it is not fetched again meanwhile: aiokafka fetches a partition once its buffer is drained."""
+        held = self.held() if self.held is not None else set()
+        if not held:
+            return []
+        return [TopicPartition(*tp) for tp in sorted(self.owned - held)]
 
     async def halt(self) -> None:
         """Stop polling once the batch in progress is done (its state queued)."""

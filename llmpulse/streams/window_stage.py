@@ -75,6 +75,7 @@ from llmpulse.schemas.fast import decode_calls
 from llmpulse.schemas.host import HostSample
 from llmpulse.schemas.partials import CloseMark, DimensionSetState, encode_partials, window_messages
 from llmpulse.streams import window_state as WS
+from llmpulse.streams.alignment import PartitionTime, held_partitions
 from llmpulse.streams.bulk_publish import Record
 from llmpulse.streams.changelog_state import ChangelogState
 from llmpulse.streams.commits import CommitLedger
@@ -560,6 +561,20 @@ class WindowStage:
             "%s[%d]: at its end without an event for %.0f s; declared empty", topic, partition, now - since
         )
         return True
+
+    def held(self) -> set[tuple[str, int]]:
+        """The source partitions the reader is not to read now: more than
+        `worker.max_source_skew_s` of event time ahead of the slowest of their kind that has a
+        backlog (alignment.py). Read between batches, from the reader's task."""
+        skew_s = self.settings.worker.max_source_skew_s
+        if not skew_s:
+            return set()
+        times: dict[tuple[str, int], PartitionTime] = {}
+        for tp in self.owned:
+            pw = self.windows.get((self.kind_of_topic[tp[0]], tp[1]))
+            if pw is not None:
+                times[tp] = PartitionTime(pw.kind, pw.max_ts_ms, self._has_backlog(tp, pw))
+        return held_partitions(times, round(skew_s * 1000))
 
     def _has_backlog(self, tp: tuple[str, int], pw: PartitionWindows) -> bool:
         """Whether the broker holds messages of the partition past what the state applied.

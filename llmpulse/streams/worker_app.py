@@ -128,6 +128,7 @@ class WorkerRuntime:
             aiokafka_security(self.security), self._submit_sources, self._revoke_sources,
             self._assign_sources, self._source_start, max_records=wcfg.batch_max_messages,
             session_timeout_ms=kcfg.session_timeout_ms, poll_ms=max(1, round(wcfg.batch_within_s * 1000)),
+            held=lambda: self.windows.held(),
         )  # fmt: skip
         self.windows = WindowStage(
             settings,
