@@ -9,7 +9,7 @@ too large or nested too deeply included: never an exception out of the consumer)
 Two of CallEvent's checks are made per message, not per event, where a Python call per
 event cost more than the rest of the decode (about 0.5 us for the id pattern, which
 msgspec runs through `re` for every string, and 0.3 us for a finiteness check in
-`__post_init__`): the event ids of a message are matched in one pass of one regex
+`__post_init__`): the event ids of a message are checked in one pass over them all
 (`_ids_ok`), and an infinite number is an out-of-range error of msgspec's JSON decoder
 itself (it yields no inf or NaN), bounded again by `le` so that a twin never holds one.
 """
@@ -34,7 +34,10 @@ _Short = Annotated[str, Meta(max_length=128)]
 _Long = Annotated[str, Meta(max_length=256)]
 
 
-class CallEventFast(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+# gc=False: not tracked by the cycle collector (~0.2 us less per decoded event, and fewer
+# collections): its fields are strings, numbers, booleans, None and a datetime, so an instance
+# can never be part of a reference cycle
+class CallEventFast(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, gc=False):
     model: Annotated[str, Meta(min_length=1, max_length=256)]
     schema_version: Annotated[int, Meta(ge=1, le=SCHEMA_VERSION)] = SCHEMA_VERSION
     # IdStr's pattern is matched per message by decode_calls (`_ids_ok`), not here per event
@@ -79,17 +82,19 @@ class _Batch(msgspec.Struct, forbid_unknown_fields=True):
 
 _single = msgspec.json.Decoder(CallEventFast)
 _batch = msgspec.json.Decoder(_Batch)
-_ID_CHARS = r"[A-Za-z0-9_.:\-]+"
-_id_ok = re.compile(_ID_CHARS).fullmatch
-_joined_ids_ok = re.compile(f"{_ID_CHARS}(?: {_ID_CHARS})*").fullmatch
+_id_ok = re.compile(r"[A-Za-z0-9_.:\-]+").fullmatch
+# the characters of the pattern's class
+_ID_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-"
 
 
 def _ids_ok(ids: list[str]) -> bool:
     r"""Whether every id matches IdStr's pattern (^[A-Za-z0-9_.:\-]+$, which pydantic matches to
-    the end of the text): in one pass over the ids joined by a space, which the pattern
-    excludes; as many spaces as joints, so no id held one of its own."""
+    the end of the text; msgspec's min_length=1 has rejected an empty one): the ids joined by
+    a space, which the pattern excludes, hold nothing but the pattern's characters and one
+    space per joint. In one pass of bytes.translate (a table look-up per byte, about a third
+    of a regex's time); `isascii` first, which is O(1), as every such character is ASCII."""
     joined = " ".join(ids)
-    return _joined_ids_ok(joined) is not None and joined.count(" ") == len(ids) - 1
+    return joined.isascii() and joined.encode().translate(None, _ID_BYTES) == b" " * (len(ids) - 1)
 
 
 def decode_calls(raw: bytes | None) -> Decoded[Any]:

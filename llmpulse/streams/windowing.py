@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from sys import intern
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,20 @@ if TYPE_CHECKING:
 
 AccKey = tuple[int, tuple[str, ...]]
 LATE_SUFFIX = "~late"  # source of the partials of late events: never a source the finalizer waits for
+
+
+def event_ms(ts: datetime) -> int:
+    """An event's time in ms since the epoch (truncated: its window, the partition's event time)."""
+    return int(ts.timestamp() * 1000)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US = timedelta(microseconds=1)
+_NO_TIME = datetime(1, 1, 1, tzinfo=UTC)  # apply's "no event counted" (compared by identity)
+# [lo, hi) of no datetime (lo > hi): apply takes each such event's time in ms
+_NO_SPAN = (datetime.max.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC))
+# apply's view of a smallest window: lo, hi, closed, its id set, the ids added, groups by dims
+_Span = tuple[datetime, datetime, bool, set[int], list[str], dict[tuple[str, ...], list[Any]]]
 
 
 @dataclass(slots=True)
@@ -127,7 +142,8 @@ class PartitionWindows:
         self.accs: dict[AccKey, Accumulator] = {}
         # the keys of `accs` by smallest-window start, so that a close reads only the windows it
         # closes, not every open key (a batch's close mostly closes nothing); each list is sorted
-        # when its window closes, new keys appended after it (sorted again, a short run, by Timsort)
+        # when its window closes, new keys appended after it (sorted again, a short run, by Timsort);
+        # added to by _add_key only (a new accumulator's, applied or restored), removed by close
         self.keys_by_start: dict[int, list[AccKey]] = {}
         self.acc_offsets: dict[AccKey, int] = {}
         self.restored_acc_offset = -1  # the largest offset of a restored accumulator
@@ -153,25 +169,22 @@ class PartitionWindows:
 
     # -- processing ---------------------------------------------------------------------------
     def apply(self, batch: Iterable[tuple[int, Any]], now_wall: float) -> Applied:
-        """Add (offset, event) pairs in offset order; returns the late ones and the copies dropped."""
+        """Add (offset, event) pairs in offset order; returns the late ones and the copies dropped.
+
+        An event's `ts` is an aware datetime (every wire model's UtcDatetime, CallEventFast's)."""
         out = Applied()
         late = out.late
         duplicates = 0
         accs = self.accs
         acc_offsets = self.acc_offsets
-        by_start = self.keys_by_start
         dirty = self.dirty
         key_of = self.acc_cls.key_of
         base = self.base_ms
         mark = self.close_mark_ms
         applied = self.applied_offset
-        max_ts = self.max_ts_ms
         new_cls = self.acc_cls
         seen = self.seen
         late_from = None if mark is None else mark - self.lateness_ms  # closed windows ending after it take late events
-        ids_start: int | None = None
-        ids: set[int] = set()
-        ids_added: list[str] = []
         # an accumulator's own offset can be past the applied one only as restored (a crash
         # between its record and the meta's): otherwise every offset it holds is at or below
         # `applied`, below every event applied here, and its check is skipped
@@ -182,15 +195,34 @@ class PartitionWindows:
         # offset and its key in the dirty set, once per key, not per event (the same dirty set:
         # keys inserted in the order they were first changed, as one add per event did)
         groups: dict[AccKey, list[Any]] = {}
+        # per smallest-window start met in this batch (_Span): the times that fall in it, whether
+        # it is closed, its id set and its groups by dimension tuple (the lists of `groups`). An
+        # event in the span of the event before it (most: a partition's events come in time
+        # order) is placed by two datetime comparisons, not its time in ms (~0.4 us), which is
+        # then taken only of the batch's latest counted time (event_ms is monotonic)
+        spans: dict[int, _Span] = {}
+        lo = hi = _NO_SPAN[0]  # nothing is in no span; the first event reads its own
+        start = 0
+        closed = False
+        ids: set[int] = set()
+        ids_added: list[str] = []
+        by_dims: dict[tuple[str, ...], list[Any]] = {}
+        latest = _NO_TIME  # the latest time of a counted event (it moves event time)
         try:
             for offset, event in batch:
                 if offset <= applied:
                     continue
-                ts = int(event.ts.timestamp() * 1000)
-                start = ts - ts % base
+                ts = event.ts
+                if not lo <= ts < hi:
+                    start = event_ms(ts)
+                    start -= start % base
+                    span = spans.get(start)
+                    if span is None:
+                        span = spans[start] = self._span(start, mark)
+                    lo, hi, closed, ids, ids_added, by_dims = span
                 event_id = event.event_id
                 h = hash(event_id)
-                if mark is not None and start + base <= mark:
+                if closed:
                     if seen.seen_closed(start, h):
                         duplicates += 1
                     elif late_from is not None and start + base > late_from:
@@ -200,45 +232,35 @@ class PartitionWindows:
                         late.append(Late(offset, event, start + base))
                     applied = offset
                     continue
-                if start != ids_start:
-                    ids, ids_added = seen.open_window(start)
-                    ids_start = start
                 if h in ids:
                     duplicates += 1
                     applied = offset
                     continue
                 ids.add(h)
                 ids_added.append(event_id)
-                key = (start, key_of(event))
-                group = groups.get(key)
-                if check_offsets and acc_offsets.get(key, -1) >= offset:
+                dims = key_of(event)
+                group = by_dims.get(dims)
+                if check_offsets and acc_offsets.get((start, dims), -1) >= offset:
                     # counted before a crash (restored past the meta): its time was the partition's
                     # then, so it still moves event time, or this replay would close fewer windows
                     # than the first run did and count on time what that run counted late
                     applied = offset
-                    if max_ts is None or ts > max_ts:
-                        max_ts = ts
+                    if ts >= latest:
+                        latest = ts
                     continue
                 if group is None:
+                    key = (start, dims)
                     acc = accs.get(key)
                     if acc is None:
-                        # the key's strings are kept as long as its window (and its state key, in the
-                        # changelog's live keys): interned, a model or user named by thousands of keys
-                        # is one string, not one decoded copy per event (at 10,000 users, ~40 MB)
-                        key = (start, tuple(map(intern, key[1])))
+                        key = self._add_key(start, dims)
                         acc = accs[key] = new_cls()
-                        starts_keys = by_start.get(start)
-                        if starts_keys is None:
-                            by_start[start] = [key]
-                        else:
-                            starts_keys.append(key)
-                    groups[key] = [offset, acc, [event]]
+                    group = groups[key] = by_dims[dims] = [offset, acc, [event]]
                 else:
                     group[0] = offset
                     group[2].append(event)
                 applied = offset
-                if max_ts is None or ts > max_ts:
-                    max_ts = ts
+                if ts >= latest:
+                    latest = ts
         finally:  # what was absorbed, even if an event raised: a replay must not count it again
             for key, (last, acc, events) in groups.items():
                 if len(events) == 1:  # agg_many costs more for one event (sparse traffic: most keys)
@@ -248,11 +270,34 @@ class PartitionWindows:
                 acc_offsets[key] = last
                 dirty.add(key)
         self.applied_offset = applied
-        self.max_ts_ms = max_ts
+        if latest is not _NO_TIME:
+            ts_ms = event_ms(latest)
+            if self.max_ts_ms is None or ts_ms > self.max_ts_ms:
+                self.max_ts_ms = ts_ms
         if groups:  # an event counted
             self.last_event_wall = now_wall
         out.duplicates = duplicates
         return out
+
+    def _span(self, start: int, mark: int | None) -> _Span:
+        """apply's view of the smallest window at `start`: [lo, hi), the datetimes whose event_ms
+        lies in it (_NO_SPAN's where the bounds' own ms say otherwise: float rounding far from
+        the epoch, or past datetime's range), and, open, its id set and groups (new)."""
+        base = self.base_ms
+        lo, hi = _NO_SPAN
+        try:
+            first = _EPOCH + timedelta(milliseconds=start)
+            end = _EPOCH + timedelta(milliseconds=start + base)
+        except OverflowError:
+            pass
+        else:
+            # event_ms is monotonic, and no datetime lies between end - 1 us and end
+            if event_ms(first) >= start and event_ms(end - _ONE_US) < start + base:
+                lo, hi = first, end
+        if mark is not None and start + base <= mark:
+            return lo, hi, True, set(), [], {}
+        ids, added = self.seen.open_window(start)
+        return lo, hi, False, ids, added, {}
 
     def _apply_late(self, offset: int, key: AccKey, event: Any, h: int) -> None:
         # the id first, as for an open window: a replay after a crash records it again
@@ -266,6 +311,20 @@ class PartitionWindows:
         self.late_offsets[key] = offset
         self.late_dirty.add(key)
         self.late_unsent.add(key)
+
+    def _add_key(self, start: int, dims: tuple[str, ...]) -> AccKey:
+        """The key of a new accumulator, indexed by its start (`keys_by_start`).
+
+        Its strings are kept as long as its window (and its state key, in the changelog's live
+        keys): interned, a model or user named by thousands of keys is one string, not one
+        decoded copy per event (at 10,000 users, ~40 MB)."""
+        key = (start, tuple(map(intern, dims)))
+        keys = self.keys_by_start.get(start)
+        if keys is None:
+            self.keys_by_start[start] = [key]
+        else:
+            keys.append(key)
+        return key
 
     def consumed_through(self, offset: int) -> None:
         """Every event of the messages up to `offset` is accounted for (applied, late or invalid)."""
@@ -427,7 +486,7 @@ class PartitionWindows:
 
     def restore_acc(self, key: AccKey, s: dict[str, Any]) -> None:
         if key not in self.accs:
-            self.keys_by_start.setdefault(key[0], []).append(key)
+            key = self._add_key(*key)
         self.accs[key] = self.acc_cls.from_state(s["a"])
         self.acc_offsets[key] = s["o"]
         self.restored_acc_offset = max(self.restored_acc_offset, s["o"])
