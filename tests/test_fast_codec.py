@@ -96,3 +96,20 @@ def test_nested_and_oversized_values_are_rejected_with_reasons_not_raised() -> N
     out = decode(b'{"model": "gpt-4o", "user": ' + b"[" * 60 + b"]" * 60 + b"}", CallEvent)
     assert out.rejected[0].reason.startswith("field 'user': Input should be a valid string (got [[[")
     assert len(out.rejected[0].reason) < 200
+
+
+@pytest.mark.parametrize(
+    "bad_id", ["has spaces", "tab\there", "é-accented", "nbsp\u00a0", "nul\x00", "slash/", "plus+", "trailing\n", "ÿ"]
+)
+def test_a_batch_with_one_bad_event_id_is_rejected_as_pydantic_rejects_it(bad_id: str) -> None:
+    """The ids of a batch are checked in one pass (fast._ids_ok): one bad id among good ones,
+    first, in the middle or last, is rejected as CallEvent's pattern rejects it (the batch
+    decoded again by pydantic: the good events kept, the bad one a dead letter)."""
+    good = [{**GOOD, "event_id": f"ok-{i}.a:b_C"} for i in range(3)]
+    for at in range(4):
+        items = [*good[:at], {**GOOD, "event_id": bad_id}, *good[at:]]
+        raw = json.dumps({"schema_version": 1, "events": items}).encode()
+        fast, slow = decode_calls(raw), decode(raw, CallEvent)
+        assert len(slow.rejected) == 1
+        assert [e.event_id for e in fast.valid] == [e.event_id for e in slow.valid] == [g["event_id"] for g in good]
+        assert [r.reason for r in fast.rejected] == [r.reason for r in slow.rejected]

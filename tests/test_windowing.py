@@ -10,7 +10,7 @@ import pytest
 from llmpulse.schemas import CallEvent
 from llmpulse.streams.finalizing import Finalizer
 from llmpulse.streams.sketch import RELATIVE_ACCURACY, QuantileSketch
-from llmpulse.streams.windowing import PartitionWindows
+from llmpulse.streams.windowing import PartitionWindows, event_ms
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 DIMS = [[], ["model"], ["app"], ["user"]]
@@ -53,6 +53,30 @@ def test_counts_and_sums_are_exact_per_window_and_dimension() -> None:
     assert g60.requests == 120
     assert sum(a.requests for (s, _, dk), a in got.items() if s == 60 and dk.startswith("model=")) == 240
     assert got[(10, start, "model=m0")].requests == 7
+
+
+def test_events_fall_in_the_windows_of_their_time_in_ms() -> None:
+    """apply places most events by comparing their datetime with their window's bounds, not by
+    their time in ms: the same windows and event time as event_ms gives, at and beside the
+    bounds, on ms, far from the epoch (float rounding) and at datetime's end (no bounds)."""
+    us = timedelta(microseconds=1)
+    near = [timedelta(0), us, -us, timedelta(milliseconds=1), timedelta(seconds=10) - us, timedelta(seconds=3.123)]
+    for base in (T0, datetime(9999, 12, 31, 23, 59, 0, tzinfo=UTC), datetime(1900, 1, 1, tzinfo=UTC)):
+        times = [base + d + timedelta(seconds=s) for d in near for s in (0, 10, 20)]
+        if base.year == 9999:
+            times += [datetime.max.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC) - 2 * us]
+        random.Random(base.year).shuffle(times)
+        w = windows()
+        w.apply([(i, call(0).model_copy(update={"ts": t})) for i, t in enumerate(times)], now_wall=0)
+        counted: dict[int, int] = {}
+        for (start, _), acc in w.accs.items():
+            counted[start] = counted.get(start, 0) + acc.requests  # type: ignore[attr-defined]
+        expected: dict[int, int] = {}
+        for t in times:
+            ms = event_ms(t)
+            expected[ms - ms % 10_000] = expected.get(ms - ms % 10_000, 0) + 1
+        assert counted == expected
+        assert w.max_ts_ms == max(map(event_ms, times))
 
 
 def test_window_closes_only_after_end_plus_grace_and_late_events_are_reported() -> None:
