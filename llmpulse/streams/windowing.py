@@ -149,6 +149,9 @@ class PartitionWindows:
         self.restored_acc_offset = -1  # the largest offset of a restored accumulator
         self.applied_offset = -1
         self.max_ts_ms: int | None = None
+        # apply's _bounds by window start, kept across batches (~1.5 us each: more than a
+        # sparse partition's batch of one or two events saves by them)
+        self.bounds_of: dict[int, tuple[datetime, datetime]] = {}
         self.close_mark_ms: int | None = None
         self.last_event_wall: float | None = None
         self.dirty: set[AccKey] = set()
@@ -199,8 +202,9 @@ class PartitionWindows:
         # it is closed, its id set and its groups by dimension tuple (the lists of `groups`). An
         # event in the span of the event before it (most: a partition's events come in time
         # order) is placed by two datetime comparisons, not its time in ms (~0.4 us), which is
-        # then taken only of the batch's latest counted time (event_ms is monotonic)
+        # then taken only of the batch's latest counted time (event_ms is monotonic).
         spans: dict[int, _Span] = {}
+        ms_of = (_NO_TIME, 0)  # the last time taken in ms, and its ms
         lo = hi = _NO_SPAN[0]  # nothing is in no span; the first event reads its own
         start = 0
         closed = False
@@ -214,8 +218,9 @@ class PartitionWindows:
                     continue
                 ts = event.ts
                 if not lo <= ts < hi:
-                    start = event_ms(ts)
-                    start -= start % base
+                    ms = event_ms(ts)
+                    ms_of = (ts, ms)
+                    start = ms - ms % base
                     span = spans.get(start)
                     if span is None:
                         span = spans[start] = self._span(start, mark)
@@ -271,7 +276,7 @@ class PartitionWindows:
                 dirty.add(key)
         self.applied_offset = applied
         if latest is not _NO_TIME:
-            ts_ms = event_ms(latest)
+            ts_ms = ms_of[1] if latest is ms_of[0] else event_ms(latest)
             if self.max_ts_ms is None or ts_ms > self.max_ts_ms:
                 self.max_ts_ms = ts_ms
         if groups:  # an event counted
@@ -280,24 +285,33 @@ class PartitionWindows:
         return out
 
     def _span(self, start: int, mark: int | None) -> _Span:
-        """apply's view of the smallest window at `start`: [lo, hi), the datetimes whose event_ms
-        lies in it (_NO_SPAN's where the bounds' own ms say otherwise: float rounding far from
-        the epoch, or past datetime's range), and, open, its id set and groups (new)."""
-        base = self.base_ms
-        lo, hi = _NO_SPAN
-        try:
-            first = _EPOCH + timedelta(milliseconds=start)
-            end = _EPOCH + timedelta(milliseconds=start + base)
-        except OverflowError:
-            pass
-        else:
-            # event_ms is monotonic, and no datetime lies between end - 1 us and end
-            if event_ms(first) >= start and event_ms(end - _ONE_US) < start + base:
-                lo, hi = first, end
-        if mark is not None and start + base <= mark:
+        """apply's view of the smallest window at `start`: its bounds (_bounds), closed or, open,
+        its id set and its groups (new)."""
+        bounds = self.bounds_of.get(start)
+        if bounds is None:
+            if len(self.bounds_of) >= 256:  # of windows long closed (the open ones are a few)
+                self.bounds_of.clear()
+            bounds = self.bounds_of[start] = self._bounds(start)
+        lo, hi = bounds
+        if mark is not None and start + self.base_ms <= mark:
             return lo, hi, True, set(), [], {}
         ids, added = self.seen.open_window(start)
         return lo, hi, False, ids, added, {}
+
+    def _bounds(self, start: int) -> tuple[datetime, datetime]:
+        """[lo, hi): the datetimes whose event_ms lies in the smallest window at `start`; _NO_SPAN
+        where the bounds' own ms say otherwise (float rounding far from the epoch) or past
+        datetime's range."""
+        base = self.base_ms
+        try:
+            lo = _EPOCH + timedelta(milliseconds=start)
+            hi = _EPOCH + timedelta(milliseconds=start + base)
+        except OverflowError:
+            return _NO_SPAN
+        # event_ms is monotonic, and no datetime lies between hi - 1 us and hi
+        if event_ms(lo) >= start and event_ms(hi - _ONE_US) < start + base:
+            return lo, hi
+        return _NO_SPAN
 
     def _apply_late(self, offset: int, key: AccKey, event: Any, h: int) -> None:
         # the id first, as for an open window: a replay after a crash records it again
