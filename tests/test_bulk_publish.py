@@ -83,10 +83,32 @@ def test_many_keys_hashed_at_once_are_each_keys_murmur2() -> None:
     rng = random.Random(15)
     for n in [0, 1, 47, 48, 49, 300, 2000]:
         keys = [bytes(rng.randrange(256) for _ in range(rng.randint(0, 80))) for _ in range(n)]
-        assert murmur2_many(keys) == [murmur2(k) for k in keys], n
+        assert murmur2_many(keys).tolist() == [murmur2(k) for k in keys], n
     for length in range(81):  # one length at a time: every key has the same words and tail
         keys = [bytes(rng.randrange(256) for _ in range(length)) for _ in range(60)]
-        assert murmur2_many(keys) == [murmur2(k) for k in keys], length
+        assert murmur2_many(keys).tolist() == [murmur2(k) for k in keys], length
     keys = [b"\xff" * rng.randint(0, 80) for _ in range(100)]  # the largest words: no overflow
     keys += [f"calls|10|{1700000000000 + 10000 * i}|model=m{i % 7}".encode() for i in range(100)]
-    assert murmur2_many(keys) == [murmur2(k) for k in keys]
+    assert murmur2_many(keys).tolist() == [murmur2(k) for k in keys]
+
+
+def test_a_key_gets_the_partition_of_kafkas_default_partitioner_one_by_one_or_many_at_once() -> None:
+    """partition_of_hash, over one hash (default_partition, finalizer_partition) or publish_bulk's
+    array of them, places every key where aiokafka's DefaultPartitioner does: few partitions and
+    many, hashes with the top bit set (the one the mask drops), few keys and many."""
+    import random
+
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from llmpulse.streams.bulk_publish import default_partition, murmur2_many, partition_of_hash
+
+    rng = random.Random(15)
+    keys = [bytes(rng.randrange(256) for _ in range(rng.randint(0, 80))) for _ in range(3000)]
+    keys += [f"calls|10|{1700000000000 + 10000 * i}|model=m{i % 7}".encode() for i in range(1000)]
+    assert {h >> 31 for h in murmur2_many(keys).tolist()} == {0, 1}
+    for n in [1, 2, 3, 7, 12, 16, 100, 2**31 - 1]:
+        want = [DefaultPartitioner()(k, range(n), []) for k in keys]
+        assert [default_partition(k, n) for k in keys] == want, n
+        for few in (keys[:5], keys[:47]):  # below numpy's threshold: hashed one by one
+            assert partition_of_hash(murmur2_many(few), n).tolist() == want[: len(few)], n
+        assert partition_of_hash(murmur2_many(keys), n).tolist() == want, n

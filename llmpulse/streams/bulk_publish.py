@@ -23,9 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Iterable, Sequence
 from struct import unpack_from
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
+from numpy.typing import NDArray
 
 Record = tuple[int | None, bytes | None, bytes | None]  # (partition or None: by key, key, value)
 
@@ -63,8 +64,8 @@ _VECTOR_FROM = 48
 array operations per 4-byte word column) is then more than the Python loop's per key."""
 
 
-def murmur2_many(keys: Sequence[bytes]) -> list[int]:
-    """`[murmur2(k) for k in keys]`, the same values, computed with numpy for many keys at once.
+def murmur2_many(keys: Sequence[bytes]) -> NDArray[np.uint64]:
+    """`murmur2(k)` of each key, in the keys' order, computed with numpy for many keys at once.
 
     Why: stage 2 publishes a replay's aggregates thousands to a call, each under its own
     key; hashing them one by one in Python was 4% of the worker's time (py-spy, a 1-day
@@ -75,10 +76,12 @@ def murmur2_many(keys: Sequence[bytes]) -> list[int]:
     still have a word j are a prefix of the rows: no mask per step. Each row is padded
     with zeros to a whole word and at least one byte past its key, so the tail's second
     and third bytes can be xored in for every key: past a key's end they are zero, and
-    xoring zero is what murmur2 does for a shorter tail (nothing)."""
+    xoring zero is what murmur2 does for a shorter tail (nothing).
+    An array, so that publish_bulk takes their partitions in one more vector step
+    (`partition_of_hash`)."""
     n = len(keys)
     if n < _VECTOR_FROM:
-        return [murmur2(k) for k in keys]
+        return np.fromiter(map(murmur2, keys), dtype=np.uint64, count=n)
     lengths = np.fromiter(map(len, keys), dtype=np.int64, count=n)
     order = np.argsort(-lengths, kind="stable")
     lengths = lengths[order]
@@ -108,12 +111,24 @@ def murmur2_many(keys: Sequence[bytes]) -> list[int]:
     h ^= h >> np.uint64(15)
     out = np.empty(n, dtype=np.uint64)
     out[order] = h
-    return out.tolist()  # type: ignore[no-any-return]
+    return out
+
+
+@overload
+def partition_of_hash(h: int, partitions: int) -> int: ...
+@overload
+def partition_of_hash(h: NDArray[np.uint64], partitions: int) -> NDArray[np.uint64]: ...
+def partition_of_hash(h: int | NDArray[np.uint64], partitions: int) -> Any:  # numpy's stubs call uint64 & int signed; it is uint64
+    """Kafka's default partitioner: the index, among a topic's `partitions` (sorted), of a
+    keyed record's partition, from its key's murmur2 `h` (one hash, or an array of them:
+    the same formula element-wise). Its only definition: every record placed by key goes
+    where a Kafka producer would put it."""
+    return (h & 0x7FFFFFFF) % partitions
 
 
 def default_partition(key: bytes, partitions: int) -> int:
     """Kafka's default partitioner: the partition of a keyed record among `partitions`."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    return partition_of_hash(murmur2(key), partitions)
 
 
 async def publish_bulk(producer: Any, topic: str, records: Iterable[Record]) -> list[Awaitable[Any]]:
@@ -126,13 +141,13 @@ async def publish_bulk(producer: Any, topic: str, records: Iterable[Record]) -> 
             if key is None:
                 raise ValueError(f"a record for {topic} without a key needs a partition")
             keyed.append(key)
-    # every key hashed at once, taken in record order below
+    # every key hashed and placed at once, taken in record order below
     partitions = sorted(await producer.partitions_for(topic)) if keyed else []
-    hashes = iter(murmur2_many(keyed))
+    places = iter(partition_of_hash(murmur2_many(keyed), len(partitions)).tolist() if keyed else [])
     by_partition: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
     for partition, key, value in records:
         if partition is None:
-            partition = partitions[(next(hashes) & 0x7FFFFFFF) % len(partitions)]
+            partition = partitions[next(places)]
         by_partition.setdefault(partition, []).append((key, value))
     futures: list[Awaitable[Any]] = []
     for partition, items in by_partition.items():

@@ -40,7 +40,7 @@ from llmpulse.schemas.partials import (
 )
 from llmpulse.streams import state_keys as SK
 from llmpulse.streams.accumulators import WindowResults
-from llmpulse.streams.bulk_publish import murmur2
+from llmpulse.streams.bulk_publish import default_partition
 from llmpulse.streams.state_keys import StateKey
 from llmpulse.streams.windowing import Partial
 
@@ -120,7 +120,7 @@ def finalizer_partition(kind: str, window_s: int, partitions: int) -> int:
 
     Kafka's default partitioner (murmur2 of the key), which placed partials before they
     were sent to an explicit partition: a deployment's state stays where it was."""
-    return (murmur2(partial_key(kind, window_s)) & 0x7FFFFFFF) % partitions
+    return default_partition(partial_key(kind, window_s), partitions)
 
 
 EMPTY = -(2**62)  # the close mark of a source declared empty (no event, idle since assigned)
