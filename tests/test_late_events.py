@@ -11,6 +11,7 @@ The end-to-end test through the real broker and worker is in test_worker_late.py
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 from llmpulse.config import ConfigError, load_settings
 from llmpulse.schemas import CallEvent
 from llmpulse.streams import window_state as WS
+from llmpulse.streams.changelog_state import record_value
 from llmpulse.streams.finalizing import RETAIN_MS, Finalizer
 from llmpulse.streams.windowing import LATE_SUFFIX, Partial, PartitionWindows
 from tests.test_worker_duplicates import DIMS, T0, T0_MS, call
@@ -178,7 +180,7 @@ def persist(w: PartitionWindows, state: dict[str, Any], meta: bool = True) -> No
     WS.write_batch(batch, 0, w)
     if not meta:
         del batch[WS.meta_key(0, w.kind)]
-    state.update(batch)
+    state.update((key, json.loads(record_value(value))) for key, value in batch.items())  # as restore reads it
 
 
 def restore(state: dict[str, Any]) -> PartitionWindows:

@@ -28,6 +28,7 @@ from llmpulse.schemas import CallEvent, Feedback, GpuSample, encode, encode_batc
 from llmpulse.schemas.host import HostSample
 from llmpulse.streams import window_state as WS
 from llmpulse.streams.accumulators import NANO
+from llmpulse.streams.changelog_state import record_value
 from llmpulse.streams.dedup import SeenIds, chunk_key_parse, chunk_key_text
 from llmpulse.streams.windowing import Partial, PartitionWindows
 from tests.kafkatools import produce, read_messages
@@ -156,7 +157,7 @@ def persist(w: PartitionWindows, state: dict[str, Any], meta: bool = True) -> No
     WS.write_batch(batch, 0, w)
     if not meta:
         del batch[WS.meta_key(0, w.kind)]
-    state.update(batch)
+    state.update((key, json.loads(record_value(value))) for key, value in batch.items())  # as restore reads it
 
 
 def restore(state: dict[str, Any], horizon_s: float = 30.0) -> tuple[PartitionWindows, list[Any]]:

@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Iterator, Mapping, MutableMapping
 from typing import Any
 
-from llmpulse.streams.changelog_state import KEY_TEXT, VALUE_TEXT, Publish
+from llmpulse.streams.changelog_state import KEY_TEXT, Publish, record_value
 
 
 class ChangelogMap(MutableMapping[str, Any]):
@@ -56,7 +56,7 @@ class ChangelogMap(MutableMapping[str, Any]):
 
     def __setitem__(self, key: str, value: Any) -> None:
         self.data[key] = value
-        self.queued.append((self.partition_of(key), KEY_TEXT(key).encode(), VALUE_TEXT(value).encode()))
+        self.queued.append((self.partition_of(key), KEY_TEXT(key).encode(), record_value(value)))
 
     def __delitem__(self, key: str) -> None:
         del self.data[key]

@@ -30,7 +30,7 @@ Contract (the order is what makes a crash harmless):
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, ItemsView, Iterator, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -63,11 +63,11 @@ VALUE_TEXT = _value_encoder()
 _ITEM_VALUE: Callable[[Any], bytes] = msgspec.json.Encoder().encode
 
 
-class EncodedMapping(Mapping[str, Any]):
+class EncodedMapping:
     """A JSON object value made item by item as its encoded text (UTF-8), so that its writer
     knows its size in bytes as it grows (window_state.py bounds a record of many accumulators
-    by it); `flush` sends that text. Nothing keeps the values themselves: read as a mapping
-    (where tests keep records in a dict), it is its text decoded, as a restore reads it."""
+    by it); `flush` sends that text (`record_value`). Only a writer: nothing keeps the values
+    themselves, and what reads the record back decodes its text, as restore.py does."""
 
     __slots__ = ("parts", "size")
 
@@ -89,21 +89,15 @@ class EncodedMapping(Mapping[str, Any]):
     def text(self) -> bytes:
         return b"{" + b",".join(self.parts) + b"}"
 
-    def decoded(self) -> dict[str, Any]:
-        out: dict[str, Any] = json.loads(self.text())
-        return out
-
     def __len__(self) -> int:
+        """Its items."""
         return len(self.parts)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.decoded())
 
-    def __getitem__(self, key: str) -> Any:
-        return self.decoded()[key]
-
-    def items(self) -> ItemsView[str, Any]:
-        return self.decoded().items()
+def record_value(value: Any) -> bytes:
+    """The bytes a record's value (not a tombstone) is sent as: what restore.py reads back
+    with `json.loads`."""
+    return value.text() if type(value) is EncodedMapping else VALUE_TEXT(value).encode()
 
 
 # (topic, [(partition, key, value or None for a tombstone)] in order) -> the deliveries to wait for
@@ -162,13 +156,9 @@ class ChangelogState:
         queued, self.queued = self.queued, []
         if not queued:
             return []
-        key_text, value_text = KEY_TEXT, VALUE_TEXT
+        key_text = KEY_TEXT
         records: list[tuple[int | None, bytes | None, bytes | None]] = [
-            (
-                partition, key_text(key).encode(),
-                None if value is None
-                else value.text() if type(value) is EncodedMapping else value_text(value).encode(),
-            )
+            (partition, key_text(key).encode(), None if value is None else record_value(value))
             for partition, key, value in queued
-        ]  # fmt: skip
+        ]
         return await publish(self.topic, records)
