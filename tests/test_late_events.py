@@ -11,7 +11,6 @@ The end-to-end test through the real broker and worker is in test_worker_late.py
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 from typing import Any
 
@@ -20,10 +19,9 @@ import pytest
 from llmpulse.config import ConfigError, load_settings
 from llmpulse.schemas import CallEvent
 from llmpulse.streams import window_state as WS
-from llmpulse.streams.changelog_state import record_value
 from llmpulse.streams.finalizing import RETAIN_MS, Finalizer
 from llmpulse.streams.windowing import LATE_SUFFIX, Partial, PartitionWindows
-from tests.test_worker_duplicates import DIMS, T0, T0_MS, call
+from tests.test_worker_duplicates import DIMS, T0, T0_MS, call, persist
 
 
 def windows(lateness_s: float = 120.0, horizon_s: float = 120.0, source: str = "calls:0") -> PartitionWindows:
@@ -173,16 +171,6 @@ def test_lateness_is_bounded_by_the_dedup_horizon_and_the_finalizer_retention(tm
 
 
 # -- restore in the middle -----------------------------------------------------------------------
-def persist(w: PartitionWindows, state: dict[str, Any], meta: bool = True) -> None:
-    """What the worker writes for a batch (window_state.write_batch: accumulators, late ones,
-    id chunks, meta last); meta=False: a crash before the batch's last record was written."""
-    batch: dict[str, Any] = {}
-    WS.write_batch(batch, 0, w)
-    if not meta:
-        del batch[WS.meta_key(0, w.kind)]
-    state.update((key, json.loads(record_value(value))) for key, value in batch.items())  # as restore reads it
-
-
 def restore(state: dict[str, Any]) -> PartitionWindows:
     """What a restarted worker reads back (window_state.load)."""
     w = windows()

@@ -151,7 +151,7 @@ def test_eviction_returns_the_persisted_chunks_to_delete() -> None:
 
 
 def persist(w: PartitionWindows, state: dict[str, Any], meta: bool = True) -> None:
-    """What the worker writes for a batch (window_state.write_batch: accumulators, id chunks,
+    """What the worker writes for a batch (window_state.write_batch: accumulators, late ones, id chunks,
     meta last); meta=False: a crash before the batch's last record reached the changelog."""
     batch: dict[str, Any] = {}
     WS.write_batch(batch, 0, w)
