@@ -24,7 +24,7 @@ import msgspec
 MAX_SETS_PER_MESSAGE = 1000
 
 
-class DimensionSetState(msgspec.Struct, array_like=True):
+class DimensionSetState(msgspec.Struct, array_like=True, gc=False):
     """One dimension set of a window: its canonical key, its values, the accumulator state."""
 
     dims_key: str
@@ -32,7 +32,7 @@ class DimensionSetState(msgspec.Struct, array_like=True):
     state: dict[str, Any]
 
 
-class _WindowHeader(msgspec.Struct, kw_only=True):
+class _WindowHeader(msgspec.Struct, kw_only=True, gc=False):
     """What a partials message says of its window, whichever way its sets are decoded."""
 
     kind: str
@@ -53,7 +53,7 @@ class WindowPartials(_WindowHeader, tag="partials", tag_field="type", kw_only=Tr
     sets: list[DimensionSetState]
 
 
-class LegacyPartial(msgspec.Struct, tag="partial", tag_field="type"):
+class LegacyPartial(msgspec.Struct, tag="partial", tag_field="type", gc=False):
     """A partial of the previous version: one window and one dimension set."""
 
     kind: str
@@ -71,7 +71,7 @@ class LegacyPartial(msgspec.Struct, tag="partial", tag_field="type"):
         )  # fmt: skip
 
 
-class CloseMark(msgspec.Struct, tag="mark", tag_field="type"):
+class CloseMark(msgspec.Struct, tag="mark", tag_field="type", gc=False):
     """Every window of `kind` ending at or before `mark` (ms) is closed in source `src`;
     None: the source has seen no event yet (it holds no window back)."""
 
@@ -80,7 +80,7 @@ class CloseMark(msgspec.Struct, tag="mark", tag_field="type"):
     mark: int | None
 
 
-class ReceivedSet(msgspec.Struct, array_like=True):
+class ReceivedSet(msgspec.Struct, array_like=True, gc=False):
     """A `DimensionSetState` as stage 2 decodes it: the state left as its JSON text, decoded
     only when its window is published (`llmpulse.streams.accumulators`, `decode_call_state`)."""
 
@@ -154,7 +154,7 @@ def unpack_state(packed: dict[str, Any] | bytes) -> dict[str, Any]:
     return _state_decoder.decode(packed) if isinstance(packed, bytes) else packed
 
 
-class SketchState(msgspec.Struct):
+class SketchState(msgspec.Struct, gc=False):
     """`QuantileSketch.to_state` (llmpulse.streams.sketch): bins by key, zeros, count."""
 
     b: dict[int, int] = {}
@@ -162,7 +162,7 @@ class SketchState(msgspec.Struct):
     n: int = 0
 
 
-class CallState(msgspec.Struct):
+class CallState(msgspec.Struct, gc=False):
     """`CallAccumulator.to_state` (llmpulse.streams.accumulators), decoded typed: stage 2 merges
     these without the dicts' per-key conversions. A float sum keeps the type its JSON has
     (`int | float`), as a decoded dict keeps it; `tf` is absent from states written before
