@@ -12,7 +12,7 @@ from llmpulse.schemas.codec import encode
 from llmpulse.schemas.feedback import Feedback
 from llmpulse.schemas.gpu import GpuSample
 from llmpulse.schemas.host import HostSample
-from llmpulse.schemas.partials import pack_state, unpack_state
+from llmpulse.schemas.partials import decode_call_state, pack_state, unpack_state
 from llmpulse.streams.accumulators import (
     ACCUMULATORS,
     CallAccumulator,
@@ -198,3 +198,25 @@ def test_merged_is_merge_of_each_into_a_new_accumulator() -> None:
         assert encode_state(merged) == encode_state(one_by_one)
         assert merged.to_state() == one_by_one.to_state()
         assert [type(v) for v in merged.to_state().values()] == [type(v) for v in one_by_one.to_state().values()]
+
+
+def test_a_calls_accumulator_is_one_object_for_the_cyclic_gc() -> None:
+    """At many users and keys stage 1 holds an accumulator per event of its open windows, and stage 2
+    decodes a state per dimension set: what the cyclic GC walks. An accumulator (a slots object,
+    always tracked) refers to nothing tracked but its class (its sketches are its own fields, its dicts
+    hold strings and integers), however it was made; a decoded state is not tracked at all
+    (schemas.partials: gc=False Structs, which hold no reference back to themselves)."""
+    import gc
+
+    rnd = random.Random(15)
+    made = CallAccumulator()
+    for _ in range(50):
+        made.agg(random_call(rnd))
+    for acc in (
+        made, CallAccumulator.merged([made, made]), CallAccumulator.from_state(unpack_state(pack_state(made.to_state()))),
+        CallAccumulator.of_call_state(decode_call_state(pack_state(made.to_state()))),
+    ):  # fmt: skip
+        assert acc.err_types and acc.lat_bins
+        assert [o for o in gc.get_referents(acc) if gc.is_tracked(o) and o is not CallAccumulator] == []
+    state = decode_call_state(pack_state(made.to_state()))
+    assert not gc.is_tracked(state) and not gc.is_tracked(state.l) and not gc.is_tracked(state.t)

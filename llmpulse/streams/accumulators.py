@@ -29,7 +29,7 @@ from llmpulse.schemas.feedback import Feedback
 from llmpulse.schemas.gpu import GpuSample
 from llmpulse.schemas.host import HostSample
 from llmpulse.schemas.partials import CallState, SketchState, decode_call_state, unpack_state
-from llmpulse.streams.sketch import LOG_GAMMA, MIN_VALUE, QuantileSketch, SketchSummary
+from llmpulse.streams.sketch import LOG_GAMMA, MIN_VALUE, SketchSummary, parts_of_state
 
 NANO = 1_000_000_000
 LATENCY_BOUNDS_MS = tuple(b * 1000 for b in LATENCY_BUCKETS_S)
@@ -97,6 +97,14 @@ class Accumulator:
 
 
 class CallAccumulator(Accumulator):
+    """The calls of a window and dimension set. Its two sketches (latency, TTFT) are held as their
+    parts (`lat_bins`, `lat_zeros`, `lat_n`; `ttft_*`), not as `QuantileSketch` objects: the same
+    bins, zeros and counts with the same arithmetic (`QuantileSketch.add` and `merge`, written out
+    below), the same states. At many users and keys stage 1 holds an accumulator per event of its
+    open windows; two sketch objects each were two thirds of the objects the cyclic GC scans
+    there (an accumulator is a slots object, always tracked; its dicts of ints are not), and two
+    allocations per event."""
+
     kind = "calls"
     dimension_names = ("model", "provider", "app", "user", "api_key_hash", "operation")
     __slots__ = (
@@ -104,13 +112,17 @@ class CallAccumulator(Accumulator):
         "cost_nano",
         "err_types",
         "errors",
+        "lat_bins",
+        "lat_n",
         "lat_sum",
-        "latency",
+        "lat_zeros",
         "prompt",
         "requests",
         "total",
-        "ttft",
+        "ttft_bins",
+        "ttft_n",
         "ttft_sum",
+        "ttft_zeros",
         "unpriced",
     )
 
@@ -119,8 +131,12 @@ class CallAccumulator(Accumulator):
         self.errors = 0
         self.err_types: dict[str, int] = {}
         self.lat_sum = 0.0
-        self.latency = QuantileSketch()
-        self.ttft = QuantileSketch()
+        self.lat_bins: dict[int, int] = {}
+        self.lat_zeros = 0
+        self.lat_n = 0
+        self.ttft_bins: dict[int, int] = {}
+        self.ttft_zeros = 0
+        self.ttft_n = 0
         self.ttft_sum = 0.0
         self.prompt = 0
         self.completion = 0
@@ -133,9 +149,9 @@ class CallAccumulator(Accumulator):
         return (e.model, e.provider, e.app, e.user or "", e.api_key_hash or "", e.operation)
 
     def agg(self, e: CallEvent) -> None:
-        # the sketches' `add` written out (the same arithmetic, the same bins): a call and its
-        # attribute look-ups less for each of the two values. Stage 1 calls this for a key's
-        # only event of a batch (most, on sparse traffic), `agg_many` for several
+        # the sketches' `QuantileSketch.add` written out (the same arithmetic, the same bins).
+        # Stage 1 calls this for a key's only event of a batch (most, on sparse traffic),
+        # `agg_many` for several
         self.requests += 1
         status = e.status_code
         if e.error_type is not None or status >= 400 or status == 0:
@@ -144,23 +160,21 @@ class CallAccumulator(Accumulator):
             self.err_types[t] = self.err_types.get(t, 0) + 1
         latency = e.latency_ms
         self.lat_sum += latency
-        sk = self.latency
-        sk.count += 1
+        self.lat_n += 1
         if latency <= MIN_VALUE:
-            sk.zeros += 1
+            self.lat_zeros += 1
         else:
             key = _ceil(_log(latency) / LOG_GAMMA)
-            bins = sk.bins
+            bins = self.lat_bins
             bins[key] = bins.get(key, 0) + 1
         first_token = e.ttft_ms
         if first_token is not None:
-            sk = self.ttft
-            sk.count += 1
+            self.ttft_n += 1
             if first_token <= MIN_VALUE:
-                sk.zeros += 1
+                self.ttft_zeros += 1
             else:
                 key = _ceil(_log(first_token) / LOG_GAMMA)
-                bins = sk.bins
+                bins = self.ttft_bins
                 bins[key] = bins.get(key, 0) + 1
             self.ttft_sum += first_token
         self.prompt += e.prompt_tokens
@@ -180,13 +194,11 @@ class CallAccumulator(Accumulator):
         errors = self.errors
         err_types = self.err_types
         lat_sum = self.lat_sum
-        lat = self.latency
-        lat_bins = lat.bins
-        lat_zeros = lat.zeros
-        ttft = self.ttft
-        ttft_bins = ttft.bins
-        ttft_n = ttft.count
-        ttft_zeros = ttft.zeros
+        lat_bins = self.lat_bins
+        lat_zeros = self.lat_zeros
+        ttft_bins = self.ttft_bins
+        ttft_n = self.ttft_n
+        ttft_zeros = self.ttft_zeros
         ttft_sum = self.ttft_sum
         prompt = self.prompt
         completion = self.completion
@@ -228,10 +240,10 @@ class CallAccumulator(Accumulator):
         self.requests += n
         self.errors = errors
         self.lat_sum = lat_sum
-        lat.count += n
-        lat.zeros = lat_zeros
-        ttft.count = ttft_n
-        ttft.zeros = ttft_zeros
+        self.lat_n += n
+        self.lat_zeros = lat_zeros
+        self.ttft_n = ttft_n
+        self.ttft_zeros = ttft_zeros
         self.ttft_sum = ttft_sum
         self.prompt = prompt
         self.completion = completion
@@ -245,8 +257,17 @@ class CallAccumulator(Accumulator):
         for t, n in o.err_types.items():
             self.err_types[t] = self.err_types.get(t, 0) + n
         self.lat_sum += o.lat_sum
-        self.latency.merge(o.latency)
-        self.ttft.merge(o.ttft)
+        # the sketches' `QuantileSketch.merge` written out
+        self.lat_n += o.lat_n
+        self.lat_zeros += o.lat_zeros
+        bins = self.lat_bins
+        for k, n in o.lat_bins.items():
+            bins[k] = bins.get(k, 0) + n
+        self.ttft_n += o.ttft_n
+        self.ttft_zeros += o.ttft_zeros
+        bins = self.ttft_bins
+        for k, n in o.ttft_bins.items():
+            bins[k] = bins.get(k, 0) + n
         self.ttft_sum += o.ttft_sum
         self.prompt += o.prompt
         self.completion += o.completion
@@ -280,21 +301,19 @@ class CallAccumulator(Accumulator):
                 for t, n in o.err_types.items():
                     err_types[t] = err_types.get(t, 0) + n
             lat_sum += o.lat_sum
-            sk = o.latency
-            lat_n += sk.count
-            lat_zeros += sk.zeros
-            for k, n in sk.bins.items():
+            lat_n += o.lat_n
+            lat_zeros += o.lat_zeros
+            for k, n in o.lat_bins.items():
                 # a membership test and an in-place add: cheaper than a bound `get` call
                 if k in lat_bins:
                     lat_bins[k] += n
                 else:
                     lat_bins[k] = n
-            sk = o.ttft
-            n = sk.count
+            n = o.ttft_n
             if n:
                 ttft_n += n
-                ttft_zeros += sk.zeros
-                for k, n in sk.bins.items():
+                ttft_zeros += o.ttft_zeros
+                for k, n in o.ttft_bins.items():
                     if k in ttft_bins:
                         ttft_bins[k] += n
                     else:
@@ -305,16 +324,14 @@ class CallAccumulator(Accumulator):
             total += o.total
             cost_nano += o.cost_nano
             unpriced += o.unpriced
-        # made without __init__: its empty dicts and sketches would be replaced at once
+        # made without __init__: its empty dicts would be replaced at once
         out = cls.__new__(cls)
         out.requests = requests
         out.errors = errors
         out.err_types = err_types
         out.lat_sum = lat_sum
-        out.latency = sk = QuantileSketch.__new__(QuantileSketch)
-        sk.bins, sk.zeros, sk.count = lat_bins, lat_zeros, lat_n
-        out.ttft = sk = QuantileSketch.__new__(QuantileSketch)
-        sk.bins, sk.zeros, sk.count = ttft_bins, ttft_zeros, ttft_n
+        out.lat_bins, out.lat_zeros, out.lat_n = lat_bins, lat_zeros, lat_n
+        out.ttft_bins, out.ttft_zeros, out.ttft_n = ttft_bins, ttft_zeros, ttft_n
         out.ttft_sum = ttft_sum
         out.prompt = prompt
         out.completion = completion
@@ -333,22 +350,20 @@ class CallAccumulator(Accumulator):
         out = cls.merged(parts)
         if len(parts) > 1:
             out.lat_sum = reduce(add, map(_LAT_SUM, finest), 0.0)
-            if out.ttft.count:
+            if out.ttft_n:
                 out.ttft_sum = reduce(add, map(_TTFT_SUM, finest), 0.0)
         return out
 
     def to_state(self) -> dict[str, Any]:
-        # the sketches' `to_state` written out (the same dicts, bins copied: the state is
-        # encoded later than it is taken, changelog_state.py): two calls less per state, and
-        # stage 1 takes one per changed accumulator per batch and per group of a closed window
-        lat, ttft = self.latency, self.ttft
+        # the sketches' states as `QuantileSketch.to_state` writes them (bins copied: the state
+        # is encoded later than it is taken, changelog_state.py)
         return {
             "r": self.requests,
             "e": self.errors,
             "et": self.err_types,
             "ls": self.lat_sum,
-            "l": {"b": dict(lat.bins), "z": lat.zeros, "n": lat.count},
-            "t": {"b": dict(ttft.bins), "z": ttft.zeros, "n": ttft.count},
+            "l": {"b": dict(self.lat_bins), "z": self.lat_zeros, "n": self.lat_n},
+            "t": {"b": dict(self.ttft_bins), "z": self.ttft_zeros, "n": self.ttft_n},
             "tf": self.ttft_sum,
             "p": self.prompt,
             "c": self.completion,
@@ -359,13 +374,13 @@ class CallAccumulator(Accumulator):
 
     @classmethod
     def from_state(cls, s: dict[str, Any]) -> CallAccumulator:
-        a = cls.__new__(cls)  # every slot is set below: no empty sketches to throw away
+        a = cls.__new__(cls)  # every slot is set below: no empty dicts to throw away
         a.requests = s["r"]
         a.errors = s["e"]
         a.err_types = dict(s["et"])
         a.lat_sum = s["ls"]
-        a.latency = QuantileSketch.from_state(s["l"])
-        a.ttft = QuantileSketch.from_state(s["t"])
+        a.lat_bins, a.lat_zeros, a.lat_n = parts_of_state(s["l"])
+        a.ttft_bins, a.ttft_zeros, a.ttft_n = parts_of_state(s["t"])
         a.ttft_sum = s.get("tf", 0.0)  # states written before the sum was kept: no sum
         a.prompt = s["p"]
         a.completion = s["c"]
@@ -383,10 +398,9 @@ class CallAccumulator(Accumulator):
         a.errors = s.e
         a.err_types = s.et
         a.lat_sum = s.ls
-        a.latency = latency = QuantileSketch.__new__(QuantileSketch)
-        latency.bins, latency.zeros, latency.count = s.l.b, s.l.z, s.l.n
-        a.ttft = ttft = QuantileSketch.__new__(QuantileSketch)
-        ttft.bins, ttft.zeros, ttft.count = s.t.b, s.t.z, s.t.n
+        lat, ttft = s.l, s.t
+        a.lat_bins, a.lat_zeros, a.lat_n = lat.b, lat.z, lat.n
+        a.ttft_bins, a.ttft_zeros, a.ttft_n = ttft.b, ttft.z, ttft.n
         a.ttft_sum = s.tf
         a.prompt = s.p
         a.completion = s.c
@@ -398,10 +412,10 @@ class CallAccumulator(Accumulator):
     def state(self) -> CallState:
         """`to_state` as stage 2 decodes it (schemas.partials.CallState), sharing this one's bins
         (read only) but not its error types (an aggregate takes them over: call_figures)."""
-        lat, ttft = self.latency, self.ttft
         return CallState(
-            self.requests, self.errors, dict(self.err_types), self.lat_sum, SketchState(lat.bins, lat.zeros, lat.count),
-            SketchState(ttft.bins, ttft.zeros, ttft.count), self.prompt, self.completion, self.total,
+            self.requests, self.errors, dict(self.err_types), self.lat_sum,
+            SketchState(self.lat_bins, self.lat_zeros, self.lat_n),
+            SketchState(self.ttft_bins, self.ttft_zeros, self.ttft_n), self.prompt, self.completion, self.total,
             self.cost_nano, self.unpriced, self.ttft_sum,
         )  # fmt: skip
 

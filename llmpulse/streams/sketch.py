@@ -92,11 +92,19 @@ class QuantileSketch:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> QuantileSketch:
-        s = cls()
-        s.bins = {int(k): int(v) for k, v in state.get("b", {}).items()}
-        s.zeros = int(state.get("z", 0))
-        s.count = int(state.get("n", 0))
+        s = cls.__new__(cls)
+        s.bins, s.zeros, s.count = parts_of_state(state)
         return s
+
+
+def parts_of_state(state: dict[str, Any]) -> tuple[dict[int, int], int, int]:
+    """A sketch's bins, zeros and count from its `to_state` (or that state decoded from JSON: bin
+    keys as strings): `QuantileSketch.from_state`, for holders of a sketch's parts (accumulators)."""
+    return (
+        {int(k): int(v) for k, v in state.get("b", {}).items()},
+        int(state.get("z", 0)),
+        int(state.get("n", 0)),
+    )
 
 
 class SketchSummary:
