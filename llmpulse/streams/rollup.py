@@ -60,18 +60,15 @@ AccKey = tuple[int, tuple[str, ...]]
 
 
 @dataclass(slots=True)
-class Group:
-    values: tuple[str, ...]  # the set's values, in the order of its members
-    acc: Any  # the group merged
-    finest: list[Any]  # its finest accumulators, in key order
-
-
-@dataclass(slots=True)
 class Rolled:
-    """One dimension set of one window: its groups in the order their first key comes."""
+    """One dimension set of one window: its groups in the order their first key comes, as lists of
+    one item per group, not an object per group (a 60 s window per user is 10,000 groups; each
+    object one more for the cyclic GC to walk while the set is kept for larger windows)."""
 
     left_out: int  # finest tuples the set does not hold (a member "")
-    groups: list[Group]
+    values: list[tuple[str, ...]]  # each group's values, in the order of the set's members
+    accs: list[Any]  # each group merged
+    finest: list[list[Any]]  # each group's finest accumulators, in key order
 
 
 def group_by_set(
@@ -209,9 +206,12 @@ class RollUp:
                 if tuples is None:
                     tuples = [k[1] for k in keys]
                 groups = group_by_set(c, tuples, finest)
+                members = list(groups.values())
                 rolled = Rolled(
-                    len(finest) - sum(map(len, groups.values())),
-                    [Group(v, g[0] if len(g) == 1 else merged(g), g) for v, g in groups.items()],
+                    len(finest) - sum(map(len, members)),
+                    list(groups),
+                    [g[0] if len(g) == 1 else merged(g) for g in members],
+                    members,
                 )
             done[c] = rolled
         if keep:
@@ -223,15 +223,16 @@ class RollUp:
             if labels is None:
                 labels = self.labels[names] = {}
             last = self.last_labels.get(names, {})
-            for g in done[c].groups:
-                label = labels.get(g.values)
+            rolled = done[c]
+            for values, acc in zip(rolled.values, rolled.accs, strict=True):
+                label = labels.get(values)
                 if label is None:
-                    label = last.get(g.values)
+                    label = last.get(values)
                     if label is None:
-                        dims = dict(zip(names, g.values, strict=True))
+                        dims = dict(zip(names, values, strict=True))
                         label = (dims, dimensions_key(dims))
-                    labels[g.values] = label
-                out.append((label[0], label[1], g.acc))
+                    labels[values] = label
+                out.append((label[0], label[1], acc))
         return out
 
     def end_close(self) -> None:
@@ -250,30 +251,32 @@ class RollUp:
         pick = itemgetter(*pos) if len(pos) > 1 else None
         parts: dict[tuple[str, ...], tuple[list[Any], list[list[Any]]]] = {}
         for r in runs:
-            for g in r.groups:
+            for values, acc, finest in zip(r.values, r.accs, r.finest, strict=True):
                 if same:
-                    v = g.values
+                    v = values
                 elif one is not None:
-                    v = (g.values[one],)
+                    v = (values[one],)
                 elif pick is not None:
-                    v = pick(g.values)
+                    v = pick(values)
                 else:
                     v = ()
                 slot = parts.get(v)
                 if slot is None:
-                    parts[v] = ([g.acc], [g.finest])
+                    parts[v] = ([acc], [finest])
                 else:
-                    slot[0].append(g.acc)
-                    slot[1].append(g.finest)
+                    slot[0].append(acc)
+                    slot[1].append(finest)
         merged_from = self.acc_cls.merged_from
-        groups = []
-        for v, (accs, finest_runs) in parts.items():
+        out = Rolled(0, list(parts), [], [])
+        for accs, finest_runs in parts.values():
             if len(accs) == 1:  # one run: its merged accumulator is the group's
-                groups.append(Group(v, accs[0], finest_runs[0]))
+                out.accs.append(accs[0])
+                out.finest.append(finest_runs[0])
                 continue
             finest = list(chain.from_iterable(finest_runs))
-            groups.append(Group(v, merged_from(accs, finest), finest))
-        return Rolled(0, groups)
+            out.accs.append(merged_from(accs, finest))
+            out.finest.append(finest)
+        return out
 
     def forget_through(self, mark_ms: float) -> None:
         """Drop the kept sets of smaller windows whose largest window ended by `mark_ms` (closed)."""
