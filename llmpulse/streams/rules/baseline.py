@@ -31,6 +31,7 @@ entries at most, the rolling hour 12; ``roll`` is sorted by start.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import islice
 from operator import itemgetter
@@ -113,10 +114,20 @@ def _plus(total: float | int, s: float, w: int | None) -> float | int:
 
 
 def _count(entry: list[Any], s1: float, w1: int | None, s2: float, w2: int | None) -> None:
-    """Count one window into ``entry`` (``[key, windows, s1, s2]``); ``w1``, ``w2``: see _plus."""
+    """Count one window into ``entry`` (``[key, windows, s1, s2]``); ``w1``, ``w2``: see _plus.
+    Whole sums plus whole figures (the commonest: counts, tokens, calls) are added here
+    exactly as ``_plus`` adds them, without a call per sum (two of them a window and series)."""
     entry[1] += 1
-    entry[2] = _plus(entry[2], s1, w1)
-    entry[3] = _plus(entry[3], s2, w2)
+    t = entry[2]
+    if w1 is not None and type(t) is int and -_EXACT < t < _EXACT and -_EXACT < (r := t + w1) < _EXACT:
+        entry[2] = r
+    else:
+        entry[2] = _sig(t + s1)
+    t = entry[3]
+    if w2 is not None and type(t) is int and -_EXACT < t < _EXACT and -_EXACT < (r := t + w2) < _EXACT:
+        entry[3] = r
+    else:
+        entry[3] = _sig(t + s2)
 
 
 def expected(rule: AnomalyRule, st: State, window_start_s: int) -> Expectation | None:
@@ -307,7 +318,7 @@ class Summaries:
     """
 
     __slots__ = (
-        "_bucket", "_closed", "_days_kept", "_dispersion", "_parts", "_ranked", "_rate",
+        "_bucket", "_closed", "_days_kept", "_dirty", "_dispersion", "_parts", "_ranked", "_rate",
         "_roll_bucket", "_roll_source", "_roll_span", "_seasonal", "_slot", "_stale", "_window",
         "_zero_filled", "rule", "state",
     )  # fmt: skip
@@ -340,6 +351,7 @@ class Summaries:
         self._parts: dict[str, tuple[int, list[_Ranked]]] = {}
         self._ranked: list[_Ranked] | None = None
         self._stale: dict[str, list[_Ranked]] = {}
+        self._dirty: dict[str, int] = {}  # buckets added to since, not kept: their positions
 
     # -- reading --------------------------------------------------------------------------
 
@@ -363,10 +375,21 @@ class Summaries:
         return self._dispersion
 
     def _derive_dispersion(self) -> float:
-        kept, stale = self._parts, self._stale
+        kept, stale, dirty = self._parts, self._stale, self._dirty
         ranked = self._ranked
         changed: list[_Ranked] = []  # parts of buckets derived now
-        for rank, (key, entries) in enumerate((self.state.get("slots") or {}).items()):
+        slots: dict[str, list[list[Any]]] = self.state.get("slots") or {}
+        # the buckets to derive: those a window was added to since (``_dirty``), when every
+        # other one is kept; else all (a bucket's position in the slots never changes while
+        # ``add`` is the only writer: it appends new buckets, never removes one). Rescanning
+        # 96 buckets (x days) per window whose effect passed the factor was most of the cost
+        todo: Iterable[tuple[int, tuple[str, list[list[Any]]]]]
+        if ranked is not None and len(kept) + len(dirty) == len(slots):
+            todo = [(rank, (key, slots[key])) for key, rank in dirty.items()]
+        else:
+            todo = enumerate(slots.items())
+        dirty.clear()
+        for rank, (key, entries) in todo:
             of_slot = kept.get(key)
             if of_slot is not None and of_slot[0] == rank:
                 continue
@@ -609,16 +632,18 @@ class Summaries:
         if self._rate:
             s1, s2 = float(obs.count), float(obs.volume)
         else:
-            s1, s2 = obs.value, obs.value * obs.value
+            s1 = obs.value
+            s2 = s1 * s1
         # w1, w2: s1, s2 as ints when they are whole floats under 2**53, else None (_plus)
         w1 = int(s1) if type(s1) is float and s1.is_integer() and -_EXACT < s1 < _EXACT else None
         w2 = int(s2) if type(s2) is float and s2.is_integer() and -_EXACT < s2 < _EXACT else None
         st = self.state
-        st.setdefault("first", window_start_s)
+        if "first" not in st:
+            st["first"] = window_start_s
         self._dispersion = None
         if self._seasonal:
             today = window_start_s // DAY_S
-            if self._slot is not None and self._slot[1] != today:
+            if (kept := self._slot) is not None and kept[1] != today:
                 self._slot = None  # another day's data changed: its expectation goes
             # (``d[k] if k in d else d.setdefault(k, ...)``: setdefault without an empty container
             # made, and dropped, for every window)
@@ -632,10 +657,14 @@ class Summaries:
                 while len(days) > 8:
                     days.pop(0)
             key = str((window_start_s % DAY_S) // self._bucket)
-            entries = slots[key] if key in slots else slots.setdefault(key, [])
+            fresh = key not in slots
+            entries = slots.setdefault(key, []) if fresh else slots[key]
             old = self._parts.pop(key, None)  # its days change
             if old is not None:
                 self._stale[key] = old[1]  # to take out of the kept order
+                self._dirty[key] = old[0]  # to derive again (its position)
+            elif fresh:
+                self._dirty[key] = len(slots) - 1  # a new bucket comes last in the slots
             if entries and (entry := entries[-1])[0] == today:
                 _count(entry, s1, w1, s2, w2)  # the time-of-day bucket's entry for today
             else:
@@ -647,7 +676,7 @@ class Summaries:
                 entries.pop(0)
         bucket = self._roll_bucket
         b = window_start_s - window_start_s % bucket
-        if self._closed is not None and b <= self._closed.last_start:
+        if (closed := self._closed) is not None and b <= closed.last_start:
             self._closed = None  # a window late into a bucket already summarised
         # the rolling span: bucket b (its start) counts the window; buckets sorted by start
         buckets: list[list[Any]] = st["roll"] if "roll" in st else st.setdefault("roll", [])
@@ -666,10 +695,10 @@ class Summaries:
                 buckets.sort(key=_START)
         _count(entry, s1, w1, s2, w2)  # the rolling bucket's entry
         cutoff = window_start_s - self._roll_span
-        drop = 0
-        while drop < len(buckets) and buckets[drop][0] + bucket <= cutoff:
-            drop += 1
-        if drop:
+        if buckets[0][0] + bucket <= cutoff:  # the span moved past its oldest buckets
+            drop = 1
+            while drop < len(buckets) and buckets[drop][0] + bucket <= cutoff:
+                drop += 1
             del buckets[:drop]
 
 

@@ -31,9 +31,10 @@ State = dict[str, Any]
 
 def add_window(rule: SloRule, st: State, window_start_s: int, total: int, bad: int) -> None:
     """Count one window into the rings; windows must come in order (the engine ensures it)."""
-    size = rule.spans_s[0] // rule.window
+    spans_s = rule.spans_s  # a property that sorts: read once
+    size = spans_s[0] // rule.window
     idx = window_start_s // rule.window
-    spans = [s // rule.window for s in rule.spans_s]
+    spans = [s // rule.window for s in spans_s]
     last = st.get("last")
     if last is None or idx - int(last) >= size or len(st.get("t", ())) != size:
         st["t"] = [0] * size
@@ -43,10 +44,10 @@ def add_window(rule: SloRule, st: State, window_start_s: int, total: int, bad: i
         return
     else:
         t, b, sums = st["t"], st["b"], st["sums"]
+        accs = [(s, sums[str(s * rule.window)]) for s in spans]  # looked up once, not per window
         for j in range(int(last) + 1, idx + 1):
-            for s in spans:  # minute j - s leaves the span of s windows ending at j
+            for s, acc in accs:  # minute j - s leaves the span of s windows ending at j
                 slot = (j - s) % size
-                acc = sums[str(s * rule.window)]
                 acc[0] -= t[slot]
                 acc[1] -= b[slot]
             t[j % size] = 0
