@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
+
 from llmpulse.schemas import CallEvent
 from llmpulse.streams import window_state as WS
+from llmpulse.streams.accumulators import ACCUMULATORS
 from llmpulse.streams.changelog_state import ChangelogState, EncodedMapping
 from llmpulse.streams.windowing import Partial, PartitionWindows
+from tests.test_accumulators import random_call, random_feedback, random_gpu, random_host
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 DIMS = [[], ["model"], ["user"]]
@@ -287,13 +292,48 @@ def test_an_encoded_mapping_is_sent_as_the_json_of_its_items_and_knows_its_size(
     items = {
         "a\x1fb": {"o": 3, "a": {"x": [1.5, None], "b": {7: 2}, "s": 0.1 + 0.2, "big": 1e300}},
         "é": {"o": 4, "a": {}},
+        "c": {"o": 5, "a": {"n": 1}},
     }
     m = EncodedMapping()
+    assert m.text() == b"{}" and m.size == 2 and len(m) == 0
     for name, value in items.items():
-        m.add(EncodedMapping.item_text(name, value))
+        assert m.add(name, value)
+        assert m.size == len(m.text())
     # what json.dumps of it reads back as (int keys become strings), in as many bytes as counted
     assert json.loads(m.text()) == json.loads(json.dumps(items))
-    assert m.size == len(m.text()) and len(m) == 2
+    assert m.size == len(m.text()) and len(m) == 3
+    # an item past the limit is not added, and the text is left as it was; a first item always is
+    before = m.text()
+    assert not m.add("d", {"o": 6, "a": {"big": "x" * 100}}, limit=m.size + 20)
+    assert m.text() == before and m.size == len(before) and len(m) == 3
+    assert m.add("d", {"o": 6}, limit=m.size + len(b',"d":{"o":6}'))  # exactly at the limit
+    one = EncodedMapping()
+    assert one.add("d", {"o": 6, "a": {"big": "x" * 100}}, limit=10) and len(one) == 1
+
+
+def test_an_accumulators_record_text_is_the_text_of_its_state() -> None:
+    """A W record holds each accumulator as `acc_state_to_encode` (structs sharing its dicts):
+    the very text of `acc_state` encoded, so the records are the bytes the dicts made, for
+    accumulators made by events, merged, and restored from states of any version."""
+    rnd = random.Random(13)
+    for kind, make in (("calls", random_call), ("gpu", random_gpu), ("feedback", random_feedback), ("host", random_host)):
+        cls = ACCUMULATORS[kind]
+        for i in range(200):
+            acc: Any = cls()
+            for _ in range(rnd.choice([1, 1, 2, 7, 40])):
+                acc.agg(make(rnd))
+            state = acc.to_state()
+            if kind == "calls" and i % 3 == 0:
+                del state["tf"]  # a state written before the TTFT sum was kept
+                state["ls"] = round(state["ls"])  # a sum that JSON read back as an int
+            for a in (acc, cls.from_state(json.loads(json.dumps(state))), cls.merged([acc, acc])):
+                m = EncodedMapping()
+                m.add("k", a.state_to_encode())
+                assert m.text() == msgspec.json.encode({"k": a.to_state()})
+    w = windows()
+    w.apply([(i, call(i, i * 0.5, user=f"u{i % 3}")) for i in range(40)], 0.0)
+    for key in w.accs:
+        assert msgspec.json.encode(w.acc_state_to_encode(key)) == msgspec.json.encode(w.acc_state(key))
 
 
 def test_a_state_of_the_previous_version_restores_and_its_records_are_deleted_with_their_windows() -> (

@@ -222,6 +222,37 @@ decode_call_state = msgspec.json.Decoder(CallState).decode
 """A packed calls state (bytes) as a `CallState`; a msgspec.ValidationError (a ValueError) if it is none."""
 
 
+class CallStateText(msgspec.Struct, gc=False):
+    """`CallAccumulator.to_state` to encode (`CallAccumulator.state_to_encode`): its keys in
+    `to_state`'s order (`tf` after `t`; `CallState` has it last, where it may default), so
+    msgspec writes the very text `json.dumps(to_state())` writes, without building its dicts
+    and copying its bins (it shares the accumulator's; encoded at once). Stage 1 writes one
+    per accumulator that changed in a batch (window_state.py): nearly one per event at many
+    users. Read back as any state: `from_state`, `decode_call_state`."""
+
+    r: int
+    e: int
+    et: dict[str, int]
+    ls: int | float
+    l: SketchState  # noqa: E741 (the state's own key)
+    t: SketchState
+    tf: int | float
+    p: int
+    c: int
+    tt: int
+    cn: int
+    u: int
+
+
+class AccStateText(msgspec.Struct, gc=False):
+    """`PartitionWindows.acc_state` to encode (`acc_state_to_encode`): an accumulator of a
+    stage-1 W record (window_state.py), the last offset it absorbed and its state
+    (`Accumulator.state_to_encode`), the same text as the dict's."""
+
+    o: int
+    a: Any
+
+
 def window_messages(
     kind: str, window_s: int, start_ms: int, source: str, sets: list[DimensionSetState]
 ) -> list[WindowPartials]:

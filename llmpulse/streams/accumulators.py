@@ -28,7 +28,13 @@ from llmpulse.schemas.call import CallEvent
 from llmpulse.schemas.feedback import Feedback
 from llmpulse.schemas.gpu import GpuSample
 from llmpulse.schemas.host import HostSample
-from llmpulse.schemas.partials import CallState, SketchState, decode_call_state, unpack_state
+from llmpulse.schemas.partials import (
+    CallState,
+    CallStateText,
+    SketchState,
+    decode_call_state,
+    unpack_state,
+)
 from llmpulse.streams.sketch import LOG_GAMMA, MIN_VALUE, SketchSummary, parts_of_state
 
 NANO = 1_000_000_000
@@ -76,6 +82,12 @@ class Accumulator:
 
     def to_state(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def state_to_encode(self) -> Any:
+        """What msgspec's JSON encoder writes as the text of `to_state`, encoded at once (stage 1's
+        state records, window_state.py): the state itself here; kinds with a cheaper form
+        (a Struct sharing this one's dicts) override it."""
+        return self.to_state()
 
     def figures(self, window_s: int) -> dict[str, Any]:
         """The aggregate's fields of this kind, by name."""
@@ -371,6 +383,15 @@ class CallAccumulator(Accumulator):
             "cn": self.cost_nano,
             "u": self.unpriced,
         }
+
+    def state_to_encode(self) -> CallStateText:
+        # the bins shared, not copied: the text is made before this accumulator changes again
+        return CallStateText(
+            self.requests, self.errors, self.err_types, self.lat_sum,
+            SketchState(self.lat_bins, self.lat_zeros, self.lat_n),
+            SketchState(self.ttft_bins, self.ttft_zeros, self.ttft_n), self.ttft_sum,
+            self.prompt, self.completion, self.total, self.cost_nano, self.unpriced,
+        )  # fmt: skip
 
     @classmethod
     def from_state(cls, s: dict[str, Any]) -> CallAccumulator:

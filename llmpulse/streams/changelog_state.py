@@ -60,38 +60,55 @@ VALUE_TEXT = _value_encoder()
 # (floats in their shortest form that reads back to the same float, int keys as strings), with
 # no blanks between tokens and text beyond ASCII as UTF-8, at about a fifth of the cost. One
 # such text per changed accumulator per batch was the largest part of writing stage 1's state
-_ITEM_VALUE: Callable[[Any], bytes] = msgspec.json.Encoder().encode
+_ENCODE_INTO: Callable[[Any, bytearray, int], None] = msgspec.json.Encoder().encode_into
+_COMMA, _CLOSE = ord(","), ord("}")
 
 
 class EncodedMapping:
     """A JSON object value made item by item as its encoded text (UTF-8), so that its writer
     knows its size in bytes as it grows (window_state.py bounds a record of many accumulators
     by it); `flush` sends that text (`record_value`). Only a writer: nothing keeps the values
-    themselves, and what reads the record back decodes its text, as restore.py does."""
+    themselves, and what reads the record back decodes its text, as restore.py does.
 
-    __slots__ = ("parts", "size")
+    Each item is encoded straight into the text, in one call: `{"key":value}` written over the
+    text's closing brace, its `{` then made the `,` between items (no text per item made,
+    concatenated and joined again)."""
+
+    __slots__ = ("buf", "items")
 
     def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.size = 2  # the text's length in bytes: "{" and "}", then each item and its ","
+        self.buf = bytearray()  # the text, once it has an item
+        self.items = 0
 
-    @staticmethod
-    def item_text(key: str, value: Any) -> bytes:
-        return _ITEM_VALUE(key) + b":" + _ITEM_VALUE(value)
+    @property
+    def size(self) -> int:
+        """The text's length in bytes."""
+        return len(self.buf) or 2
 
-    def add(self, text: bytes) -> None:
-        """`text`: item_text(key, value) of a key not added yet."""
-        if self.parts:
-            self.size += 1
-        self.parts.append(text)
-        self.size += len(text)
+    def add(self, key: str, value: Any, limit: int | None = None) -> bool:
+        """Add the item `key: value`, of a key not added yet, its text made now (what `value` holds
+        now); unless, with an item already in, that would make the text longer than `limit`
+        bytes: then nothing is added (False)."""
+        buf = self.buf
+        if not buf:
+            _ENCODE_INTO({key: value}, buf, 0)
+        else:
+            end = len(buf) - 1
+            _ENCODE_INTO({key: value}, buf, end)  # the buffer ends where the item's text does
+            if limit is not None and len(buf) > limit:
+                del buf[end:]
+                buf.append(_CLOSE)
+                return False
+            buf[end] = _COMMA
+        self.items += 1
+        return True
 
     def text(self) -> bytes:
-        return b"{" + b",".join(self.parts) + b"}"
+        return bytes(self.buf) if self.buf else b"{}"
 
     def __len__(self) -> int:
         """Its items."""
-        return len(self.parts)
+        return self.items
 
 
 def record_value(value: Any) -> bytes:

@@ -187,16 +187,15 @@ def _write_window(
     """Queue the accumulators `tuples` of window `start` as W records of its next seqs, each
     bounded by MAX_ACCS and MAX_BYTES (an accumulator larger than that alone in its record)."""
     prefix = f"{partition}|{pw.kind}|W|{start}|"
-    item_text = EncodedMapping.item_text
-    acc_state = pw.acc_state
+    acc_state = pw.acc_state_to_encode
     record = EncodedMapping()
     for dims in tuples:
-        text = item_text(SEP.join(dims), acc_state((start, dims)))
-        if record and (len(record) >= MAX_ACCS or record.size + 1 + len(text) > MAX_BYTES):
+        name, state = SEP.join(dims), acc_state((start, dims))
+        if len(record) >= MAX_ACCS or not record.add(name, state, MAX_BYTES):
             table[prefix + str(w.next)] = record
             w.next += 1
             record = EncodedMapping()
-        record.add(text)
+            record.add(name, state)
     if record:
         table[prefix + str(w.next)] = record
         w.next += 1

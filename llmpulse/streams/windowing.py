@@ -33,6 +33,7 @@ from datetime import UTC, datetime, timedelta
 from sys import intern
 from typing import TYPE_CHECKING, Any
 
+from llmpulse.schemas.partials import AccStateText
 from llmpulse.streams.accumulators import ACCUMULATORS, Accumulator
 from llmpulse.streams.dedup import ChunkKey, SeenIds
 from llmpulse.streams.positions import BATCH_SLOTS
@@ -497,6 +498,10 @@ class PartitionWindows:
 
     def acc_state(self, key: AccKey) -> dict[str, Any]:
         return {"o": self.acc_offsets[key], "a": self.accs[key].to_state()}
+
+    def acc_state_to_encode(self, key: AccKey) -> AccStateText:
+        """`acc_state` as msgspec's JSON encoder writes it, the same text (schemas.partials)."""
+        return AccStateText(self.acc_offsets[key], self.accs[key].state_to_encode())
 
     def restore_acc(self, key: AccKey, s: dict[str, Any]) -> None:
         if key not in self.accs:
