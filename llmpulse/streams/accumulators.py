@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from functools import reduce
+from itertools import chain
 from math import ceil as _ceil
 from math import log as _log
-from operator import add, attrgetter
+from operator import add, attrgetter, itemgetter
 from typing import Any, ClassVar, Self
 
 from llmpulse.schemas.aggregate import (
@@ -43,7 +44,8 @@ TTFT_BOUNDS_MS = tuple(b * 1000 for b in TTFT_BUCKETS_S)
 _LATENCY = SketchSummary((0.50, 0.95, 0.99), LATENCY_BOUNDS_MS)
 _TTFT = SketchSummary((0.95,), TTFT_BOUNDS_MS)
 _LAT_SUM = attrgetter("lat_sum")
-_TTFT_SUM = attrgetter("ttft_sum")
+_LATS = itemgetter(0)  # of a run's terms (CallAccumulator.terms)
+_TTFTS = itemgetter(1)
 
 
 def _ms_to_dt(ms: int) -> datetime:
@@ -74,11 +76,18 @@ class Accumulator:
         return out
 
     @classmethod
-    def merged_from(cls, parts: Sequence[Any], finest: Sequence[Any]) -> Self:
-        """The same state as `merged(finest)`, where `parts` are `merged` of consecutive runs of
-        `finest`, in order (llmpulse.streams.rollup): here merged from `finest` again; kinds
-        whose roll-ups are costly derive what is exact from the parts."""
-        return cls.merged(finest)
+    def terms(cls, accs: Sequence[Any]) -> Any:
+        """What `merged_from` reads of a run of finest accumulators (llmpulse.streams.rollup keeps
+        it per group of the sets it derives others from): here the accumulators themselves."""
+        return list(accs)
+
+    @classmethod
+    def merged_from(cls, parts: Sequence[Any], runs: Sequence[Any]) -> Self:
+        """The same state as `merged` of the finest accumulators, where `parts` are `merged` of
+        consecutive runs of them, in order, and `runs` the `terms` of those runs (one or more per
+        part, in order; llmpulse.streams.rollup): here merged from the finest again; kinds whose
+        roll-ups are costly derive what is exact from the parts."""
+        return cls.merged(list(chain.from_iterable(runs)))
 
     def to_state(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -353,17 +362,27 @@ class CallAccumulator(Accumulator):
         return out
 
     @classmethod
-    def merged_from(cls, parts: Sequence[CallAccumulator], finest: Sequence[CallAccumulator]) -> Self:
+    def terms(cls, accs: Sequence[CallAccumulator]) -> tuple[list[float], list[float]]:
+        # the float sums of a run, in order, are all `merged_from` reads of it: kept as lists of
+        # floats, a derived set's sums are added again without reading each finest accumulator
+        # (one object and a call per term, most of a roll-up's reads of memory it no longer has
+        # in cache). The TTFT sums only of accumulators with a TTFT: the others' sum is 0.0 (a
+        # sum of none; agg and merge add to both at once), and adding 0.0 or -0.0 leaves a sum
+        # from 0.0 as it is (such a sum is never -0.0)
+        return list(map(_LAT_SUM, accs)), [a.ttft_sum for a in accs if a.ttft_n]
+
+    @classmethod
+    def merged_from(cls, parts: Sequence[CallAccumulator], runs: Sequence[tuple[list[float], list[float]]]) -> Self:
         # Integers, error types and sketch bins from the parts (the runs merged in order insert
         # the dicts' keys in the order the finest would); the float sums are added again from
-        # the finest accumulators in order, as merging them one by one adds them. One part is
+        # the runs' terms in order, as merging the finest one by one adds them. One part is
         # the sums of the same terms in the same order already (a sum from 0.0 is never -0.0);
         # no TTFT at all (no streamed call) is a TTFT sum of 0.0 however it is added (merged).
         out = cls.merged(parts)
         if len(parts) > 1:
-            out.lat_sum = reduce(add, map(_LAT_SUM, finest), 0.0)
+            out.lat_sum = reduce(add, chain.from_iterable(map(_LATS, runs)), 0.0)
             if out.ttft_n:
-                out.ttft_sum = reduce(add, map(_TTFT_SUM, finest), 0.0)
+                out.ttft_sum = reduce(add, chain.from_iterable(map(_TTFTS, runs)), 0.0)
         return out
 
     def to_state(self) -> dict[str, Any]:

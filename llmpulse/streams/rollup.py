@@ -17,9 +17,10 @@ Then
 - error types and sketch bins, merged run after run, are inserted in the order a one-by-one
   merge inserts them (first seen in key order), so even the dicts' order is the same;
 - float sums are not decomposable (((a + b) + c) is not a + (b + c)): they are added again
-  from the finest accumulators, in key order, as the one-by-one merge adds them
-  (Accumulator.merged_from);
+  from the finest accumulators' terms (Accumulator.terms: for calls their float sums), in key
+  order, as the one-by-one merge adds them (Accumulator.merged_from);
 and the groups' members are found from the runs, not by projecting every finest tuple again.
+A set that no other is derived from keeps no terms.
 
 A group of one accumulator (most groups, where many users and keys make most finest tuples hold
 a few events) is that accumulator, not a merged copy: merging one accumulator into a new one
@@ -45,7 +46,7 @@ accumulators again: the same state, as tests/test_rollup.py checks against the o
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from operator import itemgetter
@@ -60,6 +61,24 @@ AccKey = tuple[int, tuple[str, ...]]
 
 
 @dataclass(slots=True)
+class Span:
+    """The finest accumulators of one smallest window that a close rolls up, sorted by key: read
+    by each window holding it (a 10 s window and its 60 s one), so each key is looked up, and its
+    tuple taken, once per close, not once per window."""
+
+    start: int
+    keys: list[AccKey]  # sorted
+    finest: list[Any]  # their accumulators
+    _tuples: list[tuple[str, ...]] | None = None
+
+    def tuples(self) -> list[tuple[str, ...]]:
+        """The keys' dimension tuples (made when a set is first grouped from the finest)."""
+        if self._tuples is None:
+            self._tuples = [k[1] for k in self.keys]
+        return self._tuples
+
+
+@dataclass(slots=True)
 class Rolled:
     """One dimension set of one window: its groups in the order their first key comes, as lists of
     one item per group, not an object per group (a 60 s window per user is 10,000 groups; each
@@ -68,19 +87,22 @@ class Rolled:
     left_out: int  # finest tuples the set does not hold (a member "")
     values: list[tuple[str, ...]]  # each group's values, in the order of the set's members
     accs: list[Any]  # each group merged
-    finest: list[list[Any]]  # each group's finest accumulators, in key order
+    # each group's finest accumulators as the terms (Accumulator.terms) of runs of them, in key
+    # order; empty where no set is derived from this one
+    terms: list[list[Any]]
 
 
 def group_by_set(
-    members: Members, tuples: Sequence[tuple[str, ...]], items: Sequence[_T]
+    members: Members, tuples: Iterable[tuple[str, ...]], items: Iterable[_T]
 ) -> dict[tuple[str, ...], list[_T]]:
     """`items` (one per finest tuple of `tuples`) grouped by the tuples' values of the dimension
     set `members`, groups and items in first-seen order. A tuple is left out when a member is
     "" (unattributed): a set groups only the tuples that have all its members."""
     groups: dict[tuple[str, ...], list[_T]] = {}
     if not members:
-        if items:
-            groups[()] = list(items)
+        every = list(items)
+        if every:
+            groups[()] = every
         return groups
     get = itemgetter(*members)
     if len(members) > 1:
@@ -162,6 +184,11 @@ class RollUp:
                 for s2, f in found:
                     if s2 < s:
                         self.keep[s2].add(f)
+        # the sets others are derived from (kept for larger windows, or a source of their own
+        # size): only these keep their groups' terms
+        self.sourced: dict[int, set[Members]] = {s: set(self.keep[s]) for s in sizes}
+        for (s, _), found in self.sources.items():
+            self.sourced[s].update(f for s2, f in found if s2 == s)
         self.kept: dict[tuple[int, int, Members], Rolled] = {}
         # per set, its groups' (dims, dims_key) made during this close, and those of the last close
         # that rolled the set up: the windows of a close (dozens on sparse traffic) share most
@@ -172,22 +199,19 @@ class RollUp:
         self.last_labels: dict[tuple[str, ...], dict[tuple[str, ...], tuple[dict[str, str], str]]] = {}
 
     def window(
-        self, s: int, t: int, keys: list[AccKey], accs: Mapping[AccKey, Accumulator], keep: bool,
-        starts: Sequence[int] | None = None,
-    ) -> list[tuple[dict[str, str], str, Accumulator]]:  # fmt: skip
+        self, s: int, t: int, spans: Sequence[Span], keep: bool
+    ) -> list[tuple[dict[str, str], str, Accumulator]]:
         """(dims, dims_key, merged accumulator) of every group of every dimension set of window
-        (s, t), whose finest accumulators are `keys`, sorted; sets in their configured order,
-        groups in the order of their first key. `keep`: the window's keys are final (a closed
-        window, not its late events), its sets may be kept for larger windows. `starts`: the
-        smallest-window starts of `keys`, ascending, where the caller knows them (else read from
-        `keys`: a pass over a large window's keys)."""
-        finest = [accs[k] for k in keys]
-        if not finest:
+        (s, t), whose finest accumulators are those of `spans` (its smallest windows, ascending);
+        sets in their configured order, groups in the order of their first key. `keep`: the
+        window's keys are final (a closed window, not its late events), its sets may be kept for
+        larger windows."""
+        n = sum(len(sp.finest) for sp in spans)
+        if not n:
             return []
-        tuples: list[tuple[str, ...]] | None = None  # made for the first set grouped from the finest
-        if starts is None:
-            starts = sorted({k[0] for k in keys})
         merged = self.acc_cls.merged
+        terms = self.acc_cls.terms
+        sourced = self.sourced[s]
         done: dict[Members, Rolled] = {}
         for c in self.order[s]:
             rolled = None
@@ -196,22 +220,29 @@ class RollUp:
                     runs: list[Rolled | None] = [done.get(f)]
                 elif keep:
                     size = s2 * 1000
-                    runs = [self.kept.get((s2, t2, f)) for t2 in sorted({b - b % size for b in starts})]
+                    runs = [self.kept.get((s2, t2, f)) for t2 in sorted({sp.start - sp.start % size for sp in spans})]
                 else:
                     continue
                 if all(r is not None and r.left_out == 0 for r in runs):
-                    rolled = self._derive(c, f, [r for r in runs if r is not None])
+                    rolled = self._derive(c, f, [r for r in runs if r is not None], c in sourced)
                     break
             if rolled is None:
-                if tuples is None:
-                    tuples = [k[1] for k in keys]
-                groups = group_by_set(c, tuples, finest)
+                # one pass over the spans' finest, not a list of the window's (each item's
+                # reference count written: a read of memory a large window's close has not
+                # in cache)
+                if len(spans) == 1:
+                    groups = group_by_set(c, spans[0].tuples(), spans[0].finest)
+                else:
+                    groups = group_by_set(
+                        c, chain.from_iterable(sp.tuples() for sp in spans),
+                        chain.from_iterable(sp.finest for sp in spans),
+                    )  # fmt: skip
                 members = list(groups.values())
                 rolled = Rolled(
-                    len(finest) - sum(map(len, members)),
+                    n - sum(map(len, members)),
                     list(groups),
                     [g[0] if len(g) == 1 else merged(g) for g in members],
-                    members,
+                    [[terms(g)] for g in members] if c in sourced else [],
                 )
             done[c] = rolled
         if keep:
@@ -241,8 +272,9 @@ class RollUp:
         self.last_labels.update(self.labels)
         self.labels = {}
 
-    def _derive(self, c: Members, f: Members, runs: list[Rolled]) -> Rolled:
-        """Set `c` from the groups of `f` (runs of its groups, in key order, runs_of)."""
+    def _derive(self, c: Members, f: Members, runs: list[Rolled], sourced: bool) -> Rolled:
+        """Set `c` from the groups of `f` (runs of its groups, in key order, runs_of); `sourced`:
+        other sets are derived from it (it keeps its groups' terms)."""
         pos = [f.index(i) for i in c]
         # the set's values from the source's: the same tuple (the same set of smaller windows),
         # one member, or several picked at once
@@ -251,7 +283,7 @@ class RollUp:
         pick = itemgetter(*pos) if len(pos) > 1 else None
         parts: dict[tuple[str, ...], tuple[list[Any], list[list[Any]]]] = {}
         for r in runs:
-            for values, acc, finest in zip(r.values, r.accs, r.finest, strict=True):
+            for values, acc, group_terms in zip(r.values, r.accs, r.terms, strict=True):
                 if same:
                     v = values
                 elif one is not None:
@@ -262,20 +294,22 @@ class RollUp:
                     v = ()
                 slot = parts.get(v)
                 if slot is None:
-                    parts[v] = ([acc], [finest])
+                    parts[v] = ([acc], [group_terms])
                 else:
                     slot[0].append(acc)
-                    slot[1].append(finest)
+                    slot[1].append(group_terms)
         merged_from = self.acc_cls.merged_from
         out = Rolled(0, list(parts), [], [])
-        for accs, finest_runs in parts.values():
+        for accs, part_runs in parts.values():
             if len(accs) == 1:  # one run: its merged accumulator is the group's
                 out.accs.append(accs[0])
-                out.finest.append(finest_runs[0])
+                if sourced:
+                    out.terms.append(part_runs[0])
                 continue
-            finest = list(chain.from_iterable(finest_runs))
-            out.accs.append(merged_from(accs, finest))
-            out.finest.append(finest)
+            group_runs = list(chain.from_iterable(part_runs))  # the terms of its runs, in order
+            out.accs.append(merged_from(accs, group_runs))
+            if sourced:
+                out.terms.append(group_runs)
         return out
 
     def forget_through(self, mark_ms: float) -> None:
