@@ -13,7 +13,7 @@ import pytest
 
 from llmpulse.config import ConfigError, load_settings
 from llmpulse.schemas import CallEvent
-from llmpulse.schemas.aggregate import encode_aggregate
+from llmpulse.schemas.aggregate_wire import encode_aggregate
 from llmpulse.schemas.partials import (
     MAX_SETS_PER_MESSAGE,
     CloseMark,

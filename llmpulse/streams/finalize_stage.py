@@ -38,7 +38,7 @@ from llmpulse import metrics
 from llmpulse.config import Settings
 from llmpulse.kafka import topics as T
 from llmpulse.schemas import WindowAggregate
-from llmpulse.schemas.aggregate import encode_aggregate
+from llmpulse.schemas.aggregate_wire import encode_aggregate
 from llmpulse.schemas.codec import encode
 from llmpulse.schemas.partials import decode_received
 from llmpulse.streams import state_keys as SK
