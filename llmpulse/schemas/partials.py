@@ -162,11 +162,16 @@ class SketchState(msgspec.Struct, gc=False):
     n: int = 0
 
 
-class CallState(msgspec.Struct, gc=False):
-    """`CallAccumulator.to_state` (llmpulse.streams.accumulators), decoded typed: stage 2 merges
-    these without the dicts' per-key conversions. A float sum keeps the type its JSON has
-    (`int | float`), as a decoded dict keeps it; `tf` is absent from states written before
-    the TTFT sum was kept."""
+class CallState(msgspec.Struct, kw_only=True, gc=False):
+    """`CallAccumulator.to_state` (llmpulse.streams.accumulators), typed, both ways:
+    - decoded: stage 2 merges these without the dicts' per-key conversions. A float sum keeps
+      the type its JSON has (`int | float`), as a decoded dict keeps it; `tf` is absent from
+      states written before the TTFT sum was kept (hence its default, and `kw_only`, which
+      lets a field with a default come before those without);
+    - encoded (`CallAccumulator.state_to_encode`): the fields in `to_state`'s key order, so
+      msgspec writes the very text `json.dumps(to_state())` writes, without building its
+      dicts and copying its bins. Stage 1 writes one per accumulator that changed in a
+      batch (window_state.py): nearly one per event at many users."""
 
     r: int
     e: int
@@ -174,12 +179,12 @@ class CallState(msgspec.Struct, gc=False):
     ls: int | float
     l: SketchState  # noqa: E741 (the state's own key)
     t: SketchState
+    tf: int | float = 0.0
     p: int
     c: int
     tt: int
     cn: int
     u: int
-    tf: int | float = 0.0
 
     def merge(self, o: CallState) -> None:
         """`o` added into this state: `CallAccumulator.merge` (llmpulse.streams.accumulators) on
@@ -220,28 +225,6 @@ class CallState(msgspec.Struct, gc=False):
 
 decode_call_state = msgspec.json.Decoder(CallState).decode
 """A packed calls state (bytes) as a `CallState`; a msgspec.ValidationError (a ValueError) if it is none."""
-
-
-class CallStateText(msgspec.Struct, gc=False):
-    """`CallAccumulator.to_state` to encode (`CallAccumulator.state_to_encode`): its keys in
-    `to_state`'s order (`tf` after `t`; `CallState` has it last, where it may default), so
-    msgspec writes the very text `json.dumps(to_state())` writes, without building its dicts
-    and copying its bins (it shares the accumulator's; encoded at once). Stage 1 writes one
-    per accumulator that changed in a batch (window_state.py): nearly one per event at many
-    users. Read back as any state: `from_state`, `decode_call_state`."""
-
-    r: int
-    e: int
-    et: dict[str, int]
-    ls: int | float
-    l: SketchState  # noqa: E741 (the state's own key)
-    t: SketchState
-    tf: int | float
-    p: int
-    c: int
-    tt: int
-    cn: int
-    u: int
 
 
 class AccStateText(msgspec.Struct, gc=False):

@@ -31,7 +31,6 @@ from llmpulse.schemas.gpu import GpuSample
 from llmpulse.schemas.host import HostSample
 from llmpulse.schemas.partials import (
     CallState,
-    CallStateText,
     SketchState,
     decode_call_state,
     unpack_state,
@@ -403,13 +402,13 @@ class CallAccumulator(Accumulator):
             "u": self.unpriced,
         }
 
-    def state_to_encode(self) -> CallStateText:
-        # the bins shared, not copied: the text is made before this accumulator changes again
-        return CallStateText(
-            self.requests, self.errors, self.err_types, self.lat_sum,
-            SketchState(self.lat_bins, self.lat_zeros, self.lat_n),
-            SketchState(self.ttft_bins, self.ttft_zeros, self.ttft_n), self.ttft_sum,
-            self.prompt, self.completion, self.total, self.cost_nano, self.unpriced,
+    def state_to_encode(self) -> CallState:
+        # every dict shared, not copied: the text is made before this accumulator changes again
+        return CallState(
+            r=self.requests, e=self.errors, et=self.err_types, ls=self.lat_sum,
+            l=SketchState(self.lat_bins, self.lat_zeros, self.lat_n),
+            t=SketchState(self.ttft_bins, self.ttft_zeros, self.ttft_n), tf=self.ttft_sum,
+            p=self.prompt, c=self.completion, tt=self.total, cn=self.cost_nano, u=self.unpriced,
         )  # fmt: skip
 
     @classmethod
@@ -453,10 +452,10 @@ class CallAccumulator(Accumulator):
         """`to_state` as stage 2 decodes it (schemas.partials.CallState), sharing this one's bins
         (read only) but not its error types (an aggregate takes them over: call_figures)."""
         return CallState(
-            self.requests, self.errors, dict(self.err_types), self.lat_sum,
-            SketchState(self.lat_bins, self.lat_zeros, self.lat_n),
-            SketchState(self.ttft_bins, self.ttft_zeros, self.ttft_n), self.prompt, self.completion, self.total,
-            self.cost_nano, self.unpriced, self.ttft_sum,
+            r=self.requests, e=self.errors, et=dict(self.err_types), ls=self.lat_sum,
+            l=SketchState(self.lat_bins, self.lat_zeros, self.lat_n),
+            t=SketchState(self.ttft_bins, self.ttft_zeros, self.ttft_n), tf=self.ttft_sum,
+            p=self.prompt, c=self.completion, tt=self.total, cn=self.cost_nano, u=self.unpriced,
         )  # fmt: skip
 
     def figures(self, window_s: int) -> dict[str, Any]:
