@@ -28,8 +28,11 @@ Keys of bench/results/replay.json:
                       over the run (bench/worker.py's Sampler)
   calibration_ms, load_average_1m   this machine's speed (bench/common.py)
 `--digest` adds aggregates_digest, a hash of every aggregate published (sorted bytes, read
-until none came for 5 s after the run): the same events through two versions of the code
-give the same digest when their aggregates are the same, to the bit.
+until none came for 5 s after the run), final_digest, the same of each aggregate id's highest
+revision alone (what llm_aggregates FINAL keeps), and republished, the aggregates superseded by
+a higher revision: the same events through two versions of the code give the same final_digest
+when the figures users read are the same, to the bit (aggregates_digest also when the same
+windows were published again, which depends on timing).
 `--profile DIR` runs the worker under cProfile (DIR/worker.prof, and the top functions
 as text in DIR/worker.txt); its figures are then slower than without.
 """
@@ -156,7 +159,7 @@ def replay_through_worker(
                 stop(proc)
     aggregates = sum(by_size.values())
     return {
-        **({"aggregates_digest": _digest(kept)} if digest else {}),
+        **(_digests(kept) if digest else {}),
         "seconds": round(elapsed, 1),
         "aggregates": aggregates,
         "aggregates_10s": by_size[10],
@@ -191,6 +194,26 @@ def _digest(values: list[bytes]) -> str:
     for v in sorted(values):
         h.update(len(v).to_bytes(4, "big") + v)
     return h.hexdigest()[:16]
+
+
+def _digests(values: list[bytes]) -> dict[str, Any]:
+    """`aggregates_digest` of every aggregate published; `final_digest` of each aggregate id's
+    highest revision alone (what `llm_aggregates` FINAL keeps, the figures users read), and
+    `republished`, how many were superseded by a higher revision. A window is published again
+    when a partial reaches it after its first publication (a partition declared empty after
+    `idle_close_s`, then bringing data): which windows that hits depends on timing, so the
+    first digest may differ between two runs of the same code while the final one must not."""
+    last: dict[str, tuple[int, bytes]] = {}
+    for v in values:
+        a = json.loads(v)
+        seen = last.get(a["aggregate_id"])
+        if seen is None or a["revision"] > seen[0]:
+            last[a["aggregate_id"]] = (a["revision"], v)
+    return {
+        "aggregates_digest": _digest(values),
+        "final_digest": _digest([v for _, v in last.values()]),
+        "republished": len(values) - len(last),
+    }
 
 
 def _counted(totals: dict[int, dict[str, int]]) -> str:
